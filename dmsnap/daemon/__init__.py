@@ -1,0 +1,1 @@
+"""dmsnapd: the daemon that owns the stack."""

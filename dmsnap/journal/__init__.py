@@ -1,0 +1,1 @@
+"""The ordered journal (cache): FIFO of writes and markers, flusher, recovery."""

@@ -1,0 +1,1 @@
+"""SCSI target side: TCMU ring, SPC/SBC emulation, the vendor snapshot command."""

@@ -1,0 +1,1 @@
+"""Pools, volumes, snapshot backends, the catalog, and loop devices."""
