@@ -1,13 +1,21 @@
 """The ``dmsnap`` command line.
 
-Errors are one line on stderr and a non-zero exit code, never a traceback.
-Every listing has ``--json``.
+Storage commands (pool, volume, snapshot, status, daemon) talk to dmsnapd
+over its control socket (:mod:`dmsnap.client`); names and sizes are checked
+here first, so a typo never reaches the daemon (which checks them again).
+``dm`` is a local, read-only view of the device-mapper devices.
+
+Errors are one line on stderr (``dmsnap: ...``) and a non-zero exit code from
+the error's kind (see docs/cli.md), never a traceback. Every listing, show,
+status and create has ``--json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import enum
+import errno
 import json
 import os
 import sys
@@ -17,6 +25,11 @@ from typing import Annotated, Any
 import typer
 
 from dmsnap import __version__
+from dmsnap.client import Client, default_socket
+from dmsnap.daemon.protocol import DEFAULT_SOCKET, check_label
+from dmsnap.errors import InvalidArgument, UserError
+from dmsnap.sizes import format_size, parse_size
+from dmsnap.storage.names import NameError_, check_name, parse_ref
 
 app = typer.Typer(
     help="dmsnap: exact point-in-time snapshots for Linux block storage.",
@@ -25,6 +38,16 @@ app = typer.Typer(
 )
 dm_app = typer.Typer(help="Low-level view of dmsnap's device-mapper devices.", no_args_is_help=True)
 app.add_typer(dm_app, name="dm")
+pool_app = typer.Typer(
+    help="Storage pools: where volumes and snapshots live.", no_args_is_help=True
+)
+volume_app = typer.Typer(help="Volumes: the block devices of a pool.", no_args_is_help=True)
+snapshot_app = typer.Typer(help="Point-in-time snapshots of volumes.", no_args_is_help=True)
+daemon_app = typer.Typer(help="The dmsnapd daemon.", no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
+app.add_typer(volume_app, name="volume")
+app.add_typer(snapshot_app, name="snapshot")
+app.add_typer(daemon_app, name="daemon")
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -83,6 +106,687 @@ def describe_status(status: object) -> str:
         if hasattr(status, prop):
             parts.append(f"{prop.removesuffix('_fraction')}={getattr(status, prop):.1%}")
     return f"{type(status).__name__}: " + " ".join(parts)
+
+
+# ----------------------------------------------------------------- session
+
+
+class _Session:
+    """What the global options chose, for the commands of this invocation."""
+
+    socket_path: str = DEFAULT_SOCKET
+
+
+_session = _Session()
+
+
+@app.callback()
+def _global_options(
+    socket_path: Annotated[
+        str,
+        typer.Option(
+            "--socket",
+            envvar="DMSNAP_SOCKET",
+            metavar="PATH",
+            help="dmsnapd's control socket.",
+        ),
+    ] = DEFAULT_SOCKET,
+) -> None:
+    _session.socket_path = socket_path
+
+
+def _call(op: str, **args: Any) -> Any:
+    """One request to dmsnapd (connecting only now: after every local check)."""
+    with Client(_session.socket_path) as c:
+        return c.call(op, **args)
+
+
+# ------------------------------------------------------------ local checks
+
+
+def _name(kind: str, text: str) -> str:
+    try:
+        return check_name(kind, text)
+    except NameError_ as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def _ref(text: str, *, snapshot: bool) -> tuple[str, str, str | None]:
+    try:
+        return parse_ref(text, snapshot=snapshot)
+    except NameError_ as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def _pool_or_volume(text: str) -> tuple[str, str | None]:
+    """``POOL`` or ``POOL/VOL``."""
+    if "/" in text:
+        pool, vol, _ = _ref(text, snapshot=False)
+        return pool, vol
+    return _name("pool", text), None
+
+
+def _device(text: str | None) -> str | None:
+    # dmsnapd does not share our working directory.
+    if text is None:
+        return None
+    if not text:
+        raise InvalidArgument("device path must not be empty")
+    return os.path.abspath(text)
+
+
+def _labels(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise InvalidArgument(f"label {item!r}: expected KEY=VALUE")
+        check_label(key, value)
+        if key in out:
+            raise InvalidArgument(f"label {key!r} given twice")
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------- rendering
+
+
+def _get(d: dict[str, Any], *keys: str) -> Any:
+    """The first of ``keys`` that ``d`` has (results may name a field either way)."""
+    for k in keys:
+        if d.get(k) is not None:
+            return d[k]
+    return None
+
+
+def _size(v: Any) -> str:
+    return format_size(v) if isinstance(v, int) and not isinstance(v, bool) else "-"
+
+
+def _pct(v: Any) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v * 100:.1f}%"
+    return "-"
+
+
+def _count(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return "-"
+    if isinstance(v, (list, tuple, dict)):
+        return str(len(v))
+    return str(v)
+
+
+def _yesno(v: Any) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
+def _when(v: Any) -> str:
+    """Timestamps as local time to the second (epoch seconds or ISO 8601)."""
+    if v is None:
+        return "-"
+    try:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            t = _dt.datetime.fromtimestamp(v)
+        else:
+            t = _dt.datetime.fromisoformat(str(v))
+            if t.tzinfo is not None:
+                t = t.astimezone()
+    except (ValueError, OverflowError, OSError):
+        return str(v)
+    return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _health(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return "; ".join(str(x) for x in v) if v else "ok"
+    return str(v) or "ok"
+
+
+def _writecache(v: Any) -> str:
+    if v is None or v is False:
+        return "-"
+    if isinstance(v, dict):
+        state = str(v.get("state") or "?")
+        dirty = _get(v, "dirty_fraction", "dirty")
+        if isinstance(dirty, float):
+            state += f" ({_pct(dirty)} dirty)"
+        return state
+    return str(v)
+
+
+def _labels_text(v: Any) -> str:
+    if not v:
+        return "-"
+    if isinstance(v, dict):
+        return ",".join(f"{k}={val}" for k, val in sorted(v.items()))
+    return str(v)
+
+
+def _device_text(d: Any) -> str:
+    """``role: /dev/x key=value ...`` for a device entry of a pool."""
+    if not isinstance(d, dict):
+        return str(d)
+    named = ("role", "path", "device", "name")
+    path = _get(d, "path", "device", "name")
+    rest = [
+        f"{k}={_size(v) if k.endswith('size') else v}"
+        for k, v in d.items()
+        if k not in named and v is not None
+    ]
+    role = f"{d['role']}: " if d.get("role") else ""
+    return role + " ".join([str(path or "-"), *rest])
+
+
+def print_kv(rows: Sequence[tuple[str, object]]) -> None:
+    """``key:  value`` lines, values aligned."""
+    width = max((len(k) for k, _ in rows), default=0) + 1
+    for k, v in rows:
+        typer.echo(f"{k + ':':<{width}}  {'-' if v is None else v}".rstrip())
+
+
+def _value(key: str, v: Any) -> object:
+    """A field we have no column for, formatted by what its name says it is."""
+    if isinstance(v, bool):
+        return _yesno(v)
+    if isinstance(v, int) and (key.endswith("size") or key in ("used", "free", "mapped")):
+        return _size(v)
+    if isinstance(v, float) and key.endswith("fraction"):
+        return _pct(v)
+    if key == "created":
+        return _when(v)
+    return v
+
+
+def _extra(d: dict[str, Any], shown: Iterable[str]) -> list[tuple[str, object]]:
+    # Fields we do not know (a newer daemon) still show, as plain values.
+    skip = set(shown)
+    return [
+        (k.replace("_", " "), _value(k, v))
+        for k, v in d.items()
+        if k not in skip and (v is None or isinstance(v, (str, int, float, bool)))
+    ]
+
+
+POOL_HEADERS = ["NAME", "BACKEND", "SIZE", "USED", "FREE", "DATA", "META", "CACHE"]
+
+
+def _pool_row(p: dict[str, Any]) -> list[object]:
+    return [
+        p.get("name"),
+        p.get("backend"),
+        _size(p.get("size")),
+        _size(_get(p, "used", "used_bytes")),
+        _size(_get(p, "free", "free_bytes")),
+        _pct(p.get("data_used_fraction")),
+        _pct(p.get("metadata_used_fraction")),
+        _writecache(p.get("writecache")),
+        _count(p.get("volumes")),
+        _count(p.get("snapshots")),
+        _health(p.get("health")),
+    ]
+
+
+def _print_pools(pools: list[dict[str, Any]]) -> None:
+    print_table([*POOL_HEADERS, "VOLS", "SNAPS", "HEALTH"], [_pool_row(p) for p in pools])
+
+
+def _volume_row(v: dict[str, Any]) -> list[object]:
+    return [
+        v.get("pool"),
+        v.get("name"),
+        _size(v.get("size")),
+        _count(v.get("snapshots")),
+        _when(v.get("created")),
+        v.get("path"),
+    ]
+
+
+def _snapshot_row(s: dict[str, Any]) -> list[object]:
+    return [
+        s.get("pool"),
+        s.get("volume"),
+        s.get("name"),
+        s.get("group"),
+        _when(s.get("created")),
+        _yesno(s.get("active")),
+        s.get("path"),
+        _labels_text(s.get("labels")),
+    ]
+
+
+VOLUME_HEADERS = ["POOL", "NAME", "SIZE", "SNAPS", "CREATED", "PATH"]
+SNAPSHOT_HEADERS = ["POOL", "VOLUME", "NAME", "GROUP", "CREATED", "ACTIVE", "PATH", "LABELS"]
+
+
+# -------------------------------------------------------------- completion
+# Shell completion asks the daemon; whatever goes wrong (not running, no
+# permission, slow) just yields no candidates, never an error in the shell.
+
+
+def _completion_items(ctx: typer.Context, op: str, **args: Any) -> list[dict[str, Any]]:
+    try:
+        path = ctx.find_root().params.get("socket") or default_socket()
+        with Client(path, timeout=2.0) as c:
+            items = c.call(op, **args)
+        return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+    except Exception:
+        return []
+
+
+def _pool_names(ctx: typer.Context) -> list[str]:
+    return [str(p.get("name")) for p in _completion_items(ctx, "pool.list")]
+
+
+def _volume_refs(ctx: typer.Context) -> list[str]:
+    return [f"{v.get('pool')}/{v.get('name')}" for v in _completion_items(ctx, "volume.list")]
+
+
+def complete_pool(ctx: typer.Context, incomplete: str) -> list[str]:
+    return [n for n in _pool_names(ctx) if n.startswith(incomplete)]
+
+
+def complete_volume(ctx: typer.Context, incomplete: str) -> list[str]:
+    return [r for r in _volume_refs(ctx) if r.startswith(incomplete)]
+
+
+def complete_volumes(ctx: typer.Context, incomplete: str) -> list[str]:
+    """``POOL/VOL[,POOL/VOL...]``: complete the last element of the list."""
+    done, comma, last = incomplete.rpartition(",")
+    prefix = done + comma
+    taken = set(done.split(",")) if done else set()
+    return [prefix + r for r in _volume_refs(ctx) if r.startswith(last) and r not in taken]
+
+
+def complete_pool_or_volume(ctx: typer.Context, incomplete: str) -> list[str]:
+    if "/" in incomplete:
+        return complete_volume(ctx, incomplete)
+    return complete_pool(ctx, incomplete)
+
+
+def complete_snapshot(ctx: typer.Context, incomplete: str) -> list[str]:
+    refs = [
+        f"{s.get('pool')}/{s.get('volume')}@{s.get('name')}"
+        for s in _completion_items(ctx, "snapshot.list")
+    ]
+    return [r for r in refs if r.startswith(incomplete)]
+
+
+PoolArg = Annotated[str, typer.Argument(metavar="POOL", autocompletion=complete_pool)]
+VolumeArg = Annotated[str, typer.Argument(metavar="POOL/VOL", autocompletion=complete_volume)]
+SnapshotArg = Annotated[
+    str, typer.Argument(metavar="POOL/VOL@SNAP", autocompletion=complete_snapshot)
+]
+
+
+# -------------------------------------------------------------------- pool
+
+
+class Backend(enum.StrEnum):
+    thin = "thin"
+    classic = "classic"
+
+
+@pool_app.command("create")
+def pool_create(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="New pool's name.")],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            metavar="DEV",
+            help="Data device (default: a loop file in the state directory).",
+        ),
+    ] = None,
+    cache: Annotated[
+        str | None,
+        typer.Option("--cache", metavar="DEV", help="Fast device for a writecache in front."),
+    ] = None,
+    backend: Annotated[
+        Backend, typer.Option("--backend", help="Snapshot backend.", case_sensitive=False)
+    ] = Backend.thin,
+    size: Annotated[
+        str | None,
+        typer.Option("--size", metavar="SIZE", help="Size of the embedded pool, e.g. 10G."),
+    ] = None,
+    cache_size: Annotated[
+        str | None,
+        typer.Option("--cache-size", metavar="SIZE", help="Size of the writecache, e.g. 1G."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a pool (with no --data: an embedded pool on loop files)."""
+    args = {
+        "name": _name("pool", name),
+        "data": _device(data),
+        "cache": _device(cache),
+        "backend": backend.value,
+        "size": parse_size(size, what="--size") if size is not None else None,
+        "cache_size": parse_size(cache_size, what="--cache-size") if cache_size else None,
+    }
+    pool = _call("pool.create", **args)
+    if json_out:
+        print_json(pool)
+        return
+    p = pool if isinstance(pool, dict) else {}
+    typer.echo(
+        f"created pool {name} ({p.get('backend', backend.value)}, "
+        f"{_size(p.get('size'))}{', writecache' if p.get('writecache') else ''})"
+    )
+
+
+@pool_app.command("list")
+def pool_list(json_out: JsonOpt = False) -> None:
+    """List pools with their space use and health."""
+    pools = _call("pool.list")
+    if json_out:
+        print_json(pools)
+    elif not pools:
+        typer.echo("no pools")
+    else:
+        _print_pools(pools)
+
+
+@pool_app.command("show")
+def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
+    """Show one pool in detail."""
+    p = _call("pool.show", name=_name("pool", name))
+    if json_out:
+        print_json(p)
+        return
+    used = _get(p, "used", "used_bytes")
+    free = _get(p, "free", "free_bytes")
+    rows: list[tuple[str, object]] = [
+        ("name", p.get("name")),
+        ("backend", p.get("backend")),
+        ("embedded", _yesno(p.get("embedded"))),
+        ("size", _size(p.get("size"))),
+        ("used", _size(used)),
+        ("free", _size(free)),
+        ("data used", _pct(p.get("data_used_fraction"))),
+        ("metadata used", _pct(p.get("metadata_used_fraction"))),
+        ("writecache", _writecache(p.get("writecache"))),
+        ("volumes", _count(p.get("volumes"))),
+        ("snapshots", _count(p.get("snapshots"))),
+        ("health", _health(p.get("health"))),
+    ]
+    shown = {
+        "name", "backend", "embedded", "size", "used", "used_bytes", "free", "free_bytes",
+        "data_used_fraction", "metadata_used_fraction", "writecache", "volumes", "snapshots",
+        "health", "devices",
+    }  # fmt: skip
+    rows += _extra(p, shown)
+    print_kv(rows)
+    devices = p.get("devices")
+    if devices:
+        typer.echo("devices:")
+        items = devices.items() if isinstance(devices, dict) else enumerate(devices)
+        for role, d in items:
+            label = f"{role}: " if isinstance(role, str) else ""
+            typer.echo(f"  {label}{_device_text(d)}")
+
+
+@pool_app.command("destroy")
+def pool_destroy(
+    name: PoolArg,
+    force: Annotated[
+        bool, typer.Option("--force", help="Also delete its volumes and snapshots.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Destroy a pool (refused while it has volumes, unless --force)."""
+    _name("pool", name)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise CliError(f"not destroying pool {name} without --yes (no terminal to ask)")
+        what = " and every volume and snapshot in it" if force else ""
+        if not typer.confirm(f"Destroy pool {name}{what}?", default=False):
+            raise CliError(f"pool {name} not destroyed")
+    _call("pool.destroy", name=name, force=force or None)
+    typer.echo(f"destroyed pool {name}")
+
+
+# ------------------------------------------------------------------ volume
+
+
+@volume_app.command("create")
+def volume_create(
+    ref: Annotated[str, typer.Argument(metavar="POOL/VOL", help="Pool and new volume's name.")],
+    size: Annotated[str, typer.Option("--size", metavar="SIZE", help="Volume size, e.g. 10G.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a volume: a block device at /dev/dmsnap/POOL/VOL."""
+    pool, vol, _ = _ref(ref, snapshot=False)
+    nbytes = parse_size(size, what="--size")
+    v = _call("volume.create", pool=pool, vol=vol, size=nbytes)
+    if json_out:
+        print_json(v)
+        return
+    v = v if isinstance(v, dict) else {}
+    path = v.get("path")
+    typer.echo(
+        f"created volume {pool}/{vol} ({_size(v.get('size', nbytes))})"
+        + (f" at {path}" if path else "")
+    )
+
+
+@volume_app.command("list")
+def volume_list(
+    pool: Annotated[
+        str | None, typer.Argument(metavar="[POOL]", autocompletion=complete_pool)
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List volumes (of one pool, or all)."""
+    vols = _call("volume.list", pool=_name("pool", pool) if pool is not None else None)
+    if json_out:
+        print_json(vols)
+    elif not vols:
+        typer.echo("no volumes")
+    else:
+        print_table(VOLUME_HEADERS, [_volume_row(v) for v in vols])
+
+
+@volume_app.command("show")
+def volume_show(ref: VolumeArg, json_out: JsonOpt = False) -> None:
+    """Show one volume."""
+    pool, vol, _ = _ref(ref, snapshot=False)
+    v = _call("volume.show", pool=pool, vol=vol)
+    if json_out:
+        print_json(v)
+        return
+    rows: list[tuple[str, object]] = [
+        ("pool", v.get("pool")),
+        ("name", v.get("name")),
+        ("size", _size(v.get("size"))),
+        ("path", v.get("path")),
+        ("snapshots", _count(v.get("snapshots"))),
+        ("created", _when(v.get("created"))),
+    ]
+    rows += _extra(v, ("pool", "name", "size", "path", "snapshots", "created"))
+    print_kv(rows)
+
+
+@volume_app.command("delete")
+def volume_delete(
+    ref: VolumeArg,
+    force: Annotated[bool, typer.Option("--force", help="Also delete its snapshots.")] = False,
+) -> None:
+    """Delete a volume (refused while it has snapshots, unless --force)."""
+    pool, vol, _ = _ref(ref, snapshot=False)
+    _call("volume.delete", pool=pool, vol=vol, force=force or None)
+    typer.echo(f"deleted volume {pool}/{vol}")
+
+
+# ---------------------------------------------------------------- snapshot
+
+
+@snapshot_app.command("create")
+def snapshot_create(
+    refs: Annotated[
+        str,
+        typer.Argument(
+            metavar="POOL/VOL[,POOL/VOL...]",
+            help="Volumes to snapshot together (one point in time for all).",
+            autocompletion=complete_volumes,
+        ),
+    ],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Snapshot name.")],
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", "-l", metavar="KEY=VALUE", help="Attach a label (repeatable)."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Snapshot one volume, or several at one point in time (a group)."""
+    pairs: list[list[str]] = []
+    for text in refs.split(","):
+        pool, vol, _ = _ref(text.strip(), snapshot=False)
+        if [pool, vol] in pairs:
+            raise InvalidArgument(f"volume {pool}/{vol} is named twice")
+        pairs.append([pool, vol])
+    _name("snapshot", name)
+    result = _call("snapshot.create", refs=pairs, name=name, labels=_labels(label))
+    if json_out:
+        print_json(result)
+        return
+    typer.echo(f"created snapshot {name} of " + ", ".join("/".join(p) for p in pairs))
+
+
+@snapshot_app.command("list")
+def snapshot_list(
+    where: Annotated[
+        str | None,
+        typer.Argument(metavar="[POOL[/VOL]]", autocompletion=complete_pool_or_volume),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List snapshots (of a pool, of a volume, or all)."""
+    pool, vol = _pool_or_volume(where) if where is not None else (None, None)
+    snaps = _call("snapshot.list", pool=pool, vol=vol)
+    if json_out:
+        print_json(snaps)
+    elif not snaps:
+        typer.echo("no snapshots")
+    else:
+        print_table(SNAPSHOT_HEADERS, [_snapshot_row(s) for s in snaps])
+
+
+def _snap(ref: str) -> tuple[str, str, str]:
+    pool, vol, snap = _ref(ref, snapshot=True)
+    assert snap is not None
+    return pool, vol, snap
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(ref: SnapshotArg) -> None:
+    """Delete a snapshot."""
+    pool, vol, snap = _snap(ref)
+    _call("snapshot.delete", pool=pool, vol=vol, name=snap)
+    typer.echo(f"deleted snapshot {ref}")
+
+
+@snapshot_app.command("activate")
+def snapshot_activate(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
+    """Make a snapshot readable at /dev/dmsnap/POOL/VOL@SNAP (read-only)."""
+    pool, vol, snap = _snap(ref)
+    result = _call("snapshot.activate", pool=pool, vol=vol, name=snap)
+    if json_out:
+        print_json(result)
+        return
+    path = result.get("path") if isinstance(result, dict) else None
+    typer.echo(path or f"activated snapshot {ref}")
+
+
+@snapshot_app.command("deactivate")
+def snapshot_deactivate(ref: SnapshotArg) -> None:
+    """Remove a snapshot's read-only device (the snapshot stays)."""
+    pool, vol, snap = _snap(ref)
+    _call("snapshot.deactivate", pool=pool, vol=vol, name=snap)
+    typer.echo(f"deactivated snapshot {ref}")
+
+
+@snapshot_app.command("restore")
+def snapshot_restore(ref: SnapshotArg) -> None:
+    """Roll the volume back to the snapshot (its newer data is lost)."""
+    pool, vol, snap = _snap(ref)
+    _call("snapshot.restore", pool=pool, vol=vol, name=snap)
+    typer.echo(f"restored {pool}/{vol} to snapshot {snap}")
+
+
+# ------------------------------------------------------------ status, daemon
+
+
+@app.command()
+def status(json_out: JsonOpt = False) -> None:
+    """Summarise pools (space, writecache, health), volumes and snapshots."""
+    st = _call("status")
+    if json_out:
+        print_json(st)
+        return
+    st = st if isinstance(st, dict) else {}
+    pools = [p for p in st.get("pools") or [] if isinstance(p, dict)]
+    if pools:
+        _print_pools(pools)
+    else:
+        typer.echo("no pools")
+    snaps = st.get("snapshots")
+    active = _get(st, "active_snapshots", "snapshots_active")
+    if active is None and isinstance(snaps, list):
+        active = sum(1 for s in snaps if isinstance(s, dict) and s.get("active"))
+    typer.echo("")
+    summary = (
+        f"{len(pools)} pool{'s' if len(pools) != 1 else ''}, "
+        f"{_count(st.get('volumes'))} volumes, {_count(snaps)} snapshots"
+    )
+    if active is not None:
+        summary += f" ({active} active)"
+    typer.echo(summary)
+    pending = st.get("pending")
+    if isinstance(pending, int) and pending:
+        typer.echo(f"{pending} operation(s) pending recovery")
+    # The daemon's own summary if it gives one, else each pool's.
+    problems = st.get("health")
+    if not isinstance(problems, list):
+        problems = [f"{p.get('name')}: {h}" for p in pools for h in (p.get("health") or [])]
+    for line in problems:
+        typer.echo(f"warning: {line}")
+
+
+@daemon_app.command("ping")
+def daemon_ping(json_out: JsonOpt = False) -> None:
+    """Check that dmsnapd answers."""
+    r = _call("daemon.ping")
+    if json_out:
+        print_json(r)
+        return
+    r = r if isinstance(r, dict) else {}
+    typer.echo(
+        f"dmsnapd {r.get('version', '?')} (pid {r.get('pid', '?')}, protocol "
+        f"{r.get('protocol', '?')}) is running on {_session.socket_path}"
+    )
+
+
+@daemon_app.command("stop")
+def daemon_stop(
+    teardown: Annotated[
+        bool,
+        typer.Option("--teardown", help="Also deactivate every pool, volume and snapshot."),
+    ] = False,
+) -> None:
+    """Stop dmsnapd (devices stay up unless --teardown)."""
+    _call("daemon.stop", teardown=teardown)
+    typer.echo(
+        "dmsnapd is stopping"
+        + (" and tearing down every device" if teardown else " (devices stay up)")
+    )
+
+
+# ---------------------------------------------------------------------- dm
 
 
 def _dm():
@@ -191,33 +895,55 @@ def version() -> None:
     typer.echo(line)
 
 
+def _usage_line(e: typer.TyperException) -> str:
+    """A click usage error as one line, with where to find help."""
+    msg = e.format_message().strip().replace("\n", " ")
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and getattr(e, "exit_code", 1) == 2:
+        msg += f" (see '{ctx.command_path} --help')"
+    return msg
+
+
 def run(argv: list[str] | None = None, entry: Callable[..., Any] | None = None) -> int:
     """Run the CLI, mapping every expected failure to one line + exit code."""
     from dmsnap.dm import DmError
     from dmsnap.dm.targets import TableError
 
     try:
-        (entry or app)(args=argv, prog_name="dmsnap", standalone_mode=False)
+        rv = (entry or app)(args=argv, prog_name="dmsnap", standalone_mode=False)
     except CliError as e:
         typer.echo(f"dmsnap: {e}", err=True)
         return e.code
-    except (DmError, TableError, OSError) as e:
+    except UserError as e:
+        typer.echo(f"dmsnap: {e.message}", err=True)
+        return e.exit_code
+    except NameError_ as e:
+        typer.echo(f"dmsnap: {e}", err=True)
+        return InvalidArgument.exit_code
+    except (DmError, TableError) as e:
+        typer.echo(f"dmsnap: {e}", err=True)
+        return 1
+    except OSError as e:
+        if e.errno == errno.EPIPE:  # `dmsnap snapshot list | head`: not an error to report
+            return 1
         typer.echo(f"dmsnap: {e}", err=True)
         return 1
     except typer.Abort:
         typer.echo("dmsnap: aborted", err=True)
         return 130
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            return e.exit_code
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
+    except SystemExit as e:  # shell completion and --install-completion exit this way
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except typer.TyperException as e:  # click's usage errors
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # type: ignore[attr-defined]  # the help text, as asked for
+            return 2
+        typer.echo(f"dmsnap: {_usage_line(e)}", err=True)
+        return e.exit_code
+    except Exception as e:
         typer.echo(f"dmsnap: internal error: {type(e).__name__}: {e}", err=True)
         return 70
-    return 0
+    # Non-standalone click returns a typer.Exit's code, or the command's value.
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ shells out.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -95,7 +96,8 @@ class DeviceMapper:
         return self.ctl.call(Cmd.VERSION).version
 
     def list_devices(self) -> list[NameEntry]:
-        r = self.ctl.call(Cmd.LIST_DEVICES)
+        # DM_UUID_FLAG asks the kernel to append each device's UUID.
+        r = self.ctl.call(Cmd.LIST_DEVICES, flags=lib.DM_UUID_FLAG)
         return ioctl.decode_name_list(r.data)
 
     def target_versions(self) -> dict[str, tuple[int, int, int]]:
@@ -104,11 +106,8 @@ class DeviceMapper:
 
     def target_version(self, target_type: str) -> tuple[int, int, int]:
         """Loads the target's module if needed (the kernel does request_module)."""
-        r = self.ctl.call(
-            Cmd.GET_TARGET_VERSION,
-            payload=ioctl.encode_versions_query(target_type),
-            device=target_type,
-        )
+        # The kernel reads the target's name from the header's name field.
+        r = self.ctl.call(Cmd.GET_TARGET_VERSION, name=target_type)
         return ioctl.decode_versions(r.data)[0][1]
 
     def info(self, name: str) -> DeviceInfo:
@@ -180,7 +179,9 @@ class DeviceMapper:
             [(ln.start, ln.length, ln.target.target_type, ln.target.params()) for ln in table.lines]
         )
         flags = lib.DM_READONLY_FLAG if read_only else 0
-        self.ctl.call(Cmd.TABLE_LOAD, name=name, flags=flags, payload=payload)
+        self.ctl.call(
+            Cmd.TABLE_LOAD, name=name, flags=flags, payload=payload, target_count=len(table.lines)
+        )
 
     def clear(self, name: str) -> None:
         """Drop an inactive table that was loaded but not resumed."""
@@ -212,19 +213,32 @@ class DeviceMapper:
             )
         return info
 
-    def remove(self, name: str, *, deferred: bool = False) -> bool:
+    def remove(self, name: str, *, deferred: bool = False, busy_retry: float = 2.0) -> bool:
         """Remove a device. Returns False when ``deferred`` and the device is
         still open: the kernel removes it on last close.
 
-        A busy device without ``deferred`` raises DmError (EBUSY) and is left
-        exactly as it was.
+        udev's watch rule re-probes a device after a writer closes it, which
+        holds it open for a moment; like libdevmapper we retry EBUSY for up
+        to ``busy_retry`` seconds. A device that stays busy raises DmError
+        (EBUSY) and is left exactly as it was.
         """
         info = self.info(name)
         flags = lib.DM_DEFERRED_REMOVE if deferred else 0
+        deadline = time.monotonic() + busy_retry
         with self.udev.expect() as exp:
-            r = self.ctl.call(
-                Cmd.DEV_REMOVE, name=name, flags=flags, event_nr=cookie(flags_for(info.uuid))
-            )
+            while True:
+                try:
+                    r = self.ctl.call(
+                        Cmd.DEV_REMOVE,
+                        name=name,
+                        flags=flags,
+                        event_nr=cookie(flags_for(info.uuid)),
+                    )
+                    break
+                except DmError as e:
+                    if not e.busy or deferred or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
             if deferred and self.exists(name):
                 return False
             exp.settled(

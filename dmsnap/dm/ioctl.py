@@ -140,6 +140,7 @@ class Control:
         event_nr: int = 0,
         dev: int = 0,
         payload: bytes = b"",
+        target_count: int = 0,
         device: str | None = None,
     ) -> Reply:
         """Issue one device-mapper ioctl.
@@ -167,6 +168,7 @@ class Control:
             hdr.flags = flags
             hdr.event_nr = event_nr
             hdr.dev = dev
+            hdr.target_count = target_count
             if name is not None:
                 ffi.memmove(hdr.name, name.encode(), len(name.encode()))
             if uuid is not None:
@@ -317,9 +319,3 @@ def encode_message(sector: int, message: str) -> bytes:
     head = ffi.new("struct dm_target_msg *")
     head.sector = sector
     return bytes(ffi.buffer(head))[:msg_off] + message.encode() + b"\0"
-
-
-def encode_versions_query(target_type: str) -> bytes:
-    """GET_TARGET_VERSION takes a dm_target_versions record naming the target."""
-    name_off = ffi.offsetof("struct dm_target_versions", "name")
-    return b"\0" * name_off + target_type.encode() + b"\0"

@@ -48,6 +48,24 @@ def _ioctl(fd: int, req: int, arg: object, what: str) -> int:
     return rc
 
 
+def supports_direct_io(path: str) -> bool:
+    """Whether O_DIRECT reads of ``path`` really work. Some stacks (overlayfs
+    over tmpfs) accept the open and the loop flag, then fail every I/O."""
+    import mmap
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.preadv(fd, [mmap.mmap(-1, 4096)], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def attach(
     backing_file: str,
     *,
@@ -63,6 +81,7 @@ def attach(
     filesystem cannot do it. ``autoclear`` detaches on last close.
     """
     backing_file = os.path.abspath(backing_file)
+    direct_io = direct_io and supports_direct_io(backing_file)
     flags = os.O_RDONLY if read_only else os.O_RDWR
     try:
         bfd = os.open(backing_file, flags | os.O_CLOEXEC)

@@ -65,7 +65,8 @@ def _c_layout(
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.fail("a C compiler is required (it also builds the cffi modules)")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", f"#include <{header}>", "int main(void){"]
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <sys/ioctl.h>"]
+    lines += [f"#include <{header}>", "int main(void){"]
     for struct, names in fields.items():
         key = struct.split()[1]
         lines.append(f'printf("sizeof {key} %zu\\n", sizeof({struct}));')

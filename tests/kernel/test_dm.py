@@ -85,7 +85,8 @@ def assert_witness_agrees(dm: DeviceMapper, name: str, rendered: Table) -> None:
     """dmsetup's view of table and status equals ours."""
     ours = dm.table(name)
     assert ours == rendered
-    assert witness_table(name) == ours.render()
+    # dmsetup strips the trailing space some targets (thin-pool, flakey) print.
+    assert witness_table(name) == ours.render().rstrip()
     lines = dm.status(name)
     theirs = witness_status(name).splitlines()
     assert len(theirs) == len(lines)
@@ -103,8 +104,7 @@ def assert_witness_agrees(dm: DeviceMapper, name: str, rendered: Table) -> None:
 
 @pytest.fixture
 def uuid():
-    counter = iter(range(10_000))
-    return lambda: make_uuid(Role.TEST, f"{os.getpid()}-{next(counter)}")
+    return lambda: make_uuid(Role.TEST, os.urandom(8).hex())
 
 
 def test_version_and_targets(dm):
@@ -161,7 +161,7 @@ def test_errors_name_device_and_operation(dm):
         dm.suspend("dmsnap-test-missing")
     assert str(e.value).startswith("suspend dmsnap-test-missing: ")
     assert e.value.errno == errno.ENXIO
-    with pytest.raises(DmError, match="^message dmsnap-test-missing"):
+    with pytest.raises(DmError, match=r"^message dmsnap-test-missing"):
         dm.message("dmsnap-test-missing", "flush")
 
 
@@ -170,17 +170,19 @@ def test_duplicate_create_is_refused_and_changes_nothing(dm, loopdev, uuid):
     table = Table.single(sectors(a.path), t.Linear(a.devno, 0))
     dm.create("dmsnap-test-dup", uuid(), table)
     before = dmsetup("ls")
-    with pytest.raises(DmError, match="^create dmsnap-test-dup: Device or resource busy"):
+    with pytest.raises(DmError, match=r"^create dmsnap-test-dup: Device or resource busy"):
         dm.create("dmsnap-test-dup", uuid(), table)
     assert dmsetup("ls") == before
     dm.remove("dmsnap-test-dup")
 
 
-def test_bad_table_rejected_by_kernel_leaves_nothing(dm, uuid):
+def test_bad_table_rejected_by_kernel_leaves_nothing(dm, loopdev, uuid):
+    a = loopdev(MiB)
     before = dmsetup("ls")
-    # A device the kernel cannot open: the load fails, create rolls back.
-    with pytest.raises(DmError, match="^load dmsnap-test-bad"):
-        dm.create("dmsnap-test-bad", uuid(), Table.single(2048, t.Linear("7:250", 0)))
+    # A table reaching past the end of its device: the kernel refuses the
+    # load, and create removes the half-made device again.
+    with pytest.raises(DmError, match=r"^load dmsnap-test-bad: Invalid argument"):
+        dm.create("dmsnap-test-bad", uuid(), Table.single(4096, t.Linear(a.devno, 0)))
     assert dmsetup("ls") == before
 
 

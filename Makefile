@@ -1,0 +1,47 @@
+# dmsnap developer entry points. Kernel work runs in a VM (tools/vm) unless
+# the host has device-mapper and we are root; see tools/vm for the knobs.
+#   make test ARGS='-k thin -x'   extra arguments go to pytest.
+
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+ARGS  ?=
+
+.PHONY: all setup test test-host test-kernel demo lint bench clean
+
+all: test
+
+setup:
+	tools/setup
+
+test: setup
+	tools/run-tests -- $(ARGS)
+
+test-host:
+	tools/run-tests --host-only -- $(ARGS)
+
+test-kernel:
+	tools/run-tests --kernel-only --no-lint -- $(ARGS)
+
+demo: setup
+	tools/vm -- $(PY) -m dmsnap.demo
+
+lint:
+	$(VENV)/bin/ruff check .
+	@if command -v shellcheck >/dev/null; then \
+		shellcheck tools/setup tools/vm tools/vm-guest-init tools/run-tests .ci/run vagrant/provision.sh; \
+	else echo "shellcheck not installed; skipped"; fi
+
+# Benchmarks need the kernel too, so they run through tools/vm.
+bench: setup
+	@if [ -x bench/run ]; then \
+		tools/vm --timeout 5400 --memory 4G -- bench/run; \
+	else echo "bench: no bench/run yet; nothing to do"; fi
+
+# Build and test leftovers only; .venv stays (rm -rf .venv to redo setup).
+clean:
+	rm -rf .vm-out .pytest_cache .ruff_cache .hypothesis build
+	find dmsnap tests -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -f dmsnap/dm/_dmffi.c dmsnap/storage/_loopffi.c
+	find dmsnap -name '*.so' -delete
+	rm -f $(VENV)/.dmsnap-setup-stamp

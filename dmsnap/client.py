@@ -1,0 +1,138 @@
+"""Talk to dmsnapd over its control socket (see :mod:`dmsnap.daemon.protocol`).
+
+::
+
+    with Client() as c:
+        c.call("volume.create", pool="p", vol="v", size=1 << 30)
+
+Errors come back as the :class:`dmsnap.errors.UserError` subclass the daemon
+raised (same code, same message), so the CLI prints them unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+from typing import Any
+
+from dmsnap.daemon import protocol as proto
+from dmsnap.errors import BY_CODE, PermissionDenied, Unavailable, UserError
+
+DEFAULT_SOCKET = proto.DEFAULT_SOCKET
+
+
+def default_socket() -> str:
+    return os.environ.get("DMSNAP_SOCKET") or DEFAULT_SOCKET
+
+
+def error_from(code: str, message: str) -> UserError:
+    """The exception for a wire error; unknown codes keep their code."""
+    cls = BY_CODE.get(code)
+    if cls is not None:
+        return cls(message)
+    err = UserError(message)
+    err.code = code
+    if code == proto.E_INTERNAL:
+        err.exit_code = 70  # EX_SOFTWARE: a bug in dmsnapd, not the user's doing
+    return err
+
+
+class Client:
+    """One connection, opened on the first call, reused for the next ones.
+
+    ``timeout`` (seconds) bounds each call; None (the default) waits as long
+    as the daemon works, since creating a pool may legitimately take time.
+    """
+
+    def __init__(self, socket_path: str | None = None, *, timeout: float | None = None) -> None:
+        self.socket_path = socket_path or default_socket()
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._rfile: Any = None
+        self._ids = itertools.count(1)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._rfile is not None:
+            self._rfile.close()
+            self._rfile = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _not_running(self) -> Unavailable:
+        return Unavailable(
+            f"dmsnapd is not running (no socket at {self.socket_path}); "
+            "start it with: systemctl start dmsnapd"
+        )
+
+    def _connect(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.socket_path)
+        except OSError as e:
+            s.close()
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
+                raise self._not_running() from None
+            if e.errno in (errno.EACCES, errno.EPERM):
+                raise PermissionDenied(
+                    f"permission denied on {self.socket_path}: "
+                    "run as root or as a member of group dmsnap"
+                ) from None
+            if isinstance(e, TimeoutError):
+                raise Unavailable(f"dmsnapd at {self.socket_path} does not answer") from None
+            raise Unavailable(f"cannot connect to dmsnapd at {self.socket_path}: {e}") from None
+        self._sock = s
+        self._rfile = s.makefile("rb")
+        return s
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Send one request and return its result, or raise its error."""
+        req_id = next(self._ids)
+        args = {k: v for k, v in args.items() if v is not None}
+        sock = self._connect()
+        try:
+            sock.sendall(proto.request(req_id, op, args))
+            line = self._rfile.readline(proto.MAX_RESPONSE + 1)
+        except TimeoutError:
+            self.close()
+            raise Unavailable(f"dmsnapd did not answer {op} within {self.timeout:g}s") from None
+        except OSError as e:
+            self.close()
+            raise Unavailable(f"lost the connection to dmsnapd during {op}: {e}") from None
+        if not line:
+            self.close()
+            raise Unavailable(f"dmsnapd closed the connection during {op} (is it stopping?)")
+        if len(line) > proto.MAX_RESPONSE:
+            self.close()
+            raise UserError(f"response to {op} longer than {proto.MAX_RESPONSE} bytes")
+        try:
+            msg = proto.parse_response(line)
+        except proto.ProtocolError:
+            self.close()
+            raise
+        # A null id answers a request the daemon could not read (or refused
+        # before reading): it is the answer to ours.
+        if msg.get("id") not in (req_id, None):
+            self.close()
+            raise UserError(f"dmsnapd answered request {msg.get('id')!r}, expected {req_id}")
+        if msg["ok"]:
+            return msg.get("result")
+        err = msg["error"]
+        raise error_from(str(err.get("code", "error")), err["message"])
+
+
+def call(op: str, socket_path: str | None = None, **args: Any) -> Any:
+    """One-shot convenience: connect, call, close."""
+    with Client(socket_path) as c:
+        return c.call(op, **args)

@@ -1,0 +1,240 @@
+"""``dmsnapd``: lock the state directory, bind the control socket, assemble
+every pool from the catalog, serve until SIGTERM or ``daemon.stop``.
+
+Startup order matters: the state-directory lock comes first, so a second
+daemon exits before it changes anything (not even the socket); the socket is
+bound before the Manager exists, so a socket conflict is found before any
+device is touched; READY=1 is sent only once assembly is done.
+
+A clean stop leaves every device in place (a restart reassembles them
+idempotently); only ``dmsnap daemon stop --teardown`` deactivates them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dmsnap import __version__
+from dmsnap.daemon.lock import acquire_state_lock
+from dmsnap.daemon.notify import Notifier
+from dmsnap.daemon.server import DEFAULT_SOCKET, PeerPolicy, Server, serving_status
+from dmsnap.errors import UserError
+
+log = logging.getLogger("dmsnapd")
+
+DEFAULT_STATE_DIR = "/var/lib/dmsnap"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# syslog priorities for journald's "<N>" line prefix.
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+def _under_journald() -> bool:
+    """True when stderr is the journal stream systemd set up for us (not
+    merely an inherited $JOURNAL_STREAM after a redirect)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return st.st_dev == int(dev) and st.st_ino == int(ino)
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<prio>message``: journald stores the level and its own timestamp."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6)
+        text = super().format(record)
+        # Continuation lines (tracebacks) carry the priority too.
+        return "\n".join(f"<{prio}>{ln}" for ln in text.splitlines())
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if _under_journald():
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s dmsnapd[{os.getpid()}] %(levelname)s: %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _real_manager(state_dir: str) -> Any:
+    # Imported here: the lock and socket checks must not depend on the
+    # storage stack (or its kernel bindings) even loading.
+    from dmsnap.storage.manager import Manager
+
+    return Manager(state_dir)
+
+
+def run_daemon(
+    state_dir: str,
+    socket_path: str,
+    *,
+    manager_factory: Callable[[str], Any] | None = None,
+    notifier: Notifier | None = None,
+    policy: PeerPolicy | None = None,
+    install_signals: bool = True,
+    on_serving: Callable[[Server], None] | None = None,
+) -> int:
+    """Run the daemon to completion; return its exit code.
+
+    ``manager_factory`` (default: the real Manager) and ``notifier`` are
+    parameters so the daemon's own logic can be exercised without a kernel.
+    """
+    state_dir = os.path.abspath(state_dir)
+    try:
+        lock = acquire_state_lock(state_dir)
+    except UserError as e:
+        log.error("%s", e.message)
+        return 1
+    with lock:
+        notifier = notifier if notifier is not None else Notifier()
+        server = Server(socket_path, policy=policy, notifier=notifier)
+        if install_signals and threading.current_thread() is threading.main_thread():
+
+            def on_signal(signum: int, _frame: object) -> None:
+                server.request_stop()
+
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            # Socket peers that vanish must not kill us.
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        try:
+            server.bind()
+        except UserError as e:
+            log.error("%s", e.message)
+            server.close()
+            return 1
+        try:
+            return _run_manager(state_dir, server, notifier, manager_factory, on_serving)
+        finally:
+            server.close()
+
+
+def _run_manager(
+    state_dir: str,
+    server: Server,
+    notifier: Notifier,
+    manager_factory: Callable[[str], Any] | None,
+    on_serving: Callable[[Server], None] | None,
+) -> int:
+    notifier.status("assembling")
+    try:
+        manager = (manager_factory or _real_manager)(state_dir)
+    except UserError as e:
+        log.error("%s", e.message)
+        notifier.stopping(f"failed: {e.message}")
+        return 1
+    except Exception:
+        log.exception("cannot open the state in %s", state_dir)
+        notifier.stopping("failed")
+        return 1
+    teardown = False
+    try:
+        degraded = ""
+        try:
+            summary = manager.assemble()
+            log.info("assembled: %s", _short(summary))
+        except UserError as e:
+            # Keep serving: the operator needs the CLI to see and fix what
+            # did not come up (status shows it; the pools that did come up work).
+            log.error("assembly incomplete: %s", e.message)
+            degraded = f" (assembly incomplete: {e.message})"
+        status = serving_status(manager) + degraded
+        log.info("%s on %s", status, server.socket_path)
+        notifier.ready(status)
+        notifier.start_watchdog(server.heartbeat.alive)
+        if on_serving:
+            on_serving(server)
+        teardown = server.serve(manager)
+        # STOPPING=1 is out; what follows is bounded by TimeoutStopSec.
+        notifier.stop_watchdog()
+        if teardown:
+            notifier.status("tearing down")
+            log.info("tearing down every device (daemon.stop with teardown)")
+            server.manager_call(manager.teardown)
+        return 0
+    except Exception:
+        log.exception("dmsnapd failed")
+        notifier.stopping("failed")
+        return 1
+    finally:
+        notifier.stop_watchdog()
+        try:
+            server.manager_call(manager.close)
+        except Exception:
+            log.exception("closing the manager failed")
+        log.info("stopped")
+
+
+def _short(summary: Any) -> str:
+    if isinstance(summary, dict):
+        return ", ".join(
+            f"{k}={len(v) if isinstance(v, (list, dict)) else v}" for k, v in summary.items()
+        )
+    return "done" if summary is None else str(summary)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="dmsnapd",
+        description="dmsnap daemon: owns the storage stack and serves the dmsnap CLI.",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=os.environ.get("DMSNAP_STATE_DIR") or DEFAULT_STATE_DIR,
+        help="catalog, lock and embedded pool files (env DMSNAP_STATE_DIR; default %(default)s)",
+    )
+    p.add_argument(
+        "--socket",
+        default=os.environ.get("DMSNAP_SOCKET") or DEFAULT_SOCKET,
+        help="control socket (env DMSNAP_SOCKET; default %(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=(os.environ.get("DMSNAP_LOG_LEVEL") or "info").lower(),
+        choices=LOG_LEVELS,
+        help="(env DMSNAP_LOG_LEVEL; default %(default)s)",
+    )
+    p.add_argument(
+        "--foreground",
+        action="store_true",
+        help="accepted for clarity: dmsnapd always runs in the foreground (systemd Type=notify)",
+    )
+    p.add_argument("--version", action="version", version=f"dmsnapd {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    notifier = Notifier()
+    # Children (none today) must not talk to systemd on our behalf.
+    for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(var, None)
+    sys.exit(run_daemon(args.state_dir, args.socket, notifier=notifier))
+
+
+if __name__ == "__main__":
+    main()

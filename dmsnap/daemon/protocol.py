@@ -1,0 +1,370 @@
+"""The control protocol between ``dmsnap`` and ``dmsnapd``.
+
+One JSON object per line (UTF-8, ``\\n``-terminated) over a Unix stream
+socket; a connection may carry any number of requests, answered in order::
+
+    → {"v": 1, "id": 7, "op": "volume.create", "args": {"pool": "p", "vol": "v", "size": 1048576}}
+    ← {"v": 1, "id": 7, "ok": true, "result": {...}}
+    ← {"v": 1, "id": 7, "ok": false, "error": {"code": "not_found", "message": "..."}}
+
+Ops map 1:1 onto :class:`dmsnap.storage.manager.Manager` methods (see
+:data:`OPS`); ``daemon.*`` ops are answered by the server itself. Every
+argument is checked here, before the Manager sees it, so a client that skips
+the CLI's checks gets the same one-line errors. Nothing in this module does
+I/O: the server and the client both use it, and the tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dmsnap.errors import InvalidArgument, UserError
+from dmsnap.sizes import parse_size
+from dmsnap.storage.names import NameError_, check_name
+
+VERSION = 1
+DEFAULT_SOCKET = "/run/dmsnap/dmsnapd.sock"
+# A request line (including its newline) may not exceed this. Requests are
+# small; the limit only stops a confused or hostile peer from making the
+# daemon buffer without bound.
+MAX_REQUEST = 1 << 20
+# Responses can be large (a listing of thousands of snapshots); the client
+# still bounds them so a wrong peer cannot exhaust its memory.
+MAX_RESPONSE = 64 << 20
+
+# Error codes the protocol itself produces, beyond the UserError codes of
+# dmsnap.errors (invalid, not_found, exists, busy, no_space, unavailable,
+# denied). The client maps unknown codes to a plain UserError.
+E_BAD_REQUEST = "bad_request"  # not JSON, not an object, missing fields, too long
+E_BAD_VERSION = "bad_version"  # a protocol version this daemon does not speak
+E_UNKNOWN_OP = "unknown_op"
+E_INTERNAL = "internal"  # a bug: the daemon logged a traceback
+
+Json = dict[str, Any]
+
+
+class ProtocolError(UserError):
+    """A request the daemon cannot even interpret. Carries its own code."""
+
+    def __init__(self, code: str, message: str, req_id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.req_id = req_id
+
+
+# ---------------------------------------------------------------- arguments
+
+Check = Callable[[str, Any], Any]
+
+
+def _name(kind: str) -> Check:
+    def check(arg: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{arg}: expected a {kind} name (string)")
+        try:
+            return check_name(kind, value)
+        except NameError_ as e:
+            raise InvalidArgument(str(e)) from None
+
+    return check
+
+
+def _size(arg: str, value: Any) -> int:
+    # Integers on the wire; strings ("10G") accepted for hand-written clients.
+    if isinstance(value, bool):
+        raise InvalidArgument(f"{arg}: expected a size in bytes")
+    if isinstance(value, int):
+        if value < 1:
+            raise InvalidArgument(f"{arg} {value} must be positive")
+        return value
+    if isinstance(value, str):
+        return parse_size(value, what=arg)
+    raise InvalidArgument(f"{arg}: expected a size in bytes")
+
+
+def _bool(arg: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{arg}: expected true or false")
+    return value
+
+
+def _device(arg: str, value: Any) -> str:
+    # The daemon's working directory is not the caller's: only absolute paths.
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise InvalidArgument(f"{arg}: expected an absolute device path")
+    return value
+
+
+def _backend(arg: str, value: Any) -> str:
+    if value not in BACKENDS:
+        raise InvalidArgument(f"{arg} {value!r}: expected one of {', '.join(BACKENDS)}")
+    return value
+
+
+def _token(arg: str, value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 128:
+        raise InvalidArgument(f"{arg}: expected a string of 1 to 128 characters")
+    return value
+
+
+def _refs(arg: str, value: Any) -> list[list[str]]:
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument(f"{arg}: expected a non-empty list of [pool, volume]")
+    out: list[list[str]] = []
+    for ref in value:
+        if not (isinstance(ref, list) and len(ref) == 2):
+            raise InvalidArgument(f"{arg}: expected a non-empty list of [pool, volume]")
+        pair = [_name("pool")(arg, ref[0]), _name("volume")(arg, ref[1])]
+        if pair in out:
+            raise InvalidArgument(f"volume {pair[0]}/{pair[1]} is named twice")
+        out.append(pair)
+    return out
+
+
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+MAX_LABEL_VALUE = 256
+
+
+def check_label(key: str, value: str) -> None:
+    """Labels are for people and schedulers: short keys, one-line values."""
+    if not LABEL_KEY_RE.match(key):
+        raise InvalidArgument(
+            f"label key {key!r} may only contain letters, digits, '.', '_', '-', '/' "
+            "(at most 63, starting with a letter or digit)"
+        )
+    if len(value) > MAX_LABEL_VALUE or any(c in value for c in "\n\r\0"):
+        raise InvalidArgument(
+            f"label {key!r}: value must be one line of at most {MAX_LABEL_VALUE} characters"
+        )
+
+
+def _labels(arg: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise InvalidArgument(f"{arg}: expected an object of string labels")
+    for k, v in value.items():
+        check_label(k, v)
+    return dict(value)
+
+
+BACKENDS = ("thin", "classic")
+
+
+@dataclass(frozen=True)
+class Op:
+    """How one op maps onto a Manager method.
+
+    ``positional`` are passed positionally in this order (absent optional
+    ones as None, which is the Manager's default); ``keyword`` are passed by
+    name, and only when the client gave them, so the Manager's defaults hold.
+    """
+
+    method: str | None  # None: answered by the server (daemon.*)
+    positional: tuple[str, ...] = ()
+    keyword: tuple[str, ...] = ()
+    required: frozenset[str] = frozenset()
+    mutating: bool = True  # logged at INFO; read-only ops at DEBUG
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return self.positional + self.keyword
+
+
+def _op(method: str | None, pos: str = "", kw: str = "", req: str = "", *, ro: bool = False) -> Op:
+    return Op(
+        method,
+        tuple(pos.split()),
+        tuple(kw.split()),
+        frozenset(req.split()),
+        mutating=not ro,
+    )
+
+
+OPS: dict[str, Op] = {
+    "pool.create": _op("pool_create", "name", "data cache backend size cache_size", "name"),
+    "pool.list": _op("pool_list", ro=True),
+    "pool.show": _op("pool_show", "name", req="name", ro=True),
+    "pool.destroy": _op("pool_destroy", "name", "force", "name"),
+    "volume.create": _op("volume_create", "pool vol size", req="pool vol size"),
+    "volume.list": _op("volume_list", "pool", ro=True),
+    "volume.show": _op("volume_show", "pool vol", req="pool vol", ro=True),
+    "volume.delete": _op("volume_delete", "pool vol", "force", "pool vol"),
+    "snapshot.create": _op("snapshot_create", "refs name", "labels token", "refs name"),
+    "snapshot.list": _op("snapshot_list", "pool vol", ro=True),
+    "snapshot.delete": _op("snapshot_delete", "pool vol name", req="pool vol name"),
+    "snapshot.activate": _op("snapshot_activate", "pool vol name", req="pool vol name"),
+    "snapshot.deactivate": _op("snapshot_deactivate", "pool vol name", req="pool vol name"),
+    "snapshot.restore": _op("snapshot_restore", "pool vol name", req="pool vol name"),
+    "status": _op("status", ro=True),
+    "daemon.ping": _op(None, ro=True),
+    "daemon.stop": _op(None, kw="teardown"),
+}
+
+# Per op and argument, the check; ``name`` means a different kind per op.
+_CHECKS: dict[str, Check] = {
+    "pool": _name("pool"),
+    "vol": _name("volume"),
+    "data": _device,
+    "cache": _device,
+    "backend": _backend,
+    "size": _size,
+    "cache_size": _size,
+    "force": _bool,
+    "teardown": _bool,
+    "refs": _refs,
+    "labels": _labels,
+    "token": _token,
+}
+
+
+def _check_for(op_name: str, arg: str) -> Check:
+    if arg == "name":
+        return _name("pool" if op_name.startswith("pool.") else "snapshot")
+    return _CHECKS[arg]
+
+
+def check_args(op_name: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``args`` for ``op_name``; return them with values normalised.
+
+    ``None`` counts as absent, so clients may send optional args as null.
+    """
+    op = OPS[op_name]
+    unknown = sorted(set(args) - set(op.args))
+    if unknown:
+        raise InvalidArgument(f"{op_name}: unknown argument(s) {', '.join(unknown)}")
+    out: dict[str, Any] = {}
+    for arg in op.args:
+        value = args.get(arg)
+        if value is None:
+            if arg in op.required:
+                raise InvalidArgument(f"{op_name}: missing argument {arg}")
+            continue
+        out[arg] = _check_for(op_name, arg)(arg, value)
+    if "vol" in out and "pool" not in out:
+        raise InvalidArgument(f"{op_name}: vol needs pool")
+    return out
+
+
+def call_manager(manager: Any, op_name: str, args: Mapping[str, Any]) -> Any:
+    """Call the Manager method behind ``op_name`` with checked ``args``."""
+    op = OPS[op_name]
+    assert op.method is not None, op_name
+    pos = [args.get(a) for a in op.positional]
+    # Trailing absent optionals are dropped so the Manager's defaults apply
+    # even if it names them differently than None.
+    while pos and pos[-1] is None and op.positional[len(pos) - 1] not in op.required:
+        pos.pop()
+    kw = {a: args[a] for a in op.keyword if a in args}
+    return getattr(manager, op.method)(*pos, **kw)
+
+
+# ------------------------------------------------------------------ framing
+
+
+@dataclass(frozen=True)
+class Request:
+    id: Any
+    op: str
+    args: dict[str, Any]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Manager results are meant to be JSON-able already; be lenient with the
+    usual Python leftovers (tuples, enums, dataclasses, paths) anyway."""
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(x) for x in obj]
+    if isinstance(obj, enum.Enum):
+        return to_jsonable(obj.value)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+def encode(obj: Json) -> bytes:
+    # ensure_ascii keeps every line pure ASCII: no encoding surprises, and a
+    # newline can never appear inside a message.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+
+
+def request(req_id: int, op: str, args: Mapping[str, Any]) -> bytes:
+    return encode({"v": VERSION, "id": req_id, "op": op, "args": to_jsonable(dict(args))})
+
+
+def ok(req_id: Any, result: Any) -> bytes:
+    return encode({"v": VERSION, "id": req_id, "ok": True, "result": to_jsonable(result)})
+
+
+def error(req_id: Any, code: str, message: str) -> bytes:
+    return encode(
+        {"v": VERSION, "id": req_id, "ok": False, "error": {"code": code, "message": message}}
+    )
+
+
+def parse_request(line: bytes) -> Request:
+    """Decode one request line; raise :class:`ProtocolError` or
+    :class:`InvalidArgument` (with the request id when it is known)."""
+    if len(line) > MAX_REQUEST:
+        raise ProtocolError(E_BAD_REQUEST, f"request longer than {MAX_REQUEST} bytes")
+    try:
+        msg = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(E_BAD_REQUEST, f"malformed JSON: {e}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(E_BAD_REQUEST, "a request must be a JSON object")
+    req_id = msg.get("id")
+    if not (req_id is None or isinstance(req_id, (int, str))) or isinstance(req_id, bool):
+        raise ProtocolError(E_BAD_REQUEST, "id must be an integer or a string")
+    if msg.get("v") != VERSION:
+        raise ProtocolError(
+            E_BAD_VERSION,
+            f"protocol version {msg.get('v')!r} is not supported (dmsnapd speaks {VERSION}); "
+            "dmsnap and dmsnapd are from different releases",
+            req_id,
+        )
+    op = msg.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError(E_BAD_REQUEST, "op must be a string", req_id)
+    if op not in OPS:
+        raise ProtocolError(E_UNKNOWN_OP, f"unknown operation {op!r}", req_id)
+    args = msg.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ProtocolError(E_BAD_REQUEST, "args must be a JSON object", req_id)
+    try:
+        return Request(req_id, op, check_args(op, args))
+    except InvalidArgument as e:
+        raise ProtocolError(e.code, e.message, req_id) from None
+
+
+def parse_response(line: bytes) -> Json:
+    """Decode one response line into a dict with ``ok`` and ``result`` or
+    ``error``; raise :class:`ProtocolError` if it is not one."""
+    try:
+        msg = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(E_BAD_REQUEST, f"malformed response from dmsnapd: {e}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("ok"), bool):
+        raise ProtocolError(E_BAD_REQUEST, "malformed response from dmsnapd")
+    if msg.get("v") != VERSION:
+        raise ProtocolError(
+            E_BAD_VERSION,
+            f"dmsnapd speaks protocol version {msg.get('v')!r}, this dmsnap speaks {VERSION}",
+        )
+    if not msg["ok"]:
+        err = msg.get("error")
+        if not (isinstance(err, dict) and isinstance(err.get("message"), str)):
+            raise ProtocolError(E_BAD_REQUEST, "malformed error response from dmsnapd")
+    return msg

@@ -1,0 +1,483 @@
+"""The catalog: dmsnap's names and layout, in SQLite in the state directory.
+
+The kernel holds the devices and the journal holds the data; the catalog is
+the source of truth for *names*: pools, volumes, snapshots, snapshot groups,
+and the operations in flight. Every change is one transaction.
+
+Crash safety follows Docker's devmapper ``processPendingTransaction``: an
+operation that changes the kernel first writes a *pending* record (in its own
+transaction), then changes the kernel, then commits the catalog change and
+deletes the pending record in one transaction. On start, each pending record
+is compared with the kernel's state (for thin pools, the pool's transaction
+id, which the kernel stores atomically with its metadata) and rolled forward
+or back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pools (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    uuid TEXT NOT NULL UNIQUE,
+    backend TEXT NOT NULL CHECK (backend IN ('thin', 'classic')),
+    data_dev TEXT,            -- NULL for the embedded default (loop file)
+    cache_dev TEXT,           -- NULL: no writecache
+    embedded INTEGER NOT NULL,
+    size INTEGER NOT NULL,    -- bytes of the data device
+    cache_size INTEGER,       -- bytes of the cache device
+    config TEXT NOT NULL,     -- JSON: layout decisions (metadata size, block sizes...)
+    transaction_id INTEGER NOT NULL DEFAULT 0,
+    next_dev_id INTEGER NOT NULL DEFAULT 1,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS volumes (
+    id INTEGER PRIMARY KEY,
+    pool_id INTEGER NOT NULL REFERENCES pools (id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,    -- bytes
+    dev_id INTEGER,           -- thin device id (thin backend)
+    extent_start INTEGER,     -- sectors on the pool data device (classic backend)
+    created REAL NOT NULL,
+    UNIQUE (pool_id, name)
+);
+CREATE TABLE IF NOT EXISTS snap_groups (
+    id INTEGER PRIMARY KEY,
+    pool_id INTEGER NOT NULL REFERENCES pools (id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    token TEXT,               -- initiator's request token (in-band requests)
+    labels TEXT NOT NULL DEFAULT '{}',
+    marker INTEGER,           -- journal marker that produced it (journal issue)
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY,
+    volume_id INTEGER NOT NULL REFERENCES volumes (id) ON DELETE CASCADE,
+    group_id INTEGER NOT NULL REFERENCES snap_groups (id),
+    name TEXT NOT NULL,
+    dev_id INTEGER,           -- thin device id of the snapshot
+    cow_start INTEGER,        -- classic: COW extent on the pool data device (sectors)
+    cow_size INTEGER,         -- classic: bytes
+    active INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    UNIQUE (volume_id, name)
+);
+CREATE INDEX IF NOT EXISTS snapshots_group ON snapshots (group_id);
+CREATE TABLE IF NOT EXISTS pending (
+    id INTEGER PRIMARY KEY,
+    pool_id INTEGER,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+class CatalogError(Exception):
+    pass
+
+
+class NotFound(CatalogError):
+    pass
+
+
+class Exists(CatalogError):
+    pass
+
+
+@dataclass(frozen=True)
+class Pool:
+    id: int
+    name: str
+    uuid: str
+    backend: str
+    data_dev: str | None
+    cache_dev: str | None
+    embedded: bool
+    size: int
+    cache_size: int | None
+    config: dict[str, Any]
+    transaction_id: int
+    next_dev_id: int
+    created: float
+
+
+@dataclass(frozen=True)
+class Volume:
+    id: int
+    pool_id: int
+    pool: str
+    name: str
+    size: int
+    dev_id: int | None
+    extent_start: int | None
+    created: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: int
+    volume_id: int
+    group_id: int
+    pool: str
+    volume: str
+    name: str
+    dev_id: int | None
+    cow_start: int | None
+    cow_size: int | None
+    active: bool
+    created: float
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pending:
+    id: int
+    pool_id: int | None
+    kind: str
+    payload: dict[str, Any]
+    created: float
+
+
+class Catalog:
+    """One SQLite database; use from one thread at a time (the daemon
+    serialises control operations)."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so that a
+        # "transaction" in this module is exactly one SQLite transaction.
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = FULL")
+        with self.tx():
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    self.db.execute(stmt)
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise CatalogError(
+                    f"catalog {path} has schema {row[0]}, newer than this dmsnap "
+                    f"({SCHEMA_VERSION}); upgrade dmsnap"
+                )
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        if self.db.in_transaction:  # nested: part of the outer transaction
+            yield self.db
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- pools -------------------------------------------------------------------
+
+    def add_pool(
+        self,
+        name: str,
+        backend: str,
+        *,
+        data_dev: str | None,
+        cache_dev: str | None,
+        size: int,
+        cache_size: int | None,
+        config: dict[str, Any],
+    ) -> Pool:
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM pools WHERE name=?", (name,)).fetchone():
+                raise Exists(f"pool {name!r} already exists")
+            db.execute(
+                "INSERT INTO pools (name, uuid, backend, data_dev, cache_dev, embedded, size,"
+                " cache_size, config, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    name,
+                    uuidlib.uuid4().hex,
+                    backend,
+                    data_dev,
+                    cache_dev,
+                    int(data_dev is None),
+                    size,
+                    cache_size,
+                    json.dumps(config, sort_keys=True),
+                    time.time(),
+                ),
+            )
+            return self.pool(name)
+
+    def pool(self, name: str) -> Pool:
+        row = self.db.execute("SELECT * FROM pools WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no pool {name!r}")
+        return _pool(row)
+
+    def pool_by_id(self, pool_id: int) -> Pool:
+        row = self.db.execute("SELECT * FROM pools WHERE id=?", (pool_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no pool with id {pool_id}")
+        return _pool(row)
+
+    def pools(self) -> list[Pool]:
+        return [_pool(r) for r in self.db.execute("SELECT * FROM pools ORDER BY name")]
+
+    def update_pool(self, pool_id: int, **fields: Any) -> None:
+        allowed = {"transaction_id", "next_dev_id", "config", "data_dev", "cache_dev"}
+        if not fields or set(fields) - allowed:
+            raise ValueError(f"cannot update pool fields {sorted(set(fields) - allowed)}")
+        if "config" in fields:
+            fields["config"] = json.dumps(fields["config"], sort_keys=True)
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self.tx() as db:
+            db.execute(f"UPDATE pools SET {cols} WHERE id=?", (*fields.values(), pool_id))
+
+    def remove_pool(self, pool_id: int) -> None:
+        with self.tx() as db:
+            db.execute(
+                "DELETE FROM snapshots WHERE volume_id IN (SELECT id FROM volumes WHERE pool_id=?)",
+                (pool_id,),
+            )
+            db.execute("DELETE FROM snap_groups WHERE pool_id=?", (pool_id,))
+            db.execute("DELETE FROM volumes WHERE pool_id=?", (pool_id,))
+            db.execute("DELETE FROM pending WHERE pool_id=?", (pool_id,))
+            db.execute("DELETE FROM pools WHERE id=?", (pool_id,))
+
+    # -- volumes -----------------------------------------------------------------
+
+    def add_volume(
+        self,
+        pool: Pool,
+        name: str,
+        size: int,
+        *,
+        dev_id: int | None = None,
+        extent_start: int | None = None,
+    ) -> Volume:
+        with self.tx() as db:
+            if db.execute(
+                "SELECT 1 FROM volumes WHERE pool_id=? AND name=?", (pool.id, name)
+            ).fetchone():
+                raise Exists(f"volume {pool.name}/{name} already exists")
+            db.execute(
+                "INSERT INTO volumes (pool_id, name, size, dev_id, extent_start, created)"
+                " VALUES (?,?,?,?,?,?)",
+                (pool.id, name, size, dev_id, extent_start, time.time()),
+            )
+            return self.volume(pool.name, name)
+
+    def volume(self, pool: str, name: str) -> Volume:
+        row = self.db.execute(
+            "SELECT v.*, p.name AS pool FROM volumes v JOIN pools p ON p.id = v.pool_id"
+            " WHERE p.name=? AND v.name=?",
+            (pool, name),
+        ).fetchone()
+        if row is None:
+            self.pool(pool)  # a missing pool is the clearer error
+            raise NotFound(f"no volume {pool}/{name}")
+        return _volume(row)
+
+    def volumes(self, pool: str | None = None) -> list[Volume]:
+        q = "SELECT v.*, p.name AS pool FROM volumes v JOIN pools p ON p.id = v.pool_id"
+        args: tuple[Any, ...] = ()
+        if pool is not None:
+            self.pool(pool)
+            q += " WHERE p.name=?"
+            args = (pool,)
+        return [_volume(r) for r in self.db.execute(q + " ORDER BY p.name, v.name", args)]
+
+    def set_volume_dev(self, volume_id: int, dev_id: int) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE volumes SET dev_id=? WHERE id=?", (dev_id, volume_id))
+
+    def remove_volume(self, volume_id: int) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM snapshots WHERE volume_id=?", (volume_id,))
+            db.execute("DELETE FROM volumes WHERE id=?", (volume_id,))
+            db.execute("DELETE FROM snap_groups WHERE id NOT IN (SELECT group_id FROM snapshots)")
+
+    # -- snapshots -----------------------------------------------------------------
+
+    def add_group(
+        self,
+        pool: Pool,
+        name: str,
+        members: list[tuple[Volume, dict[str, Any]]],
+        *,
+        token: str | None = None,
+        labels: dict[str, str] | None = None,
+        marker: int | None = None,
+    ) -> int:
+        """Record one snapshot group: one name, one cut, several volumes.
+        ``members`` pairs each volume with its snapshot's backend fields."""
+        with self.tx() as db:
+            for vol, _ in members:
+                if db.execute(
+                    "SELECT 1 FROM snapshots WHERE volume_id=? AND name=?", (vol.id, name)
+                ).fetchone():
+                    raise Exists(f"snapshot {vol.pool}/{vol.name}@{name} already exists")
+            cur = db.execute(
+                "INSERT INTO snap_groups (pool_id, name, token, labels, marker, created)"
+                " VALUES (?,?,?,?,?,?)",
+                (pool.id, name, token, json.dumps(labels or {}), marker, time.time()),
+            )
+            gid = int(cur.lastrowid or 0)
+            for vol, fields in members:
+                db.execute(
+                    "INSERT INTO snapshots (volume_id, group_id, name, dev_id, cow_start,"
+                    " cow_size, created) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        vol.id,
+                        gid,
+                        name,
+                        fields.get("dev_id"),
+                        fields.get("cow_start"),
+                        fields.get("cow_size"),
+                        time.time(),
+                    ),
+                )
+            return gid
+
+    _SNAP_Q = (
+        "SELECT s.*, v.name AS volume, p.name AS pool, g.labels AS labels FROM snapshots s"
+        " JOIN volumes v ON v.id = s.volume_id JOIN pools p ON p.id = v.pool_id"
+        " JOIN snap_groups g ON g.id = s.group_id"
+    )
+
+    def snapshot(self, pool: str, vol: str, name: str) -> Snapshot:
+        row = self.db.execute(
+            self._SNAP_Q + " WHERE p.name=? AND v.name=? AND s.name=?", (pool, vol, name)
+        ).fetchone()
+        if row is None:
+            self.volume(pool, vol)
+            raise NotFound(f"no snapshot {pool}/{vol}@{name}")
+        return _snapshot(row)
+
+    def snapshots(self, pool: str | None = None, vol: str | None = None) -> list[Snapshot]:
+        q, args = self._SNAP_Q, []
+        conds = []
+        if pool is not None:
+            self.pool(pool)
+            conds.append("p.name=?")
+            args.append(pool)
+        if vol is not None:
+            assert pool is not None
+            self.volume(pool, vol)
+            conds.append("v.name=?")
+            args.append(vol)
+        if conds:
+            q += " WHERE " + " AND ".join(conds)
+        q += " ORDER BY p.name, v.name, s.created, s.id"
+        return [_snapshot(r) for r in self.db.execute(q, args)]
+
+    def set_snapshot_active(self, snap_id: int, active: bool) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE snapshots SET active=? WHERE id=?", (int(active), snap_id))
+
+    def remove_snapshot(self, snap_id: int) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM snapshots WHERE id=?", (snap_id,))
+            db.execute("DELETE FROM snap_groups WHERE id NOT IN (SELECT group_id FROM snapshots)")
+
+    def group_by_token(self, pool_id: int, token: str) -> int | None:
+        row = self.db.execute(
+            "SELECT id FROM snap_groups WHERE pool_id=? AND token=?", (pool_id, token)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    # -- pending operations ----------------------------------------------------------
+
+    def begin_pending(self, pool_id: int | None, kind: str, payload: dict[str, Any]) -> int:
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO pending (pool_id, kind, payload, created) VALUES (?,?,?,?)",
+                (pool_id, kind, json.dumps(payload, sort_keys=True), time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def end_pending(self, pending_id: int) -> None:
+        """Drop a pending record; call inside the transaction that commits its effect."""
+        with self.tx() as db:
+            db.execute("DELETE FROM pending WHERE id=?", (pending_id,))
+
+    def pending(self) -> list[Pending]:
+        return [
+            Pending(r["id"], r["pool_id"], r["kind"], json.loads(r["payload"]), r["created"])
+            for r in self.db.execute("SELECT * FROM pending ORDER BY id")
+        ]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            t: int(self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])
+            for t in ("pools", "volumes", "snap_groups", "snapshots", "pending")
+        }
+
+
+def _pool(r: sqlite3.Row) -> Pool:
+    return Pool(
+        id=r["id"],
+        name=r["name"],
+        uuid=r["uuid"],
+        backend=r["backend"],
+        data_dev=r["data_dev"],
+        cache_dev=r["cache_dev"],
+        embedded=bool(r["embedded"]),
+        size=r["size"],
+        cache_size=r["cache_size"],
+        config=json.loads(r["config"]),
+        transaction_id=r["transaction_id"],
+        next_dev_id=r["next_dev_id"],
+        created=r["created"],
+    )
+
+
+def _volume(r: sqlite3.Row) -> Volume:
+    return Volume(
+        id=r["id"],
+        pool_id=r["pool_id"],
+        pool=r["pool"],
+        name=r["name"],
+        size=r["size"],
+        dev_id=r["dev_id"],
+        extent_start=r["extent_start"],
+        created=r["created"],
+    )
+
+
+def _snapshot(r: sqlite3.Row) -> Snapshot:
+    return Snapshot(
+        id=r["id"],
+        volume_id=r["volume_id"],
+        group_id=r["group_id"],
+        pool=r["pool"],
+        volume=r["volume"],
+        name=r["name"],
+        dev_id=r["dev_id"],
+        cow_start=r["cow_start"],
+        cow_size=r["cow_size"],
+        active=bool(r["active"]),
+        created=r["created"],
+        labels=json.loads(r["labels"] or "{}"),
+    )

@@ -1,0 +1,861 @@
+"""The storage model an administrator uses: pools, volumes, snapshots.
+
+:class:`Manager` is the only actor on the device-mapper stack. dmsnapd owns
+one and serialises calls to it; the control protocol maps requests 1:1 onto
+its public methods. A method either completes or raises a
+:class:`dmsnap.errors.UserError`; user errors are raised before anything is
+changed. Results are plain JSON-able dicts (the wire format and ``--json``).
+
+Every kernel change is bracketed by a pending record in the catalog (see
+:mod:`dmsnap.storage.catalog`); :meth:`Manager.assemble` settles leftovers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import shutil
+import stat
+from typing import Any
+
+from dmsnap import errors as E
+from dmsnap.dm import DeviceMapper, DmError, DmUnavailable
+from dmsnap.dm import status as st
+from dmsnap.dm import targets as t
+from dmsnap.dm.targets import Table
+from dmsnap.storage import loop, names
+from dmsnap.storage.backend import Backend, Base
+from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
+from dmsnap.storage.catalog import Exists as CatExists
+from dmsnap.storage.catalog import NotFound as CatNotFound
+from dmsnap.storage.classic import ClassicBackend
+from dmsnap.storage.layers import SECTOR, Layer, ensure
+from dmsnap.storage.thin import ThinBackend
+
+Json = dict[str, Any]
+log = logging.getLogger("dmsnap.storage")
+
+MiB = 1 << 20
+GiB = 1 << 30
+DEFAULT_EMBEDDED_SIZE = 4 * GiB
+WRITECACHE_BLOCK = 4096
+BACKENDS: dict[str, type[Backend]] = {"thin": ThinBackend, "classic": ClassicBackend}
+LINK_DIR = "/dev/dmsnap"
+
+
+def _user_errors(fn):
+    """Map catalog and naming errors to UserError; they carry clear text already."""
+
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        try:
+            return fn(*a, **kw)
+        except CatNotFound as e:
+            raise E.NotFound(str(e)) from None
+        except CatExists as e:
+            raise E.AlreadyExists(str(e)) from None
+        except names.NameError_ as e:
+            raise E.InvalidArgument(str(e)) from None
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def _block_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _check_free_device(path: str, what: str) -> tuple[str, int]:
+    """A device given by the administrator: must exist, be a block device, and
+    not be in use (O_EXCL fails while mounted or held by another device)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise E.NotFound(f"{what} device {path} does not exist") from None
+    if not stat.S_ISBLK(mode):
+        raise E.InvalidArgument(f"{what} device {path} is not a block device")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise E.Busy(
+                f"{what} device {path} is in use (mounted, or held by another device)"
+            ) from None
+        raise E.InvalidArgument(f"{what} device {path}: {e.strerror}") from None
+    os.close(fd)
+    st_ = os.stat(path)
+    return f"{os.major(st_.st_rdev)}:{os.minor(st_.st_rdev)}", _block_size(path)
+
+
+def _zero(path: str, length: int, offset: int = 0) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        os.pwritev(fd, [mmap.mmap(-1, length)], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Manager:
+    def __init__(self, state_dir: str, dm: DeviceMapper | None = None) -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        os.makedirs(os.path.join(self.state_dir, "pools"), exist_ok=True)
+        self.catalog = Catalog(os.path.join(self.state_dir, "catalog.db"))
+        try:
+            self.dm = dm or DeviceMapper()
+        except DmUnavailable as e:
+            raise E.Unavailable(str(e)) from None
+        self._backends: dict[int, Backend] = {}
+        self.pool_errors: dict[str, str] = {}
+
+    def close(self) -> None:
+        self.catalog.close()
+        self.dm.close()
+
+    # -- pool plumbing -----------------------------------------------------------------
+
+    def _pool_dir(self, name: str) -> str:
+        return os.path.join(self.state_dir, "pools", name)
+
+    def _embedded_files(self, name: str) -> tuple[str, str]:
+        d = self._pool_dir(name)
+        return os.path.join(d, "data.img"), os.path.join(d, "cache.img")
+
+    def _loop_for(self, path: str) -> loop.LoopDevice:
+        return loop.find(path) or loop.attach(path)
+
+    def _devices(self, pool: Pool) -> tuple[tuple[str, str], tuple[str, str] | None]:
+        """(MAJ:MIN, path) of the data and cache devices, attaching loop files
+        as needed."""
+        data_file, cache_file = self._embedded_files(pool.name)
+        if pool.embedded:
+            lo = self._loop_for(data_file)
+            data = (lo.devno, lo.path)
+        else:
+            assert pool.data_dev is not None
+            data = (self._devno(pool.data_dev, "data"), pool.data_dev)
+        cache = None
+        if pool.cache_dev:
+            cache = (self._devno(pool.cache_dev, "cache"), pool.cache_dev)
+        elif pool.cache_size:
+            lo = self._loop_for(cache_file)
+            cache = (lo.devno, lo.path)
+        return data, cache
+
+    @staticmethod
+    def _devno(path: str, what: str) -> str:
+        try:
+            rdev = os.stat(path).st_rdev
+        except FileNotFoundError:
+            raise E.NotFound(f"{what} device {path} is missing") from None
+        return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+    def _wc_layer(self, pool: Pool, data: str, cache: str) -> Layer:
+        name, uuid = (
+            names.dm_internal(pool.name, "wc"),
+            names.uuid_internal(pool.uuid, pool.name, "wc"),
+        )
+        return Layer(
+            name,
+            uuid,
+            Table.single(pool.size // SECTOR, t.Writecache("s", data, cache, WRITECACHE_BLOCK)),
+        )
+
+    def _base(self, pool: Pool) -> Base:
+        data, cache = self._devices(pool)
+        if cache is None:
+            return Base(data[0], pool.size // SECTOR, data[1])
+        layer = self._wc_layer(pool, data[0], cache[0])
+        return Base(ensure(self.dm, layer), pool.size // SECTOR, layer.path)
+
+    def _backend(self, pool: Pool) -> Backend:
+        b = self._backends.get(pool.id)
+        if b is None:
+            b = BACKENDS[pool.backend](self.dm, self.catalog, pool, self._base(pool))
+            for layer in b.pool_layers():
+                ensure(self.dm, layer)
+            self._backends[pool.id] = b
+        b.refresh()
+        return b
+
+    def _pool(self, name: str) -> tuple[Pool, Backend]:
+        pool = self.catalog.pool(name)
+        try:
+            return pool, self._backend(pool)
+        except E.UserError:
+            raise
+        except (DmError, OSError) as e:
+            raise E.Unavailable(f"pool {name} cannot be activated: {e}") from None
+
+    def _pool_devices(self, pool: Pool) -> list[str]:
+        """Every dm device of the pool, found by the pool id in its UUID."""
+        tag = f"-{pool.uuid[:8]}-{pool.name}:"
+        return [e.name for e in self.dm.list_devices() if e.uuid and tag in e.uuid]
+
+    def _teardown_devices(self, devs: list[str]) -> None:
+        """Remove devices top-down: repeatedly those nothing holds."""
+        left = list(devs)
+        while left:
+            progress = False
+            for name in list(left):
+                try:
+                    info = self.dm.info(name)
+                except DmError as e:
+                    if e.not_found:
+                        left.remove(name)
+                        progress = True
+                        continue
+                    raise
+                if info.open_count == 0:
+                    self.dm.remove(name)
+                    left.remove(name)
+                    progress = True
+            if not progress:
+                raise E.Busy(f"devices still in use: {', '.join(sorted(left))}")
+
+    def _check_not_open(self, dm_name: str, what: str) -> None:
+        try:
+            info = self.dm.info(dm_name)
+        except DmError as e:
+            if e.not_found:
+                return
+            raise
+        if info.open_count:
+            raise E.Busy(
+                f"{what} is in use (open {info.open_count} time(s)); unmount or stop using it first"
+            )
+
+    # -- pending operations ---------------------------------------------------------------
+
+    def _advance(self, pool: Pool, payload: Json) -> None:
+        """Catalog part shared by every committed change: pool counters."""
+        fields: Json = {}
+        if "new_txid" in payload:
+            fields["transaction_id"] = payload["new_txid"]
+        ids = [p["dev_id"] for p in payload.get("plans", []) if p.get("dev_id") is not None]
+        if payload.get("dev_id") is not None:
+            ids.append(payload["dev_id"])
+        if ids:
+            fields["next_dev_id"] = max(pool.next_dev_id, max(ids) + 1)
+        if fields:
+            self.catalog.update_pool(pool.id, **fields)
+
+    def _forward(self, pool: Pool, kind: str, payload: Json, pending_id: int) -> Any:
+        """Apply the catalog side of a kernel change and drop its pending
+        record, in one transaction. Idempotent (recovery re-runs it)."""
+        result: Any = None
+        with self.catalog.tx():
+            if kind == "volume.create":
+                with contextlib.suppress(CatExists):
+                    result = self.catalog.add_volume(
+                        pool,
+                        payload["name"],
+                        payload["size"],
+                        dev_id=payload.get("dev_id"),
+                        extent_start=payload.get("extent_start"),
+                    )
+            elif kind == "snapshot.create":
+                vols = {v.id: v for v in self.catalog.volumes(pool.name)}
+                members = [
+                    (vols[p["volume_id"]], p) for p in payload["plans"] if p["volume_id"] in vols
+                ]
+                with contextlib.suppress(CatExists):
+                    result = self.catalog.add_group(
+                        pool,
+                        payload["name"],
+                        members,
+                        token=payload.get("token"),
+                        labels=payload.get("labels"),
+                    )
+            elif kind == "snapshot.delete":
+                self.catalog.remove_snapshot(payload["snapshot_id"])
+            elif kind == "volume.delete":
+                self.catalog.remove_volume(payload["volume_id"])
+            elif kind == "volume.restore":
+                if pool.backend == "thin":
+                    self.catalog.set_volume_dev(payload["volume_id"], payload["dev_id"])
+                else:
+                    self.catalog.remove_snapshot(payload["snapshot_id"])
+            else:
+                raise ValueError(f"unknown pending kind {kind}")
+            self._advance(pool, payload)
+            self.catalog.end_pending(pending_id)
+        return result
+
+    def _run(self, pool: Pool, backend: Backend, kind: str, payload: Json, kernel) -> Any:
+        """pending → kernel work → catalog commit. A kernel failure is undone
+        through the backend's recovery before the error is reported."""
+        pending_id = self.catalog.begin_pending(pool.id, kind, payload)
+        try:
+            kernel()
+        except BaseException as exc:
+            try:
+                backend.refresh()
+                direction = backend.recover(kind, payload)
+            except Exception:
+                log.exception("%s: undo after failure failed; left for recovery", kind)
+                raise exc from None
+            if direction == "forward":
+                return self._forward(pool, kind, payload, pending_id)
+            self.catalog.end_pending(pending_id)
+            raise
+        return self._forward(pool, kind, payload, pending_id)
+
+    def recover_pending(self) -> list[Json]:
+        """Settle operations interrupted by a crash (called by assemble)."""
+        report = []
+        for p in self.catalog.pending():
+            entry: Json = {"kind": p.kind, "payload": p.payload}
+            try:
+                if p.kind == "pool.create" or p.pool_id is None:
+                    self._undo_pool_create(p.payload)
+                    self.catalog.end_pending(p.id)
+                    entry["result"] = "back"
+                else:
+                    pool = self.catalog.pool_by_id(p.pool_id)
+                    backend = self._backend(pool)
+                    direction = backend.recover(p.kind, p.payload)
+                    if direction == "forward":
+                        self._forward(pool, p.kind, p.payload, p.id)
+                        if p.kind == "volume.restore":
+                            self._finish_restore(pool, backend, p.payload)
+                    else:
+                        self.catalog.end_pending(p.id)
+                    entry["result"] = direction
+            except Exception as e:  # leave it for the next start, loudly
+                log.error("recovery of %s failed: %s", p.kind, e)
+                entry["result"] = f"failed: {e}"
+            log.info("recovered %s: %s", p.kind, entry["result"])
+            report.append(entry)
+        return report
+
+    # -- assembly -----------------------------------------------------------------------------
+
+    def assemble(self) -> Json:
+        """Bring every pool, volume and active snapshot up as the catalog says.
+        Idempotent: existing devices are checked and kept."""
+        report: Json = {"pools": {}, "recovered": []}
+        self._backends.clear()
+        for pool in self.catalog.pools():
+            try:
+                self._assemble_pool(pool)
+                report["pools"][pool.name] = "ok"
+                self.pool_errors.pop(pool.name, None)
+            except (E.UserError, DmError, OSError) as e:
+                msg = getattr(e, "message", None) or str(e)
+                log.error("pool %s not assembled: %s", pool.name, msg)
+                report["pools"][pool.name] = msg
+                self.pool_errors[pool.name] = msg
+        report["recovered"] = self.recover_pending()
+        return report
+
+    def _assemble_pool(self, pool: Pool) -> None:
+        backend = self._backend(pool)
+        pending_restores = {
+            p.payload.get("volume_id") for p in self.catalog.pending() if p.kind == "volume.restore"
+        }
+        for vol in self.catalog.volumes(pool.name):
+            if vol.id in pending_restores and pool.backend == "classic":
+                continue  # recovery resumes the merge on this volume
+            for layer in backend.volume_layers(vol):
+                ensure(self.dm, layer)
+        for snap in self.catalog.snapshots(pool.name):
+            for layer in backend.snapshot_layers(snap, active=snap.active):
+                ensure(self.dm, layer)
+
+    # -- pools ------------------------------------------------------------------------------
+
+    @_user_errors
+    def pool_create(
+        self,
+        name: str,
+        *,
+        data: str | None = None,
+        cache: str | None = None,
+        backend: str = "thin",
+        size: int | None = None,
+        cache_size: int | None = None,
+    ) -> Json:
+        names.check_name("pool", name)
+        if backend not in BACKENDS:
+            raise E.InvalidArgument(
+                f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}"
+            )
+        with contextlib.suppress(CatNotFound):
+            self.catalog.pool(name)
+            raise E.AlreadyExists(f"pool {name!r} already exists")
+        if data is not None and size is not None:
+            raise E.InvalidArgument(
+                "--size is for embedded pools; a --data device has its own size"
+            )
+        if cache is not None and cache_size is not None:
+            raise E.InvalidArgument(
+                "--cache-size is for an embedded cache; --cache has its own size"
+            )
+        for p in self.catalog.pools():
+            for dev in (data, cache):
+                if dev and dev in (p.data_dev, p.cache_dev):
+                    raise E.Busy(f"device {dev} already belongs to pool {p.name}")
+        if data and cache and os.path.realpath(data) == os.path.realpath(cache):
+            raise E.InvalidArgument("the data and cache devices must differ")
+        if data is not None:
+            _, data_bytes = _check_free_device(data, "data")
+        else:
+            data_bytes = size or DEFAULT_EMBEDDED_SIZE
+            if data_bytes < 64 * MiB:
+                raise E.InvalidArgument("a pool needs at least 64M")
+            free = shutil.disk_usage(self.state_dir).free
+            if data_bytes > 64 * free:  # sparse, but not absurdly overcommitted
+                raise E.NoSpace(
+                    f"embedded pool of {data_bytes // MiB} MiB on {self.state_dir} with only "
+                    f"{free // MiB} MiB free"
+                )
+        cache_bytes = None
+        if cache is not None:
+            _, cache_bytes = _check_free_device(cache, "cache")
+        elif cache_size is not None:
+            cache_bytes = cache_size
+        if cache_bytes is not None and cache_bytes < 4 * MiB:
+            raise E.InvalidArgument("a writecache device needs at least 4M")
+        data_bytes = data_bytes // MiB * MiB
+        layout = BACKENDS[backend].plan_layout(data_bytes // SECTOR)  # type: ignore[attr-defined]
+
+        pending_id = self.catalog.begin_pending(None, "pool.create", {"name": name})
+        pool: Pool | None = None
+        try:
+            if data is None or (cache is None and cache_size is not None):
+                os.makedirs(self._pool_dir(name), exist_ok=True)
+                data_file, cache_file = self._embedded_files(name)
+                if data is None:
+                    loop.make_sparse(data_file, data_bytes)
+                if cache is None and cache_size is not None:
+                    loop.make_sparse(cache_file, cache_size)
+            with self.catalog.tx():
+                pool = self.catalog.add_pool(
+                    name,
+                    backend,
+                    data_dev=data,
+                    cache_dev=cache,
+                    size=data_bytes,
+                    cache_size=cache_bytes,
+                    config=layout,
+                )
+                # The pool row commits only together with the kernel work
+                # below (same transaction); a crash leaves the pending record.
+                _, cachedev = self._devices(pool)
+                if cachedev is not None:
+                    _zero(cachedev[1], MiB)  # writecache formats only a zeroed superblock
+                base = self._base(pool)
+                b = BACKENDS[backend](self.dm, self.catalog, pool, base)
+                if isinstance(b, ThinBackend):
+                    _zero(base.path, MiB)  # dm-thin formats only a zeroed superblock
+                for layer in b.pool_layers():
+                    ensure(self.dm, layer)
+                self.catalog.end_pending(pending_id)
+            self._backends[pool.id] = b
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._undo_pool_create({"name": name})
+            with contextlib.suppress(Exception):
+                self.catalog.end_pending(pending_id)
+            raise
+        log.info("pool %s created (%s, %d MiB)", name, backend, data_bytes // MiB)
+        return self.pool_show(name)
+
+    def _undo_pool_create(self, payload: Json) -> None:
+        """Remove what a pool creation that never committed left behind."""
+        name = payload["name"]
+        with contextlib.suppress(CatNotFound):
+            self.catalog.pool(name)
+            return  # committed: the row and the pending record end together
+        devs = [
+            e.name
+            for e in self.dm.list_devices()
+            if (parts := names.parse_uuid(e.uuid)) is not None and parts[2] == name
+        ]
+        self._teardown_devices(devs)
+        for f in self._embedded_files(name):
+            dev = loop.find(f)
+            if dev:
+                loop.detach(dev)
+        shutil.rmtree(self._pool_dir(name), ignore_errors=True)
+
+    def _pool_json(self, pool: Pool, detail: bool = False) -> Json:
+        out: Json = {
+            "name": pool.name,
+            "uuid": pool.uuid,
+            "backend": pool.backend,
+            "embedded": pool.embedded,
+            "data_device": pool.data_dev or self._embedded_files(pool.name)[0],
+            "cache_device": pool.cache_dev
+            or (self._embedded_files(pool.name)[1] if pool.cache_size else None),
+            "size": pool.size,
+            "volumes": len(self.catalog.volumes(pool.name)),
+            "snapshots": len(self.catalog.snapshots(pool.name)),
+            "health": [],
+            "writecache": None,
+        }
+        if pool.name in self.pool_errors:
+            out["health"].append(self.pool_errors[pool.name])
+            return out
+        try:
+            backend = self._backend(pool)
+        except (E.UserError, DmError, OSError) as e:
+            out["health"].append(f"not active: {getattr(e, 'message', e)}")
+            return out
+        usage = backend.usage()
+        out["health"] += usage.pop("health", [])
+        if not detail:
+            usage.pop("snapshots", None)
+        out.update({k: v for k, v in usage.items() if k not in ("backend", "size")})
+        out["data_size"] = usage.get("size")
+        if pool.cache_dev or pool.cache_size:
+            out["writecache"] = self._writecache_json(pool)
+            if out["writecache"].get("error"):
+                out["health"].append(f"writecache error {out['writecache']['error']}")
+        overcommit = sum(v.size for v in self.catalog.volumes(pool.name))
+        if pool.backend == "thin" and usage.get("size") and overcommit > usage["size"]:
+            out["overcommitted"] = overcommit / usage["size"]
+        return out
+
+    def _writecache_json(self, pool: Pool) -> Json:
+        name = names.dm_internal(pool.name, "wc")
+        try:
+            s = self.dm.status(name, noflush=True)[0].status
+        except DmError as e:
+            return {"state": f"missing ({e})"}
+        if not isinstance(s, st.WritecacheStatus):
+            return {"state": type(s).__name__}
+        return {
+            "state": "error" if s.error else "ok",
+            "error": s.error,
+            "total_blocks": s.total_blocks,
+            "free_blocks": s.free_blocks,
+            "writeback_blocks": s.writeback_blocks,
+            "block_size": WRITECACHE_BLOCK,
+        }
+
+    @_user_errors
+    def pool_list(self) -> list[Json]:
+        return [self._pool_json(p) for p in self.catalog.pools()]
+
+    @_user_errors
+    def pool_show(self, name: str) -> Json:
+        names.check_name("pool", name)
+        pool = self.catalog.pool(name)
+        out = self._pool_json(pool, detail=True)
+        out["devices"] = sorted(self._pool_devices(pool))
+        return out
+
+    @_user_errors
+    def pool_destroy(self, name: str, *, force: bool = False) -> None:
+        names.check_name("pool", name)
+        pool = self.catalog.pool(name)
+        vols = self.catalog.volumes(name)
+        if vols and not force:
+            raise E.Busy(f"pool {name} still has {len(vols)} volume(s); delete them or use --force")
+        devs = self._pool_devices(pool)
+        for d in devs:
+            info = self.dm.info(d)
+            if info.open_count and not d.startswith(names.dm_internal(name, "")):
+                raise E.Busy(f"{info.path} is in use; unmount or stop using it first")
+        self._teardown_devices(devs)
+        self._backends.pop(pool.id, None)
+        for f in self._embedded_files(name):
+            dev = loop.find(f)
+            if dev:
+                loop.detach(dev)
+        self.catalog.remove_pool(pool.id)
+        shutil.rmtree(self._pool_dir(name), ignore_errors=True)
+        self.pool_errors.pop(name, None)
+        log.info("pool %s destroyed", name)
+
+    # -- volumes -------------------------------------------------------------------------------
+
+    def _link(self, pool: str, vol: str, snap: str | None = None) -> str:
+        link = os.path.join(LINK_DIR, pool, vol if snap is None else f"{vol}@{snap}")
+        if os.path.exists(link):
+            return link
+        dm_name = names.dm_volume(pool, vol) if snap is None else names.dm_snapshot(pool, vol, snap)
+        return f"/dev/mapper/{dm_name}"
+
+    def _volume_json(self, vol: Volume, backend: Backend | None = None) -> Json:
+        dm_name = names.dm_volume(vol.pool, vol.name)
+        out: Json = {
+            "pool": vol.pool,
+            "name": vol.name,
+            "size": vol.size,
+            "path": self._link(vol.pool, vol.name),
+            "dm_name": dm_name,
+            "snapshots": len(self.catalog.snapshots(vol.pool, vol.name)),
+            "created": vol.created,
+            "active": False,
+        }
+        try:
+            info = self.dm.info(dm_name)
+            out["active"] = True
+            out["open_count"] = info.open_count
+            s = self.dm.status(dm_name, noflush=True)[0].status
+            if isinstance(s, st.ThinStatus):
+                out["mapped"] = s.mapped_sectors * SECTOR
+        except DmError:
+            pass
+        return out
+
+    @_user_errors
+    def volume_create(self, pool: str, vol: str, size: int) -> Json:
+        names.check_name("pool", pool)
+        names.check_name("volume", vol)
+        if size <= 0:
+            raise E.InvalidArgument("volume size must be positive")
+        size = (size + MiB - 1) // MiB * MiB  # whole MiB: extent and block aligned
+        p, backend = self._pool(pool)
+        with contextlib.suppress(CatNotFound):
+            self.catalog.volume(pool, vol)
+            raise E.AlreadyExists(f"volume {pool}/{vol} already exists")
+        backend.check_room(f"volume {pool}/{vol}", size if p.backend == "classic" else 0)
+        plan = backend.plan_volume(size)
+        payload = {"name": vol, "size": size, **plan, **backend.txn()}
+        self._run(p, backend, "volume.create", payload, lambda: backend.create_volume(plan, size))
+        v = self.catalog.volume(pool, vol)
+        backend.refresh()
+        for layer in backend.volume_layers(v):
+            ensure(self.dm, layer)
+        log.info("volume %s/%s created (%d MiB)", pool, vol, size // MiB)
+        return self._volume_json(v)
+
+    @_user_errors
+    def volume_list(self, pool: str | None = None) -> list[Json]:
+        if pool is not None:
+            names.check_name("pool", pool)
+        return [self._volume_json(v) for v in self.catalog.volumes(pool)]
+
+    @_user_errors
+    def volume_show(self, pool: str, vol: str) -> Json:
+        names.check_name("pool", pool)
+        names.check_name("volume", vol)
+        return self._volume_json(self.catalog.volume(pool, vol))
+
+    @_user_errors
+    def volume_delete(self, pool: str, vol: str, *, force: bool = False) -> None:
+        names.check_name("pool", pool)
+        names.check_name("volume", vol)
+        v = self.catalog.volume(pool, vol)
+        p, backend = self._pool(pool)
+        snaps = self.catalog.snapshots(pool, vol)
+        if snaps and not force:
+            raise E.Busy(
+                f"volume {pool}/{vol} has {len(snaps)} snapshot(s); "
+                "delete them first or use --force"
+            )
+        self._check_not_open(names.dm_volume(pool, vol), f"volume {pool}/{vol}")
+        for s in snaps:
+            self._check_not_open(names.dm_snapshot(pool, vol, s.name), f"snapshot {vol}@{s.name}")
+        for s in snaps:
+            self.snapshot_delete(pool, vol, s.name)
+        payload = {"volume_id": v.id, "name": vol, **backend.txn()}
+
+        def kernel() -> None:
+            ClassicBackend.delete_volume(backend, v) if False else None
+            with contextlib.suppress(DmError):
+                self.dm.remove(names.dm_volume(pool, vol))
+            backend.delete_volume(v)
+
+        self._run(p, backend, "volume.delete", payload, kernel)
+        log.info("volume %s/%s deleted", pool, vol)
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def _snapshot_json(self, s: Snapshot) -> Json:
+        return {
+            "pool": s.pool,
+            "volume": s.volume,
+            "name": s.name,
+            "group": s.group_id,
+            "created": s.created,
+            "active": s.active,
+            "path": self._link(s.pool, s.volume, s.name) if s.active else None,
+            "labels": s.labels,
+        }
+
+    @_user_errors
+    def snapshot_create(
+        self,
+        refs: list[list[str]] | list[tuple[str, str]],
+        name: str,
+        *,
+        labels: dict[str, str] | None = None,
+        token: str | None = None,
+    ) -> Json:
+        names.check_name("snapshot", name)
+        if not refs:
+            raise E.InvalidArgument("name at least one POOL/VOLUME to snapshot")
+        pairs = [(names.check_name("pool", p), names.check_name("volume", v)) for p, v in refs]
+        pools = {p for p, _ in pairs}
+        if len(pools) != 1:
+            raise E.InvalidArgument(
+                "a snapshot group must stay within one pool (one journal, one cut); got "
+                + ", ".join(sorted(pools))
+            )
+        if len(set(pairs)) != len(pairs):
+            raise E.InvalidArgument("a volume is named twice")
+        for k, val in (labels or {}).items():
+            if not k or "=" in k or len(k) > 64 or len(val) > 256:
+                raise E.InvalidArgument(f"bad label {k!r}={val!r}")
+        pool_name = pools.pop()
+        p, backend = self._pool(pool_name)
+        if token:
+            gid = self.catalog.group_by_token(p.id, token)
+            if gid is not None:  # a retried request: the snapshot already exists
+                snaps = [s for s in self.catalog.snapshots(pool_name) if s.group_id == gid]
+                return {
+                    "group": gid,
+                    "name": snaps[0].name if snaps else name,
+                    "snapshots": [self._snapshot_json(s) for s in snaps],
+                    "retried": True,
+                }
+        members = [self.catalog.volume(pool_name, v) for _, v in pairs]
+        for m in members:
+            with contextlib.suppress(CatNotFound):
+                self.catalog.snapshot(pool_name, m.name, name)
+                raise E.AlreadyExists(f"snapshot {pool_name}/{m.name}@{name} already exists")
+        backend.check_room(f"snapshot {name}")
+        plans = backend.plan_snapshots(members)
+        for m, plan in zip(members, plans, strict=True):
+            plan.update(volume_id=m.id, volume=m.name, name=name)
+        payload = {
+            "name": name,
+            "plans": plans,
+            "labels": labels or {},
+            "token": token,
+            **backend.txn(),
+        }
+        gid = self._run(
+            p, backend, "snapshot.create", payload, lambda: backend.create_snapshots(members, plans)
+        )
+        snaps = [s for s in self.catalog.snapshots(pool_name) if s.group_id == gid]
+        log.info("snapshot %s of %s created", name, ", ".join(f"{a}/{b}" for a, b in pairs))
+        return {"group": gid, "name": name, "snapshots": [self._snapshot_json(s) for s in snaps]}
+
+    @_user_errors
+    def snapshot_list(self, pool: str | None = None, vol: str | None = None) -> list[Json]:
+        if pool is not None:
+            names.check_name("pool", pool)
+        if vol is not None:
+            names.check_name("volume", vol)
+        return [self._snapshot_json(s) for s in self.catalog.snapshots(pool, vol)]
+
+    def _snap(self, pool: str, vol: str, name: str) -> Snapshot:
+        names.check_name("pool", pool)
+        names.check_name("volume", vol)
+        names.check_name("snapshot", name)
+        return self.catalog.snapshot(pool, vol, name)
+
+    @_user_errors
+    def snapshot_activate(self, pool: str, vol: str, name: str) -> Json:
+        s = self._snap(pool, vol, name)
+        _, backend = self._pool(pool)
+        for layer in backend.snapshot_layers(s, active=True):
+            ensure(self.dm, layer)
+        self.catalog.set_snapshot_active(s.id, True)
+        return self._snapshot_json(self.catalog.snapshot(pool, vol, name))
+
+    @_user_errors
+    def snapshot_deactivate(self, pool: str, vol: str, name: str) -> None:
+        s = self._snap(pool, vol, name)
+        dm_name = names.dm_snapshot(pool, vol, name)
+        self._check_not_open(dm_name, f"snapshot {pool}/{vol}@{name}")
+        with contextlib.suppress(DmError):
+            if self.dm.exists(dm_name):
+                self.dm.remove(dm_name)
+        self.catalog.set_snapshot_active(s.id, False)
+
+    @_user_errors
+    def snapshot_delete(self, pool: str, vol: str, name: str) -> None:
+        s = self._snap(pool, vol, name)
+        p, backend = self._pool(pool)
+        self._check_not_open(names.dm_snapshot(pool, vol, name), f"snapshot {pool}/{vol}@{name}")
+        payload = {"snapshot_id": s.id, "name": name, "volume": vol, **backend.txn()}
+
+        def kernel() -> None:
+            with contextlib.suppress(DmError):
+                if self.dm.exists(names.dm_snapshot(pool, vol, name)):
+                    self.dm.remove(names.dm_snapshot(pool, vol, name))
+            backend.delete_snapshot(s)
+
+        self._run(p, backend, "snapshot.delete", payload, kernel)
+        log.info("snapshot %s/%s@%s deleted", pool, vol, name)
+
+    @_user_errors
+    def snapshot_restore(self, pool: str, vol: str, name: str) -> None:
+        s = self._snap(pool, vol, name)
+        v = self.catalog.volume(pool, vol)
+        p, backend = self._pool(pool)
+        self._check_not_open(names.dm_volume(pool, vol), f"volume {pool}/{vol}")
+        if p.backend == "classic":
+            self._check_not_open(names.dm_snapshot(pool, vol, name), f"snapshot {vol}@{name}")
+        plan = backend.plan_restore(v, s)
+        payload = {"volume_id": v.id, "snapshot_id": s.id, **plan, **backend.txn()}
+        pending_id = self.catalog.begin_pending(p.id, "volume.restore", payload)
+        try:
+            backend.restore(v, s, plan)
+        except BaseException:
+            backend.refresh()
+            if backend.recover("volume.restore", payload) == "back":
+                self.catalog.end_pending(pending_id)
+                raise
+        # Past the point of no return: the catalog follows, then the kernel
+        # finishes (both idempotent, so a crash here rolls forward).
+        with self.catalog.tx():
+            if p.backend == "thin":
+                self.catalog.set_volume_dev(v.id, plan["dev_id"])
+            self._advance(p, payload)
+        self._finish_restore(p, backend, payload)
+        with self.catalog.tx():
+            if p.backend == "classic":
+                self.catalog.remove_snapshot(s.id)
+            self.catalog.end_pending(pending_id)
+        log.info("volume %s/%s restored from %s", pool, vol, name)
+
+    def _finish_restore(self, pool: Pool, backend: Backend, payload: Json) -> None:
+        backend.refresh()
+        vol = next(v for v in self.catalog.volumes(pool.name) if v.id == payload["volume_id"])
+        snap = next(
+            (s for s in self.catalog.snapshots(pool.name) if s.id == payload["snapshot_id"]), None
+        )
+        if snap is None:
+            return  # classic: already merged and consumed
+        backend.finish_restore(vol, snap, payload)
+
+    # -- status ----------------------------------------------------------------------------------
+
+    @_user_errors
+    def status(self) -> Json:
+        pools = [self._pool_json(p) for p in self.catalog.pools()]
+        return {
+            "pools": pools,
+            "volumes": [self._volume_json(v) for v in self.catalog.volumes()],
+            "snapshots": len(self.catalog.snapshots()),
+            "pending": len(self.catalog.pending()),
+            "health": [f"{p['name']}: {h}" for p in pools for h in p["health"]],
+        }
+
+    def health(self) -> list[str]:
+        return self.status()["health"]
+
+    def teardown(self) -> None:
+        """Deactivate every device of every pool (not done on a plain stop)."""
+        for pool in self.catalog.pools():
+            self._teardown_devices(self._pool_devices(pool))
+            for f in self._embedded_files(pool.name):
+                dev = loop.find(f)
+                if dev:
+                    loop.detach(dev)
+        self._backends.clear()

@@ -1,0 +1,306 @@
+"""The ``thin`` backend: dm-thin-pool with thin volumes and thin snapshots.
+
+Layout on the base device: thin metadata first, data after it. Every kernel
+metadata change ends with ``set_transaction_id old new``; the kernel stores
+the id atomically with the thin metadata, which is how a crash is settled
+(Docker's devmapper does the same).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+from typing import Any
+
+from dmsnap.dm import DmError
+from dmsnap.dm import status as st
+from dmsnap.dm import targets as t
+from dmsnap.dm.targets import Table
+from dmsnap.errors import Busy, NoSpace
+from dmsnap.storage.backend import Backend
+from dmsnap.storage.catalog import Snapshot, Volume
+from dmsnap.storage.layers import SECTOR, Layer, ensure
+
+MiB = 1 << 20
+BLOCK_SECTORS = 128  # 64 KiB thin blocks: small snapshot COW cost, modest metadata
+MAX_DEV_ID = (1 << 24) - 1
+# Refuse new snapshots/volumes above this data use: past it, a full pool is
+# one burst of writes away, and full pools error writes (error_if_no_space).
+FULL_FRACTION = 0.95
+
+
+def metadata_sectors(base_sectors: int) -> int:
+    """Room for the mapping btrees: ~64 bytes per data block, at least 8 MiB,
+    at most the kernel's limit (~16 GiB), rounded to MiB."""
+    blocks = base_sectors // BLOCK_SECTORS
+    size = max(8 * MiB, blocks * 64)
+    size = min(size, 15 * 1024 * MiB)
+    return (size + MiB - 1) // MiB * (MiB // SECTOR)
+
+
+class ThinBackend(Backend):
+    kind = "thin"
+
+    # -- layout -----------------------------------------------------------------------
+
+    @property
+    def meta_sectors(self) -> int:
+        return int(self.pool.config["meta_sectors"])
+
+    @property
+    def data_sectors(self) -> int:
+        return int(self.pool.config["data_sectors"])
+
+    @staticmethod
+    def plan_layout(base_sectors: int) -> dict[str, int]:
+        meta = metadata_sectors(base_sectors)
+        data = (base_sectors - meta) // BLOCK_SECTORS * BLOCK_SECTORS
+        if data < 16 * BLOCK_SECTORS:
+            raise NoSpace(f"{base_sectors * SECTOR // MiB} MiB is too small for a thin pool")
+        return {"meta_sectors": meta, "data_sectors": data, "block_sectors": BLOCK_SECTORS}
+
+    @property
+    def tpool(self) -> tuple[str, str]:
+        return self.internal("tpool")
+
+    def pool_layers(self) -> list[Layer]:
+        meta_name, meta_uuid = self.internal("tmeta")
+        data_name, data_uuid = self.internal("tdata")
+        pool_name, pool_uuid = self.tpool
+        meta = Layer(
+            meta_name, meta_uuid, Table.single(self.meta_sectors, t.Linear(self.base.devno, 0))
+        )
+        data = Layer(
+            data_name,
+            data_uuid,
+            Table.single(self.data_sectors, t.Linear(self.base.devno, self.meta_sectors)),
+        )
+        blocks = self.data_sectors // BLOCK_SECTORS
+        pool = Layer(
+            pool_name,
+            pool_uuid,
+            Table.single(
+                self.data_sectors,
+                t.ThinPool(
+                    ensure(self.dm, meta),  # lower layers first: the pool table names them
+                    ensure(self.dm, data),
+                    BLOCK_SECTORS,
+                    max(1, blocks // 10),  # low-water event at 90% use
+                    error_if_no_space=True,
+                ),
+            ),
+        )
+        return [meta, data, pool]
+
+    def pool_devno(self) -> str:
+        return self.dm.info(self.tpool[0]).devno
+
+    def volume_layers(self, vol: Volume) -> list[Layer]:
+        assert vol.dev_id is not None
+        return [
+            Layer(
+                self.vol_name(vol),
+                self.vol_uuid(vol),
+                Table.single(vol.size // SECTOR, t.Thin(self.pool_devno(), vol.dev_id)),
+            )
+        ]
+
+    def snapshot_layers(self, snap: Snapshot, *, active: bool) -> list[Layer]:
+        if not active:
+            return []
+        assert snap.dev_id is not None
+        vol = self.catalog.volume(snap.pool, snap.volume)
+        return [
+            Layer(
+                self.snap_name(snap),
+                self.snap_uuid(snap),
+                Table.single(vol.size // SECTOR, t.Thin(self.pool_devno(), snap.dev_id)),
+                read_only=True,
+            )
+        ]
+
+    # -- kernel metadata ----------------------------------------------------------------
+
+    def _msg(self, text: str) -> None:
+        self.dm.message(self.tpool[0], text)
+
+    def pool_status(self) -> st.TargetStatus:
+        return self.dm.status(self.tpool[0], noflush=True)[0].status
+
+    def kernel_txid(self) -> int:
+        s = self.pool_status()
+        if not isinstance(s, st.ThinPoolStatus):
+            raise DmError("status", self.tpool[0], errno.EIO, f"thin pool failed: {s}")
+        return s.transaction_id
+
+    def txn(self) -> dict[str, Any]:
+        return {"old_txid": self.pool.transaction_id, "new_txid": self.pool.transaction_id + 1}
+
+    def _commit_txid(self) -> None:
+        old = self.pool.transaction_id
+        if self.kernel_txid() == old + 1:  # already committed (recovery re-run)
+            return
+        self._msg(f"set_transaction_id {old} {old + 1}")
+
+    def next_ids(self, n: int) -> list[int]:
+        first = self.pool.next_dev_id
+        if first + n - 1 > MAX_DEV_ID:
+            raise NoSpace("thin device ids exhausted in this pool")
+        return list(range(first, first + n))
+
+    def check_room(self, what: str, size: int = 0) -> None:
+        s = self.pool_status()
+        if not isinstance(s, st.ThinPoolStatus):
+            raise NoSpace(f"cannot create {what}: thin pool has failed")
+        if s.mode != "rw":
+            raise NoSpace(f"cannot create {what}: thin pool is {s.mode}")
+        if s.data_used_fraction >= FULL_FRACTION:
+            raise NoSpace(
+                f"cannot create {what}: pool {self.pool.name} data is "
+                f"{s.data_used_fraction:.0%} full"
+            )
+        if s.metadata_used_fraction >= FULL_FRACTION:
+            raise NoSpace(f"cannot create {what}: pool {self.pool.name} metadata is full")
+
+    # -- operations -----------------------------------------------------------------------
+
+    def format(self) -> None:
+        # dm-thin formats fresh metadata only when the superblock is zeroed;
+        # a reused device may carry an old pool's superblock.
+        fd = os.open(f"/dev/mapper/{self.internal('tmeta')[0]}", os.O_WRONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, MiB)
+            os.pwritev(fd, [buf], 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def plan_volume(self, size: int) -> dict[str, Any]:
+        if size > self.data_sectors * SECTOR:
+            raise NoSpace(
+                f"a volume of {size // MiB} MiB is larger than pool {self.pool.name}'s "
+                f"{self.data_sectors * SECTOR // MiB} MiB of data space"
+            )
+        return {"dev_id": self.next_ids(1)[0]}
+
+    def create_volume(self, plan: dict[str, Any], size: int) -> None:
+        self._msg(f"create_thin {plan['dev_id']}")
+        self._commit_txid()
+
+    def delete_volume(self, vol: Volume) -> None:
+        self._delete_ids([vol.dev_id] if vol.dev_id is not None else [])
+
+    def _delete_ids(self, ids: list[int]) -> None:
+        for dev_id in ids:
+            try:
+                self._msg(f"delete {dev_id}")
+            except DmError as e:
+                # ENODATA: already gone (a retried or recovered delete).
+                if e.errno not in (errno.ENODATA, errno.EINVAL):
+                    raise
+        self._commit_txid()
+
+    def plan_snapshots(self, members: list[Volume]) -> list[dict[str, Any]]:
+        return [{"dev_id": i} for i in self.next_ids(len(members))]
+
+    def create_snapshots(self, members: list[Volume], plans: list[dict[str, Any]]) -> None:
+        """dm-thin's create_snap needs its origin suspended; suspending every
+        member first also makes a group one cut."""
+        ids = [p["dev_id"] for p in plans]
+        suspended: list[str] = []
+        try:
+            for vol in members:
+                self.dm.suspend(self.vol_name(vol))
+                suspended.append(self.vol_name(vol))
+            for vol, new in zip(members, ids, strict=True):
+                self._msg(f"create_snap {new} {vol.dev_id}")
+            self._commit_txid()
+        finally:
+            for n in suspended:
+                self.dm.resume(n)
+
+    def delete_snapshot(self, snap: Snapshot) -> None:
+        self._delete_ids([snap.dev_id] if snap.dev_id is not None else [])
+
+    def plan_restore(self, vol: Volume, snap: Snapshot) -> dict[str, Any]:
+        return {"dev_id": self.next_ids(1)[0], "old_dev_id": vol.dev_id}
+
+    def restore(self, vol: Volume, snap: Snapshot, plan: dict[str, Any]) -> None:
+        """The volume becomes a new thin device cloned from the snapshot; the
+        transaction id commits before the old device is deleted, so a crash
+        in between rolls forward."""
+        snap_dev = self.snap_name(snap)
+        snap_active = self.dm.exists(snap_dev)
+        if snap_active:
+            self.dm.suspend(snap_dev)
+        try:
+            self._msg(f"create_snap {plan['dev_id']} {snap.dev_id}")
+        finally:
+            if snap_active:
+                self.dm.resume(snap_dev)
+        self._commit_txid()
+
+    def finish_restore(self, vol: Volume, snap: Snapshot, plan: dict[str, Any]) -> None:
+        """After the catalog points at the new device: swap the table, drop the old one."""
+        for layer in self.volume_layers(vol):
+            ensure(self.dm, layer)
+        try:
+            self._msg(f"delete {plan['old_dev_id']}")
+        except DmError as e:
+            if e.errno not in (errno.ENODATA, errno.EINVAL):
+                raise
+
+    def usage(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"backend": "thin", "health": []}
+        try:
+            s = self.pool_status()
+        except DmError as e:
+            out["health"].append(f"thin pool not active: {e}")
+            return out
+        if not isinstance(s, st.ThinPoolStatus):
+            out["health"].append("thin pool has FAILED (needs thin_check/thin_repair)")
+            return out
+        bsz = BLOCK_SECTORS * SECTOR
+        out.update(
+            size=s.total_data_blocks * bsz,
+            used=s.used_data_blocks * bsz,
+            free=(s.total_data_blocks - s.used_data_blocks) * bsz,
+            data_used_fraction=s.data_used_fraction,
+            metadata_used_fraction=s.metadata_used_fraction,
+            mode=s.mode,
+            transaction_id=s.transaction_id,
+        )
+        if s.mode == "out_of_data_space":
+            out["health"].append("thin pool OUT OF DATA SPACE: writes fail")
+        elif s.mode != "rw":
+            out["health"].append(f"thin pool is {s.mode}")
+        if s.needs_check:
+            out["health"].append("thin pool metadata needs check")
+        frac = s.data_used_fraction
+        if frac >= 0.9:
+            out["health"].append(f"thin pool data {frac:.0%} full (low water)")
+        if s.metadata_used_fraction >= 0.9:
+            out["health"].append("thin pool metadata over 90% full")
+        return out
+
+    def recover(self, kind: str, payload: dict[str, Any]) -> str:
+        """Creates and restores roll forward only if the kernel committed the
+        transaction id; deletes always roll forward (they are idempotent and
+        what the user asked for)."""
+        if kind in ("volume.delete", "snapshot.delete"):
+            return "forward"
+        txid = self.kernel_txid()
+        if txid == payload["new_txid"]:
+            return "forward"
+        if txid != payload["old_txid"]:
+            raise Busy(
+                f"pool {self.pool.name}: kernel transaction id {txid} matches neither "
+                f"{payload['old_txid']} nor {payload['new_txid']}; refusing to guess"
+            )
+        # Not committed: undo whatever part of the create reached the kernel.
+        for dev_id in payload.get("dev_ids", []):
+            with contextlib.suppress(DmError):
+                self._msg(f"delete {dev_id}")
+        return "back"

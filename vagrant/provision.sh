@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Vagrant provisioner (runs as root inside the Debian 12 box):
+#   provision.sh setup   install everything (tools/setup, without the VM tooling)
+#   provision.sh test    run the whole suite natively: the box's kernel has
+#                        device-mapper and LIO, so no nested VM.
+set -euo pipefail
+
+repo=/dmsnap
+cd "$repo"
+
+# The box runs the kernel tests itself; it needs no QEMU or virtme-ng.
+export DMSNAP_SETUP_NO_VM=1
+export DMSNAP_VM=never
+
+case ${1:-setup} in
+    setup)
+        export DEBIAN_FRONTEND=noninteractive
+        command -v make >/dev/null || { apt-get update -q; apt-get install -y -q make; }
+        tools/setup
+        ;;
+    test)
+        make test
+        ;;
+    *)
+        echo "usage: $0 setup|test" >&2
+        exit 2
+        ;;
+esac
