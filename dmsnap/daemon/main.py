@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dmsnap import __version__
+from dmsnap.daemon.events import HealthWatcher
 from dmsnap.daemon.lock import acquire_state_lock
 from dmsnap.daemon.notify import Notifier
 from dmsnap.daemon.server import DEFAULT_SOCKET, PeerPolicy, Server, serving_status
@@ -167,7 +168,15 @@ def _run_manager(
         notifier.start_watchdog(server.heartbeat.alive)
         if on_serving:
             on_serving(server)
-        teardown = server.serve(manager)
+        watcher = None
+        if callable(getattr(manager, "health", None)):
+            watcher = HealthWatcher(lambda: server.manager_call(manager.health))
+            watcher.start()
+        try:
+            teardown = server.serve(manager)
+        finally:
+            if watcher is not None:
+                watcher.stop()
         # STOPPING=1 is out; what follows is bounded by TimeoutStopSec.
         notifier.stop_watchdog()
         if teardown:

@@ -428,7 +428,7 @@ class Server:
         spec = proto.OPS[op]
         log.log(
             logging.INFO if spec.mutating else logging.DEBUG,
-            "%s: %s %s ok (%.0f ms)",
+            "%s: %s%s ok (%.0f ms)",
             who,
             op,
             _summary(req.args),
@@ -489,4 +489,4 @@ def _summary(args: dict[str, Any]) -> str:
         elif k == "labels":
             v = f"{len(v)} label(s)"
         parts.append(f"{k}={v}")
-    return " ".join(parts)
+    return "".join(f" {p}" for p in parts)
