@@ -8,6 +8,7 @@ shells out.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import suppress
@@ -20,6 +21,8 @@ from dmsnap.dm.ioctl import Cmd, Control, NameEntry
 from dmsnap.dm.status import TargetStatus, parse_status
 from dmsnap.dm.targets import Table, TableLine, target_class
 from dmsnap.dm.udev import UdevSync, cookie, flags_for, mapper_path
+
+log = logging.getLogger("dmsnap.dm")
 
 
 @dataclass(frozen=True)
@@ -246,12 +249,17 @@ class DeviceMapper:
                     time.sleep(0.05)
             if deferred and self.exists(name):
                 return False
-            exp.settled(
-                action="remove",
-                name=name,
-                dev=info.dev,
-                generated=bool(r.flags & lib.DM_UEVENT_GENERATED_FLAG),
-            )
+            try:
+                exp.settled(
+                    action="remove",
+                    name=name,
+                    dev=info.dev,
+                    generated=bool(r.flags & lib.DM_UEVENT_GENERATED_FLAG),
+                )
+            except DmError as e:
+                # The kernel device is gone; a backlogged udev only delays
+                # the link's removal. Not worth failing the operation for.
+                log.warning("%s", e)
         return True
 
     def rename(self, name: str, new_name: str) -> DeviceInfo:

@@ -116,7 +116,7 @@ class UdevSync:
     before the kernel emits the event.
     """
 
-    def __init__(self, timeout: float = 30.0, use_udev: bool | None = None) -> None:
+    def __init__(self, timeout: float = 60.0, use_udev: bool | None = None) -> None:
         self.timeout = timeout
         self.use_udev = udev_running() if use_udev is None else use_udev
         self._context = pyudev.Context() if self.use_udev else None
