@@ -8,7 +8,7 @@
 * A kernel test needs root and device-mapper. Without them it is skipped,
   unless ``DMSNAP_REQUIRE_KERNEL=1`` (set by ``tools/run-tests`` for the VM
   session): then it fails, so a broken VM can never pass as "all skipped".
-* Every test has a time limit (``DMSNAP_TEST_TIMEOUT`` seconds, default 600,
+* Every test has a time limit (``DMSNAP_TEST_TIMEOUT`` seconds, default 900,
   0 = none; ``@pytest.mark.time_limit(s)`` per test). A kernel test that hangs
   would otherwise hold the one VM boot until tools/vm's global timeout and
   leave no trace of which test it was. At the limit the test fails with the
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernel"
-DEFAULT_TIME_LIMIT = 600
+DEFAULT_TIME_LIMIT = 900
 WATCHDOG_GRACE = 60
 
 

@@ -3,6 +3,9 @@
 #   provision.sh setup   install everything (tools/setup, without the VM tooling)
 #   provision.sh test    run the whole suite natively: the box's kernel has
 #                        device-mapper and LIO, so no nested VM.
+# The braces make bash read the whole script before running any of it, so
+# editing this file cannot derail a copy that is already running.
+{
 set -euo pipefail
 
 repo=/dmsnap
@@ -26,3 +29,5 @@ case ${1:-setup} in
         exit 2
         ;;
 esac
+exit
+}

@@ -19,6 +19,7 @@ import mmap
 import os
 import shutil
 import stat
+import time
 from typing import Any
 
 from dmsnap import errors as E
@@ -220,16 +221,26 @@ class Manager:
             if not progress:
                 raise E.Busy(f"devices still in use: {', '.join(sorted(left))}")
 
+    def _open_count(self, dm_name: str, grace: float = 2.0) -> int:
+        """Open count, allowing ``grace`` seconds for transient openers: udev
+        re-probes (blkid) a device right after a resume or a writer's close."""
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                count = self.dm.info(dm_name).open_count
+            except DmError as e:
+                if e.not_found:
+                    return 0
+                raise
+            if count == 0 or time.monotonic() >= deadline:
+                return count
+            time.sleep(0.05)
+
     def _check_not_open(self, dm_name: str, what: str) -> None:
-        try:
-            info = self.dm.info(dm_name)
-        except DmError as e:
-            if e.not_found:
-                return
-            raise
-        if info.open_count:
+        count = self._open_count(dm_name)
+        if count:
             raise E.Busy(
-                f"{what} is in use (open {info.open_count} time(s)); unmount or stop using it first"
+                f"{what} is in use (open {count} time(s)); unmount or stop using it first"
             )
 
     # -- pending operations ---------------------------------------------------------------
@@ -289,6 +300,19 @@ class Manager:
             self.catalog.end_pending(pending_id)
         return result
 
+    def _settle_back(self, pool: Pool, payload: Json, pending_id: int) -> None:
+        """Drop a rolled-back operation. Its planned device ids may have
+        reached the kernel (a crash between create and commit), so they are
+        never handed out again: ids are plentiful, a collision is not."""
+        ids = [p["dev_id"] for p in payload.get("plans", []) if p.get("dev_id") is not None]
+        if payload.get("dev_id") is not None:
+            ids.append(payload["dev_id"])
+        with self.catalog.tx():
+            if ids:
+                current = self.catalog.pool_by_id(pool.id).next_dev_id
+                self.catalog.update_pool(pool.id, next_dev_id=max(current, max(ids) + 1))
+            self.catalog.end_pending(pending_id)
+
     def _run(self, pool: Pool, backend: Backend, kind: str, payload: Json, kernel) -> Any:
         """pending → kernel work → catalog commit. A kernel failure is undone
         through the backend's recovery before the error is reported."""
@@ -304,7 +328,7 @@ class Manager:
                 raise exc from None
             if direction == "forward":
                 return self._forward(pool, kind, payload, pending_id)
-            self.catalog.end_pending(pending_id)
+            self._settle_back(pool, payload, pending_id)
             raise
         return self._forward(pool, kind, payload, pending_id)
 
@@ -327,7 +351,7 @@ class Manager:
                         if p.kind == "volume.restore":
                             self._finish_restore(pool, backend, p.payload)
                     else:
-                        self.catalog.end_pending(p.id)
+                        self._settle_back(pool, p.payload, p.id)
                     entry["result"] = direction
             except Exception as e:  # leave it for the next start, loudly
                 log.error("recovery of %s failed: %s", p.kind, e)
@@ -563,9 +587,8 @@ class Manager:
             raise E.Busy(f"pool {name} still has {len(vols)} volume(s); delete them or use --force")
         devs = self._pool_devices(pool)
         for d in devs:
-            info = self.dm.info(d)
-            if info.open_count and not d.startswith(names.dm_internal(name, "")):
-                raise E.Busy(f"{info.path} is in use; unmount or stop using it first")
+            if not d.startswith(names.dm_internal(name, "")) and self._open_count(d):
+                raise E.Busy(f"/dev/mapper/{d} is in use; unmount or stop using it first")
         self._teardown_devices(devs)
         self._backends.pop(pool.id, None)
         for f in self._embedded_files(name):

@@ -300,7 +300,10 @@ class ThinBackend(Backend):
                 f"{payload['old_txid']} nor {payload['new_txid']}; refusing to guess"
             )
         # Not committed: undo whatever part of the create reached the kernel.
-        for dev_id in payload.get("dev_ids", []):
-            with contextlib.suppress(DmError):
+        ids = [p["dev_id"] for p in payload.get("plans", []) if p.get("dev_id") is not None]
+        if payload.get("dev_id") is not None:  # a new volume, or a restore's clone
+            ids.append(payload["dev_id"])
+        for dev_id in ids:
+            with contextlib.suppress(DmError):  # ENODATA: never created
                 self._msg(f"delete {dev_id}")
         return "back"

@@ -222,6 +222,22 @@ def test_crash_between_kernel_and_catalog_rolls_forward(tmp_path):
     m = Manager(state)
     assert [r["result"] for r in m.assemble()["recovered"]] == ["back"]
     assert [s["name"] for s in m.snapshot_list("c")] == ["crash"]
+    # Crash after create_snap reached the kernel but before the transaction
+    # id committed: rolled back, the half-made device deleted, its id never
+    # handed out again.
+    pool, backend = m._pool("c")
+    vol = m.catalog.volume("c", "v")
+    plans = backend.plan_snapshots([vol])
+    plans[0].update(volume_id=vol.id, volume="v", name="half")
+    payload = {"name": "half", "plans": plans, "labels": {}, "token": None, **backend.txn()}
+    m.catalog.begin_pending(pool.id, "snapshot.create", payload)
+    m.dm.suspend("dmsnap-c-v")
+    m.dm.message("dmsnap-c-_tpool", f"create_snap {plans[0]['dev_id']} {vol.dev_id}")
+    m.dm.resume("dmsnap-c-v")
+    m.close()
+    m = Manager(state)
+    assert [r["result"] for r in m.assemble()["recovered"]] == ["back"]
+    assert m.catalog.pool("c").next_dev_id > plans[0]["dev_id"]
     m.snapshot_create([["c", "v"]], "after")  # ids and transaction ids still line up
     m.pool_destroy("c", force=True)
     m.close()
