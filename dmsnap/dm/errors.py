@@ -33,10 +33,6 @@ class DmError(Exception):
     def busy(self) -> bool:
         return self.errno == _errno.EBUSY
 
-    @property
-    def exists(self) -> bool:
-        return self.errno == _errno.EBUSY and self.op == "create"
-
 
 class DmUnavailable(DmError):
     """/dev/mapper/control is missing or not accessible (no dm-mod, not root)."""

@@ -24,6 +24,15 @@ from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
 from dmsnap.storage.layers import Layer
 
 
+def planned_dev_ids(payload: dict[str, Any]) -> list[int]:
+    """Thin device ids an operation's plan allocated: one per snapshot plan,
+    plus a new volume's (or a restore clone's) ``dev_id``."""
+    ids = [p["dev_id"] for p in payload.get("plans", []) if p.get("dev_id") is not None]
+    if payload.get("dev_id") is not None:
+        ids.append(payload["dev_id"])
+    return ids
+
+
 @dataclass(frozen=True)
 class Base:
     """The device a backend builds on."""

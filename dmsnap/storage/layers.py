@@ -29,10 +29,6 @@ class Layer:
         return f"/dev/mapper/{self.name}"
 
 
-def devno_of(dm: DeviceMapper, name: str) -> str:
-    return dm.info(name).devno
-
-
 def ensure(dm: DeviceMapper, layer: Layer) -> str:
     """Make ``layer`` exist with its table, live. Returns its MAJ:MIN."""
     try:

@@ -28,7 +28,7 @@ from dmsnap.dm import status as st
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
 from dmsnap.storage import loop, names
-from dmsnap.storage.backend import Backend, Base
+from dmsnap.storage.backend import Backend, Base, planned_dev_ids
 from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
 from dmsnap.storage.catalog import Exists as CatExists
 from dmsnap.storage.catalog import NotFound as CatNotFound
@@ -129,6 +129,13 @@ class Manager:
         d = self._pool_dir(name)
         return os.path.join(d, "data.img"), os.path.join(d, "cache.img")
 
+    def _detach_loops(self, name: str) -> None:
+        """Detach the loop devices of an embedded pool's files, if attached."""
+        for f in self._embedded_files(name):
+            dev = loop.find(f)
+            if dev:
+                loop.detach(dev)
+
     def _loop_for(self, path: str) -> loop.LoopDevice:
         return loop.find(path) or loop.attach(path)
 
@@ -195,10 +202,15 @@ class Manager:
         except (DmError, OSError) as e:
             raise E.Unavailable(f"pool {name} cannot be activated: {e}") from None
 
-    def _pool_devices(self, pool: Pool) -> list[str]:
-        """Every dm device of the pool, found by the pool id in its UUID."""
-        tag = f"-{pool.uuid[:8]}-{pool.name}:"
-        return [e.name for e in self.dm.list_devices() if e.uuid and tag in e.uuid]
+    def _pool_devices(self, name: str, short_id: str | None = None) -> list[str]:
+        """Every dm device of pool ``name`` (of the pool with ``short_id``,
+        when given), found by its UUID."""
+        out = []
+        for e in self.dm.list_devices():
+            parts = names.parse_uuid(e.uuid)
+            if parts and parts[2] == name and short_id in (None, parts[1]):
+                out.append(e.name)
+        return out
 
     def _teardown_devices(self, devs: list[str]) -> None:
         """Remove devices top-down: repeatedly those nothing holds."""
@@ -239,9 +251,7 @@ class Manager:
     def _check_not_open(self, dm_name: str, what: str) -> None:
         count = self._open_count(dm_name)
         if count:
-            raise E.Busy(
-                f"{what} is in use (open {count} time(s)); unmount or stop using it first"
-            )
+            raise E.Busy(f"{what} is in use (open {count} time(s)); unmount or stop using it first")
 
     # -- pending operations ---------------------------------------------------------------
 
@@ -250,9 +260,7 @@ class Manager:
         fields: Json = {}
         if "new_txid" in payload:
             fields["transaction_id"] = payload["new_txid"]
-        ids = [p["dev_id"] for p in payload.get("plans", []) if p.get("dev_id") is not None]
-        if payload.get("dev_id") is not None:
-            ids.append(payload["dev_id"])
+        ids = planned_dev_ids(payload)
         if ids:
             fields["next_dev_id"] = max(pool.next_dev_id, max(ids) + 1)
         if fields:
@@ -304,9 +312,7 @@ class Manager:
         """Drop a rolled-back operation. Its planned device ids may have
         reached the kernel (a crash between create and commit), so they are
         never handed out again: ids are plentiful, a collision is not."""
-        ids = [p["dev_id"] for p in payload.get("plans", []) if p.get("dev_id") is not None]
-        if payload.get("dev_id") is not None:
-            ids.append(payload["dev_id"])
+        ids = planned_dev_ids(payload)
         with self.catalog.tx():
             if ids:
                 current = self.catalog.pool_by_id(pool.id).next_dev_id
@@ -499,16 +505,8 @@ class Manager:
         with contextlib.suppress(CatNotFound):
             self.catalog.pool(name)
             return  # committed: the row and the pending record end together
-        devs = [
-            e.name
-            for e in self.dm.list_devices()
-            if (parts := names.parse_uuid(e.uuid)) is not None and parts[2] == name
-        ]
-        self._teardown_devices(devs)
-        for f in self._embedded_files(name):
-            dev = loop.find(f)
-            if dev:
-                loop.detach(dev)
+        self._teardown_devices(self._pool_devices(name))
+        self._detach_loops(name)
         shutil.rmtree(self._pool_dir(name), ignore_errors=True)
 
     def _pool_json(self, pool: Pool, detail: bool = False) -> Json:
@@ -575,7 +573,7 @@ class Manager:
         names.check_name("pool", name)
         pool = self.catalog.pool(name)
         out = self._pool_json(pool, detail=True)
-        out["devices"] = sorted(self._pool_devices(pool))
+        out["devices"] = sorted(self._pool_devices(pool.name, pool.uuid[:8]))
         return out
 
     @_user_errors
@@ -585,16 +583,13 @@ class Manager:
         vols = self.catalog.volumes(name)
         if vols and not force:
             raise E.Busy(f"pool {name} still has {len(vols)} volume(s); delete them or use --force")
-        devs = self._pool_devices(pool)
+        devs = self._pool_devices(pool.name, pool.uuid[:8])
         for d in devs:
             if not d.startswith(names.dm_internal(name, "")) and self._open_count(d):
                 raise E.Busy(f"/dev/mapper/{d} is in use; unmount or stop using it first")
         self._teardown_devices(devs)
         self._backends.pop(pool.id, None)
-        for f in self._embedded_files(name):
-            dev = loop.find(f)
-            if dev:
-                loop.detach(dev)
+        self._detach_loops(name)
         self.catalog.remove_pool(pool.id)
         shutil.rmtree(self._pool_dir(name), ignore_errors=True)
         self.pool_errors.pop(name, None)
@@ -876,9 +871,6 @@ class Manager:
     def teardown(self) -> None:
         """Deactivate every device of every pool (not done on a plain stop)."""
         for pool in self.catalog.pools():
-            self._teardown_devices(self._pool_devices(pool))
-            for f in self._embedded_files(pool.name):
-                dev = loop.find(f)
-                if dev:
-                    loop.detach(dev)
+            self._teardown_devices(self._pool_devices(pool.name, pool.uuid[:8]))
+            self._detach_loops(pool.name)
         self._backends.clear()

@@ -19,7 +19,7 @@ from dmsnap.dm import status as st
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
 from dmsnap.errors import Busy, NoSpace
-from dmsnap.storage.backend import Backend
+from dmsnap.storage.backend import Backend, planned_dev_ids
 from dmsnap.storage.catalog import Snapshot, Volume
 from dmsnap.storage.layers import SECTOR, Layer, ensure
 
@@ -300,10 +300,7 @@ class ThinBackend(Backend):
                 f"{payload['old_txid']} nor {payload['new_txid']}; refusing to guess"
             )
         # Not committed: undo whatever part of the create reached the kernel.
-        ids = [p["dev_id"] for p in payload.get("plans", []) if p.get("dev_id") is not None]
-        if payload.get("dev_id") is not None:  # a new volume, or a restore's clone
-            ids.append(payload["dev_id"])
-        for dev_id in ids:
+        for dev_id in planned_dev_ids(payload):
             with contextlib.suppress(DmError):  # ENODATA: never created
                 self._msg(f"delete {dev_id}")
         return "back"
