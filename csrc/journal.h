@@ -1,0 +1,160 @@
+/* dmsnap ordered journal: the write cache of one pool (DESIGN.md section 1).
+ *
+ * A FIFO of checksummed records in a ring. Writes are appended in order;
+ * a MARKER record is a snapshot request and its position is the point in
+ * time. A flusher thread drains records to the volumes' dm devices strictly
+ * in ring order (coalescing adjacent writes where order allows). When it
+ * reaches a MARKER it waits until every earlier write has completed,
+ * fdatasync()s the dm devices it wrote, and then stops there until the
+ * controller (Python: jr_next_marker / jr_marker_done) has created the
+ * snapshot. Reads overlay unflushed records on the dm device.
+ *
+ * Modes:
+ *   JR_NV   the ring lives on a device or file (O_DIRECT|O_DSYNC where the
+ *           file system allows, else buffered + O_DSYNC); a write returns
+ *           once its record is durable. One committer thread writes every
+ *           record appended meanwhile in one go (group commit). The ring is
+ *           mirrored in RAM, so overlay reads and the flusher never read
+ *           the journal device.
+ *   JR_RAM  the ring is in RAM only; a write returns once copied. JR_FUA
+ *           and jr_sync() wait until the data is on the dm device and the
+ *           device has been fdatasync()ed.
+ *
+ * On-disk layout (NV): two 4 KiB superblock slots at 0 and 4096, the ring
+ * from 8192 to the end. The superblock (magic, version, journal_id,
+ * generation, capacity, alignment, checkpoint seq+position, sb_seq, crc32c)
+ * is written alternately to the two slots; the valid slot with the highest
+ * sb_seq wins. generation is incremented and written at every jr_open, and
+ * every record carries the generation it was written in: records left over
+ * from a torn batch of an earlier generation can never be taken for new
+ * ones. A record is one 512-byte header sector (magic, type, generation,
+ * seq, volume, offset, length, marker id, data crc32c, header crc32c)
+ * followed by its data (write) or payload (marker), padded to the ring
+ * alignment (512 or the device's logical block size). A PAD record fills
+ * the space left at the end of the ring before wrapping. Recovery walks the
+ * ring from the checkpoint and accepts records while magic, journal_id,
+ * seq (exactly the next), generation (non-decreasing, <= current) and both
+ * checksums are right; the first bad record ends the log.
+ *
+ * The checkpoint only moves past records that are durable on the dm device
+ * (written, then fdatasync()ed). Ring space is reclaimed only behind the
+ * checkpoint (NV) or behind flushed records (RAM). When the ring is full,
+ * writers wait (up to their timeout) and never overwrite unflushed records.
+ *
+ * All functions are thread-safe and may block; they never call back into
+ * Python (cffi releases the GIL around them). Errors are negative errnos:
+ *   -EINVAL   bad argument (alignment, range beyond the volume, size);
+ *   -ENXIO    volume not attached;
+ *   -ETIMEDOUT the wait ran out (journal full, marker not reached...);
+ *   -EIO      (or the device's errno) the journal device failed; sticky;
+ *   -ESHUTDOWN the journal is closing;
+ *   -EBADMSG  jr_open: no valid superblock (not a journal / wrong size).
+ */
+#ifndef DMSNAP_JOURNAL_H
+#define DMSNAP_JOURNAL_H
+
+#include <stdint.h>
+
+typedef struct jr jr_t;
+
+#define JR_NV 1
+#define JR_RAM 2
+
+#define JR_FUA 1 /* jr_write flag: return only once durable on the dm device (RAM mode) */
+
+#define JR_MAX_PAYLOAD 3584 /* bytes of marker payload (fits in the header sector's tail + 7 sectors) */
+#define JR_MAX_IO (8u << 20) /* largest single write */
+
+struct jr_stats {
+    int32_t mode;
+    uint32_t align;
+    uint64_t capacity;          /* ring bytes */
+    uint64_t used;              /* ring bytes not yet reclaimable */
+    uint64_t generation;
+    uint64_t head_seq;          /* next sequence number to be appended */
+    uint64_t durable_seq;       /* records < this are durable in the journal */
+    uint64_t flushed_seq;       /* records < this have completed on their dm device */
+    uint64_t checkpoint_seq;    /* records < this are durable on the dm devices */
+    uint64_t unflushed_records; /* write records appended, not yet completed on dm */
+    uint64_t unflushed_bytes;   /* their data bytes */
+    uint64_t markers_pending;   /* markers appended, not yet passed by the flusher */
+    uint64_t recovered_records; /* records found after the checkpoint at open */
+    uint64_t appends;           /* write records appended since open */
+    uint64_t commits;           /* group commits (NV) */
+    uint64_t dm_writes;         /* pwritev calls by the flusher (after coalescing) */
+    uint64_t full_waits;        /* times a writer waited for ring space */
+    int32_t journal_error;      /* sticky -errno of the journal device, or 0 */
+    int32_t flush_error;        /* last -errno of a dm device write/sync, or 0 */
+    uint32_t flush_error_volume;
+    uint32_t waiting_volume;    /* flusher stalled on a record of an unattached volume (0: none) */
+};
+
+/* Create a fresh, empty journal on path (NV). size: bytes to use (a
+ * regular file is created/extended to it; 0 = the whole block device or
+ * existing file). align: 0 = choose (512, or the device's logical block
+ * size). journal_id identifies this journal in every record. */
+int jr_format(const char *path, uint64_t size, uint32_t align, uint64_t journal_id);
+
+/* Open and recover. NV: path of a formatted journal, ram_size ignored.
+ * RAM: path NULL, ring of ram_size bytes. Threads are not started yet:
+ * attach volumes first (recovered records name them), then jr_start. */
+int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out);
+
+/* Volume ids (> 0) with records after the checkpoint; returns the number
+ * found (at most max written to vols). */
+int jr_pending_volumes(jr_t *j, uint32_t *vols, int max);
+
+/* Attach a volume: dm_path is opened O_DIRECT (buffered if refused),
+ * size in bytes bounds writes and reads. */
+int jr_attach(jr_t *j, uint32_t vol, const char *dm_path, uint64_t size);
+/* Wait (up to timeout_ms) until no record of vol is unflushed, then close
+ * its device. New writes to vol fail with -ENXIO from the call on. */
+int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms);
+/* Drop every unflushed record of vol (a volume that was deleted); the
+ * flusher skips them. */
+int jr_forget(jr_t *j, uint32_t vol);
+
+int jr_start(jr_t *j);
+
+/* Append a write; offset and len multiples of 512, len <= JR_MAX_IO.
+ * Returns once durable (NV) / copied (RAM; with JR_FUA once on the dm
+ * device and synced). Returns the record's seq (>= 0) or -errno. */
+int64_t jr_write(jr_t *j, uint32_t vol, uint64_t offset, const void *buf, uint32_t len,
+                 uint32_t flags, uint32_t timeout_ms);
+
+/* Read through the overlay: the newest data, unflushed records over the
+ * dm device, partial overlaps at 512-byte granularity. */
+int jr_read(jr_t *j, uint32_t vol, uint64_t offset, void *buf, uint32_t len);
+
+/* Append a marker (marker_id != 0, chosen by the controller) carrying an
+ * opaque payload (<= JR_MAX_PAYLOAD). Returns its seq once durable (NV) /
+ * appended (RAM), or -errno. */
+int64_t jr_marker(jr_t *j, uint64_t marker_id, const void *payload, uint32_t len,
+                  uint32_t timeout_ms);
+
+/* Every record appended before the call is on the dm devices and they
+ * have been fdatasync()ed (a writer's FLUSH). Markers in between must be
+ * passed by the controller meanwhile. */
+int jr_sync(jr_t *j, uint32_t timeout_ms);
+
+/* The controller's side of a marker: wait until the flusher stands at a
+ * marker with every earlier write completed and synced on the dm devices.
+ * Fills *marker_id, *seq, payload (buffer of JR_MAX_PAYLOAD) and *len;
+ * returns 0, or -ETIMEDOUT / -ESHUTDOWN. The same marker is returned again
+ * until jr_marker_done(). Markers recovered at open come through here too,
+ * in order. */
+int jr_next_marker(jr_t *j, uint32_t timeout_ms, uint64_t *marker_id, uint64_t *seq,
+                   void *payload, uint32_t *len);
+/* Let the flusher pass the marker it stands at (-EINVAL if it is another). */
+int jr_marker_done(jr_t *j, uint64_t marker_id);
+
+void jr_get_stats(jr_t *j, struct jr_stats *st);
+
+/* Stop. With drain, first wait (up to timeout_ms) until every record is
+ * flushed and checkpointed (markers still need the controller). Frees j
+ * in all cases; returns -ETIMEDOUT if the drain did not finish (NV: the
+ * records stay in the journal for the next open; RAM: they are lost and
+ * the caller must say so). */
+int jr_close(jr_t *j, int drain, uint32_t timeout_ms);
+
+#endif
