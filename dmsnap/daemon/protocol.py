@@ -16,6 +16,8 @@ I/O: the server and the client both use it, and the tests drive it directly.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import enum
 import json
@@ -38,6 +40,9 @@ MAX_REQUEST = 1 << 20
 # Responses can be large (a listing of thousands of snapshots); the client
 # still bounds them so a wrong peer cannot exhaust its memory.
 MAX_RESPONSE = 64 << 20
+# The data ops (volume.write / volume.read) carry base64 in JSON, so one
+# request moves at most this much; clients split larger transfers.
+MAX_IO = 256 << 10
 
 # Error codes the protocol itself produces, beyond the UserError codes of
 # dmsnap.errors (invalid, not_found, exists, busy, no_space, unavailable,
@@ -153,7 +158,50 @@ def _labels(arg: str, value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _offset(arg: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"{arg}: expected a byte offset (integer >= 0)")
+    return value
+
+
+def _length(arg: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_IO:
+        raise InvalidArgument(f"{arg}: expected 1 to {MAX_IO} bytes")
+    return value
+
+
+def _data(arg: str, value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{arg}: expected base64 data")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument(f"{arg}: not valid base64") from None
+    if not 0 < len(data) <= MAX_IO:
+        raise InvalidArgument(f"{arg}: expected 1 to {MAX_IO} bytes of data")
+    return data
+
+
+def _seconds(arg: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+        raise InvalidArgument(f"{arg}: expected seconds (0 < t <= 86400)")
+    return float(value)
+
+
+def _marker(arg: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"{arg}: expected a marker id (integer >= 1)")
+    return value
+
+
+def _journal_mode(arg: str, value: Any) -> str:
+    if value not in JOURNAL_MODES:
+        raise InvalidArgument(f"{arg} {value!r}: expected one of {', '.join(JOURNAL_MODES)}")
+    return value
+
+
 BACKENDS = ("thin", "classic")
+JOURNAL_MODES = ("nv", "ram", "none")
 
 
 @dataclass(frozen=True)
@@ -170,24 +218,39 @@ class Op:
     keyword: tuple[str, ...] = ()
     required: frozenset[str] = frozenset()
     mutating: bool = True  # logged at INFO; read-only ops at DEBUG
+    locked: bool = True  # False: the data path, which never waits for control ops
 
     @property
     def args(self) -> tuple[str, ...]:
         return self.positional + self.keyword
 
 
-def _op(method: str | None, pos: str = "", kw: str = "", req: str = "", *, ro: bool = False) -> Op:
+def _op(
+    method: str | None,
+    pos: str = "",
+    kw: str = "",
+    req: str = "",
+    *,
+    ro: bool = False,
+    data: bool = False,
+) -> Op:
     return Op(
         method,
         tuple(pos.split()),
         tuple(kw.split()),
         frozenset(req.split()),
-        mutating=not ro,
+        mutating=not ro and not data,
+        locked=not data,
     )
 
 
 OPS: dict[str, Op] = {
-    "pool.create": _op("pool_create", "name", "data cache backend size cache_size", "name"),
+    "pool.create": _op(
+        "pool_create",
+        "name",
+        "data cache backend size cache_size journal journal_size journal_mode",
+        "name",
+    ),
     "pool.list": _op("pool_list", ro=True),
     "pool.show": _op("pool_show", "name", req="name", ro=True),
     "pool.destroy": _op("pool_destroy", "name", "force", "name"),
@@ -195,12 +258,22 @@ OPS: dict[str, Op] = {
     "volume.list": _op("volume_list", "pool", ro=True),
     "volume.show": _op("volume_show", "pool vol", req="pool vol", ro=True),
     "volume.delete": _op("volume_delete", "pool vol", "force", "pool vol"),
-    "snapshot.create": _op("snapshot_create", "refs name", "labels token", "refs name"),
+    "snapshot.create": _op(
+        "snapshot_create", "refs name", "labels token wait timeout", "refs name"
+    ),
+    "snapshot.request": _op("snapshot_request", "pool", "marker token", "pool", ro=True),
     "snapshot.list": _op("snapshot_list", "pool vol", ro=True),
     "snapshot.delete": _op("snapshot_delete", "pool vol name", req="pool vol name"),
     "snapshot.activate": _op("snapshot_activate", "pool vol name", req="pool vol name"),
     "snapshot.deactivate": _op("snapshot_deactivate", "pool vol name", req="pool vol name"),
     "snapshot.restore": _op("snapshot_restore", "pool vol name", req="pool vol name"),
+    "volume.write": _op(
+        "volume_write", "pool vol offset content", "fua", "pool vol offset content", data=True
+    ),
+    "volume.read": _op(
+        "volume_read", "pool vol offset length", req="pool vol offset length", data=True
+    ),
+    "volume.flush": _op("volume_flush", "pool vol", req="pool vol", data=True),
     "status": _op("status", ro=True),
     "daemon.ping": _op(None, ro=True),
     "daemon.stop": _op(None, kw="teardown"),
@@ -220,6 +293,16 @@ _CHECKS: dict[str, Check] = {
     "refs": _refs,
     "labels": _labels,
     "token": _token,
+    "journal": _device,
+    "journal_size": _size,
+    "journal_mode": _journal_mode,
+    "wait": _bool,
+    "timeout": _seconds,
+    "marker": _marker,
+    "offset": _offset,
+    "length": _length,
+    "content": _data,
+    "fua": _bool,
 }
 
 
@@ -261,7 +344,10 @@ def call_manager(manager: Any, op_name: str, args: Mapping[str, Any]) -> Any:
     while pos and pos[-1] is None and op.positional[len(pos) - 1] not in op.required:
         pos.pop()
     kw = {a: args[a] for a in op.keyword if a in args}
-    return getattr(manager, op.method)(*pos, **kw)
+    result = getattr(manager, op.method)(*pos, **kw)
+    if isinstance(result, bytes):  # volume.read
+        return {"content": base64.b64encode(result).decode("ascii"), "length": len(result)}
+    return result
 
 
 # ------------------------------------------------------------------ framing

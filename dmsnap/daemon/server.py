@@ -450,6 +450,8 @@ class Server:
             # in-flight requests, and this one is in flight until sent.
             self.request_stop(teardown=teardown)
             return {"stopping": True, "teardown": teardown}
+        if not proto.OPS[req.op].locked:  # the data path runs beside control ops
+            return proto.call_manager(self.manager, req.op, req.args)
         with self._manager_lock:
             result = proto.call_manager(self.manager, req.op, req.args)
             if req.op in ("pool.create", "pool.destroy"):
@@ -488,5 +490,7 @@ def _summary(args: dict[str, Any]) -> str:
             v = ",".join("/".join(r) for r in v)
         elif k == "labels":
             v = f"{len(v)} label(s)"
+        elif k == "content":
+            v = f"{len(v)} bytes"
         parts.append(f"{k}={v}")
     return "".join(f" {p}" for p in parts)

@@ -54,6 +54,9 @@ class Role(enum.Enum):
     (``DMSNAP-<role>-<id>``) so that udev rules and :func:`flags_for` agree."""
 
     VOLUME = "vol"  # a volume users put data on
+    # A volume of a journaled pool: every write must go through the pool's
+    # journal (dmsnapd), so the dm device itself is private like a layer.
+    JOURNALED = "jvol"
     SNAPSHOT = "snap"  # an activated snapshot: visible, but never preferred
     INTERNAL = "int"  # a layer of the stack (writecache, thin-pool, cow...): private
     TEST = "test"  # created by tests/demos; treated like a volume
@@ -84,7 +87,7 @@ def flags_for(uuid: str | None) -> UdevFlag:
     """
     flags = UdevFlag.PRIMARY_SOURCE
     role = role_of(uuid)
-    if role is Role.INTERNAL:
+    if role in (Role.INTERNAL, Role.JOURNALED):
         flags |= (
             UdevFlag.DISABLE_SUBSYSTEM_RULES
             | UdevFlag.DISABLE_DISK_RULES

@@ -33,6 +33,11 @@ def planned_dev_ids(payload: dict[str, Any]) -> list[int]:
     return ids
 
 
+def journal_mode(pool: Pool) -> str:
+    """'nv', 'ram', or 'none' (a pool written straight to its dm devices)."""
+    return str(pool.config.get("journal", {}).get("mode", "none"))
+
+
 @dataclass(frozen=True)
 class Base:
     """The device a backend builds on."""
@@ -60,7 +65,9 @@ class Backend(ABC):
         return names.dm_volume(self.pool.name, vol.name)
 
     def vol_uuid(self, vol: Volume) -> str:
-        return names.uuid_volume(self.pool.uuid, self.pool.name, vol.name)
+        return names.uuid_volume(
+            self.pool.uuid, self.pool.name, vol.name, journaled=journal_mode(self.pool) != "none"
+        )
 
     def snap_name(self, snap: Snapshot) -> str:
         return names.dm_snapshot(self.pool.name, snap.volume, snap.name)

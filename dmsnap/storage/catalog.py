@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: markers
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -76,6 +76,24 @@ CREATE TABLE IF NOT EXISTS snapshots (
     UNIQUE (volume_id, name)
 );
 CREATE INDEX IF NOT EXISTS snapshots_group ON snapshots (group_id);
+-- A snapshot request that went into a pool's journal as a MARKER record.
+-- Its id is the marker id in the journal; state 'pending' until the flusher
+-- reaches it, then 'done' (group_id set, same transaction as the group) or
+-- 'failed' (error says why). Replay after a crash delivers a marker again;
+-- a 'done' or 'failed' one is never acted on twice.
+CREATE TABLE IF NOT EXISTS markers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    pool_id INTEGER NOT NULL REFERENCES pools (id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    token TEXT,
+    request TEXT NOT NULL,    -- JSON: volumes, labels (also in the journal record)
+    state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'failed')),
+    group_id INTEGER,
+    error TEXT,
+    created REAL NOT NULL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS markers_state ON markers (pool_id, state);
 CREATE TABLE IF NOT EXISTS pending (
     id INTEGER PRIMARY KEY,
     pool_id INTEGER,
@@ -144,6 +162,20 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class Marker:
+    id: int
+    pool_id: int
+    name: str
+    token: str | None
+    request: dict[str, Any]
+    state: str
+    group_id: int | None
+    error: str | None
+    created: float
+    finished: float | None
+
+
+@dataclass(frozen=True)
 class Pending:
     id: int
     pool_id: int | None
@@ -177,6 +209,11 @@ class Catalog:
                 raise CatalogError(
                     f"catalog {path} has schema {row[0]}, newer than this dmsnap "
                     f"({SCHEMA_VERSION}); upgrade dmsnap"
+                )
+            elif int(row[0]) < SCHEMA_VERSION:
+                # 1 → 2 only added the markers table (created above).
+                self.db.execute(
+                    "UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),)
                 )
 
     def close(self) -> None:
@@ -263,6 +300,7 @@ class Catalog:
             db.execute("DELETE FROM snap_groups WHERE pool_id=?", (pool_id,))
             db.execute("DELETE FROM volumes WHERE pool_id=?", (pool_id,))
             db.execute("DELETE FROM pending WHERE pool_id=?", (pool_id,))
+            db.execute("DELETE FROM markers WHERE pool_id=?", (pool_id,))
             db.execute("DELETE FROM pools WHERE id=?", (pool_id,))
 
     # -- volumes -----------------------------------------------------------------
@@ -407,6 +445,46 @@ class Catalog:
         ).fetchone()
         return None if row is None else int(row[0])
 
+    # -- journal markers -------------------------------------------------------------
+
+    def add_marker(
+        self, pool_id: int, name: str, token: str | None, request: dict[str, Any]
+    ) -> int:
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO markers (pool_id, name, token, request, created) VALUES (?,?,?,?,?)",
+                (pool_id, name, token, json.dumps(request, sort_keys=True), time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def marker(self, marker_id: int) -> Marker | None:
+        row = self.db.execute("SELECT * FROM markers WHERE id=?", (marker_id,)).fetchone()
+        return None if row is None else _marker(row)
+
+    def markers(self, pool_id: int, state: str | None = None) -> list[Marker]:
+        q, args = "SELECT * FROM markers WHERE pool_id=?", [pool_id]
+        if state is not None:
+            q += " AND state=?"
+            args.append(state)
+        return [_marker(r) for r in self.db.execute(q + " ORDER BY id", args)]
+
+    def marker_by_token(self, pool_id: int, token: str) -> Marker | None:
+        row = self.db.execute(
+            "SELECT * FROM markers WHERE pool_id=? AND token=? ORDER BY id DESC LIMIT 1",
+            (pool_id, token),
+        ).fetchone()
+        return None if row is None else _marker(row)
+
+    def finish_marker(
+        self, marker_id: int, *, group_id: int | None = None, error: str | None = None
+    ) -> None:
+        state = "failed" if error is not None else "done"
+        with self.tx() as db:
+            db.execute(
+                "UPDATE markers SET state=?, group_id=?, error=?, finished=? WHERE id=?",
+                (state, group_id, error, time.time(), marker_id),
+            )
+
     # -- pending operations ----------------------------------------------------------
 
     def begin_pending(self, pool_id: int | None, kind: str, payload: dict[str, Any]) -> int:
@@ -431,7 +509,7 @@ class Catalog:
     def counts(self) -> dict[str, int]:
         return {
             t: int(self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])
-            for t in ("pools", "volumes", "snap_groups", "snapshots", "pending")
+            for t in ("pools", "volumes", "snap_groups", "snapshots", "markers", "pending")
         }
 
 
@@ -450,6 +528,21 @@ def _pool(r: sqlite3.Row) -> Pool:
         transaction_id=r["transaction_id"],
         next_dev_id=r["next_dev_id"],
         created=r["created"],
+    )
+
+
+def _marker(r: sqlite3.Row) -> Marker:
+    return Marker(
+        id=r["id"],
+        pool_id=r["pool_id"],
+        name=r["name"],
+        token=r["token"],
+        request=json.loads(r["request"]),
+        state=r["state"],
+        group_id=r["group_id"],
+        error=r["error"],
+        created=r["created"],
+        finished=r["finished"],
     )
 
 

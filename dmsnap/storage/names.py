@@ -53,8 +53,9 @@ def dm_internal(pool: str, layer: str) -> str:
     return f"dmsnap-{pool}-_{layer}"
 
 
-def uuid_volume(pool_uuid: str, pool: str, vol: str) -> str:
-    return make_uuid(Role.VOLUME, f"{pool_uuid[:8]}-{pool}:{vol}")
+def uuid_volume(pool_uuid: str, pool: str, vol: str, *, journaled: bool = False) -> str:
+    role = Role.JOURNALED if journaled else Role.VOLUME
+    return make_uuid(role, f"{pool_uuid[:8]}-{pool}:{vol}")
 
 
 def uuid_snapshot(pool_uuid: str, pool: str, vol: str, snap: str) -> str:

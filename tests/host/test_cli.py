@@ -290,9 +290,10 @@ def test_create_sends_checked_values(capsys, daemon, monkeypatch, tmp_path) -> N
         capsys, "pool", "create", "p", "--data", "disk", "--backend", "classic", "--size", "1.5G"
     )
     assert rc == 0, err
-    assert out.strip() == "created pool p (classic, 1.5G)"
+    assert out.strip() == "created pool p (classic, 1.5G, journal nv)"
     name, args, kwargs = fake.calls[-1]
     assert name == "pool_create" and args == ("p",)
+    assert kwargs["journal_mode"] == "nv" and "journal" not in kwargs
     assert kwargs["data"] == str(tmp_path / "disk")  # absolute: the daemon has another cwd
     assert kwargs["backend"] == "classic" and kwargs["size"] == 3 * GiB // 2
     rc, out, err = run(capsys, "snapshot", "create", "fast/db,fast/logs", "s1", "-l", "by=me")

@@ -9,6 +9,7 @@ itself is tested end to end in the VM (tests/kernel).
 from __future__ import annotations
 
 import contextlib
+import base64
 import json
 import os
 import shutil
@@ -83,7 +84,17 @@ class FakeManager:
         return {"pools": len(self.pools)}
 
     def pool_create(
-        self, name, *, data=None, cache=None, backend="thin", size=None, cache_size=None
+        self,
+        name,
+        *,
+        data=None,
+        cache=None,
+        backend="thin",
+        size=None,
+        cache_size=None,
+        journal=None,
+        journal_size=None,
+        journal_mode="nv",
     ):
         self._record(
             "pool_create",
@@ -93,6 +104,9 @@ class FakeManager:
             backend=backend,
             size=size,
             cache_size=cache_size,
+            journal=journal,
+            journal_size=journal_size,
+            journal_mode=journal_mode,
         )
         return {"name": name, "backend": backend, "size": size}
 
@@ -122,9 +136,26 @@ class FakeManager:
     def volume_delete(self, pool, vol, *, force=False):
         self._record("volume_delete", pool, vol, force=force)
 
-    def snapshot_create(self, refs, name, *, labels=None, token=None):
-        self._record("snapshot_create", refs, name, labels=labels, token=token)
+    def snapshot_create(self, refs, name, *, labels=None, token=None, wait=False, timeout=60.0):
+        self._record(
+            "snapshot_create", refs, name, labels=labels, token=token, wait=wait, timeout=timeout
+        )
         return {"name": name, "refs": refs}
+
+    def snapshot_request(self, pool, *, marker=None, token=None):
+        self._record("snapshot_request", pool, marker=marker, token=token)
+        return {"marker": marker or 1, "state": "pending"}
+
+    def volume_write(self, pool, vol, offset, content, *, fua=False):
+        self._record("volume_write", pool, vol, offset, content, fua=fua)
+        return {"written": len(content)}
+
+    def volume_read(self, pool, vol, offset, length):
+        self._record("volume_read", pool, vol, offset, length)
+        return bytes(range(256)) * (length // 256)
+
+    def volume_flush(self, pool, vol):
+        self._record("volume_flush", pool, vol)
 
     def snapshot_list(self, pool=None, vol=None):
         self._record("snapshot_list", pool, vol)
@@ -271,6 +302,37 @@ ROUND_TRIPS = [
         )
         for op in ("delete", "activate", "deactivate", "restore")
     ],
+    (
+        "pool.create",
+        {"name": "p3", "journal": "/dev/nvme1n1", "journal_mode": "nv"},
+        ("pool_create", ("p3",), {"journal": "/dev/nvme1n1", "journal_mode": "nv"}),
+    ),
+    (
+        "pool.create",
+        {"name": "p4", "journal_mode": "ram", "journal_size": "16M"},
+        ("pool_create", ("p4",), {"journal_mode": "ram", "journal_size": 16 << 20}),
+    ),
+    (
+        "snapshot.create",
+        {"refs": [["p", "a"]], "name": "s", "wait": True, "timeout": 5},
+        ("snapshot_create", ([["p", "a"]], "s"), {"wait": True, "timeout": 5.0}),
+    ),
+    (
+        "snapshot.request",
+        {"pool": "p", "token": "t-1"},
+        ("snapshot_request", ("p",), {"token": "t-1", "marker": None}),
+    ),
+    (
+        "volume.write",
+        {"pool": "p", "vol": "v", "offset": 512, "content": "AAAA", "fua": True},
+        ("volume_write", ("p", "v", 512, b"\0\0\0"), {"fua": True}),
+    ),
+    (
+        "volume.read",
+        {"pool": "p", "vol": "v", "offset": 0, "length": 512},
+        ("volume_read", ("p", "v", 0, 512), {}),
+    ),
+    ("volume.flush", {"pool": "p", "vol": "v"}, ("volume_flush", ("p", "v"), {})),
     ("status", {}, ("status", (), {})),
 ]
 
@@ -287,6 +349,29 @@ def test_round_trip_maps_to_manager(daemon: Daemon, op, args, expected) -> None:
         assert got_kw.get(k) == v, k
     if op == "snapshot.activate":
         assert result == {"path": "/dev/dmsnap/p/v@s"}
+    if op == "volume.read":  # bytes travel as base64
+        assert base64.b64decode(result["content"]) == bytes(range(256)) * 2
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "words"),
+    [
+        ("volume.write", {"pool": "p", "vol": "v", "offset": 0, "content": "!!"}, "base64"),
+        ("volume.write", {"pool": "p", "vol": "v", "offset": -1, "content": "AAAA"}, "offset"),
+        ("volume.read", {"pool": "p", "vol": "v", "offset": 0, "length": 1 << 30}, "bytes"),
+        ("pool.create", {"name": "p", "journal_mode": "disk"}, "nv, ram, none"),
+        ("pool.create", {"name": "p", "journal": "relative/dev"}, "absolute"),
+        ("snapshot.request", {"pool": "p", "marker": 0}, "marker id"),
+        ("snapshot.create", {"refs": [["p", "v"]], "name": "s", "timeout": -3}, "seconds"),
+    ],
+)
+def test_bad_data_and_journal_args_refused_before_the_manager(
+    daemon: Daemon, op, args, words
+) -> None:
+    with daemon.client() as c, pytest.raises(UserError) as ei:
+        c.call(op, **args)
+    assert words in str(ei.value)
+    assert daemon.fake.calls == []
 
 
 def test_every_op_is_covered_by_a_round_trip() -> None:

@@ -1,0 +1,292 @@
+"""One pool's journal at work: the C journal, its volumes, and the marker
+thread that turns each MARKER the flusher reaches into a snapshot.
+
+The flusher (C) stops at a marker with every earlier write completed and
+synced on the dm devices; the controller here then has the snapshot made
+(``materialize``, supplied by the Manager, which runs it under the Manager's
+lock because it uses the catalog and device-mapper) and lets the flusher go
+on. Whoever holds the Manager's lock and has to wait for the flusher (a
+volume delete draining its records, ``snapshot create --wait``) serves
+markers itself instead of waiting for the marker thread, which would need
+that same lock: :meth:`PoolJournal.serve_markers`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from dmsnap.journal.journal import Journal, JournalError, JournalStats, Marker
+
+log = logging.getLogger("dmsnap.journal")
+
+Json = dict[str, Any]
+# materialize(marker_id, request) -> result (JSON-able); raises on failure.
+Materialize = Callable[[int, Json], Json]
+
+
+class PoolJournal:
+    def __init__(
+        self,
+        pool: str,
+        journal: Journal,
+        mode: str,
+        materialize: Materialize,
+        lock: threading.RLock,
+    ) -> None:
+        self.pool = pool
+        self.journal = journal
+        self.mode = mode
+        self._materialize = materialize
+        self._lock = lock  # the Manager's (re-entrant) lock
+        self._cond = threading.Condition()
+        self._results: dict[int, Json | Exception] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.volumes: dict[int, int] = {}  # attached volume id -> size
+        self.last_error: str | None = None
+        # The gate in front of the C journal: close() shuts it, waits for the
+        # calls already inside, and only then frees the journal.
+        self._gate = threading.Condition()
+        self._inside = 0
+        self._closing = False
+
+    # -- life cycle -----------------------------------------------------------------
+
+    def start(self, volumes: dict[int, tuple[str, int]]) -> None:
+        """Attach the pool's volumes (id -> dm path, size) and start the
+        flusher and the marker thread. Records of volumes that no longer
+        exist (deleted while records were in flight, then a crash) are
+        dropped, loudly."""
+        for vid in sorted(self.journal.pending_volumes() - volumes.keys()):
+            log.warning("pool %s: dropping journal records of deleted volume id %d", self.pool, vid)
+            self.journal.forget(vid)
+        for vid, (path, size) in volumes.items():
+            self.attach(vid, path, size)
+        self.journal.start()
+        self._thread = threading.Thread(
+            target=self._marker_loop, name=f"markers-{self.pool}", daemon=True
+        )
+        self._thread.start()
+
+    def close(self, *, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop taking writes, let the ones inside finish, (with drain) put
+        every record onto its dm device, stop the threads, free the journal.
+        Without drain an NV journal keeps its records for the next start; a
+        RAM journal loses them, so the Manager always drains those."""
+        with self._gate:
+            self._closing = True
+        deadline = time.monotonic() + timeout
+        while True:  # writers waiting for space need the flusher, which may need a marker
+            with self._gate:
+                if self._inside == 0:
+                    break
+                self._gate.wait(0.05)
+            self.serve_markers()
+        err: JournalError | TimeoutError | None = None
+        if drain:
+            try:
+                self.sync(max(1.0, deadline - time.monotonic()))
+            except (JournalError, TimeoutError) as e:
+                err = e
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.journal.close(drain=drain and err is None, timeout=timeout)
+        with self._cond:
+            self._cond.notify_all()
+        if err is not None:
+            raise err
+
+    @contextmanager
+    def _entry(self) -> Iterator[None]:
+        with self._gate:
+            if self._closing:
+                raise JournalError(errno.ESHUTDOWN, f"pool {self.pool}: journal is stopping")
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._inside -= 1
+                if self._inside == 0:
+                    self._gate.notify_all()
+
+    # -- volumes ----------------------------------------------------------------------
+
+    def attach(self, vol: int, path: str, size: int) -> None:
+        self.journal.attach(vol, path, size)
+        self.volumes[vol] = size
+
+    def detach(self, vol: int, timeout: float = 120.0) -> None:
+        """Every record of ``vol`` on its dm device, then no more writes to it
+        (called with the Manager's lock held: serves markers meanwhile)."""
+        self._until(lambda t: self.journal.detach(vol, t), timeout)
+        self.volumes.pop(vol, None)
+
+    def forget(self, vol: int) -> None:
+        self.journal.forget(vol)
+        self.volumes.pop(vol, None)
+
+    def sync(self, timeout: float = 120.0) -> None:
+        """Every record so far on the dm devices and synced, every marker so
+        far made (lock held). Converges under load: a later short sync that
+        times out still counts once the checkpoint passes our target."""
+        target = self.journal.stats().head_seq
+
+        def step(t: float) -> None:
+            try:
+                self.journal.sync(t)
+            except JournalError as e:
+                if e.errno != errno.ETIMEDOUT or self.journal.stats().checkpoint_seq < target:
+                    raise
+
+        self._until(step, timeout)
+
+    def _until(self, step: Callable[[float], None], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                step(0.05)
+                return
+            except JournalError as e:
+                if e.errno != errno.ETIMEDOUT:
+                    raise
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"pool {self.pool}: journal: {e}") from None
+            self.serve_markers()
+
+    # -- markers ----------------------------------------------------------------------
+
+    def request(self, marker_id: int, request: Json, timeout: float = 30.0) -> int:
+        """Append the marker; returns once it is durable (NV) / queued (RAM)."""
+        payload = json.dumps(request, sort_keys=True, separators=(",", ":")).encode()
+        if len(payload) > Journal.MAX_PAYLOAD:
+            raise ValueError(f"snapshot request of {len(payload)} bytes is too large")
+        with self._entry():
+            return self.journal.marker(marker_id, payload, timeout=timeout)
+
+    def wait(self, marker_id: int, timeout: float) -> Json:
+        """The result of a marker's materialisation (lock held by the caller)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if marker_id in self._results:
+                    res = self._results[marker_id]
+                    if isinstance(res, Exception):
+                        raise res
+                    return res
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"marker {marker_id} not reached within {timeout:.0f} s")
+            if not self.serve_markers(0.05):
+                with self._cond:
+                    if marker_id not in self._results:
+                        self._cond.wait(0.05)
+
+    def serve_markers(self, timeout: float = 0.0) -> bool:
+        """Handle the marker the flusher stands at, if any (lock held or
+        taken here). True if one was handled."""
+        try:
+            m = self.journal.next_marker(timeout)
+        except JournalError as e:
+            if e.errno == errno.ESHUTDOWN:
+                return False
+            raise
+        if m is None:
+            return False
+        self._handle(m)
+        return True
+
+    def _handle(self, m: Marker) -> None:
+        result: Json | Exception
+        while not self._lock.acquire(timeout=0.1):
+            if self._stop.is_set():  # close() holds the lock and serves it
+                return
+        try:
+            try:
+                request = json.loads(m.payload)
+                result = self._materialize(m.id, request)
+            except Exception as e:  # the snapshot failed; writes must go on
+                log.error("pool %s: snapshot of marker %d failed: %s", self.pool, m.id, e)
+                self.last_error = f"marker {m.id}: {e}"
+                result = e
+            try:
+                self.journal.marker_done(m.id)
+            except JournalError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: another thread passed it already
+                    raise
+        finally:
+            self._lock.release()
+        with self._cond:
+            self._results[m.id] = result
+            if len(self._results) > 4096:  # results are for waiters; keep the recent ones
+                for k in sorted(self._results)[:1024]:
+                    del self._results[k]
+            self._cond.notify_all()
+
+    def _marker_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                m = self.journal.next_marker(0.25)
+            except JournalError as e:
+                if e.errno == errno.ESHUTDOWN:
+                    return
+                log.error("pool %s: marker thread: %s", self.pool, e)
+                time.sleep(0.5)
+                continue
+            if m is not None:
+                self._handle(m)
+
+    # -- data path (no Manager lock) ------------------------------------------------
+
+    def write(
+        self, vol: int, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> int:
+        with self._entry():
+            return self.journal.write(vol, offset, data, fua=fua)
+
+    def read(self, vol: int, offset: int, length: int) -> bytes:
+        with self._entry():
+            return self.journal.read(vol, offset, length)
+
+    def flush(self) -> None:
+        """A writer's FLUSH: NV records are durable already; RAM records must
+        reach the dm devices (markers on the way are served by the thread)."""
+        if self.mode == "nv":
+            return
+        with self._entry():
+            self.journal.sync(120.0)
+
+    def stats(self) -> JournalStats:
+        return self.journal.stats()
+
+
+def status_json(pj: PoolJournal) -> Json:
+    st = pj.stats()
+    return {
+        "mode": pj.mode,
+        "capacity": st.capacity,
+        "used": st.used,
+        "fill": round(st.used / st.capacity, 4) if st.capacity else 0.0,
+        "lag_records": st.unflushed_records,
+        "lag_bytes": st.unflushed_bytes,
+        "markers_pending": st.markers_pending,
+        "direct_io": bool(getattr(st, "direct_io", True)),
+        "journal_error": _errname(st.journal_error),
+        "flush_error": _errname(st.flush_error),
+        "flusher_waiting_volume": st.waiting_volume or None,
+        "last_marker_error": pj.last_error,
+    }
+
+
+def _errname(code: int) -> str | None:
+    if not code:
+        return None
+    return f"{errno.errorcode.get(-code, str(-code))}: {os.strerror(-code)}"
