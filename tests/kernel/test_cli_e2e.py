@@ -92,7 +92,9 @@ def daemon(tmp_path):
 @pytest.mark.parametrize("backend", ["thin", "classic"])
 def test_cli_pool_volume_snapshot_lifecycle(daemon, backend):
     d = daemon
-    pool = d.json("pool", "create", "p", "--backend", backend, "--size", "256M")
+    pool = d.json(
+        "pool", "create", "p", "--backend", backend, "--size", "256M", "--journal-mode", "none"
+    )
     assert pool["backend"] == backend and pool["embedded"]
     d.cli("volume", "create", "p/a", "--size", "32M")
     d.cli("volume", "create", "p/b", "--size", "16M")
@@ -133,7 +135,17 @@ def test_cli_pool_volume_snapshot_lifecycle(daemon, backend):
 def test_cli_pool_on_devices_with_writecache(daemon, loopdev):
     d = daemon
     data, cache = loopdev(256 * MiB), loopdev(32 * MiB)
-    pool = d.json("pool", "create", "dev", "--data", data.path, "--cache", cache.path)
+    pool = d.json(
+        "pool",
+        "create",
+        "dev",
+        "--data",
+        data.path,
+        "--cache",
+        cache.path,
+        "--journal-mode",
+        "none",
+    )
     assert pool["writecache"]["state"] == "ok"
     d.cli("volume", "create", "dev/v", "--size", "64M")
     write("/dev/dmsnap/dev/v", 4096, block(0x3C))
@@ -199,7 +211,7 @@ def test_second_daemon_on_same_state_dir_is_refused(daemon):
 
 def test_udev_links_and_private_layers(daemon):
     d = daemon
-    d.cli("pool", "create", "u", "--size", "128M", "--cache-size", "8M")
+    d.cli("pool", "create", "u", "--size", "128M", "--cache-size", "8M", "--journal-mode", "none")
     d.cli("volume", "create", "u/v", "--size", "8M")
     assert os.path.islink("/dev/dmsnap/u/v")
     for layer in ("dmsnap-u-_tpool", "dmsnap-u-_wc", "dmsnap-u-_tmeta"):
@@ -223,8 +235,10 @@ def test_udev_links_and_private_layers(daemon):
 
 def test_kill9_restart_and_reboot_bring_everything_back(daemon):
     d = daemon
-    d.cli("pool", "create", "k", "--size", "256M", "--cache-size", "16M")
-    d.cli("pool", "create", "kc", "--size", "256M", "--backend", "classic")
+    d.cli("pool", "create", "k", "--size", "256M", "--cache-size", "16M", "--journal-mode", "none")
+    d.cli(
+        "pool", "create", "kc", "--size", "256M", "--backend", "classic", "--journal-mode", "none"
+    )
     for pool in ("k", "kc"):
         d.cli("volume", "create", f"{pool}/v", "--size", "16M")
         write(f"/dev/dmsnap/{pool}/v", 0, block(0x61))

@@ -61,7 +61,7 @@ def mgr(tmp_path):
 @pytest.mark.parametrize("cache", [False, True], ids=["nocache", "writecache"])
 def test_volume_snapshot_activate_restore(mgr, backend, cache):
     kw = {"cache_size": 16 * MiB} if cache else {}
-    pool = mgr.pool_create("p1", backend=backend, size=256 * MiB, **kw)
+    pool = mgr.pool_create("p1", backend=backend, size=256 * MiB, journal_mode="none", **kw)
     assert pool["backend"] == backend and pool["health"] == []
     assert (pool["writecache"] is not None) == cache
     vol = mgr.volume_create("p1", "v1", 32 * MiB)
@@ -101,7 +101,7 @@ def test_volume_snapshot_activate_restore(mgr, backend, cache):
 
 @pytest.mark.parametrize("backend", ["thin", "classic"])
 def test_group_snapshot_is_one_cut(mgr, backend):
-    mgr.pool_create("g", backend=backend, size=256 * MiB)
+    mgr.pool_create("g", backend=backend, size=256 * MiB, journal_mode="none")
     a = mgr.volume_create("g", "a", 16 * MiB)["path"]
     b = mgr.volume_create("g", "b", 16 * MiB)["path"]
     write(a, 0, block(0xA1))
@@ -154,7 +154,7 @@ def test_bad_requests_change_nothing(mgr, loopdev):
 
 def test_pool_on_given_devices_with_writecache(mgr, loopdev):
     data, cache = loopdev(256 * MiB), loopdev(32 * MiB)
-    pool = mgr.pool_create("dev", data=data.path, cache=cache.path)
+    pool = mgr.pool_create("dev", data=data.path, cache=cache.path, journal_mode="none")
     assert pool["writecache"]["state"] == "ok" and not pool["embedded"]
     path = mgr.volume_create("dev", "v", 16 * MiB)["path"]
     write(path, 0, block(7))
@@ -169,7 +169,7 @@ def test_pool_on_given_devices_with_writecache(mgr, loopdev):
 def test_reassembly_after_reboot_and_restart(tmp_path, backend):
     state = str(tmp_path / "state")
     m = Manager(state)
-    m.pool_create("r", backend=backend, size=128 * MiB, cache_size=8 * MiB)
+    m.pool_create("r", backend=backend, size=128 * MiB, cache_size=8 * MiB, journal_mode="none")
     path = m.volume_create("r", "v", 16 * MiB)["path"]
     write(path, 0, block(0x51))
     m.snapshot_create([["r", "v"]], "s")
@@ -197,7 +197,7 @@ def test_crash_between_kernel_and_catalog_rolls_forward(tmp_path):
     """A pending record whose kernel part committed is rolled forward."""
     state = str(tmp_path / "state")
     m = Manager(state)
-    m.pool_create("c", size=128 * MiB)
+    m.pool_create("c", size=128 * MiB, journal_mode="none")
     m.volume_create("c", "v", 16 * MiB)
     pool, backend = m._pool("c")
     vol = m.catalog.volume("c", "v")
