@@ -8,8 +8,8 @@ itself is tested end to end in the VM (tests/kernel).
 
 from __future__ import annotations
 
-import contextlib
 import base64
+import contextlib
 import json
 import os
 import shutil
