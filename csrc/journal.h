@@ -48,11 +48,17 @@
  *   -ETIMEDOUT the wait ran out (journal full, marker not reached...);
  *   -EIO      (or the device's errno) the journal device failed; sticky;
  *   -ESHUTDOWN the journal is closing;
- *   -EBADMSG  jr_open: no valid superblock (not a journal / wrong size).
+ *   -EBADMSG  jr_open: no valid superblock (not a journal / wrong size);
+ *   -EAGAIN   jr_write/jr_marker/jr_sync before jr_start;
+ *   -EBUSY    jr_attach of an attached volume, jr_start twice.
+ * The exact byte layout is written down at the top of csrc/journal.c.
+ * Every record (PAD included) takes one seq, so the seqs returned to
+ * writers grow strictly but may skip numbers.
  */
 #ifndef DMSNAP_JOURNAL_H
 #define DMSNAP_JOURNAL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 typedef struct jr jr_t;
@@ -62,7 +68,7 @@ typedef struct jr jr_t;
 
 #define JR_FUA 1 /* jr_write flag: return only once durable on the dm device (RAM mode) */
 
-#define JR_MAX_PAYLOAD 3584 /* bytes of marker payload (fits in the header sector's tail + 7 sectors) */
+#define JR_MAX_PAYLOAD 3584 /* bytes of marker payload (stored after the header: a marker <= 4 KiB) */
 #define JR_MAX_IO (8u << 20) /* largest single write */
 
 struct jr_stats {
@@ -87,6 +93,11 @@ struct jr_stats {
     int32_t flush_error;        /* last -errno of a dm device write/sync, or 0 */
     uint32_t flush_error_volume;
     uint32_t waiting_volume;    /* flusher stalled on a record of an unattached volume (0: none) */
+    /* added by the implementation: */
+    uint64_t synced_seq;        /* records < this are on the dm devices and fdatasync()ed */
+    uint64_t flush_errors;      /* dm write/sync failures since open (each retried) */
+    int32_t direct_io;          /* NV: 1 if the journal device is written O_DIRECT */
+    int32_t marker_waiting;     /* 1 while the flusher stands at a marker (jr_next_marker) */
 };
 
 /* Create a fresh, empty journal on path (NV). size: bytes to use (a
@@ -149,6 +160,18 @@ int jr_next_marker(jr_t *j, uint32_t timeout_ms, uint64_t *marker_id, uint64_t *
 int jr_marker_done(jr_t *j, uint64_t marker_id);
 
 void jr_get_stats(jr_t *j, struct jr_stats *st);
+
+/* The first part of jr_close without freeing: refuse new appends (-ESHUTDOWN),
+ * drain as below, stop the threads and wake every waiter (they return
+ * -ESHUTDOWN). j stays valid (jr_get_stats works) until jr_close(); a
+ * wrapper calls this, waits for its own callers to leave, then jr_close.
+ * Idempotent (later calls return 0). */
+int jr_stop(jr_t *j, int drain, uint32_t timeout_ms);
+
+/* crc32c (Castagnoli) as used on disk: SSE4.2 when the CPU has it, and
+ * the table version (for tests). */
+uint32_t jr_crc32c(const void *buf, size_t len);
+uint32_t jr_crc32c_table(const void *buf, size_t len);
 
 /* Stop. With drain, first wait (up to timeout_ms) until every record is
  * flushed and checkpointed (markers still need the controller). Frees j

@@ -1,1 +1,9 @@
-"""The ordered journal (cache): FIFO of writes and markers, flusher, recovery."""
+"""The ordered journal (cache): FIFO of writes and markers, flusher, recovery.
+
+The hot path is C (``csrc/journal.c``, cffi module ``dmsnap.journal._jrffi``);
+:class:`Journal` is its thin Python face.
+"""
+
+from dmsnap.journal.journal import Journal, JournalError, JournalStats, Marker
+
+__all__ = ["Journal", "JournalError", "JournalStats", "Marker"]

@@ -1,0 +1,1879 @@
+/* dmsnap ordered journal: implementation of csrc/journal.h.
+ *
+ * ON-DISK LAYOUT (NV mode; host byte order = little-endian on x86-64)
+ * -------------------------------------------------------------------
+ *   [0, 4096)      superblock slot 0
+ *   [4096, 8192)   superblock slot 1
+ *   [8192, 8192 + capacity)   the ring (capacity: multiple of align)
+ *
+ * Superblock (first 72 bytes of a slot, rest zero):
+ *     0 u64 magic        "DMSNJSB1" (JR_SB_MAGIC)
+ *     8 u32 version      1
+ *    12 u32 align        512 or the device's logical block size (<= 4096)
+ *    16 u64 journal_id
+ *    24 u64 generation   bumped and written at every jr_open
+ *    32 u64 capacity     ring bytes
+ *    40 u64 ckpt_seq     first record not yet durable on the dm devices
+ *    48 u64 ckpt_pos     its byte position in the ring (0 .. capacity-1)
+ *    56 u64 sb_seq       the slot written last holds the highest; slot = sb_seq & 1
+ *    64 u32 crc          crc32c of bytes 0..63
+ *    68 u32 zero
+ *
+ * Record: a 512-byte header sector, then the data (WRITE) or payload
+ * (MARKER), then zero padding up to a multiple of 512 and of align. A
+ * record never wraps: a PAD record (header only, length = bytes to the end
+ * of the ring) fills the tail of the ring instead. Every record, PAD
+ * included, takes one sequence number.
+ *     0 u64 magic        "DMSNJRC1" (JR_REC_MAGIC)
+ *     8 u64 journal_id
+ *    16 u64 generation   of the jr_open that wrote it
+ *    24 u64 seq
+ *    32 u64 offset       WRITE: byte offset in the volume
+ *    40 u64 marker_id    MARKER
+ *    48 u32 type         1 WRITE, 2 MARKER, 3 PAD
+ *    52 u32 vol          WRITE: volume id (> 0)
+ *    56 u32 len          WRITE: data bytes; MARKER: payload bytes; PAD: record bytes
+ *    60 u32 data_crc     crc32c of the data / payload (0 for PAD)
+ *    64 u32 flags        0
+ *    68 u32 hdr_crc      crc32c of bytes 0..67
+ *    72..511             zero
+ *   size(WRITE/MARKER) = roundup(512 + roundup(len, 512), align)
+ *
+ * Recovery starts at (ckpt_seq, ckpt_pos) of the valid superblock with the
+ * highest sb_seq and accepts records while: magic and journal_id match,
+ * hdr_crc is right, seq is exactly the next one, 1 <= generation < the
+ * new generation and generation >= that of the previous record, the type
+ * is known, the record fits before the end of the ring (a PAD exactly
+ * reaches it), the walk stays within one lap of the ring, and data_crc is
+ * right. The first record that fails ends the log; the next append goes
+ * there. jr_format zeroes the first ring block, so records of an earlier
+ * format never chain on.
+ *
+ * IN MEMORY
+ * ---------
+ * The ring is mirrored in RAM exactly as on disk (4 KiB-aligned mmap), so a
+ * group commit is one pwrite (two when it wraps) from the mirror, and the
+ * flusher and overlay reads never touch the journal device. Positions are
+ * logical byte counters (lpos) that only grow; phys = lpos % capacity.
+ *     tail_lpos <= ckpt_lpos <= flush_lpos <= durable_lpos <= head_lpos
+ * (RAM mode: tail = flush, no checkpoint). Appends reserve space and copy
+ * under j->mu. The overlay index is a hash keyed by (vol, 4 KiB block)
+ * whose node holds, per 512-byte sector, the seq and data lpos of the
+ * newest unflushed record covering it; an entry leaves when that record's
+ * dm write completes. A sector absent from the index is therefore current
+ * on the dm device, which is what makes jr_read race-free: it copies the
+ * covered sectors from the mirror under the lock, then preads the others.
+ */
+#define _GNU_SOURCE
+#include "journal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/fs.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <nmmintrin.h>
+#define JR_HAVE_SSE42 1
+#endif
+
+#define JR_SB_MAGIC 0x3142534a4e534d44ULL  /* "DMSNJSB1" */
+#define JR_REC_MAGIC 0x3143524a4e534d44ULL /* "DMSNJRC1" */
+#define JR_VERSION 1
+#define JR_SB_SLOT 4096
+#define JR_RING_START 8192
+#define JR_HDR 512
+#define JR_MIN_CAPACITY 65536
+
+#define REC_WRITE 1
+#define REC_MARKER 2
+#define REC_PAD 3
+
+#define BATCH_BYTES (4u << 20) /* coalesce dm writes up to this size */
+#define BATCH_IOV 256
+#define IDLE_CKPT_MS 50
+#define RETRY_MS 1000
+
+struct sb_disk {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t align;
+    uint64_t journal_id;
+    uint64_t generation;
+    uint64_t capacity;
+    uint64_t ckpt_seq;
+    uint64_t ckpt_pos;
+    uint64_t sb_seq;
+    uint32_t crc;
+    uint32_t zero;
+};
+_Static_assert(sizeof(struct sb_disk) == 72, "superblock layout");
+_Static_assert(offsetof(struct sb_disk, crc) == 64, "superblock layout");
+
+struct rec_disk {
+    uint64_t magic;
+    uint64_t journal_id;
+    uint64_t generation;
+    uint64_t seq;
+    uint64_t offset;
+    uint64_t marker_id;
+    uint32_t type;
+    uint32_t vol;
+    uint32_t len;
+    uint32_t data_crc;
+    uint32_t flags;
+    uint32_t hdr_crc;
+};
+_Static_assert(sizeof(struct rec_disk) == 72, "record header layout");
+_Static_assert(offsetof(struct rec_disk, hdr_crc) == 68, "record header layout");
+
+/* ------------------------------------------------------------ crc32c */
+
+static uint32_t crc_table[256];
+static uint32_t (*crc_impl)(uint32_t, const void *, size_t);
+
+static uint32_t crc32c_sw(uint32_t crc, const void *buf, size_t len)
+{
+    const unsigned char *p = buf;
+    while (len--)
+        crc = crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return crc;
+}
+
+#ifdef JR_HAVE_SSE42
+__attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const void *buf,
+                                                             size_t len)
+{
+    const unsigned char *p = buf;
+    uint64_t c = crc;
+    while (len && ((uintptr_t)p & 7)) {
+        c = _mm_crc32_u8((uint32_t)c, *p++);
+        len--;
+    }
+    while (len >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = _mm_crc32_u64(c, v);
+        p += 8;
+        len -= 8;
+    }
+    while (len--)
+        c = _mm_crc32_u8((uint32_t)c, *p++);
+    return (uint32_t)c;
+}
+#endif
+
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? (c >> 1) ^ 0x82f63b78u : c >> 1;
+        crc_table[i] = c;
+    }
+    crc_impl = crc32c_sw;
+#ifdef JR_HAVE_SSE42
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("sse4.2"))
+        crc_impl = crc32c_hw;
+#endif
+}
+
+static uint32_t crc32c(const void *buf, size_t len)
+{
+    pthread_once(&crc_once, crc_init);
+    return ~crc_impl(~0u, buf, len);
+}
+
+uint32_t jr_crc32c(const void *buf, size_t len)
+{
+    return crc32c(buf, len);
+}
+
+uint32_t jr_crc32c_table(const void *buf, size_t len)
+{
+    pthread_once(&crc_once, crc_init);
+    return ~crc32c_sw(~0u, buf, len);
+}
+
+/* ------------------------------------------------------------ types */
+
+struct vol {
+    uint32_t id;
+    int attached;
+    int detaching;
+    int dfd;        /* O_DIRECT fd or -1 */
+    int bfd;        /* buffered fd */
+    int use_direct; /* writes/reads through dfd */
+    uint64_t size;
+    uint64_t forget_seq; /* records of this volume below it are dropped */
+    uint64_t unflushed;
+    uint64_t unflushed_bytes;
+    int dirty; /* written since its last fdatasync */
+    int busy;  /* fds in use outside the lock */
+};
+
+#define IX_SECT 8 /* sectors per index node: one 4 KiB block */
+
+struct ixnode {
+    struct ixnode *next;
+    uint64_t blk;
+    uint32_t vol;
+    uint32_t mask;
+    uint64_t seq[IX_SECT];
+    uint64_t lpos[IX_SECT];
+};
+
+struct jr {
+    int mode;
+    int fd; /* journal device (NV) */
+    int direct;
+    uint32_t align;
+    uint64_t cap;
+    uint64_t journal_id;
+    uint64_t generation;
+    uint64_t sb_seq;
+    unsigned char *ring;
+    size_t ring_map;
+    unsigned char *sbbuf; /* JR_SB_SLOT bytes, aligned */
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv_commit;   /* committer: records to commit, stop */
+    pthread_cond_t cv_durable;  /* writers: durable_seq moved, error, stop */
+    pthread_cond_t cv_flush;    /* flusher: work, marker done, attach, stop */
+    pthread_cond_t cv_marker;   /* controller: marker ready, stop */
+    pthread_cond_t cv_progress; /* flushed/synced/checkpoint/space/busy moved */
+    pthread_t committer, flusher;
+    int started, committer_on, flusher_on;
+    int draining, drain_req, stopping, stopped;
+    int users;
+
+    uint64_t head_seq, head_lpos;
+    uint64_t durable_seq, durable_lpos;
+    uint64_t flush_seq, flush_lpos; /* next record for the flusher */
+    uint64_t tail_lpos;             /* space before it is free */
+    uint64_t synced_seq;            /* records < this are fdatasync()ed on dm */
+    uint64_t ckpt_seq, ckpt_lpos;
+    uint64_t sync_req;
+
+    int marker_ready;
+    uint64_t m_id, m_seq;
+    uint32_t m_len;
+    unsigned char m_payload[JR_MAX_PAYLOAD];
+
+    uint64_t unflushed_records, unflushed_bytes, markers_pending, recovered_records;
+    uint64_t appends, commits, dm_writes, full_waits, flush_errors;
+    int journal_error, flush_error;
+    uint32_t flush_error_volume, waiting_volume;
+    int full_waiters;
+
+    struct vol **vols;
+    int nvols, vols_cap;
+
+    struct ixnode **ixb;
+    size_t ixn; /* buckets, power of two */
+    size_t ixcount;
+};
+
+/* ------------------------------------------------------------ helpers */
+
+static uint64_t round_up(uint64_t x, uint64_t a)
+{
+    return (x + a - 1) / a * a;
+}
+
+static void deadline_in(struct timespec *ts, uint32_t ms)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+static int deadline_passed(const struct timespec *dl)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec > dl->tv_sec || (now.tv_sec == dl->tv_sec && now.tv_nsec >= dl->tv_nsec);
+}
+
+/* Wait on cv until signalled or dl; returns ETIMEDOUT once dl has passed. */
+static int wait_until(pthread_cond_t *cv, pthread_mutex_t *mu, const struct timespec *dl)
+{
+    int rc = pthread_cond_timedwait(cv, mu, dl);
+    if (rc == ETIMEDOUT || deadline_passed(dl))
+        return ETIMEDOUT;
+    return 0;
+}
+
+static int cond_init(pthread_cond_t *cv)
+{
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    int rc = pthread_cond_init(cv, &a);
+    pthread_condattr_destroy(&a);
+    return rc;
+}
+
+static uint64_t rec_size(const jr_t *j, uint32_t len)
+{
+    return round_up(JR_HDR + round_up(len, 512), j->align);
+}
+
+static struct rec_disk *hdr_at(const jr_t *j, uint64_t lpos)
+{
+    return (struct rec_disk *)(j->ring + lpos % j->cap);
+}
+
+static uint64_t hdr_size(const jr_t *j, const struct rec_disk *h)
+{
+    return h->type == REC_PAD ? h->len : rec_size(j, h->len);
+}
+
+static int pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
+{
+    const unsigned char *p = buf;
+    while (len) {
+        ssize_t n = pwrite(fd, p, len, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int pread_all(int fd, void *buf, size_t len, uint64_t off)
+{
+    unsigned char *p = buf;
+    while (len) {
+        ssize_t n = pread(fd, p, len, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0) { /* beyond the end of a file: zeros, like a sparse device */
+            memset(p, 0, len);
+            return 0;
+        }
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int pwritev_all(int fd, struct iovec *iov, int n, uint64_t off)
+{
+    while (n > 0) {
+        ssize_t w = pwritev(fd, iov, n, (off_t)off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (w == 0)
+            return -EIO;
+        off += (uint64_t)w;
+        while (n > 0 && (size_t)w >= iov->iov_len) {
+            w -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (char *)iov->iov_base + w;
+            iov->iov_len -= (size_t)w;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ volumes */
+
+static struct vol *vol_find(const jr_t *j, uint32_t id)
+{
+    for (int i = 0; i < j->nvols; i++)
+        if (j->vols[i]->id == id)
+            return j->vols[i];
+    return NULL;
+}
+
+static struct vol *vol_get(jr_t *j, uint32_t id)
+{
+    struct vol *v = vol_find(j, id);
+    if (v)
+        return v;
+    if (j->nvols == j->vols_cap) {
+        int nc = j->vols_cap ? j->vols_cap * 2 : 16;
+        struct vol **nv = realloc(j->vols, (size_t)nc * sizeof *nv);
+        if (!nv)
+            return NULL;
+        j->vols = nv;
+        j->vols_cap = nc;
+    }
+    v = calloc(1, sizeof *v);
+    if (!v)
+        return NULL;
+    v->id = id;
+    v->dfd = v->bfd = -1;
+    j->vols[j->nvols++] = v;
+    return v;
+}
+
+static void vol_close_fds(struct vol *v)
+{
+    if (v->dfd >= 0)
+        close(v->dfd);
+    if (v->bfd >= 0)
+        close(v->bfd);
+    v->dfd = v->bfd = -1;
+}
+
+/* ------------------------------------------------------------ overlay index */
+
+static size_t ix_hash(const jr_t *j, uint32_t vol, uint64_t blk)
+{
+    uint64_t x = blk ^ ((uint64_t)vol << 40) ^ vol;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return (size_t)x & (j->ixn - 1);
+}
+
+static struct ixnode *ix_find(const jr_t *j, uint32_t vol, uint64_t blk)
+{
+    for (struct ixnode *n = j->ixb[ix_hash(j, vol, blk)]; n; n = n->next)
+        if (n->blk == blk && n->vol == vol)
+            return n;
+    return NULL;
+}
+
+static int ix_grow(jr_t *j)
+{
+    size_t nn = j->ixn * 2;
+    struct ixnode **nb = calloc(nn, sizeof *nb);
+    if (!nb)
+        return -ENOMEM;
+    struct ixnode **ob = j->ixb;
+    size_t on = j->ixn;
+    j->ixb = nb;
+    j->ixn = nn;
+    for (size_t i = 0; i < on; i++) {
+        struct ixnode *n = ob[i];
+        while (n) {
+            struct ixnode *next = n->next;
+            size_t h = ix_hash(j, n->vol, n->blk);
+            n->next = nb[h];
+            nb[h] = n;
+            n = next;
+        }
+    }
+    free(ob);
+    return 0;
+}
+
+/* Sectors [off, off+len) of vol now read from the record (seq) whose data
+ * starts at data_lpos. */
+static int ix_insert(jr_t *j, uint32_t vol, uint64_t off, uint32_t len, uint64_t seq,
+                     uint64_t data_lpos)
+{
+    uint64_t s = off / 512, e = (off + len) / 512;
+    while (s < e) {
+        uint64_t blk = s / IX_SECT;
+        struct ixnode *n = ix_find(j, vol, blk);
+        if (!n) {
+            if (j->ixcount >= j->ixn * 2 && ix_grow(j) < 0)
+                return -ENOMEM;
+            n = calloc(1, sizeof *n);
+            if (!n)
+                return -ENOMEM;
+            n->vol = vol;
+            n->blk = blk;
+            size_t h = ix_hash(j, vol, blk);
+            n->next = j->ixb[h];
+            j->ixb[h] = n;
+            j->ixcount++;
+        }
+        for (; s < e && s / IX_SECT == blk; s++) {
+            unsigned i = (unsigned)(s % IX_SECT);
+            n->seq[i] = seq;
+            n->lpos[i] = data_lpos + (s * 512 - off);
+            n->mask |= 1u << i;
+        }
+    }
+    return 0;
+}
+
+static void ix_unlink(jr_t *j, struct ixnode *n)
+{
+    struct ixnode **pp = &j->ixb[ix_hash(j, n->vol, n->blk)];
+    while (*pp != n)
+        pp = &(*pp)->next;
+    *pp = n->next;
+    free(n);
+    j->ixcount--;
+}
+
+/* The record seq has completed on dm: drop the entries still pointing at it. */
+static void ix_remove(jr_t *j, uint32_t vol, uint64_t off, uint32_t len, uint64_t seq)
+{
+    uint64_t s = off / 512, e = (off + len) / 512;
+    while (s < e) {
+        uint64_t blk = s / IX_SECT;
+        struct ixnode *n = ix_find(j, vol, blk);
+        for (; s < e && s / IX_SECT == blk; s++) {
+            unsigned i = (unsigned)(s % IX_SECT);
+            if (n && (n->mask & (1u << i)) && n->seq[i] == seq)
+                n->mask &= ~(1u << i);
+        }
+        if (n && !n->mask)
+            ix_unlink(j, n);
+    }
+}
+
+static void ix_drop_vol(jr_t *j, uint32_t vol)
+{
+    for (size_t i = 0; i < j->ixn; i++) {
+        struct ixnode **pp = &j->ixb[i];
+        while (*pp) {
+            struct ixnode *n = *pp;
+            if (n->vol == vol) {
+                *pp = n->next;
+                free(n);
+                j->ixcount--;
+            } else {
+                pp = &n->next;
+            }
+        }
+    }
+}
+
+static void ix_free(jr_t *j)
+{
+    if (!j->ixb)
+        return;
+    for (size_t i = 0; i < j->ixn; i++) {
+        struct ixnode *n = j->ixb[i];
+        while (n) {
+            struct ixnode *next = n->next;
+            free(n);
+            n = next;
+        }
+    }
+    free(j->ixb);
+    j->ixb = NULL;
+}
+
+/* ------------------------------------------------------------ superblock */
+
+static void sb_fill(unsigned char *buf, uint32_t align, uint64_t journal_id, uint64_t generation,
+                    uint64_t cap, uint64_t ckpt_seq, uint64_t ckpt_pos, uint64_t sb_seq)
+{
+    struct sb_disk sb = {
+        .magic = JR_SB_MAGIC,
+        .version = JR_VERSION,
+        .align = align,
+        .journal_id = journal_id,
+        .generation = generation,
+        .capacity = cap,
+        .ckpt_seq = ckpt_seq,
+        .ckpt_pos = ckpt_pos,
+        .sb_seq = sb_seq,
+    };
+    sb.crc = crc32c(&sb, offsetof(struct sb_disk, crc));
+    memset(buf, 0, JR_SB_SLOT);
+    memcpy(buf, &sb, sizeof sb);
+}
+
+static int sb_valid(const struct sb_disk *sb)
+{
+    return sb->magic == JR_SB_MAGIC && sb->version == JR_VERSION &&
+           sb->crc == crc32c(sb, offsetof(struct sb_disk, crc)) && sb->align >= 512 &&
+           sb->align <= 4096 && !(sb->align & (sb->align - 1)) && sb->capacity >= JR_MIN_CAPACITY &&
+           sb->capacity % sb->align == 0 && sb->ckpt_pos < sb->capacity &&
+           sb->ckpt_pos % sb->align == 0 && sb->ckpt_seq >= 1;
+}
+
+/* Write the superblock with checkpoint (seq, lpos) to the next slot. Called
+ * by jr_open before the threads run, then only by the flusher; drops the
+ * lock around the write when locked. */
+static int sb_write(jr_t *j, uint64_t seq, uint64_t lpos, int locked)
+{
+    uint64_t sbs = j->sb_seq + 1;
+    sb_fill(j->sbbuf, j->align, j->journal_id, j->generation, j->cap, seq, lpos % j->cap, sbs);
+    if (locked)
+        pthread_mutex_unlock(&j->mu);
+    int rc = pwrite_all(j->fd, j->sbbuf, JR_SB_SLOT, (sbs & 1) * JR_SB_SLOT);
+    if (locked)
+        pthread_mutex_lock(&j->mu);
+    if (rc < 0) {
+        if (!j->journal_error)
+            j->journal_error = rc;
+        pthread_cond_broadcast(&j->cv_durable);
+        pthread_cond_broadcast(&j->cv_progress);
+        return rc;
+    }
+    j->sb_seq = sbs;
+    return 0;
+}
+
+/* ------------------------------------------------------------ format */
+
+static int dev_geometry(int fd, uint64_t *size, uint32_t *lbs, int *is_blk)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    *is_blk = S_ISBLK(st.st_mode);
+    if (*is_blk) {
+        int ss = 512;
+        if (ioctl(fd, BLKGETSIZE64, size) < 0)
+            return -errno;
+        if (ioctl(fd, BLKSSZGET, &ss) < 0)
+            return -errno;
+        *lbs = (uint32_t)ss;
+    } else if (S_ISREG(st.st_mode)) {
+        *size = (uint64_t)st.st_size;
+        *lbs = 512;
+    } else {
+        return -EINVAL;
+    }
+    return 0;
+}
+
+int jr_format(const char *path, uint64_t size, uint32_t align, uint64_t journal_id)
+{
+    if (!path)
+        return -EINVAL;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -errno;
+    uint64_t dsize = 0;
+    uint32_t lbs = 512;
+    int is_blk = 0, rc = dev_geometry(fd, &dsize, &lbs, &is_blk);
+    unsigned char *buf = NULL;
+    if (rc < 0)
+        goto out;
+    if (!align)
+        align = lbs;
+    rc = -EINVAL;
+    if (align < 512 || align > 4096 || (align & (align - 1)) || align < lbs)
+        goto out;
+    if (!size)
+        size = dsize;
+    if (is_blk && size > dsize)
+        goto out;
+    if (size < JR_RING_START + JR_MIN_CAPACITY)
+        goto out;
+    if (!is_blk && dsize < size && ftruncate(fd, (off_t)size) < 0) {
+        rc = -errno;
+        goto out;
+    }
+    uint64_t cap = (size - JR_RING_START) / align * align;
+    if (!journal_id) {
+        while (!journal_id)
+            if (getrandom(&journal_id, sizeof journal_id, 0) != sizeof journal_id) {
+                rc = -EIO;
+                goto out;
+            }
+    }
+    if (posix_memalign((void **)&buf, 4096, JR_RING_START + 4096)) {
+        buf = NULL;
+        rc = -ENOMEM;
+        goto out;
+    }
+    memset(buf, 0, JR_RING_START + 4096);
+    sb_fill(buf, align, journal_id, 0, cap, 1, 0, 1);
+    /* slot 1 stays zero (invalid), whatever an earlier format left there */
+    /* both slots plus the first ring block (zeroed: no earlier log chains on) */
+    rc = pwrite_all(fd, buf, JR_RING_START + 4096, 0);
+    if (rc == 0 && fsync(fd) < 0)
+        rc = -errno;
+out:
+    free(buf);
+    close(fd);
+    return rc;
+}
+
+/* ------------------------------------------------------------ open / recovery */
+
+static void jr_free_all(jr_t *j)
+{
+    ix_free(j);
+    for (int i = 0; i < j->nvols; i++) {
+        vol_close_fds(j->vols[i]);
+        free(j->vols[i]);
+    }
+    free(j->vols);
+    if (j->ring)
+        munmap(j->ring, j->ring_map);
+    free(j->sbbuf);
+    if (j->fd >= 0)
+        close(j->fd);
+    pthread_mutex_destroy(&j->mu);
+    pthread_cond_destroy(&j->cv_commit);
+    pthread_cond_destroy(&j->cv_durable);
+    pthread_cond_destroy(&j->cv_flush);
+    pthread_cond_destroy(&j->cv_marker);
+    pthread_cond_destroy(&j->cv_progress);
+    free(j);
+}
+
+static int ring_alloc(jr_t *j)
+{
+    j->ring_map = round_up(j->cap, 4096);
+    void *p = mmap(NULL, j->ring_map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        j->ring = NULL;
+        return -ENOMEM;
+    }
+    j->ring = p;
+    return 0;
+}
+
+static int journal_open_fd(jr_t *j, const char *path)
+{
+    j->fd = open(path, O_RDWR | O_DIRECT | O_DSYNC | O_CLOEXEC);
+    j->direct = 1;
+    if (j->fd < 0 && errno == EINVAL) {
+        j->fd = open(path, O_RDWR | O_DSYNC | O_CLOEXEC);
+        j->direct = 0;
+    }
+    return j->fd < 0 ? -errno : 0;
+}
+
+/* O_DIRECT may be accepted by open and refused by the first I/O. */
+static int journal_direct_fallback(jr_t *j, const char *path)
+{
+    close(j->fd);
+    j->fd = open(path, O_RDWR | O_DSYNC | O_CLOEXEC);
+    j->direct = 0;
+    return j->fd < 0 ? -errno : 0;
+}
+
+static int recover(jr_t *j)
+{
+    uint64_t lpos = j->ckpt_lpos, seq = j->ckpt_seq, prev_gen = 1;
+    for (;;) {
+        if (lpos - j->ckpt_lpos >= j->cap)
+            break;
+        const struct rec_disk *h = hdr_at(j, lpos);
+        uint64_t phys = lpos % j->cap, room = j->cap - phys;
+        if (h->magic != JR_REC_MAGIC || h->journal_id != j->journal_id || h->seq != seq)
+            break;
+        if (h->hdr_crc != crc32c(h, offsetof(struct rec_disk, hdr_crc)))
+            break;
+        if (h->generation < prev_gen || h->generation >= j->generation)
+            break;
+        uint64_t size;
+        if (h->type == REC_PAD) {
+            if (h->len != room)
+                break;
+            size = room;
+        } else if (h->type == REC_WRITE || h->type == REC_MARKER) {
+            if (h->type == REC_WRITE &&
+                (!h->vol || !h->len || h->len % 512 || h->len > JR_MAX_IO || h->offset % 512))
+                break;
+            if (h->type == REC_MARKER && (h->len > JR_MAX_PAYLOAD || !h->marker_id))
+                break;
+            size = rec_size(j, h->len);
+            if (size > room)
+                break;
+            if (crc32c((const unsigned char *)h + JR_HDR, h->len) != h->data_crc)
+                break;
+        } else {
+            break;
+        }
+        if (lpos + size - j->ckpt_lpos > j->cap)
+            break;
+        if (h->type == REC_WRITE) {
+            struct vol *v = vol_get(j, h->vol);
+            if (!v)
+                return -ENOMEM;
+            int rc = ix_insert(j, h->vol, h->offset, h->len, h->seq, lpos + JR_HDR);
+            if (rc < 0)
+                return rc;
+            v->unflushed++;
+            v->unflushed_bytes += h->len;
+            j->unflushed_records++;
+            j->unflushed_bytes += h->len;
+        } else if (h->type == REC_MARKER) {
+            j->markers_pending++;
+        }
+        j->recovered_records++;
+        prev_gen = h->generation;
+        lpos += size;
+        seq++;
+    }
+    j->head_lpos = j->durable_lpos = lpos;
+    j->head_seq = j->durable_seq = seq;
+    return 0;
+}
+
+static jr_t *jr_alloc(void)
+{
+    jr_t *j = calloc(1, sizeof *j);
+    if (!j)
+        return NULL;
+    j->fd = -1;
+    pthread_mutex_init(&j->mu, NULL);
+    cond_init(&j->cv_commit);
+    cond_init(&j->cv_durable);
+    cond_init(&j->cv_flush);
+    cond_init(&j->cv_marker);
+    cond_init(&j->cv_progress);
+    j->ixn = 1024;
+    j->ixb = calloc(j->ixn, sizeof *j->ixb);
+    if (posix_memalign((void **)&j->sbbuf, 4096, 2 * JR_SB_SLOT))
+        j->sbbuf = NULL;
+    if (!j->ixb || !j->sbbuf) {
+        jr_free_all(j);
+        return NULL;
+    }
+    return j;
+}
+
+int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out)
+{
+    if (!out || (mode != JR_NV && mode != JR_RAM))
+        return -EINVAL;
+    *out = NULL;
+    pthread_once(&crc_once, crc_init);
+    if (mode == JR_RAM) {
+        uint64_t cap = ram_size / 512 * 512;
+        if (cap < JR_MIN_CAPACITY || path)
+            return -EINVAL;
+        jr_t *j = jr_alloc();
+        if (!j)
+            return -ENOMEM;
+        j->mode = JR_RAM;
+        j->align = 512;
+        j->cap = cap;
+        j->generation = 1;
+        j->head_seq = j->durable_seq = j->flush_seq = j->synced_seq = j->ckpt_seq = 1;
+        if (ring_alloc(j) < 0) {
+            jr_free_all(j);
+            return -ENOMEM;
+        }
+        *out = j;
+        return 0;
+    }
+    if (!path)
+        return -EINVAL;
+    jr_t *j = jr_alloc();
+    if (!j)
+        return -ENOMEM;
+    j->mode = JR_NV;
+    int rc = journal_open_fd(j, path);
+    if (rc < 0)
+        goto fail;
+    rc = pread_all(j->fd, j->sbbuf, 2 * JR_SB_SLOT, 0);
+    if (rc == -EINVAL && j->direct) {
+        rc = journal_direct_fallback(j, path);
+        if (rc == 0)
+            rc = pread_all(j->fd, j->sbbuf, 2 * JR_SB_SLOT, 0);
+    }
+    if (rc < 0)
+        goto fail;
+    struct sb_disk s0, s1, *sb = NULL;
+    memcpy(&s0, j->sbbuf, sizeof s0);
+    memcpy(&s1, j->sbbuf + JR_SB_SLOT, sizeof s1);
+    if (sb_valid(&s0))
+        sb = &s0;
+    if (sb_valid(&s1) && (!sb || s1.sb_seq > sb->sb_seq))
+        sb = &s1;
+    rc = -EBADMSG;
+    if (!sb)
+        goto fail;
+    uint64_t dsize = 0;
+    uint32_t lbs = 512;
+    int is_blk = 0;
+    rc = dev_geometry(j->fd, &dsize, &lbs, &is_blk);
+    if (rc < 0)
+        goto fail;
+    rc = -EBADMSG;
+    if (dsize < JR_RING_START + sb->capacity || sb->align < lbs)
+        goto fail;
+    j->align = sb->align;
+    j->cap = sb->capacity;
+    j->journal_id = sb->journal_id;
+    j->generation = sb->generation + 1;
+    j->sb_seq = sb->sb_seq;
+    j->ckpt_seq = j->synced_seq = j->flush_seq = sb->ckpt_seq;
+    j->ckpt_lpos = j->tail_lpos = j->flush_lpos = sb->ckpt_pos;
+    rc = ring_alloc(j);
+    if (rc < 0)
+        goto fail;
+    rc = pread_all(j->fd, j->ring, j->cap, JR_RING_START);
+    if (rc < 0)
+        goto fail;
+    rc = recover(j);
+    if (rc < 0)
+        goto fail;
+    /* the new generation is durable before any record carries it */
+    rc = sb_write(j, j->ckpt_seq, j->ckpt_lpos, 0);
+    if (rc == -EINVAL && j->direct) {
+        rc = journal_direct_fallback(j, path);
+        if (rc == 0)
+            rc = sb_write(j, j->ckpt_seq, j->ckpt_lpos, 0);
+    }
+    if (rc < 0)
+        goto fail;
+    j->journal_error = 0;
+    *out = j;
+    return 0;
+fail:
+    jr_free_all(j);
+    return rc;
+}
+
+int jr_pending_volumes(jr_t *j, uint32_t *vols, int max)
+{
+    pthread_mutex_lock(&j->mu);
+    int n = 0;
+    for (int i = 0; i < j->nvols; i++) {
+        if (!j->vols[i]->unflushed)
+            continue;
+        if (n < max && vols)
+            vols[n] = j->vols[i]->id;
+        n++;
+    }
+    pthread_mutex_unlock(&j->mu);
+    return n;
+}
+
+/* ------------------------------------------------------------ entry/exit */
+
+static int enter(jr_t *j)
+{
+    pthread_mutex_lock(&j->mu);
+    if (j->stopping) {
+        pthread_mutex_unlock(&j->mu);
+        return -ESHUTDOWN;
+    }
+    j->users++;
+    return 0;
+}
+
+static void leave(jr_t *j)
+{
+    if (--j->users == 0 && j->stopping)
+        pthread_cond_broadcast(&j->cv_progress);
+    pthread_mutex_unlock(&j->mu);
+}
+
+/* ------------------------------------------------------------ attach/detach */
+
+int jr_attach(jr_t *j, uint32_t vol, const char *dm_path, uint64_t size)
+{
+    if (!vol || !dm_path || size % 512)
+        return -EINVAL;
+    int bfd = open(dm_path, O_RDWR | O_CLOEXEC);
+    if (bfd < 0)
+        return -errno;
+    int dfd = open(dm_path, O_RDWR | O_DIRECT | O_CLOEXEC);
+    int rc = enter(j);
+    if (rc < 0)
+        goto fail;
+    struct vol *v = vol_get(j, vol);
+    if (!v)
+        rc = -ENOMEM;
+    else if (v->attached || v->busy)
+        rc = -EBUSY;
+    if (rc < 0) {
+        leave(j);
+        goto fail;
+    }
+    v->attached = 1;
+    v->detaching = 0;
+    v->bfd = bfd;
+    v->dfd = dfd;
+    v->use_direct = dfd >= 0;
+    v->size = size;
+    v->dirty = 0;
+    pthread_cond_signal(&j->cv_flush);
+    leave(j);
+    return 0;
+fail:
+    close(bfd);
+    if (dfd >= 0)
+        close(dfd);
+    return rc;
+}
+
+int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms)
+{
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    struct vol *v = vol_find(j, vol);
+    if (!v || !v->attached || v->detaching) {
+        leave(j);
+        return -ENXIO;
+    }
+    struct timespec dl;
+    deadline_in(&dl, timeout_ms);
+    v->detaching = 1; /* new writes: -ENXIO */
+    while ((v->unflushed || v->busy) && !j->stopping) {
+        if (wait_until(&j->cv_progress, &j->mu, &dl) == ETIMEDOUT &&
+            (v->unflushed || v->busy)) {
+            rc = -ETIMEDOUT;
+            break;
+        }
+    }
+    if (!rc && j->stopping)
+        rc = -ESHUTDOWN;
+    if (!rc && v->dirty) {
+        v->busy++;
+        int fd = v->bfd;
+        pthread_mutex_unlock(&j->mu);
+        if (fdatasync(fd) < 0 && errno != EINVAL && errno != EROFS)
+            rc = -errno;
+        pthread_mutex_lock(&j->mu);
+        v->busy--;
+        if (!rc)
+            v->dirty = 0;
+    }
+    if (rc) {
+        v->detaching = 0; /* still attached; the caller may retry */
+    } else {
+        vol_close_fds(v);
+        v->attached = 0;
+        v->detaching = 0;
+    }
+    leave(j);
+    return rc;
+}
+
+int jr_forget(jr_t *j, uint32_t vol)
+{
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    struct vol *v = vol ? vol_get(j, vol) : NULL;
+    if (!v) {
+        leave(j);
+        return vol ? -ENOMEM : -EINVAL;
+    }
+    v->forget_seq = j->head_seq;
+    ix_drop_vol(j, vol);
+    j->unflushed_records -= v->unflushed;
+    j->unflushed_bytes -= v->unflushed_bytes;
+    v->unflushed = v->unflushed_bytes = 0;
+    pthread_cond_signal(&j->cv_flush);
+    pthread_cond_broadcast(&j->cv_progress);
+    leave(j);
+    return 0;
+}
+
+/* ------------------------------------------------------------ committer */
+
+static void *committer_main(void *arg)
+{
+    jr_t *j = arg;
+    pthread_mutex_lock(&j->mu);
+    for (;;) {
+        while ((j->durable_lpos == j->head_lpos || j->journal_error) && !j->stopping)
+            pthread_cond_wait(&j->cv_commit, &j->mu);
+        if (j->durable_lpos == j->head_lpos || j->journal_error)
+            break; /* stopping, nothing (more) can be committed */
+        uint64_t start = j->durable_lpos, end = j->head_lpos, end_seq = j->head_seq;
+        pthread_mutex_unlock(&j->mu);
+        int rc = 0;
+        uint64_t p = start;
+        while (p < end && !rc) {
+            uint64_t phys = p % j->cap, n = end - p;
+            if (n > j->cap - phys)
+                n = j->cap - phys;
+            rc = pwrite_all(j->fd, j->ring + phys, n, JR_RING_START + phys);
+            p += n;
+        }
+        pthread_mutex_lock(&j->mu);
+        if (rc) {
+            if (!j->journal_error)
+                j->journal_error = rc;
+        } else {
+            j->durable_lpos = end;
+            j->durable_seq = end_seq;
+            j->commits++;
+            pthread_cond_signal(&j->cv_flush);
+        }
+        pthread_cond_broadcast(&j->cv_durable);
+    }
+    pthread_mutex_unlock(&j->mu);
+    return NULL;
+}
+
+/* ------------------------------------------------------------ flusher */
+
+static void flush_advance(jr_t *j, uint64_t seq, uint64_t lpos)
+{
+    j->flush_seq = seq;
+    j->flush_lpos = lpos;
+    j->waiting_volume = 0;
+    if (j->mode == JR_RAM)
+        j->tail_lpos = lpos;
+    pthread_cond_broadcast(&j->cv_progress);
+}
+
+static void flush_failed(jr_t *j, int err, uint32_t vol)
+{
+    j->flush_error = err;
+    j->flush_error_volume = vol;
+    j->flush_errors++;
+}
+
+/* Wait RETRY_MS (or until stopping) before retrying a failed dm I/O. */
+static void backoff(jr_t *j)
+{
+    struct timespec dl;
+    deadline_in(&dl, RETRY_MS);
+    while (!j->stopping && wait_until(&j->cv_flush, &j->mu, &dl) != ETIMEDOUT)
+        ;
+}
+
+static int has_unsynced(const jr_t *j)
+{
+    if (j->flush_seq > j->synced_seq)
+        return 1;
+    if (j->mode == JR_NV && j->flush_lpos != j->ckpt_lpos)
+        return 1;
+    for (int i = 0; i < j->nvols; i++)
+        if (j->vols[i]->dirty && j->vols[i]->attached)
+            return 1;
+    return 0;
+}
+
+static int want_sync(const jr_t *j)
+{
+    if (!has_unsynced(j))
+        return 0;
+    if (j->sync_req > j->synced_seq && j->flush_seq >= j->sync_req)
+        return 1;
+    if (j->drain_req && j->flush_seq == j->head_seq)
+        return 1;
+    if (j->mode == JR_NV) {
+        if (j->full_waiters && j->flush_lpos != j->tail_lpos)
+            return 1;
+        if (j->flush_lpos - j->tail_lpos >= j->cap / 8)
+            return 1;
+    }
+    return 0;
+}
+
+/* Every record before flush_seq has completed on dm: fdatasync the dm
+ * devices written since their last sync, then (NV) checkpoint there. */
+static int sync_ckpt(jr_t *j)
+{
+    uint64_t tseq = j->flush_seq, tlpos = j->flush_lpos;
+    int n = 0, rc = 0;
+    uint32_t bad = 0;
+    struct vol **list = NULL;
+    if (j->nvols) {
+        list = malloc((size_t)j->nvols * sizeof *list);
+        if (!list)
+            return -ENOMEM;
+    }
+    for (int i = 0; i < j->nvols; i++) {
+        struct vol *v = j->vols[i];
+        if (v->dirty && v->attached) {
+            v->dirty = 0;
+            v->busy++;
+            list[n++] = v;
+        }
+    }
+    if (n) {
+        int *fds = malloc((size_t)n * sizeof *fds);
+        int *res = calloc((size_t)n, sizeof *res);
+        if (!fds || !res) {
+            free(fds);
+            free(res);
+            for (int i = 0; i < n; i++) {
+                list[i]->busy--;
+                list[i]->dirty = 1;
+            }
+            free(list);
+            return -ENOMEM;
+        }
+        for (int i = 0; i < n; i++)
+            fds[i] = list[i]->bfd;
+        pthread_mutex_unlock(&j->mu);
+        for (int i = 0; i < n; i++)
+            if (fdatasync(fds[i]) < 0 && errno != EINVAL && errno != EROFS)
+                res[i] = -errno;
+        pthread_mutex_lock(&j->mu);
+        for (int i = 0; i < n; i++) {
+            list[i]->busy--;
+            if (res[i]) {
+                list[i]->dirty = 1;
+                rc = res[i];
+                bad = list[i]->id;
+            }
+        }
+        free(fds);
+        free(res);
+        pthread_cond_broadcast(&j->cv_progress);
+    }
+    free(list);
+    if (rc) {
+        flush_failed(j, rc, bad);
+        return rc;
+    }
+    if (tseq > j->synced_seq)
+        j->synced_seq = tseq;
+    if (j->mode == JR_NV && tlpos != j->ckpt_lpos) {
+        rc = sb_write(j, tseq, tlpos, 1);
+        if (rc < 0)
+            return rc;
+        j->ckpt_seq = tseq;
+        j->ckpt_lpos = j->tail_lpos = tlpos;
+    }
+    pthread_cond_broadcast(&j->cv_progress);
+    return 0;
+}
+
+static void flush_marker(jr_t *j, const struct rec_disk *h)
+{
+    uint64_t seq = h->seq, lpos = j->flush_lpos, size = rec_size(j, h->len);
+    if (j->synced_seq < seq || (j->mode == JR_NV && j->ckpt_lpos != lpos)) {
+        if (sync_ckpt(j) < 0) {
+            backoff(j);
+            return;
+        }
+    }
+    j->marker_ready = 1;
+    j->m_id = h->marker_id;
+    j->m_seq = seq;
+    j->m_len = h->len;
+    memcpy(j->m_payload, (const unsigned char *)h + JR_HDR, h->len);
+    pthread_cond_broadcast(&j->cv_marker);
+    while (j->marker_ready && !j->stopping)
+        pthread_cond_wait(&j->cv_flush, &j->mu);
+    if (j->marker_ready)
+        return; /* stopping: the marker stays in the journal */
+    j->markers_pending--;
+    flush_advance(j, seq + 1, lpos + size);
+    j->synced_seq = seq + 1; /* no dm write since the sync above */
+    if (j->mode == JR_NV && !j->journal_error && sb_write(j, seq + 1, lpos + size, 1) == 0) {
+        j->ckpt_seq = seq + 1;
+        j->ckpt_lpos = j->tail_lpos = lpos + size;
+    }
+    pthread_cond_broadcast(&j->cv_progress);
+}
+
+static void flush_writes(jr_t *j, struct vol *v)
+{
+    struct iovec iov[BATCH_IOV];
+    int n = 0;
+    uint64_t lp = j->flush_lpos, s = j->flush_seq, off0 = hdr_at(j, lp)->offset, total = 0;
+    while (s < j->durable_seq && n < BATCH_IOV) {
+        const struct rec_disk *h = hdr_at(j, lp);
+        if (h->type == REC_PAD) {
+            lp += h->len;
+            s++;
+            continue;
+        }
+        if (h->type != REC_WRITE || h->vol != v->id || h->seq < v->forget_seq)
+            break;
+        if (n && (h->offset != off0 + total || total + h->len > BATCH_BYTES))
+            break;
+        iov[n].iov_base = (unsigned char *)h + JR_HDR;
+        iov[n].iov_len = h->len;
+        n++;
+        total += h->len;
+        lp += rec_size(j, h->len);
+        s++;
+    }
+    int fd = v->use_direct ? v->dfd : v->bfd;
+    v->busy++;
+    pthread_mutex_unlock(&j->mu);
+    int rc = pwritev_all(fd, iov, n, off0);
+    pthread_mutex_lock(&j->mu);
+    v->busy--;
+    pthread_cond_broadcast(&j->cv_progress);
+    if (rc == -EINVAL && fd == v->dfd) {
+        v->use_direct = 0; /* O_DIRECT refused (alignment, file system): buffered */
+        return;
+    }
+    if (rc) {
+        flush_failed(j, rc, v->id);
+        backoff(j);
+        return;
+    }
+    /* completed: every record in [flush_seq, s) */
+    for (uint64_t l = j->flush_lpos, q = j->flush_seq; q < s; q++) {
+        const struct rec_disk *h = hdr_at(j, l);
+        if (h->type == REC_WRITE) {
+            ix_remove(j, h->vol, h->offset, h->len, h->seq);
+            if (h->seq >= v->forget_seq) {
+                v->unflushed--;
+                v->unflushed_bytes -= h->len;
+                j->unflushed_records--;
+                j->unflushed_bytes -= h->len;
+            }
+        }
+        l += hdr_size(j, h);
+    }
+    v->dirty = 1;
+    j->dm_writes++;
+    j->flush_error = 0;
+    j->flush_error_volume = 0;
+    flush_advance(j, s, lp);
+}
+
+static void *flusher_main(void *arg)
+{
+    jr_t *j = arg;
+    pthread_mutex_lock(&j->mu);
+    while (!j->stopping) {
+        if (want_sync(j)) {
+            if (sync_ckpt(j) < 0)
+                backoff(j);
+            continue;
+        }
+        if (j->flush_seq < j->durable_seq) {
+            const struct rec_disk *h = hdr_at(j, j->flush_lpos);
+            if (h->type == REC_PAD) {
+                flush_advance(j, j->flush_seq + 1, j->flush_lpos + h->len);
+                continue;
+            }
+            if (h->type == REC_MARKER) {
+                flush_marker(j, h);
+                continue;
+            }
+            struct vol *v = vol_find(j, h->vol);
+            if (v && h->seq < v->forget_seq) {
+                flush_advance(j, j->flush_seq + 1, j->flush_lpos + rec_size(j, h->len));
+                continue;
+            }
+            if (!v || !v->attached) {
+                j->waiting_volume = h->vol;
+                pthread_cond_wait(&j->cv_flush, &j->mu);
+                continue;
+            }
+            j->waiting_volume = 0;
+            flush_writes(j, v);
+            continue;
+        }
+        if (has_unsynced(j) && !j->journal_error) {
+            struct timespec dl;
+            deadline_in(&dl, IDLE_CKPT_MS);
+            if (wait_until(&j->cv_flush, &j->mu, &dl) == ETIMEDOUT && !j->stopping &&
+                j->flush_seq == j->durable_seq && sync_ckpt(j) < 0)
+                backoff(j);
+        } else {
+            pthread_cond_wait(&j->cv_flush, &j->mu);
+        }
+    }
+    /* leaving: checkpoint what is already on dm, so the next open replays less */
+    if (j->mode == JR_NV && !j->journal_error && has_unsynced(j))
+        sync_ckpt(j);
+    pthread_mutex_unlock(&j->mu);
+    return NULL;
+}
+
+int jr_start(jr_t *j)
+{
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    if (j->started) {
+        leave(j);
+        return -EBUSY;
+    }
+    if (j->mode == JR_NV) {
+        rc = -pthread_create(&j->committer, NULL, committer_main, j);
+        if (rc) {
+            leave(j);
+            return rc;
+        }
+        j->committer_on = 1;
+    }
+    rc = -pthread_create(&j->flusher, NULL, flusher_main, j);
+    if (rc) {
+        j->stopping = 1;
+        pthread_cond_broadcast(&j->cv_commit);
+        pthread_mutex_unlock(&j->mu);
+        if (j->committer_on)
+            pthread_join(j->committer, NULL);
+        pthread_mutex_lock(&j->mu);
+        j->committer_on = 0;
+        j->stopping = 0;
+        leave(j);
+        return rc;
+    }
+    j->flusher_on = 1;
+    j->started = 1;
+    leave(j);
+    return 0;
+}
+
+/* ------------------------------------------------------------ append */
+
+static void put_record(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64_t marker_id,
+                       const void *data, uint32_t len, uint32_t data_crc, uint64_t size)
+{
+    unsigned char *p = j->ring + j->head_lpos % j->cap;
+    struct rec_disk h = {
+        .magic = JR_REC_MAGIC,
+        .journal_id = j->journal_id,
+        .generation = j->generation,
+        .seq = j->head_seq,
+        .offset = off,
+        .marker_id = marker_id,
+        .type = type,
+        .vol = vol,
+        .len = type == REC_PAD ? (uint32_t)size : len,
+        .data_crc = data_crc,
+    };
+    h.hdr_crc = crc32c(&h, offsetof(struct rec_disk, hdr_crc));
+    memcpy(p, &h, sizeof h);
+    memset(p + sizeof h, 0, JR_HDR - sizeof h);
+    if (type != REC_PAD) {
+        if (len)
+            memcpy(p + JR_HDR, data, len);
+        memset(p + JR_HDR + len, 0, size - JR_HDR - len);
+    }
+    j->head_seq++;
+    j->head_lpos += size;
+    if (j->mode == JR_RAM) {
+        j->durable_seq = j->head_seq;
+        j->durable_lpos = j->head_lpos;
+        pthread_cond_signal(&j->cv_flush);
+    } else {
+        pthread_cond_signal(&j->cv_commit);
+    }
+}
+
+static int append_ok(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint32_t len,
+                     struct vol **vp)
+{
+    if (j->draining || j->stopping)
+        return -ESHUTDOWN;
+    if (j->journal_error)
+        return j->journal_error;
+    if (!j->started)
+        return -EAGAIN;
+    if (type == REC_WRITE) {
+        struct vol *v = vol_find(j, vol);
+        if (!v || !v->attached || v->detaching)
+            return -ENXIO;
+        if (off > v->size || len > v->size - off)
+            return -EINVAL;
+        *vp = v;
+    }
+    return 0;
+}
+
+/* Reserve space and append one record (locked). Returns its seq or -errno. */
+static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64_t marker_id,
+                      const void *data, uint32_t len, uint32_t data_crc, const struct timespec *dl)
+{
+    uint64_t size = rec_size(j, len);
+    struct vol *v = NULL;
+    int waited = 0, rc;
+    if (size > j->cap)
+        return -EINVAL;
+    for (;;) {
+        rc = append_ok(j, type, vol, off, len, &v);
+        if (rc)
+            return rc;
+        uint64_t avail = j->cap - (j->head_lpos - j->tail_lpos);
+        uint64_t to_end = j->cap - j->head_lpos % j->cap;
+        if (size > to_end) {
+            if (to_end <= avail) {
+                put_record(j, REC_PAD, 0, 0, 0, NULL, 0, 0, to_end);
+                continue;
+            }
+        } else if (size <= avail) {
+            break;
+        }
+        if (!waited) {
+            waited = 1;
+            j->full_waits++;
+        }
+        j->full_waiters++;
+        pthread_cond_signal(&j->cv_flush);
+        rc = wait_until(&j->cv_progress, &j->mu, dl);
+        j->full_waiters--;
+        if (rc == ETIMEDOUT) {
+            /* one last look: the space may have come with the timeout */
+            avail = j->cap - (j->head_lpos - j->tail_lpos);
+            to_end = j->cap - j->head_lpos % j->cap;
+            if (append_ok(j, type, vol, off, len, &v) || size > to_end || size > avail)
+                return -ETIMEDOUT;
+        }
+    }
+    int64_t seq = (int64_t)j->head_seq;
+    uint64_t lpos = j->head_lpos;
+    if (type == REC_WRITE) {
+        rc = ix_insert(j, vol, off, len, (uint64_t)seq, lpos + JR_HDR);
+        if (rc < 0) {
+            ix_drop_vol(j, vol); /* never serve a half-indexed record */
+            j->journal_error = rc;
+            return rc;
+        }
+        v->unflushed++;
+        v->unflushed_bytes += len;
+        j->unflushed_records++;
+        j->unflushed_bytes += len;
+        j->appends++;
+    } else {
+        j->markers_pending++;
+    }
+    put_record(j, type, vol, off, marker_id, data, len, data_crc, size);
+    return seq;
+}
+
+/* NV: wait until seq is durable in the journal. */
+static int wait_durable(jr_t *j, int64_t seq, const struct timespec *dl)
+{
+    while (j->durable_seq <= (uint64_t)seq) {
+        if (j->journal_error)
+            return j->journal_error;
+        if (!j->committer_on)
+            return -ESHUTDOWN;
+        if (wait_until(&j->cv_durable, &j->mu, dl) == ETIMEDOUT && j->durable_seq <= (uint64_t)seq)
+            return -ETIMEDOUT;
+    }
+    return 0;
+}
+
+/* Wait until every record < target is on the dm devices and synced. */
+static int wait_synced(jr_t *j, uint64_t target, const struct timespec *dl)
+{
+    if (j->synced_seq >= target)
+        return 0;
+    if (target > j->sync_req) {
+        j->sync_req = target;
+        pthread_cond_signal(&j->cv_flush);
+    }
+    while (j->synced_seq < target) {
+        if (j->stopping)
+            return -ESHUTDOWN;
+        if (j->journal_error)
+            return j->journal_error;
+        if (wait_until(&j->cv_progress, &j->mu, dl) == ETIMEDOUT && j->synced_seq < target)
+            return -ETIMEDOUT;
+    }
+    return 0;
+}
+
+int64_t jr_write(jr_t *j, uint32_t vol, uint64_t offset, const void *buf, uint32_t len,
+                 uint32_t flags, uint32_t timeout_ms)
+{
+    if (!vol || !buf || !len || len % 512 || offset % 512 || len > JR_MAX_IO)
+        return -EINVAL;
+    uint32_t crc = crc32c(buf, len);
+    struct timespec dl;
+    deadline_in(&dl, timeout_ms);
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    int64_t seq = append(j, REC_WRITE, vol, offset, 0, buf, len, crc, &dl);
+    if (seq >= 0 && j->mode == JR_NV)
+        rc = wait_durable(j, seq, &dl);
+    else if (seq >= 0 && (flags & JR_FUA))
+        rc = wait_synced(j, (uint64_t)seq + 1, &dl);
+    leave(j);
+    return rc < 0 ? rc : seq;
+}
+
+int64_t jr_marker(jr_t *j, uint64_t marker_id, const void *payload, uint32_t len,
+                  uint32_t timeout_ms)
+{
+    if (!marker_id || len > JR_MAX_PAYLOAD || (len && !payload))
+        return -EINVAL;
+    uint32_t crc = crc32c(payload ? payload : "", len);
+    struct timespec dl;
+    deadline_in(&dl, timeout_ms);
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    int64_t seq = append(j, REC_MARKER, 0, 0, marker_id, payload, len, crc, &dl);
+    if (seq >= 0 && j->mode == JR_NV)
+        rc = wait_durable(j, seq, &dl);
+    leave(j);
+    return rc < 0 ? rc : seq;
+}
+
+int jr_sync(jr_t *j, uint32_t timeout_ms)
+{
+    struct timespec dl;
+    deadline_in(&dl, timeout_ms);
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    if (!j->started && j->synced_seq < j->head_seq)
+        rc = -EAGAIN;
+    else
+        rc = wait_synced(j, j->head_seq, &dl);
+    leave(j);
+    return rc;
+}
+
+/* ------------------------------------------------------------ read */
+
+static int vol_pread(jr_t *j, struct vol *v, void *buf, uint32_t len, uint64_t off)
+{
+    int direct = v->use_direct && v->dfd >= 0;
+    void *bounce = NULL;
+    int rc;
+    if (direct && ((uintptr_t)buf % 512)) {
+        if (posix_memalign(&bounce, 4096, len))
+            return -ENOMEM;
+    }
+    rc = pread_all(direct ? v->dfd : v->bfd, bounce ? bounce : buf, len, off);
+    if (rc == -EINVAL && direct)
+        rc = pread_all(v->bfd, bounce ? bounce : buf, len, off);
+    if (!rc && bounce)
+        memcpy(buf, bounce, len);
+    free(bounce);
+    (void)j;
+    return rc;
+}
+
+int jr_read(jr_t *j, uint32_t vol, uint64_t offset, void *buf, uint32_t len)
+{
+    if (!vol || !buf || len % 512 || offset % 512 || len > JR_MAX_IO)
+        return -EINVAL;
+    if (!len)
+        return 0;
+    uint32_t nsec = len / 512;
+    unsigned char *covered = calloc(nsec, 1);
+    if (!covered)
+        return -ENOMEM;
+    int rc = enter(j);
+    if (rc < 0) {
+        free(covered);
+        return rc;
+    }
+    struct vol *v = vol_find(j, vol);
+    if (!v || !v->attached || v->detaching) {
+        rc = -ENXIO;
+    } else if (offset > v->size || len > v->size - offset) {
+        rc = -EINVAL;
+    }
+    if (rc) {
+        leave(j);
+        free(covered);
+        return rc;
+    }
+    /* the newest unflushed data, copied under the lock */
+    uint32_t ncov = 0;
+    uint64_t s0 = offset / 512;
+    for (uint32_t i = 0; i < nsec;) {
+        uint64_t blk = (s0 + i) / IX_SECT;
+        struct ixnode *n = j->ixcount ? ix_find(j, vol, blk) : NULL;
+        for (; i < nsec && (s0 + i) / IX_SECT == blk; i++) {
+            unsigned k = (unsigned)((s0 + i) % IX_SECT);
+            if (n && (n->mask & (1u << k))) {
+                memcpy((unsigned char *)buf + (size_t)i * 512, j->ring + n->lpos[k] % j->cap, 512);
+                covered[i] = 1;
+                ncov++;
+            }
+        }
+    }
+    if (ncov == nsec) {
+        leave(j);
+        free(covered);
+        return 0;
+    }
+    /* the rest is current on the dm device: a sector leaves the index only
+     * once its newest record has completed there */
+    v->busy++;
+    pthread_mutex_unlock(&j->mu);
+    if (!ncov) {
+        rc = vol_pread(j, v, buf, len, offset);
+    } else {
+        for (uint32_t i = 0; i < nsec && !rc;) {
+            if (covered[i]) {
+                i++;
+                continue;
+            }
+            uint32_t e = i;
+            while (e < nsec && !covered[e])
+                e++;
+            rc = vol_pread(j, v, (unsigned char *)buf + (size_t)i * 512, (e - i) * 512,
+                           offset + (uint64_t)i * 512);
+            i = e;
+        }
+    }
+    pthread_mutex_lock(&j->mu);
+    v->busy--;
+    pthread_cond_broadcast(&j->cv_progress);
+    leave(j);
+    free(covered);
+    return rc;
+}
+
+/* ------------------------------------------------------------ markers */
+
+int jr_next_marker(jr_t *j, uint32_t timeout_ms, uint64_t *marker_id, uint64_t *seq,
+                   void *payload, uint32_t *len)
+{
+    struct timespec dl;
+    deadline_in(&dl, timeout_ms);
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    while (!j->marker_ready && !j->stopping) {
+        if (wait_until(&j->cv_marker, &j->mu, &dl) == ETIMEDOUT && !j->marker_ready) {
+            rc = -ETIMEDOUT;
+            break;
+        }
+    }
+    if (j->stopping) {
+        rc = -ESHUTDOWN;
+    } else if (!rc) {
+        if (marker_id)
+            *marker_id = j->m_id;
+        if (seq)
+            *seq = j->m_seq;
+        if (payload)
+            memcpy(payload, j->m_payload, j->m_len);
+        if (len)
+            *len = j->m_len;
+    }
+    leave(j);
+    return rc;
+}
+
+int jr_marker_done(jr_t *j, uint64_t marker_id)
+{
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    if (!j->marker_ready || j->m_id != marker_id) {
+        rc = -EINVAL;
+    } else {
+        j->marker_ready = 0;
+        pthread_cond_signal(&j->cv_flush);
+    }
+    leave(j);
+    return rc;
+}
+
+/* ------------------------------------------------------------ stats, close */
+
+void jr_get_stats(jr_t *j, struct jr_stats *st)
+{
+    pthread_mutex_lock(&j->mu);
+    memset(st, 0, sizeof *st);
+    st->mode = j->mode;
+    st->align = j->align;
+    st->capacity = j->cap;
+    st->used = j->head_lpos - j->tail_lpos;
+    st->generation = j->generation;
+    st->head_seq = j->head_seq;
+    st->durable_seq = j->durable_seq;
+    st->flushed_seq = j->flush_seq;
+    st->checkpoint_seq = j->mode == JR_NV ? j->ckpt_seq : j->synced_seq;
+    st->synced_seq = j->synced_seq;
+    st->unflushed_records = j->unflushed_records;
+    st->unflushed_bytes = j->unflushed_bytes;
+    st->markers_pending = j->markers_pending;
+    st->recovered_records = j->recovered_records;
+    st->appends = j->appends;
+    st->commits = j->commits;
+    st->dm_writes = j->dm_writes;
+    st->full_waits = j->full_waits;
+    st->flush_errors = j->flush_errors;
+    st->journal_error = j->journal_error;
+    st->flush_error = j->flush_error;
+    st->flush_error_volume = j->flush_error_volume;
+    st->waiting_volume = j->waiting_volume;
+    st->direct_io = j->mode == JR_NV ? j->direct : 0;
+    st->marker_waiting = j->marker_ready ? 1 : 0;
+    pthread_mutex_unlock(&j->mu);
+}
+
+int jr_stop(jr_t *j, int drain, uint32_t timeout_ms)
+{
+    struct timespec dl;
+    deadline_in(&dl, timeout_ms);
+    int rc = 0;
+    pthread_mutex_lock(&j->mu);
+    if (j->stopped) {
+        pthread_mutex_unlock(&j->mu);
+        return 0;
+    }
+    j->draining = 1; /* appends: -ESHUTDOWN */
+    pthread_cond_broadcast(&j->cv_progress);
+    if (drain) {
+        j->drain_req = 1;
+        pthread_cond_signal(&j->cv_flush);
+        for (;;) {
+            uint64_t done = j->mode == JR_NV ? j->ckpt_seq : j->synced_seq;
+            if (done >= j->head_seq)
+                break;
+            if (!j->started || j->journal_error) {
+                rc = j->journal_error ? j->journal_error : -ETIMEDOUT;
+                break;
+            }
+            if (wait_until(&j->cv_progress, &j->mu, &dl) == ETIMEDOUT) {
+                done = j->mode == JR_NV ? j->ckpt_seq : j->synced_seq;
+                if (done < j->head_seq)
+                    rc = -ETIMEDOUT;
+                break;
+            }
+        }
+    }
+    j->stopping = 1;
+    pthread_cond_broadcast(&j->cv_commit);
+    pthread_cond_broadcast(&j->cv_durable);
+    pthread_cond_broadcast(&j->cv_flush);
+    pthread_cond_broadcast(&j->cv_marker);
+    pthread_cond_broadcast(&j->cv_progress);
+    pthread_mutex_unlock(&j->mu);
+    if (j->committer_on)
+        pthread_join(j->committer, NULL);
+    if (j->flusher_on)
+        pthread_join(j->flusher, NULL);
+    pthread_mutex_lock(&j->mu);
+    j->committer_on = j->flusher_on = 0;
+    j->stopped = 1;
+    pthread_cond_broadcast(&j->cv_durable);
+    pthread_cond_broadcast(&j->cv_progress);
+    pthread_mutex_unlock(&j->mu);
+    return rc;
+}
+
+int jr_close(jr_t *j, int drain, uint32_t timeout_ms)
+{
+    if (!j)
+        return 0;
+    int rc = jr_stop(j, drain, timeout_ms);
+    pthread_mutex_lock(&j->mu);
+    while (j->users)
+        pthread_cond_wait(&j->cv_progress, &j->mu);
+    pthread_mutex_unlock(&j->mu);
+    jr_free_all(j);
+    return rc;
+}
