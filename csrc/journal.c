@@ -6,7 +6,7 @@
  *   [4096, 8192)   superblock slot 1
  *   [8192, 8192 + capacity)   the ring (capacity: multiple of align)
  *
- * Superblock (first 72 bytes of a slot, rest zero):
+ * Superblock (first 80 bytes of a slot, rest zero):
  *     0 u64 magic        "DMSNJSB1" (JR_SB_MAGIC)
  *     8 u32 version      1
  *    12 u32 align        512 or the device's logical block size (<= 4096)
@@ -16,8 +16,14 @@
  *    40 u64 ckpt_seq     first record not yet durable on the dm devices
  *    48 u64 ckpt_pos     its byte position in the ring (0 .. capacity-1)
  *    56 u64 sb_seq       the slot written last holds the highest; slot = sb_seq & 1
- *    64 u32 crc          crc32c of bytes 0..63
- *    68 u32 zero
+ *    64 u64 min_gen      lowest generation a record at the checkpoint may have: that
+ *                        record's own generation, or (no record there when the
+ *                        superblock was written) the generation writing it. Without
+ *                        it a stale record that one recovery rejected (generation
+ *                        going down) could be accepted by the next, once the
+ *                        checkpoint has moved onto its position.
+ *    72 u32 crc          crc32c of bytes 0..71
+ *    76 u32 zero
  *
  * Record: a 512-byte header sector, then the data (WRITE) or payload
  * (MARKER), then zero padding up to a multiple of 512 and of align. A
@@ -41,8 +47,8 @@
  *
  * Recovery starts at (ckpt_seq, ckpt_pos) of the valid superblock with the
  * highest sb_seq and accepts records while: magic and journal_id match,
- * hdr_crc is right, seq is exactly the next one, 1 <= generation < the
- * new generation and generation >= that of the previous record, the type
+ * hdr_crc is right, seq is exactly the next one, generation < the new
+ * generation and >= that of the previous record (the first: >= min_gen), the type
  * is known, the record fits before the end of the ring (a PAD exactly
  * reaches it), the walk stays within one lap of the ring, and data_crc is
  * right. The first record that fails ends the log; the next append goes
@@ -115,11 +121,12 @@ struct sb_disk {
     uint64_t ckpt_seq;
     uint64_t ckpt_pos;
     uint64_t sb_seq;
+    uint64_t min_gen;
     uint32_t crc;
     uint32_t zero;
 };
-_Static_assert(sizeof(struct sb_disk) == 72, "superblock layout");
-_Static_assert(offsetof(struct sb_disk, crc) == 64, "superblock layout");
+_Static_assert(sizeof(struct sb_disk) == 80, "superblock layout");
+_Static_assert(offsetof(struct sb_disk, crc) == 72, "superblock layout");
 
 struct rec_disk {
     uint64_t magic;
@@ -246,6 +253,7 @@ struct jr {
     uint64_t journal_id;
     uint64_t generation;
     uint64_t sb_seq;
+    uint64_t min_gen; /* of the superblock read at open */
     unsigned char *ring;
     size_t ring_map;
     unsigned char *sbbuf; /* JR_SB_SLOT bytes, aligned */
@@ -593,7 +601,8 @@ static void ix_free(jr_t *j)
 /* ------------------------------------------------------------ superblock */
 
 static void sb_fill(unsigned char *buf, uint32_t align, uint64_t journal_id, uint64_t generation,
-                    uint64_t cap, uint64_t ckpt_seq, uint64_t ckpt_pos, uint64_t sb_seq)
+                    uint64_t cap, uint64_t ckpt_seq, uint64_t ckpt_pos, uint64_t sb_seq,
+                    uint64_t min_gen)
 {
     struct sb_disk sb = {
         .magic = JR_SB_MAGIC,
@@ -605,6 +614,7 @@ static void sb_fill(unsigned char *buf, uint32_t align, uint64_t journal_id, uin
         .ckpt_seq = ckpt_seq,
         .ckpt_pos = ckpt_pos,
         .sb_seq = sb_seq,
+        .min_gen = min_gen,
     };
     sb.crc = crc32c(&sb, offsetof(struct sb_disk, crc));
     memset(buf, 0, JR_SB_SLOT);
@@ -617,7 +627,8 @@ static int sb_valid(const struct sb_disk *sb)
            sb->crc == crc32c(sb, offsetof(struct sb_disk, crc)) && sb->align >= 512 &&
            sb->align <= 4096 && !(sb->align & (sb->align - 1)) && sb->capacity >= JR_MIN_CAPACITY &&
            sb->capacity % sb->align == 0 && sb->ckpt_pos < sb->capacity &&
-           sb->ckpt_pos % sb->align == 0 && sb->ckpt_seq >= 1;
+           sb->ckpt_pos % sb->align == 0 && sb->ckpt_seq >= 1 && sb->min_gen >= 1 &&
+           sb->min_gen <= sb->generation + 1;
 }
 
 /* Write the superblock with checkpoint (seq, lpos) to the next slot. Called
@@ -626,7 +637,11 @@ static int sb_valid(const struct sb_disk *sb)
 static int sb_write(jr_t *j, uint64_t seq, uint64_t lpos, int locked)
 {
     uint64_t sbs = j->sb_seq + 1;
-    sb_fill(j->sbbuf, j->align, j->journal_id, j->generation, j->cap, seq, lpos % j->cap, sbs);
+    /* the record at the checkpoint (appended, so its header is in the
+     * mirror) or, if none yet, the next one: written by this generation */
+    uint64_t min_gen = seq < j->head_seq ? hdr_at(j, lpos)->generation : j->generation;
+    sb_fill(j->sbbuf, j->align, j->journal_id, j->generation, j->cap, seq, lpos % j->cap, sbs,
+            min_gen);
     if (locked)
         pthread_mutex_unlock(&j->mu);
     int rc = pwrite_all(j->fd, j->sbbuf, JR_SB_SLOT, (sbs & 1) * JR_SB_SLOT);
@@ -709,7 +724,7 @@ int jr_format(const char *path, uint64_t size, uint32_t align, uint64_t journal_
         goto out;
     }
     memset(buf, 0, JR_RING_START + 4096);
-    sb_fill(buf, align, journal_id, 0, cap, 1, 0, 1);
+    sb_fill(buf, align, journal_id, 0, cap, 1, 0, 1, 1);
     /* slot 1 stays zero (invalid), whatever an earlier format left there */
     /* both slots plus the first ring block (zeroed: no earlier log chains on) */
     rc = pwrite_all(fd, buf, JR_RING_START + 4096, 0);
@@ -779,7 +794,7 @@ static int journal_direct_fallback(jr_t *j, const char *path)
 
 static int recover(jr_t *j)
 {
-    uint64_t lpos = j->ckpt_lpos, seq = j->ckpt_seq, prev_gen = 1;
+    uint64_t lpos = j->ckpt_lpos, seq = j->ckpt_seq, prev_gen = j->min_gen;
     for (;;) {
         if (lpos - j->ckpt_lpos >= j->cap)
             break;
@@ -925,6 +940,7 @@ int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out)
     j->journal_id = sb->journal_id;
     j->generation = sb->generation + 1;
     j->sb_seq = sb->sb_seq;
+    j->min_gen = sb->min_gen;
     j->ckpt_seq = j->synced_seq = j->flush_seq = sb->ckpt_seq;
     j->ckpt_lpos = j->tail_lpos = j->flush_lpos = sb->ckpt_pos;
     rc = ring_alloc(j);

@@ -20,7 +20,8 @@ from pathlib import Path
 from dmsnap.journal import Journal, Marker
 from dmsnap.journal._jrffi import lib
 
-SB_FMT = "<QIIQQQQQQII"  # magic version align journal_id generation capacity ckpt_seq ckpt_pos
+SB_FMT = "<QIIQQQQQQQII"  # magic version align journal_id generation capacity ckpt_seq ckpt_pos
+# sb_seq min_gen crc zero
 REC_FMT = "<QQQQQQIIIIII"  # magic journal_id gen seq offset marker_id type vol len crc flags hcrc
 SB_MAGIC = 0x3142534A4E534D44
 REC_MAGIC = 0x3143524A4E534D44
@@ -28,7 +29,7 @@ RING_START = 8192
 HDR = 512
 WRITE, MARKER, PAD = 1, 2, 3
 
-assert struct.calcsize(SB_FMT) == 72 and struct.calcsize(REC_FMT) == 72
+assert struct.calcsize(SB_FMT) == 80 and struct.calcsize(REC_FMT) == 72
 
 
 def crc32c(data: bytes) -> int:
@@ -70,12 +71,13 @@ class Super:
     ckpt_seq: int
     ckpt_pos: int
     sb_seq: int
+    min_gen: int
     crc: int
     slot: int
 
     @property
     def valid(self) -> bool:
-        raw = struct.pack(SB_FMT, *self.fields()[:-2], 0, 0)[:64]
+        raw = struct.pack(SB_FMT, *self.fields()[:-2], 0, 0)[:72]
         return self.magic == SB_MAGIC and self.crc == crc32c(raw)
 
     def fields(self) -> tuple[int, ...]:
@@ -89,6 +91,7 @@ class Super:
             self.ckpt_seq,
             self.ckpt_pos,
             self.sb_seq,
+            self.min_gen,
             self.crc,
             0,
         )
@@ -114,7 +117,7 @@ def read_supers(path: Path) -> list[Super]:
     out = []
     for slot in (0, 1):
         f = struct.unpack_from(SB_FMT, raw, slot * 4096)
-        out.append(Super(*f[:10], slot=slot))
+        out.append(Super(*f[:11], slot=slot))
     return out
 
 
@@ -135,7 +138,7 @@ def parse_journal(path: Path, generation_now: int | None = None) -> tuple[Super,
     ring = Path(path).read_bytes()[RING_START : RING_START + sb.capacity]
     cap = sb.capacity
     gen_limit = generation_now if generation_now is not None else sb.generation + 1
-    pos, seq, prev_gen, walked = sb.ckpt_pos, sb.ckpt_seq, 1, 0
+    pos, seq, prev_gen, walked = sb.ckpt_pos, sb.ckpt_seq, sb.min_gen, 0
     recs: list[Record] = []
     while walked < cap:
         f = struct.unpack_from(REC_FMT, ring, pos)
