@@ -119,15 +119,23 @@ int jr_pending_volumes(jr_t *j, uint32_t *vols, int max);
  * size in bytes bounds writes and reads. */
 int jr_attach(jr_t *j, uint32_t vol, const char *dm_path, uint64_t size);
 /* Wait (up to timeout_ms) until no record of vol is unflushed, then close
- * its device. New writes to vol fail with -ENXIO from the call on. */
+ * its device. New writes to vol fail with -ENXIO from the call on. On
+ * -ETIMEDOUT the volume stays attached (writes work again; retry later):
+ * a marker held by the controller holds the volume's later records too. */
 int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms);
 /* Drop every unflushed record of vol (a volume that was deleted); the
- * flusher skips them. */
+ * flusher skips them and they leave the overlay. Records appended after
+ * the call are kept (the id may be reused). Not journalled: after a
+ * restart the records come back (jr_pending_volumes), so the controller
+ * forgets them again before jr_start. Works on attached volumes too. */
 int jr_forget(jr_t *j, uint32_t vol);
 
 int jr_start(jr_t *j);
 
-/* Append a write; offset and len multiples of 512, len <= JR_MAX_IO.
+/* Append a write; offset and len multiples of 512, len <= JR_MAX_IO (and
+ * the record must fit the ring: -EINVAL otherwise). NV ignores JR_FUA
+ * (the journal is the stable storage). On -ETIMEDOUT after the append the
+ * write may still become durable (like a SCSI command that timed out).
  * Returns once durable (NV) / copied (RAM; with JR_FUA once on the dm
  * device and synced). Returns the record's seq (>= 0) or -errno. */
 int64_t jr_write(jr_t *j, uint32_t vol, uint64_t offset, const void *buf, uint32_t len,

@@ -31,7 +31,7 @@ from dmsnap.journal import Journal
 settings.register_profile(
     "journal",
     deadline=None,
-    max_examples=20,
+    max_examples=40,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
