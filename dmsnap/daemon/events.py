@@ -1,16 +1,19 @@
 """Health watching: device-mapper events → log lines (and `dmsnap status`).
 
 Targets raise dm events when something needs attention: a thin pool
-crossing its low-water mark or running out of space, a classic snapshot
-overflowing, a writecache latching an error. The watcher waits on the
-control fd (DM_DEV_ARM_POLL + poll), re-reads health through the Manager
-(serialised with requests) and logs what appeared or cleared. A slow
-periodic re-check covers state that changes without an event.
+crossing its low-water mark or running out of data space, a classic
+snapshot invalidated because its COW area overflowed, a writecache latching
+an error. The watcher waits on the control fd (DM_DEV_ARM_POLL + poll),
+re-reads health through the Manager (serialised with requests) and logs what
+appeared or cleared, one line per problem naming its pool (and snapshot). A
+slow periodic re-check covers state that changes without an event (a COW
+area filling up, which dm-snapshot only reports once it overflows).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 
@@ -19,6 +22,16 @@ from dmsnap.dm import Control, DmError
 log = logging.getLogger("dmsnap.events")
 
 RECHECK_SECONDS = 30.0
+POLL_SECONDS = 1.0  # how promptly stop() is noticed
+
+_PERCENT = re.compile(r"\d+(?:\.\d+)?%")
+
+
+def problem_key(problem: str) -> str:
+    """A problem's identity: its text without percentages. "data 91% full"
+    becoming "data 92% full" is the same problem still there, not a new one
+    plus a recovery (which would log two lines per percent)."""
+    return _PERCENT.sub("%", problem)
 
 
 class HealthWatcher:
@@ -28,12 +41,10 @@ class HealthWatcher:
         self._health = health
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.known: set[str] = set()
+        self.known: dict[str, str] = {}  # problem_key -> text as last logged
 
     def start(self) -> None:
-        self.known = set(self._check())
-        for h in sorted(self.known):
-            log.warning("health: %s", h)
+        self.update(self._check())
         self._thread = threading.Thread(target=self._run, name="dm-events", daemon=True)
         self._thread.start()
 
@@ -47,7 +58,7 @@ class HealthWatcher:
             return self._health()
         except Exception as e:  # never let monitoring kill the daemon
             log.error("health check failed: %s", e)
-            return sorted(self.known)
+            return list(self.known.values())
 
     def _run(self) -> None:
         try:
@@ -57,21 +68,24 @@ class HealthWatcher:
             return
         with ctl:
             while not self._stop.is_set():
+                # Arm before reading health: an event that fires while we
+                # read then still wakes the next poll instead of waiting for
+                # the periodic re-check.
                 ctl.arm_poll()
-                # Short polls so stop() is prompt; a re-check every RECHECK.
+                self.update(self._check())
                 waited = 0.0
                 while not self._stop.is_set() and waited < RECHECK_SECONDS:
-                    if ctl.poll(1.0):
+                    if ctl.poll(POLL_SECONDS):
                         break
-                    waited += 1.0
-                if self._stop.is_set():
-                    return
-                self.update(self._check())
+                    waited += POLL_SECONDS
 
     def update(self, now: list[str]) -> None:
-        current = set(now)
-        for h in sorted(current - self.known):
-            log.warning("health: %s", h)
-        for h in sorted(self.known - current):
-            log.info("health recovered: %s", h)
+        current = {problem_key(h): h for h in now}
+        for key in sorted(current.keys() - self.known.keys()):
+            log.warning("health: %s", current[key])
+        for key in sorted(self.known.keys() - current.keys()):
+            log.info("health recovered: %s", self.known[key])
+        for key in sorted(current.keys() & self.known.keys()):
+            if current[key] != self.known[key]:
+                log.debug("health: %s", current[key])
         self.known = current

@@ -287,21 +287,31 @@ class ClassicBackend(Backend):
             "snapshots": {},
         }
         for snap in self.catalog.snapshots(self.pool.name):
-            name = self._snapdev(snap)[0]
-            try:
-                s = self.dm.status(name)[0].status
-            except DmError:
-                out["health"].append(f"snapshot {snap.volume}@{snap.name} not loaded")
-                continue
             key = f"{snap.volume}@{snap.name}"
+            ref = f"{self.pool.name}/{key}"  # as the CLI names it
+            try:
+                s = self.dm.status(self._snapdev(snap)[0])[0].status
+            except DmError:
+                out["snapshots"][key] = {"state": "missing"}
+                out["health"].append(f"snapshot {ref} is not loaded")
+                continue
             if isinstance(s, st.SnapshotStatus):
-                frac = s.allocated_sectors / s.total_sectors if s.total_sectors else 0.0
-                out["snapshots"][key] = {"cow_used_fraction": frac}
+                frac = s.used_fraction
+                out["snapshots"][key] = {"state": "valid", "cow_used_fraction": frac}
                 if frac >= 0.9:
-                    out["health"].append(f"snapshot {key} COW {frac:.0%} full")
+                    out["health"].append(
+                        f"snapshot {ref} COW area {frac:.0%} full: it becomes invalid when full"
+                    )
+            elif isinstance(s, st.SnapshotInvalid):
+                out["snapshots"][key] = {"state": "invalid"}
+                out["health"].append(
+                    f"snapshot {ref} is INVALID: its COW area overflowed (or failed), "
+                    "its contents are lost; delete it"
+                )
             else:
-                out["snapshots"][key] = {"state": type(s).__name__}
-                out["health"].append(f"snapshot {key} is INVALID (COW overflowed or failed)")
+                state = type(s).__name__.removeprefix("Snapshot").lower()
+                out["snapshots"][key] = {"state": state}
+                out["health"].append(f"snapshot {ref} is in state {state}")
         return out
 
     def recover(self, kind: str, payload: dict[str, Any]) -> str:

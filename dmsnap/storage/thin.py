@@ -154,8 +154,13 @@ class ThinBackend(Backend):
         s = self.pool_status()
         if not isinstance(s, st.ThinPoolStatus):
             raise NoSpace(f"cannot create {what}: thin pool has failed")
+        if s.mode == "out_of_data_space":
+            raise NoSpace(
+                f"cannot create {what}: pool {self.pool.name} is out of data space; "
+                "delete snapshots or volumes to free some"
+            )
         if s.mode != "rw":
-            raise NoSpace(f"cannot create {what}: thin pool is {s.mode}")
+            raise NoSpace(f"cannot create {what}: pool {self.pool.name} is read-only ({s.mode})")
         if s.data_used_fraction >= FULL_FRACTION:
             raise NoSpace(
                 f"cannot create {what}: pool {self.pool.name} data is "
@@ -273,7 +278,10 @@ class ThinBackend(Backend):
             transaction_id=s.transaction_id,
         )
         if s.mode == "out_of_data_space":
-            out["health"].append("thin pool OUT OF DATA SPACE: writes fail")
+            out["health"].append(
+                "thin pool is OUT OF DATA SPACE: writes that need new blocks fail; "
+                "delete snapshots or volumes to free space"
+            )
         elif s.mode != "rw":
             out["health"].append(f"thin pool is {s.mode}")
         if s.needs_check:
