@@ -27,6 +27,7 @@ from typing import Any
 
 SCHEMA_VERSION = 2  # 2: markers
 
+# Statements are split on ';', so comments in here must not contain one.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pools (
@@ -77,9 +78,9 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 CREATE INDEX IF NOT EXISTS snapshots_group ON snapshots (group_id);
 -- A snapshot request that went into a pool's journal as a MARKER record.
--- Its id is the marker id in the journal; state 'pending' until the flusher
+-- Its id is the marker id in the journal, state 'pending' until the flusher
 -- reaches it, then 'done' (group_id set, same transaction as the group) or
--- 'failed' (error says why). Replay after a crash delivers a marker again;
+-- 'failed' (error says why). Replay after a crash delivers a marker again,
 -- a 'done' or 'failed' one is never acted on twice.
 CREATE TABLE IF NOT EXISTS markers (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

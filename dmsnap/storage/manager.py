@@ -1022,7 +1022,7 @@ class Manager:
         backend.check_room(f"snapshot {name}")
         mid = self.catalog.add_marker(p.id, name, token, request)
         try:
-            pj.request(mid, request)
+            seq = pj.request(mid, request)
         except (JournalError, ValueError) as e:
             self.catalog.finish_marker(mid, error=f"not appended to the journal: {e}")
             if isinstance(e, JournalError):
@@ -1034,11 +1034,12 @@ class Manager:
             ", ".join(f"{a}/{b}" for a, b in pairs),
             mid,
         )
+        # seq: the marker's place in the journal (tests build their model on it)
         if wait or pj.mode == "ram":
-            return self._wait_marker(pj, mid, timeout)
+            return {**self._wait_marker(pj, mid, timeout), "seq": seq}
         mk2 = self.catalog.marker(mid)
         assert mk2 is not None
-        return self._marker_json(mk2)
+        return {**self._marker_json(mk2), "seq": seq}
 
     def _snapshot_group(
         self,
