@@ -152,12 +152,12 @@ def test_journal_full_writers_wait_then_continue(mgr):
     mgr._materialize = slow  # the flusher now stands at the marker until we let go
     try:
         r = mgr.snapshot_create([["f", "v"]], "held")
-        ts, errors = run_writers(io, model, [vid], threads=4, writes=200, seed=2)
+        ts, errors = run_writers({vid: io}, model, [vid], threads=4, writes=200, seed=2)
         deadline = time.monotonic() + 60
         # the journal's own stats: the held marker holds the Manager's lock
         pj = mgr._journals[mgr.catalog.pool("f").id]
         while (st := pj.stats()).used < 0.9 * st.capacity:
-            assert time.monotonic() < deadline, "journal never filled"
+            assert time.monotonic() < deadline, f"journal never filled: {st} {errors}"
             time.sleep(0.05)
         assert any(t.is_alive() for t in ts), "writers should be waiting for space"
         time.sleep(0.5)
