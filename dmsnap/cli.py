@@ -371,7 +371,7 @@ SNAPSHOT_HEADERS = ["POOL", "VOLUME", "NAME", "GROUP", "CREATED", "ACTIVE", "PAT
 
 def _completion_items(ctx: typer.Context, op: str, **args: Any) -> list[dict[str, Any]]:
     try:
-        path = ctx.find_root().params.get("socket") or default_socket()
+        path = ctx.find_root().params.get("socket_path") or default_socket()
         with Client(path, timeout=2.0) as c:
             items = c.call(op, **args)
         return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []

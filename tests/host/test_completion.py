@@ -176,11 +176,6 @@ def test_names_complete_from_the_running_daemon(home: Path, socket_path: str) ->
     assert complete(home, "dmsnap snapshot activate tank/db@", **sock) == ["tank/db@nightly"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dmsnap.cli._completion_items reads the root param 'socket'; the --socket "
-    "option's param is 'socket_path', so completion only ever asks $DMSNAP_SOCKET",
-)
 def test_names_complete_from_the_socket_given_with_option(home: Path, socket_path: str) -> None:
     # $DMSNAP_SOCKET points nowhere (see _env): only --socket can find the daemon.
     assert complete(home, f"dmsnap --socket {socket_path} pool show f") == ["fast"]
