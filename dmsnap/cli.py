@@ -313,7 +313,7 @@ def _extra(d: dict[str, Any], shown: Iterable[str]) -> list[tuple[str, object]]:
     ]
 
 
-POOL_HEADERS = ["NAME", "BACKEND", "SIZE", "USED", "FREE", "DATA", "META", "CACHE"]
+POOL_HEADERS = ["NAME", "BACKEND", "SIZE", "USED", "FREE", "DATA", "META", "CACHE", "JOURNAL"]
 
 
 def _pool_row(p: dict[str, Any]) -> list[object]:
@@ -326,10 +326,33 @@ def _pool_row(p: dict[str, Any]) -> list[object]:
         _pct(p.get("data_used_fraction")),
         _pct(p.get("metadata_used_fraction")),
         _writecache(p.get("writecache")),
+        _journal_short(p.get("journal")),
         _count(p.get("volumes")),
         _count(p.get("snapshots")),
         _health(p.get("health")),
     ]
+
+
+def _journal_short(j: Any) -> str:
+    if not isinstance(j, dict) or j.get("mode") in (None, "none"):
+        return "-"
+    if not j.get("running"):
+        return f"{j.get('mode')} (stopped)"
+    return f"{j.get('mode')} {_pct(j.get('fill'))}"
+
+
+def _journal_text(j: Any) -> str:
+    """mode, fill, flusher lag, markers waiting: what an operator watches."""
+    if not isinstance(j, dict) or j.get("mode") in (None, "none"):
+        return "none (snapshots suspend I/O)"
+    where = j.get("path") or "RAM"
+    if not j.get("running"):
+        return f"{j.get('mode')} on {where}, not running"
+    return (
+        f"{j.get('mode')} on {where}, {_size(j.get('capacity'))}, {_pct(j.get('fill'))} full, "
+        f"lag {_count(j.get('lag_records'))} records ({_size(j.get('lag_bytes'))}), "
+        f"{_count(j.get('markers_pending'))} marker(s) pending"
+    )
 
 
 def _print_pools(pools: list[dict[str, Any]]) -> None:
@@ -545,6 +568,7 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
         ("data used", _pct(p.get("data_used_fraction"))),
         ("metadata used", _pct(p.get("metadata_used_fraction"))),
         ("writecache", _writecache(p.get("writecache"))),
+        ("journal", _journal_text(p.get("journal"))),
         ("volumes", _count(p.get("volumes"))),
         ("snapshots", _count(p.get("snapshots"))),
         ("health", _health(p.get("health"))),
@@ -552,7 +576,7 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
     shown = {
         "name", "backend", "embedded", "size", "used", "used_bytes", "free", "free_bytes",
         "data_used_fraction", "metadata_used_fraction", "writecache", "volumes", "snapshots",
-        "health", "devices",
+        "health", "devices", "journal",
     }  # fmt: skip
     rows += _extra(p, shown)
     print_kv(rows)

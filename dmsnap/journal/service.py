@@ -57,6 +57,8 @@ class PoolJournal:
         self._gate = threading.Condition()
         self._inside = 0
         self._closing = False
+        self._full_checked = 0.0
+        self._pool_full = False
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -249,8 +251,25 @@ class PoolJournal:
     def write(
         self, vol: int, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
     ) -> int:
+        self._refuse_if_pool_full()
         with self._entry():
             return self.journal.write(vol, offset, data, fua=fua)
+
+    def _refuse_if_pool_full(self) -> None:
+        """While the flusher's writes fail with ENOSPC (a full thin pool), a
+        new write could only fill the journal and then time out: refuse it
+        now, as the dm device itself would. Writes already acknowledged stay
+        in the journal and land once space is freed (the flusher retries)."""
+        now = time.monotonic()
+        if now - self._full_checked > 0.05:  # stats take the journal's lock: not per write
+            self._pool_full = self.journal.stats().flush_error == -errno.ENOSPC
+            self._full_checked = now
+        if self._pool_full:
+            raise JournalError(
+                errno.ENOSPC,
+                f"pool {self.pool} is out of data space: its journal cannot drain; "
+                "delete snapshots or volumes to free space",
+            )
 
     def read(self, vol: int, offset: int, length: int) -> bytes:
         with self._entry():

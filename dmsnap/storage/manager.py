@@ -58,6 +58,8 @@ def _journal_error(e: JournalError) -> E.UserError:
         return E.InvalidArgument(str(e))
     if e.errno == errno.ENXIO:
         return E.NotFound(str(e))
+    if e.errno == errno.ENOSPC:
+        return E.NoSpace(str(e))
     return E.Unavailable(str(e))
 
 
@@ -912,16 +914,30 @@ class Manager:
         log.info("volume %s/%s deleted", pool, vol)
 
     @contextlib.contextmanager
-    def _detached(self, pool: Pool, vol: Volume) -> Any:
+    def _detached(self, pool: Pool, vol: Volume, *, markers_first: bool = False) -> Any:
         """The volume with its journal records on the dm device and no
         journal writes to it meanwhile; attached again afterwards if it
-        still exists (delete and restore work on the dm device itself)."""
+        still exists (delete and restore work on the dm device itself).
+        With ``markers_first`` every marker requested so far is made before
+        (a restore must not change what an earlier request snapshots). A
+        delete does not wait for them: it may be what frees a full pool."""
         pj = self._journal(pool)
         if pj is None:
             yield
             return
-        pj.sync()  # every marker requested so far is made first
-        pj.detach(vol.id)
+        if markers_first:
+            pj.sync()
+            pj.detach(vol.id)
+        else:
+            try:
+                pj.detach(vol.id, timeout=10.0)
+            except TimeoutError:
+                # The flusher is stuck before this volume's records (a full
+                # pool, a failing device). The volume is being deleted: its
+                # records can go, and the delete may be what unsticks it.
+                log.warning("pool %s: dropping unflushed records of %s", pool.name, vol.name)
+                pj.forget(vol.id)
+                pj.detach(vol.id, timeout=10.0)
         try:
             yield
         finally:
@@ -1174,7 +1190,7 @@ class Manager:
         p, backend = self._pool(pool)
         # Markers requested before the restore are made from the volume as
         # it was; writes arriving meanwhile fail (ENXIO) until it is back.
-        with self._detached(p, v):
+        with self._detached(p, v, markers_first=True):
             self._restore(p, backend, v, s)
         log.info("volume %s/%s restored from %s", pool, vol, name)
 

@@ -245,7 +245,7 @@ def test_pool_list_table_is_aligned(capsys, daemon) -> None:
     header = lines[0]
     assert header.split() == [
         "NAME", "BACKEND", "SIZE", "USED", "FREE", "DATA", "META", "CACHE",
-        "VOLS", "SNAPS", "HEALTH",
+        "JOURNAL", "VOLS", "SNAPS", "HEALTH",
     ]  # fmt: skip
     # Every column starts where its header does.
     for col in ("BACKEND", "SIZE", "DATA", "CACHE", "HEALTH"):
