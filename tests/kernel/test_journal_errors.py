@@ -1,0 +1,140 @@
+"""Device errors under the journal (dm-flakey with error_writes): a failing
+volume device makes the flusher keep and retry its records; a failing journal
+device makes writes fail with a clear error. Nothing acknowledged is lost."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from jmodel import pattern, read_direct
+
+from dmsnap import errors as E
+from dmsnap.dm import targets as t
+from dmsnap.dm.targets import Table
+from dmsnap.dm.udev import Role, make_uuid
+from dmsnap.storage.manager import Manager
+
+MiB = 1 << 20
+SECTOR = 512
+
+
+class Flakey:
+    """A dm-flakey device over a loop device that the test switches between
+    passing writes through and failing them (EIO)."""
+
+    def __init__(self, dm, backing, name: str) -> None:
+        self.dm, self.backing, self.name = dm, backing, name
+        self.sectors = backing.size // SECTOR
+        dm.create(name, make_uuid(Role.TEST, name), self._table(False))
+        self.path = f"/dev/mapper/{name}"
+
+    def _table(self, error_writes: bool) -> Table:
+        if error_writes:
+            tgt = t.Flakey(self.backing.devno, 0, 0, 3600, error_writes=True)
+        else:
+            tgt = t.Flakey(self.backing.devno, 0, 3600, 0)
+        return Table.single(self.sectors, tgt)
+
+    def fail_writes(self, on: bool) -> None:
+        self.dm.load(self.name, self._table(on))
+        self.dm.suspend(self.name)
+        self.dm.resume(self.name)
+
+    def remove(self) -> None:
+        if self.dm.exists(self.name):
+            self.dm.remove(self.name)
+
+
+def wait_for(cond, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not (v := cond()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return v
+
+
+def test_volume_device_errors_keep_records_until_it_works_again(tmp_path, dm, loopdev):
+    fl = Flakey(dm, loopdev(192 * MiB), "dmsnap-test-edata")
+    m = Manager(str(tmp_path / "state"))
+    try:
+        # classic: a failed write to a thin pool's own metadata would put the
+        # pool in fail mode, which is dm-thin's business, not the journal's
+        m.pool_create("e", data=fl.path, backend="classic", journal_size=16 * MiB)
+        m.volume_create("e", "v", 8 * MiB)
+        io = m.open_volume("e", "v")
+        io.write(0, pattern(1, MiB))
+        assert m.snapshot_create([["e", "v"]], "before", wait=True)["state"] == "done"
+
+        fl.fail_writes(True)
+        io.write(MiB, pattern(2, MiB))  # acknowledged: durable in the journal
+        health = wait_for(
+            lambda: [h for h in m.pool_show("e")["health"] if "flush error" in h],
+            "the flusher's write error is not reported",
+        )
+        assert "EIO" in health[0]
+        assert io.read(MiB, MiB) == pattern(2, MiB)  # served from the journal
+        assert m.pool_show("e")["journal"]["lag_records"] > 0
+
+        fl.fail_writes(False)  # the flusher's retry gets through, in order
+        wait_for(lambda: m.pool_show("e")["journal"]["lag_records"] == 0, "never drained")
+        assert not [h for h in m.pool_show("e")["health"] if "flush error" in h]
+        r = m.snapshot_create([["e", "v"]], "after", wait=True)
+        path = m.snapshot_activate("e", "v", "after")["path"]
+        try:
+            assert read_direct(path, 0, MiB) == pattern(1, MiB)
+            assert read_direct(path, MiB, MiB) == pattern(2, MiB)
+        finally:
+            m.snapshot_deactivate("e", "v", "after")
+        assert r["state"] == "done"
+    finally:
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()
+        fl.remove()
+
+
+def test_journal_device_error_fails_writes_clearly_and_loses_nothing(tmp_path, dm, loopdev):
+    fl = Flakey(dm, loopdev(16 * MiB), "dmsnap-test-ejournal")
+    state = str(tmp_path / "state")
+    m = Manager(state)
+    try:
+        m.pool_create("k", size=128 * MiB, journal=fl.path)
+        assert m.pool_show("k")["journal"]["path"] == fl.path
+        m.volume_create("k", "v", 8 * MiB)
+        io = m.open_volume("k", "v")
+        io.write(0, pattern(1, MiB))
+        marker = m.snapshot_create([["k", "v"]], "s1")["marker"]  # durable
+
+        fl.fail_writes(True)
+        with pytest.raises(E.UserError) as ei:
+            io.write(MiB, pattern(2, MiB))
+        assert "I/O error" in str(ei.value) or "EIO" in str(ei.value), str(ei.value)
+        with pytest.raises(E.UserError):  # sticky: the journal is not trusted again
+            io.write(2 * MiB, pattern(3, 4096))
+        assert io.read(0, MiB) == pattern(1, MiB)  # reads still work
+        assert any("journal error" in h for h in m.pool_show("k")["health"])
+
+        # replace/repair the device, restart: the journal replays from its
+        # last good checkpoint; the acknowledged write and marker are there
+        fl.fail_writes(False)
+        m.close(drain=False)
+        m = Manager(state)
+        assert m.assemble()["pools"]["k"] == "ok"
+        wait_for(lambda: m.snapshot_request("k", marker=marker)["state"] == "done", "s1 not made")
+        assert len([s for s in m.snapshot_list("k", "v") if s["name"] == "s1"]) == 1
+        io = m.open_volume("k", "v")
+        assert io.read(0, MiB) == pattern(1, MiB)
+        io.write(MiB, pattern(4, MiB))  # and it takes writes again
+        assert io.read(MiB, MiB) == pattern(4, MiB)
+        path = m.snapshot_activate("k", "v", "s1")["path"]
+        try:
+            assert read_direct(path, 0, MiB) == pattern(1, MiB)
+            assert read_direct(path, MiB, MiB) == bytes(MiB)
+        finally:
+            m.snapshot_deactivate("k", "v", "s1")
+    finally:
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()
+        fl.remove()
