@@ -8,6 +8,6 @@ setup(
     cffi_modules=[
         "dmsnap/dm/_build.py:ffibuilder",
         "dmsnap/storage/_loop_build.py:ffibuilder",
-        "dmsnap/journal/_build.py:ffibuilder",
+        "csrc/build.py:ffibuilder",
     ],
 )

@@ -1,6 +1,6 @@
 """The ordered journal (cache): FIFO of writes and markers, flusher, recovery.
 
-The hot path is C (``csrc/journal.c``, cffi module ``dmsnap.journal._jrffi``);
+The hot path is C (``csrc/journal.c``, cffi module ``dmsnap._hotpath``, built by ``csrc/build.py``);
 :class:`Journal` is its thin Python face.
 """
 

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, fields
 from typing import Any
 
-from dmsnap.journal._jrffi import ffi, lib
+from dmsnap._hotpath import ffi, lib
 
 _MS_MAX = 0xFFFF_FFFF
 

@@ -14,7 +14,7 @@ import pytest
 from test_journal_support import Controller, make_volume, pattern
 
 from dmsnap.journal import Journal, JournalError
-from dmsnap.journal._jrffi import lib
+from dmsnap._hotpath import lib
 
 MiB = 1 << 20
 VOL = 16 * MiB

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dmsnap.journal import Journal, Marker
-from dmsnap.journal._jrffi import lib
+from dmsnap._hotpath import lib
 
 SB_FMT = "<QIIQQQQQQQII"  # magic version align journal_id generation capacity ckpt_seq ckpt_pos
 # sb_seq min_gen crc zero

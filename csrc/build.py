@@ -1,4 +1,6 @@
-"""cffi API-mode builder for the journal's C hot path (csrc/journal.c).
+"""cffi API-mode builder for the C hot path: the journal (csrc/journal.c) and
+the TCMU ring handler (csrc/tcmu.c), one module ``dmsnap._hotpath`` because
+the ring handler calls the journal directly.
 
 The C side owns the threads (group committer, flusher) and never calls back
 into Python; cffi releases the GIL around every call, so Python threads
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from cffi import FFI
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 # Paths relative to the repository root when built from there (setuptools
 # runs the builders with the root as working directory), absolute otherwise.
 _rel = Path.cwd().resolve() == ROOT
@@ -80,6 +82,42 @@ int jr_stop(jr_t *j, int drain, uint32_t timeout_ms);
 int jr_close(jr_t *j, int drain, uint32_t timeout_ms);
 uint32_t jr_crc32c(const void *buf, size_t len);
 uint32_t jr_crc32c_table(const void *buf, size_t len);
+
+#define TC_MAX_CDB ...
+typedef struct tc_dev tc_dev_t;
+struct tc_config {
+    uint32_t vol;
+    uint64_t size;
+    uint32_t block_size;
+    int32_t read_only;
+    int32_t workers;
+    uint32_t timeout_ms;
+};
+struct tc_slow {
+    uint16_t cmd_id;
+    uint8_t cdb[...];
+    uint32_t cdb_len;
+    uint32_t data_len;
+};
+struct tc_stats {
+    uint64_t fetched;
+    uint64_t fast_reads;
+    uint64_t fast_writes;
+    uint64_t slow;
+    uint64_t errors;
+    uint64_t busy;
+    uint32_t inflight;
+    uint32_t flags;
+};
+int tc_open(const char *uio_path, uint64_t map_size, jr_t *j, const struct tc_config *cfg,
+            tc_dev_t **out);
+int tc_next_slow(tc_dev_t *d, uint32_t timeout_ms, struct tc_slow *out);
+int tc_data_out(tc_dev_t *d, uint16_t cmd_id, void *buf, uint32_t len);
+int tc_complete(tc_dev_t *d, uint16_t cmd_id, uint8_t status, const void *data_in,
+                uint32_t data_len, const void *sense, uint32_t sense_len);
+void tc_set_desc_sense(tc_dev_t *d, int on);
+void tc_get_stats(tc_dev_t *d, struct tc_stats *st);
+void tc_close(tc_dev_t *d);
 """
 
 _cflags = ["-O2", "-Wall", "-Wextra", "-Werror", "-pthread"]
@@ -92,9 +130,9 @@ if os.environ.get("DMSNAP_JOURNAL_SANITIZE") == "1":
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
-    "dmsnap.journal._jrffi",
-    '#include "journal.h"',
-    sources=[f"{CSRC}/journal.c"],
+    "dmsnap._hotpath",
+    '#include "journal.h"\n#include "tcmu.h"',
+    sources=[f"{CSRC}/journal.c", f"{CSRC}/tcmu.c"],
     include_dirs=[CSRC],
     extra_compile_args=_cflags,
     extra_link_args=_ldflags,
@@ -102,6 +140,6 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    # In-place build: python dmsnap/journal/_build.py (from the repository root)
+    # In-place build: python csrc/build.py
     os.chdir(ROOT)
     ffibuilder.compile(tmpdir=".", verbose=False)

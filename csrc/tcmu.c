@@ -1,0 +1,581 @@
+/* dmsnap TCMU ring handler; see tcmu.h. */
+#define _GNU_SOURCE
+#include "tcmu.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+/* <linux/target_core_user.h> pulls in <linux/uio.h>, whose struct iovec
+ * clashes with glibc's (same layout); keep glibc's. */
+#include <sys/uio.h>
+#define __LINUX_UIO_H
+#include <linux/target_core_user.h>
+
+#define ST_GOOD 0x00
+#define ST_CHECK 0x02
+#define ST_BUSY 0x08
+
+#define DEFAULT_WORKERS 16
+#define MAX_WORKERS 64
+
+struct tc_cmd {
+    uint16_t cmd_id;
+    uint8_t cdb[TC_MAX_CDB];
+    uint32_t cdb_len;
+    uint32_t iov_cnt;
+    struct iovec *iov; /* pointers into the mapping */
+    uint64_t data_len;
+    struct tc_cmd *next;
+};
+
+struct tc_dev {
+    int fd;
+    uint8_t *map;
+    uint64_t map_size;
+    struct tcmu_mailbox *mb;
+    jr_t *j;
+    struct tc_config cfg;
+    int desc_sense;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv_work, cv_slow, cv_idle;
+    uint32_t fetched; /* ring offset up to which commands were taken */
+    struct tc_cmd *work_head, *work_tail, *slow_head, *slow_tail;
+    struct tc_cmd *inflight[65536]; /* by cmd_id: fetched, not completed */
+    int stop;
+
+    pthread_t ring_thread;
+    pthread_t workers[MAX_WORKERS];
+    int nworkers;
+    struct tc_stats st;
+};
+
+/* -- sense ------------------------------------------------------------------- */
+
+static uint32_t make_sense(int desc, uint8_t key, uint8_t asc, uint8_t ascq, uint8_t *s)
+{
+    memset(s, 0, TCMU_SENSE_BUFFERSIZE);
+    if (desc) {
+        s[0] = 0x72;
+        s[1] = key;
+        s[2] = asc;
+        s[3] = ascq;
+        return 8;
+    }
+    s[0] = 0x70;
+    s[2] = key;
+    s[7] = 10; /* additional length */
+    s[12] = asc;
+    s[13] = ascq;
+    return 18;
+}
+
+/* -- the ring ---------------------------------------------------------------- */
+
+static inline struct tcmu_cmd_entry *entry_at(tc_dev_t *d, uint32_t off)
+{
+    return (struct tcmu_cmd_entry *)(d->map + d->mb->cmdr_off + off);
+}
+
+static inline uint32_t ring_add(tc_dev_t *d, uint32_t off, uint32_t len)
+{
+    return (off + len) % d->mb->cmdr_size;
+}
+
+/* Skip non-command entries at the tail (PAD, unknown ops) that are already
+ * fetched; the caller holds mu. */
+static void sweep_tail(tc_dev_t *d)
+{
+    uint32_t tail = d->mb->cmd_tail;
+    while (tail != d->fetched) {
+        struct tcmu_cmd_entry *e = entry_at(d, tail);
+        if (tcmu_hdr_get_op(e->hdr.len_op) == TCMU_OP_CMD)
+            break;
+        tail = ring_add(d, tail, tcmu_hdr_get_len(e->hdr.len_op));
+    }
+    __atomic_store_n(&d->mb->cmd_tail, tail, __ATOMIC_RELEASE);
+}
+
+static void kick(tc_dev_t *d)
+{
+    uint32_t one = 0;
+    ssize_t n = write(d->fd, &one, sizeof one);
+    (void)n; /* a failed kick is retried by the next completion */
+}
+
+/* Write a response into the entry at cmd_tail (stealing it, as out-of-order
+ * completion requires) and move the tail past it; the caller holds mu. */
+static void respond(tc_dev_t *d, struct tc_cmd *c, uint8_t status, const uint8_t *sense,
+                    uint32_t sense_len, int64_t read_len)
+{
+    sweep_tail(d);
+    uint32_t tail = d->mb->cmd_tail;
+    struct tcmu_cmd_entry *e = entry_at(d, tail);
+    e->hdr.cmd_id = c->cmd_id;
+    e->hdr.uflags = 0;
+    e->rsp.scsi_status = status;
+    memset(e->rsp.sense_buffer, 0, TCMU_SENSE_BUFFERSIZE);
+    if (sense && sense_len)
+        memcpy(e->rsp.sense_buffer, sense,
+               sense_len < TCMU_SENSE_BUFFERSIZE ? sense_len : TCMU_SENSE_BUFFERSIZE);
+    if (read_len >= 0 && (d->mb->flags & TCMU_MAILBOX_FLAG_CAP_READ_LEN)) {
+        e->hdr.uflags |= TCMU_UFLAG_READ_LEN;
+        e->rsp.read_len = (uint32_t)read_len;
+    }
+    __atomic_store_n(&d->mb->cmd_tail, ring_add(d, tail, tcmu_hdr_get_len(e->hdr.len_op)),
+                     __ATOMIC_RELEASE);
+    sweep_tail(d);
+    d->inflight[c->cmd_id] = NULL;
+    d->st.inflight--;
+    if (!d->st.inflight)
+        pthread_cond_broadcast(&d->cv_idle);
+}
+
+static void finish(tc_dev_t *d, struct tc_cmd *c, uint8_t status, const uint8_t *sense,
+                   uint32_t sense_len, int64_t read_len)
+{
+    pthread_mutex_lock(&d->mu);
+    respond(d, c, status, sense, sense_len, read_len);
+    pthread_mutex_unlock(&d->mu);
+    kick(d);
+    free(c->iov);
+    free(c);
+}
+
+static uint32_t cdb_size(uint8_t op)
+{
+    static const uint8_t by_group[8] = {6, 10, 10, 0, 16, 12, 10, 10};
+    return by_group[op >> 5];
+}
+
+/* READ/WRITE 6/10/12/16 with every field well-formed: (is_write, lba,
+ * blocks, fua); 0 if the slow path should see it (it answers with sense). */
+static int fast_rw(const tc_dev_t *d, const struct tc_cmd *c, int *w, uint64_t *lba,
+                   uint32_t *n, int *fua)
+{
+    const uint8_t *b = c->cdb;
+    uint8_t prot = 0;
+    switch (b[0]) {
+    case 0x08: case 0x0a: /* READ(6) / WRITE(6) */
+        *w = b[0] == 0x0a;
+        *lba = ((uint64_t)(b[1] & 0x1f) << 16) | ((uint64_t)b[2] << 8) | b[3];
+        *n = b[4] ? b[4] : 256;
+        *fua = 0;
+        if (b[5])
+            return 0;
+        break;
+    case 0x28: case 0x2a: /* READ(10) / WRITE(10) */
+        *w = b[0] == 0x2a;
+        *lba = ((uint64_t)b[2] << 24) | ((uint64_t)b[3] << 16) | ((uint64_t)b[4] << 8) | b[5];
+        *n = ((uint32_t)b[7] << 8) | b[8];
+        prot = b[1] >> 5;
+        *fua = !!(b[1] & 0x08);
+        if (b[9] || (b[1] & 0x06) || b[6])
+            return 0;
+        break;
+    case 0xa8: case 0xaa: /* READ(12) / WRITE(12) */
+        *w = b[0] == 0xaa;
+        *lba = ((uint64_t)b[2] << 24) | ((uint64_t)b[3] << 16) | ((uint64_t)b[4] << 8) | b[5];
+        *n = ((uint32_t)b[6] << 24) | ((uint32_t)b[7] << 16) | ((uint32_t)b[8] << 8) | b[9];
+        prot = b[1] >> 5;
+        *fua = !!(b[1] & 0x08);
+        if (b[11] || (b[1] & 0x06) || b[10])
+            return 0;
+        break;
+    case 0x88: case 0x8a: /* READ(16) / WRITE(16) */
+        *w = b[0] == 0x8a;
+        *lba = 0;
+        for (int i = 2; i < 10; i++)
+            *lba = (*lba << 8) | b[i];
+        *n = ((uint32_t)b[10] << 24) | ((uint32_t)b[11] << 16) | ((uint32_t)b[12] << 8) | b[13];
+        prot = b[1] >> 5;
+        *fua = !!(b[1] & 0x08);
+        if (b[15] || (b[1] & 0x06) || b[14])
+            return 0;
+        break;
+    default:
+        return 0;
+    }
+    uint64_t blocks = d->cfg.size / d->cfg.block_size;
+    if (prot || *n == 0 || *lba >= blocks || *n > blocks - *lba)
+        return 0;
+    if ((uint64_t)*n * d->cfg.block_size != c->data_len || c->data_len > JR_MAX_IO)
+        return 0;
+    if (*w && d->cfg.read_only)
+        return 0;
+    return 1;
+}
+
+/* -- fast path ----------------------------------------------------------- */
+
+static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
+{
+    int w, fua;
+    uint64_t lba;
+    uint32_t n;
+    uint8_t sense[TCMU_SENSE_BUFFERSIZE];
+    fast_rw(d, c, &w, &lba, &n, &fua);
+    uint64_t off = lba * d->cfg.block_size;
+    uint32_t len = n * d->cfg.block_size;
+    int64_t rc;
+    if (w) {
+        uint32_t at = 0;
+        for (uint32_t i = 0; i < c->iov_cnt && at < len; i++) {
+            uint32_t k = c->iov[i].iov_len < len - at ? (uint32_t)c->iov[i].iov_len : len - at;
+            memcpy(bounce + at, c->iov[i].iov_base, k);
+            at += k;
+        }
+        rc = jr_write(d->j, d->cfg.vol, off, bounce, len, fua ? JR_FUA : 0, d->cfg.timeout_ms);
+        __atomic_add_fetch(&d->st.fast_writes, 1, __ATOMIC_RELAXED);
+    } else {
+        rc = jr_read(d->j, d->cfg.vol, off, bounce, len);
+        if (rc >= 0) {
+            uint32_t at = 0;
+            for (uint32_t i = 0; i < c->iov_cnt && at < len; i++) {
+                uint32_t k =
+                    c->iov[i].iov_len < len - at ? (uint32_t)c->iov[i].iov_len : len - at;
+                memcpy(c->iov[i].iov_base, bounce + at, k);
+                at += k;
+            }
+        }
+        __atomic_add_fetch(&d->st.fast_reads, 1, __ATOMIC_RELAXED);
+    }
+    if (rc >= 0) {
+        finish(d, c, ST_GOOD, NULL, 0, -1);
+        return;
+    }
+    if (rc == -ETIMEDOUT || rc == -ESHUTDOWN || rc == -EAGAIN || rc == -ENXIO) {
+        /* journal full, stopping, volume detached for a moment: retry later */
+        __atomic_add_fetch(&d->st.busy, 1, __ATOMIC_RELAXED);
+        finish(d, c, ST_BUSY, NULL, 0, -1);
+        return;
+    }
+    __atomic_add_fetch(&d->st.errors, 1, __ATOMIC_RELAXED);
+    uint32_t sl;
+    if (rc == -ENOSPC) /* SPACE ALLOCATION FAILED WRITE PROTECT */
+        sl = make_sense(d->desc_sense, 0x07, 0x27, 0x07, sense);
+    else if (w) /* WRITE ERROR */
+        sl = make_sense(d->desc_sense, 0x03, 0x0c, 0x00, sense);
+    else /* UNRECOVERED READ ERROR */
+        sl = make_sense(d->desc_sense, 0x03, 0x11, 0x00, sense);
+    finish(d, c, ST_CHECK, sense, sl, -1);
+}
+
+static void *worker_main(void *arg)
+{
+    tc_dev_t *d = arg;
+    uint8_t *bounce = NULL;
+    if (posix_memalign((void **)&bounce, 4096, JR_MAX_IO))
+        return NULL;
+    pthread_mutex_lock(&d->mu);
+    for (;;) {
+        while (!d->work_head && !d->stop)
+            pthread_cond_wait(&d->cv_work, &d->mu);
+        if (!d->work_head)
+            break;
+        struct tc_cmd *c = d->work_head;
+        d->work_head = c->next;
+        if (!d->work_head)
+            d->work_tail = NULL;
+        pthread_mutex_unlock(&d->mu);
+        run_fast(d, c, bounce);
+        pthread_mutex_lock(&d->mu);
+    }
+    pthread_mutex_unlock(&d->mu);
+    free(bounce);
+    return NULL;
+}
+
+/* -- fetching ----------------------------------------------------------------- */
+
+static void enqueue(struct tc_cmd **head, struct tc_cmd **tail, struct tc_cmd *c)
+{
+    c->next = NULL;
+    if (*tail)
+        (*tail)->next = c;
+    else
+        *head = c;
+    *tail = c;
+}
+
+/* Take every command the kernel has posted; the caller holds mu. */
+static int fetch(tc_dev_t *d)
+{
+    int got = 0;
+    uint32_t head = __atomic_load_n(&d->mb->cmd_head, __ATOMIC_ACQUIRE);
+    while (d->fetched != head) {
+        struct tcmu_cmd_entry *e = entry_at(d, d->fetched);
+        uint32_t len = tcmu_hdr_get_len(e->hdr.len_op);
+        uint32_t op = tcmu_hdr_get_op(e->hdr.len_op);
+        if (!len || len > d->mb->cmdr_size)
+            break; /* a corrupt ring: stop taking, the kernel will time out */
+        if (op == TCMU_OP_CMD) {
+            struct tc_cmd *c = calloc(1, sizeof *c);
+            uint32_t cnt = e->req.iov_cnt + e->req.iov_bidi_cnt;
+            if (!c || (cnt && !(c->iov = calloc(cnt, sizeof *c->iov)))) {
+                free(c);
+                break; /* out of memory: leave it for the next pass */
+            }
+            c->cmd_id = e->hdr.cmd_id;
+            const uint8_t *cdb = d->map + e->req.cdb_off;
+            uint32_t cl = cdb_size(cdb[0]);
+            if (cdb[0] == 0x7f) /* variable length */
+                cl = 8 + cdb[7];
+            if (!cl)
+                cl = 16;
+            c->cdb_len = cl < TC_MAX_CDB ? cl : TC_MAX_CDB;
+            memcpy(c->cdb, cdb, c->cdb_len);
+            c->iov_cnt = cnt;
+            for (uint32_t i = 0; i < cnt; i++) {
+                uintptr_t base = (uintptr_t)e->req.iov[i].iov_base;
+                size_t l = e->req.iov[i].iov_len;
+                if (base > d->map_size || l > d->map_size - base) {
+                    c->iov_cnt = i; /* never touch memory outside the map */
+                    break;
+                }
+                c->iov[i].iov_base = d->map + base;
+                c->iov[i].iov_len = l;
+                c->data_len += l;
+            }
+            d->inflight[c->cmd_id] = c;
+            d->st.inflight++;
+            d->st.fetched++;
+            int w, fua;
+            uint64_t lba;
+            uint32_t n;
+            if (d->j && fast_rw(d, c, &w, &lba, &n, &fua)) {
+                enqueue(&d->work_head, &d->work_tail, c);
+                pthread_cond_signal(&d->cv_work);
+            } else {
+                d->st.slow++;
+                enqueue(&d->slow_head, &d->slow_tail, c);
+                pthread_cond_signal(&d->cv_slow);
+            }
+        } else if (op != TCMU_OP_PAD) {
+            e->hdr.uflags |= TCMU_UFLAG_UNKNOWN_OP;
+        }
+        d->fetched = ring_add(d, d->fetched, len);
+        got = 1;
+    }
+    sweep_tail(d);
+    return got;
+}
+
+static void *ring_main(void *arg)
+{
+    tc_dev_t *d = arg;
+    struct pollfd p = {.fd = d->fd, .events = POLLIN};
+    for (;;) {
+        pthread_mutex_lock(&d->mu);
+        int stop = d->stop;
+        fetch(d);
+        pthread_mutex_unlock(&d->mu);
+        if (stop)
+            break;
+        int r = poll(&p, 1, 100);
+        if (r > 0 && (p.revents & POLLIN)) {
+            uint32_t cnt;
+            ssize_t n = read(d->fd, &cnt, sizeof cnt); /* consumes the UIO event */
+            (void)n;
+        }
+    }
+    return NULL;
+}
+
+/* -- the controller's side ----------------------------------------------- */
+
+int tc_next_slow(tc_dev_t *d, uint32_t timeout_ms, struct tc_slow *out)
+{
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    dl.tv_sec += timeout_ms / 1000;
+    dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&d->mu);
+    while (!d->slow_head && !d->stop) {
+        if (pthread_cond_timedwait(&d->cv_slow, &d->mu, &dl) == ETIMEDOUT)
+            break;
+    }
+    struct tc_cmd *c = d->slow_head;
+    if (!c) {
+        int rc = d->stop ? -ESHUTDOWN : -ETIMEDOUT;
+        pthread_mutex_unlock(&d->mu);
+        return rc;
+    }
+    d->slow_head = c->next;
+    if (!d->slow_head)
+        d->slow_tail = NULL;
+    out->cmd_id = c->cmd_id;
+    memcpy(out->cdb, c->cdb, TC_MAX_CDB);
+    out->cdb_len = c->cdb_len;
+    out->data_len = (uint32_t)c->data_len;
+    pthread_mutex_unlock(&d->mu);
+    return 0;
+}
+
+int tc_data_out(tc_dev_t *d, uint16_t cmd_id, void *buf, uint32_t len)
+{
+    pthread_mutex_lock(&d->mu);
+    struct tc_cmd *c = d->inflight[cmd_id];
+    pthread_mutex_unlock(&d->mu);
+    if (!c)
+        return -ENOENT;
+    uint32_t at = 0;
+    for (uint32_t i = 0; i < c->iov_cnt && at < len; i++) {
+        uint32_t k = c->iov[i].iov_len < len - at ? (uint32_t)c->iov[i].iov_len : len - at;
+        memcpy((uint8_t *)buf + at, c->iov[i].iov_base, k);
+        at += k;
+    }
+    return (int)at;
+}
+
+int tc_complete(tc_dev_t *d, uint16_t cmd_id, uint8_t status, const void *data_in,
+                uint32_t data_len, const void *sense, uint32_t sense_len)
+{
+    pthread_mutex_lock(&d->mu);
+    struct tc_cmd *c = d->inflight[cmd_id];
+    pthread_mutex_unlock(&d->mu);
+    if (!c)
+        return -ENOENT;
+    int64_t read_len = -1;
+    if (data_in && data_len) {
+        uint32_t at = 0;
+        for (uint32_t i = 0; i < c->iov_cnt && at < data_len; i++) {
+            uint32_t k =
+                c->iov[i].iov_len < data_len - at ? (uint32_t)c->iov[i].iov_len : data_len - at;
+            memcpy(c->iov[i].iov_base, (const uint8_t *)data_in + at, k);
+            at += k;
+        }
+        if (at < c->data_len)
+            read_len = at;
+    }
+    finish(d, c, status, sense, sense_len, read_len);
+    return 0;
+}
+
+void tc_set_desc_sense(tc_dev_t *d, int on)
+{
+    __atomic_store_n(&d->desc_sense, on ? 1 : 0, __ATOMIC_RELAXED);
+}
+
+void tc_get_stats(tc_dev_t *d, struct tc_stats *st)
+{
+    pthread_mutex_lock(&d->mu);
+    *st = d->st;
+    st->fast_reads = __atomic_load_n(&d->st.fast_reads, __ATOMIC_RELAXED);
+    st->fast_writes = __atomic_load_n(&d->st.fast_writes, __ATOMIC_RELAXED);
+    st->flags = d->mb->flags;
+    pthread_mutex_unlock(&d->mu);
+}
+
+/* -- life cycle -------------------------------------------------------------- */
+
+int tc_open(const char *uio_path, uint64_t map_size, jr_t *j, const struct tc_config *cfg,
+            tc_dev_t **out)
+{
+    if (!cfg || !cfg->block_size || cfg->size % cfg->block_size || (j && !cfg->vol))
+        return -EINVAL;
+    tc_dev_t *d = calloc(1, sizeof *d);
+    if (!d)
+        return -ENOMEM;
+    d->fd = open(uio_path, O_RDWR | O_CLOEXEC);
+    if (d->fd < 0) {
+        int e = errno;
+        free(d);
+        return -e;
+    }
+    d->map = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, d->fd, 0);
+    if (d->map == MAP_FAILED) {
+        int e = errno;
+        close(d->fd);
+        free(d);
+        return -e;
+    }
+    d->map_size = map_size;
+    d->mb = (struct tcmu_mailbox *)d->map;
+    if (d->mb->version != TCMU_MAILBOX_VERSION || !(d->mb->flags & TCMU_MAILBOX_FLAG_CAP_OOOC) ||
+        d->mb->cmdr_off >= map_size || d->mb->cmdr_size > map_size - d->mb->cmdr_off) {
+        munmap(d->map, map_size);
+        close(d->fd);
+        free(d);
+        return -EPROTO;
+    }
+    d->j = j;
+    d->cfg = *cfg;
+    if (!d->cfg.timeout_ms)
+        d->cfg.timeout_ms = 10000;
+    d->nworkers = cfg->workers > 0 ? cfg->workers : DEFAULT_WORKERS;
+    if (d->nworkers > MAX_WORKERS)
+        d->nworkers = MAX_WORKERS;
+    pthread_mutex_init(&d->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&d->cv_work, &ca);
+    pthread_cond_init(&d->cv_slow, &ca);
+    pthread_cond_init(&d->cv_idle, &ca);
+    pthread_condattr_destroy(&ca);
+    /* Entries between tail and head were posted before we (re)started: a
+     * restarted daemon takes them again (the kernel still waits for them). */
+    d->fetched = d->mb->cmd_tail;
+    int started = 0;
+    for (int i = 0; i < (j ? d->nworkers : 0); i++) {
+        if (pthread_create(&d->workers[i], NULL, worker_main, d))
+            break;
+        started++;
+    }
+    d->nworkers = started;
+    if (pthread_create(&d->ring_thread, NULL, ring_main, d)) {
+        d->stop = 1;
+        pthread_cond_broadcast(&d->cv_work);
+        for (int i = 0; i < d->nworkers; i++)
+            pthread_join(d->workers[i], NULL);
+        munmap(d->map, map_size);
+        close(d->fd);
+        free(d);
+        return -EAGAIN;
+    }
+    *out = d;
+    return 0;
+}
+
+void tc_close(tc_dev_t *d)
+{
+    pthread_mutex_lock(&d->mu);
+    d->stop = 1;
+    pthread_cond_broadcast(&d->cv_work);
+    pthread_cond_broadcast(&d->cv_slow);
+    pthread_mutex_unlock(&d->mu);
+    pthread_join(d->ring_thread, NULL);
+    for (int i = 0; i < d->nworkers; i++)
+        pthread_join(d->workers[i], NULL); /* they finish the queue first */
+    /* What the controller never completed: BUSY, so initiators retry. */
+    pthread_mutex_lock(&d->mu);
+    for (uint32_t id = 0; id < 65536; id++) {
+        struct tc_cmd *c = d->inflight[id];
+        if (!c)
+            continue;
+        respond(d, c, ST_BUSY, NULL, 0, -1);
+        free(c->iov);
+        free(c);
+    }
+    pthread_mutex_unlock(&d->mu);
+    kick(d);
+    munmap(d->map, d->map_size);
+    close(d->fd);
+    pthread_mutex_destroy(&d->mu);
+    pthread_cond_destroy(&d->cv_work);
+    pthread_cond_destroy(&d->cv_slow);
+    pthread_cond_destroy(&d->cv_idle);
+    free(d);
+}
