@@ -162,6 +162,15 @@ class Journal:
             _check(rc, f"open RAM journal of {ram_size} bytes")
         return cls(out[0], mode, path)
 
+    @property
+    def c_handle(self) -> Any:
+        """The ``jr_t *`` for other C code in the hot path (the TCMU ring
+        handler calls the journal directly). Whoever takes it stops using it
+        before :meth:`close`."""
+        if self._closed:
+            raise JournalError(_errno.ESHUTDOWN, "journal is closed")
+        return self._j
+
     def _enter(self) -> Any:
         with self._lock:
             if self._closed:

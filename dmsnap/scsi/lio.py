@@ -1,0 +1,186 @@
+"""LIO configuration through rtslib-fb: the user backstore of each exported
+volume, and its fabric (tcm_loop for a local disk, iSCSI for initiators on
+the network). One place for every configfs write dmsnap makes.
+
+Backstores are named ``dmsnap-<pool>-<vol>`` (``...@<snap>`` for a snapshot)
+and carry ``dev_config=dmsnap/<pool>/<vol>``: the subtype ``dmsnap`` marks
+them as ours (other TCMU handlers leave them alone) and names the volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("dmsnap.scsi")
+
+CONFIGFS = "/sys/kernel/config/target"
+SUBTYPE = "dmsnap"
+# The ring: 64 MiB of data area (the kernel's default is 1 GiB per device)
+# and 1 MiB per command (not 64 KiB): room for ~64 commands of 1 MiB or
+# thousands of 4 KiB ones in flight.
+DATA_AREA_MB = 64
+MAX_SECTORS = 2048
+
+
+class LioError(Exception):
+    pass
+
+
+def _rtslib():
+    try:
+        import rtslib_fb
+    except ImportError as e:  # pragma: no cover - an install problem
+        raise LioError("rtslib-fb is not installed (pip install 'dmsnap[scsi]')") from e
+    return rtslib_fb
+
+
+def available() -> str | None:
+    """None if LIO can be used, else why not."""
+    if not os.path.isdir(CONFIGFS):
+        return f"{CONFIGFS} missing: load target_core_mod and mount configfs"
+    if not os.path.isdir("/sys/module/target_core_user"):
+        return "the target_core_user module is not loaded"
+    return None
+
+
+@dataclass(frozen=True)
+class Backstore:
+    name: str
+    hba: int  # user_<hba>
+    wwn: str  # T10 unit serial
+
+
+def create_backstore(name: str, config: str, size: int, wwn: str) -> Backstore:
+    """A user backstore for ``config`` (``pool/vol``); returns it with its
+    HBA number (the UIO device's name carries it)."""
+    rts = _rtslib()
+    so = rts.UserBackedStorageObject(
+        name,
+        config=f"{SUBTYPE}/{config}",
+        size=size,
+        wwn=wwn,
+        hw_max_sectors=MAX_SECTORS,
+        control=f"max_data_area_mb={DATA_AREA_MB},nl_reply_supported=-1",
+    )
+    # .../core/user_<N>/<name>
+    hba = int(os.path.basename(os.path.dirname(so.path)).removeprefix("user_"))
+    with contextlib.suppress(Exception):
+        so.set_attribute("emulate_write_cache", "0")  # WCE is ours to report
+    return Backstore(name, hba, wwn)
+
+
+def find_backstore(name: str) -> Backstore | None:
+    for path in glob.glob(f"{CONFIGFS}/core/user_*/{name}"):
+        hba = int(os.path.basename(os.path.dirname(path)).removeprefix("user_"))
+        try:
+            with open(f"{path}/wwn/vpd_unit_serial") as f:
+                wwn = f.read().split(":", 1)[-1].strip()
+        except OSError:
+            wwn = ""
+        return Backstore(name, hba, wwn)
+    return None
+
+
+def _storage_object(bs: Backstore):
+    rts = _rtslib()
+    return rts.UserBackedStorageObject(bs.name, index=bs.hba)
+
+
+def control(bs: Backstore, action: str, value: int) -> None:
+    """The TCMU actions on a backstore: ``block_dev`` 1/0 holds/lets go of
+    new commands (across a daemon restart), ``reset_ring`` 1 retries (or 2
+    fails) what is in the ring."""
+    path = f"{CONFIGFS}/core/user_{bs.hba}/{bs.name}/action/{action}"
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def delete_backstore(bs: Backstore) -> None:
+    with contextlib.suppress(Exception):
+        _storage_object(bs).delete()
+
+
+# -- fabrics ----------------------------------------------------------------------
+
+
+def export_local(bs: Backstore) -> str:
+    """A tcm_loop target with the backstore as LUN 0; returns its naa WWN."""
+    rts = _rtslib()
+    fm = rts.FabricModule("loopback")
+    target = rts.Target(fm)
+    tpg = rts.TPG(target, 1)
+    rts.LUN(tpg, 0, _storage_object(bs))
+    return target.wwn
+
+
+def unexport_local(wwn: str) -> None:
+    rts = _rtslib()
+    with contextlib.suppress(Exception):
+        rts.Target(rts.FabricModule("loopback"), wwn, mode="lookup").delete()
+
+
+def export_iscsi(
+    bs: Backstore,
+    iqn: str,
+    portal: tuple[str, int],
+    allow: list[str],
+    chap: tuple[str, str] | None,
+) -> None:
+    rts = _rtslib()
+    fm = rts.FabricModule("iscsi")
+    target = rts.Target(fm, iqn)
+    try:
+        tpg = rts.TPG(target, 1)
+        lun = rts.LUN(tpg, 0, _storage_object(bs))
+        rts.NetworkPortal(tpg, portal[0], portal[1])
+        if allow:
+            tpg.set_attribute("generate_node_acls", "0")
+            for initiator in allow:
+                acl = rts.NodeACL(tpg, initiator)
+                rts.MappedLUN(acl, 0, lun)
+                if chap:
+                    acl.chap_userid, acl.chap_password = chap
+        else:  # demo mode: any initiator may log in
+            tpg.set_attribute("generate_node_acls", "1")
+            tpg.set_attribute("demo_mode_write_protect", "0")
+            tpg.set_attribute("cache_dynamic_acls", "1")
+        tpg.set_attribute("authentication", "1" if chap else "0")
+        if chap and not allow:
+            tpg.chap_userid, tpg.chap_password = chap
+        tpg.enable = True
+    except Exception:
+        with contextlib.suppress(Exception):
+            target.delete()
+        raise
+
+
+def unexport_iscsi(iqn: str) -> None:
+    rts = _rtslib()
+    with contextlib.suppress(Exception):
+        rts.Target(rts.FabricModule("iscsi"), iqn, mode="lookup").delete()
+
+
+def scsi_disk_for(serial: str, timeout: float = 30.0) -> str | None:
+    """The /dev/sdX whose unit serial (VPD 0x80) is ``serial`` (a local
+    export's disk appears once the kernel has probed it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for dev in glob.glob("/sys/bus/scsi/devices/*:*:*:*"):
+            try:
+                with open(f"{dev}/vpd_pg80", "rb") as f:
+                    page = f.read()
+            except OSError:
+                continue
+            if page[4:].rstrip(b"\0 ").decode(errors="replace") != serial:
+                continue
+            blocks = glob.glob(f"{dev}/block/*")
+            if blocks:
+                return "/dev/" + os.path.basename(blocks[0])
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
