@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2: markers
+SCHEMA_VERSION = 3  # 2: markers, 3: exports
 
 # Statements are split on ';', so comments in here must not contain one.
 SCHEMA = """
@@ -95,6 +95,19 @@ CREATE TABLE IF NOT EXISTS markers (
     finished REAL
 );
 CREATE INDEX IF NOT EXISTS markers_state ON markers (pool_id, state);
+-- A volume (or snapshot) served over SCSI: a LIO user backstore + fabric.
+-- serial is the LUN's unit serial and the seed of its NAA id, stable for
+-- as long as the export exists (initiators' multipath keys on it).
+CREATE TABLE IF NOT EXISTS exports (
+    id INTEGER PRIMARY KEY,
+    pool_id INTEGER NOT NULL REFERENCES pools (id) ON DELETE CASCADE,
+    volume_id INTEGER NOT NULL REFERENCES volumes (id) ON DELETE CASCADE,
+    snapshot_id INTEGER REFERENCES snapshots (id) ON DELETE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ('local', 'iscsi')),
+    serial TEXT NOT NULL UNIQUE,
+    config TEXT NOT NULL,     -- JSON: iqn, portal, allow, chap, snapshot_initiators
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pending (
     id INTEGER PRIMARY KEY,
     pool_id INTEGER,
@@ -177,6 +190,25 @@ class Marker:
 
 
 @dataclass(frozen=True)
+class Export:
+    id: int
+    pool_id: int
+    pool: str
+    volume_id: int
+    volume: str
+    snapshot_id: int | None
+    snapshot: str | None
+    kind: str
+    serial: str
+    config: dict[str, Any]
+    created: float
+
+    @property
+    def ref(self) -> str:
+        return f"{self.pool}/{self.volume}" + (f"@{self.snapshot}" if self.snapshot else "")
+
+
+@dataclass(frozen=True)
 class Pending:
     id: int
     pool_id: int | None
@@ -212,7 +244,7 @@ class Catalog:
                     f"({SCHEMA_VERSION}); upgrade dmsnap"
                 )
             elif int(row[0]) < SCHEMA_VERSION:
-                # 1 → 2 only added the markers table (created above).
+                # 2 added the markers table, 3 the exports table (created above).
                 self.db.execute(
                     "UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),)
                 )
@@ -302,6 +334,7 @@ class Catalog:
             db.execute("DELETE FROM volumes WHERE pool_id=?", (pool_id,))
             db.execute("DELETE FROM pending WHERE pool_id=?", (pool_id,))
             db.execute("DELETE FROM markers WHERE pool_id=?", (pool_id,))
+            db.execute("DELETE FROM exports WHERE pool_id=?", (pool_id,))
             db.execute("DELETE FROM pools WHERE id=?", (pool_id,))
 
     # -- volumes -----------------------------------------------------------------
@@ -486,6 +519,51 @@ class Catalog:
                 (state, group_id, error, time.time(), marker_id),
             )
 
+    # -- exports ----------------------------------------------------------------------
+
+    _EXPORT_Q = (
+        "SELECT e.*, p.name AS pool, v.name AS volume, s.name AS snapshot FROM exports e"
+        " JOIN pools p ON p.id = e.pool_id JOIN volumes v ON v.id = e.volume_id"
+        " LEFT JOIN snapshots s ON s.id = e.snapshot_id"
+    )
+
+    def add_export(
+        self,
+        pool_id: int,
+        volume_id: int,
+        snapshot_id: int | None,
+        kind: str,
+        serial: str,
+        config: dict[str, Any],
+    ) -> Export:
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO exports (pool_id, volume_id, snapshot_id, kind, serial, config,"
+                " created) VALUES (?,?,?,?,?,?,?)",
+                (
+                    pool_id,
+                    volume_id,
+                    snapshot_id,
+                    kind,
+                    serial,
+                    json.dumps(config, sort_keys=True),
+                    time.time(),
+                ),
+            )
+            eid = int(cur.lastrowid or 0)
+        return next(e for e in self.exports() if e.id == eid)
+
+    def exports(self, pool: str | None = None) -> list[Export]:
+        q, args = self._EXPORT_Q, []
+        if pool is not None:
+            q += " WHERE p.name=?"
+            args.append(pool)
+        return [_export(r) for r in self.db.execute(q + " ORDER BY e.id", args)]
+
+    def remove_export(self, export_id: int) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM exports WHERE id=?", (export_id,))
+
     # -- pending operations ----------------------------------------------------------
 
     def begin_pending(self, pool_id: int | None, kind: str, payload: dict[str, Any]) -> int:
@@ -510,7 +588,15 @@ class Catalog:
     def counts(self) -> dict[str, int]:
         return {
             t: int(self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])
-            for t in ("pools", "volumes", "snap_groups", "snapshots", "markers", "pending")
+            for t in (
+                "pools",
+                "volumes",
+                "snap_groups",
+                "snapshots",
+                "markers",
+                "exports",
+                "pending",
+            )
         }
 
 
@@ -544,6 +630,22 @@ def _marker(r: sqlite3.Row) -> Marker:
         error=r["error"],
         created=r["created"],
         finished=r["finished"],
+    )
+
+
+def _export(r: sqlite3.Row) -> Export:
+    return Export(
+        id=r["id"],
+        pool_id=r["pool_id"],
+        pool=r["pool"],
+        volume_id=r["volume_id"],
+        volume=r["volume"],
+        snapshot_id=r["snapshot_id"],
+        snapshot=r["snapshot"],
+        kind=r["kind"],
+        serial=r["serial"],
+        config=json.loads(r["config"]),
+        created=r["created"],
     )
 
 
