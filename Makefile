@@ -42,6 +42,6 @@ bench: setup
 clean:
 	rm -rf .vm-out .pytest_cache .ruff_cache .hypothesis build
 	find dmsnap tests -name __pycache__ -type d -prune -exec rm -rf {} +
-	rm -f dmsnap/dm/_dmffi.c dmsnap/storage/_loopffi.c dmsnap/_hotpath.c
+	rm -f dmsnap/dm/_dmffi.c dmsnap/storage/_loopffi.c dmsnap/_hotpath.c dmsnap/scsi/_sgffi.c
 	find dmsnap -name '*.so' -delete
 	rm -f $(VENV)/.dmsnap-setup-stamp

@@ -9,5 +9,6 @@ setup(
         "dmsnap/dm/_build.py:ffibuilder",
         "dmsnap/storage/_loop_build.py:ffibuilder",
         "csrc/build.py:ffibuilder",
+        "dmsnap/scsi/_sg_build.py:ffibuilder",
     ],
 )
