@@ -499,7 +499,7 @@ class Emulator:
             log.warning("LUN %s failed: %s", "write" if write else "read", e)
             raise _Answer(self.errno_response(e.errno or 0, write=write)) from None
 
-    def _read(self, offset: int, length: int) -> bytes:
+    def _read_lun(self, offset: int, length: int) -> bytes:
         data = self._io(lambda: self.lun.read(offset, length), write=False)
         if data is None or len(data) != length:
             raise SenseError(Sense.of(Key.HARDWARE_ERROR, S.INTERNAL_TARGET_FAILURE))
@@ -808,10 +808,11 @@ class Emulator:
             if c.data_in_len == 0:
                 return Response(GOOD)
             nblk = -(-c.data_in_len // self._bs)
-            return Response(GOOD, self._read(rw.lba * self._bs, nblk * self._bs)[: c.data_in_len])
+            data = self._read_lun(rw.lba * self._bs, nblk * self._bs)
+            return Response(GOOD, data[: c.data_in_len])
         if not blocks:
             return Response(GOOD)
-        return Response(GOOD, self._read(rw.lba * self._bs, want))
+        return Response(GOOD, self._read_lun(rw.lba * self._bs, want))
 
     def _write(self, c: _Cmd) -> Response:
         rw, blocks = self._rw(c)
@@ -835,7 +836,7 @@ class Emulator:
             off = rw.lba * self._bs
             self._write_lun(off, data, True)  # verified on the medium: stable first
             if rw.bytchk == 1:
-                back = self._read(off, len(data))
+                back = self._read_lun(off, len(data))
                 if back != data:
                     raise self._miscompare(_first_diff(back, data))
         return Response(GOOD)
@@ -852,12 +853,12 @@ class Emulator:
         off = rw.lba * bs
         if rw.bytchk == 1:
             data = self._exact(c, blocks * bs)
-            have = self._read(off, len(data))
+            have = self._read_lun(off, len(data))
             if have != data:
                 raise self._miscompare(_first_diff(have, data))
             return Response(GOOD)
         one = self._exact(c, bs)  # BYTCHK 11b: one block compared with every block
-        have = self._read(off, blocks * bs)
+        have = self._read_lun(off, blocks * bs)
         for i in range(blocks):
             blk = have[i * bs : (i + 1) * bs]
             if blk != one:

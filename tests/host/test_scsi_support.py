@@ -155,9 +155,7 @@ def inquiry(page: int | None = None, alloc: int = 255) -> bytes:
 
 
 def rw10(op: int, lba: int, blocks: int, flags: int = 0) -> bytes:
-    return (
-        bytes((op, flags)) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
-    )
+    return bytes((op, flags)) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
 
 
 def rw12(op: int, lba: int, blocks: int, flags: int = 0) -> bytes:
@@ -206,9 +204,7 @@ def unmap_cdb(plen: int) -> bytes:
 
 
 def unmap_params(ranges: list[tuple[int, int]]) -> bytes:
-    body = b"".join(
-        lba.to_bytes(8, "big") + n.to_bytes(4, "big") + bytes(4) for lba, n in ranges
-    )
+    body = b"".join(lba.to_bytes(8, "big") + n.to_bytes(4, "big") + bytes(4) for lba, n in ranges)
     return (len(body) + 6).to_bytes(2, "big") + len(body).to_bytes(2, "big") + bytes(4) + body
 
 
