@@ -10,7 +10,10 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import struct
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 SECTOR = 512
 
@@ -63,3 +66,109 @@ def first_difference(a: bytes | bytearray, b: bytes | bytearray) -> str:
             n = sum(1 for o in range(0, len(a), SECTOR) if a[o : o + SECTOR] != b[o : o + SECTOR])
             return f"{n} sector(s) differ, the first at byte {off}"
     return "equal"
+
+
+class Mask:
+    """Sectors the oracle cannot know after a crash: those touched by writes
+    that were issued but not acknowledged (they may or may not have landed,
+    and may sit on either side of a marker). Comparisons zero them on both
+    sides."""
+
+    def __init__(self, sizes: dict[int, int]) -> None:
+        self.bits = {vol: bytearray(size // SECTOR) for vol, size in sizes.items()}
+
+    def add(self, vol: int, offset: int, length: int) -> None:
+        first, n = offset // SECTOR, -(-length // SECTOR)
+        self.bits[vol][first : first + n] = b"\x01" * n
+
+    def sectors(self, vol: int) -> int:
+        return sum(self.bits[vol])
+
+    def apply(self, vol: int, img: bytes | bytearray) -> bytes:
+        out = bytearray(img)
+        bits = self.bits[vol]
+        i = bits.find(1)
+        while i >= 0:
+            j = bits.find(0, i)
+            j = len(bits) if j < 0 else j
+            out[i * SECTOR : j * SECTOR] = bytes((j - i) * SECTOR)
+            i = bits.find(1, j)
+        return bytes(out)
+
+
+# -- dm-log-writes ------------------------------------------------------------------
+#
+# The log device's format, from drivers/md/dm-log-writes.c (and
+# Documentation/admin-guide/device-mapper/log-writes.rst): at byte 0 the
+# super {le64 magic, le64 version, le64 nr_entries, le32 sectorsize}; from
+# byte ``sectorsize`` on, nr_entries entries, each a header sector
+# {le64 sector, le64 nr_sectors, le64 flags, le64 data_len} followed by
+# nr_sectors * sectorsize bytes of data (none for a DISCARD). A MARK's
+# label (data_len bytes) sits in its header sector right after the header.
+# Sectors and nr_sectors count the data device's logical blocks
+# (sectorsize bytes). The super's nr_entries is rewritten at every FUA and
+# MARK entry; the target's destructor logs the remaining completed writes
+# and a last mark "dm-log-writes-end".
+
+LOG_WRITES_MAGIC = 0x6A736677736872
+LOG_WRITES_VERSION = 1
+LOG_FLUSH, LOG_FUA, LOG_DISCARD, LOG_MARK, LOG_METADATA = 1, 2, 4, 8, 16
+LOG_END_MARK = "dm-log-writes-end"
+_LW_SUPER = struct.Struct("<QQQI")
+_LW_ENTRY = struct.Struct("<QQQQ")
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    index: int
+    offset: int  # byte offset on the data device
+    length: int  # bytes written (0 for a flush or mark)
+    flags: int
+    data_at: int  # byte offset of the data in the log
+    mark: str | None
+
+
+class LogWritesLog:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            magic, version, self.nr_entries, self.sectorsize = _LW_SUPER.unpack(
+                f.read(_LW_SUPER.size)
+            )
+        assert magic == LOG_WRITES_MAGIC, f"{path}: no log-writes super (magic {magic:#x})"
+        assert version == LOG_WRITES_VERSION, f"{path}: log-writes version {version}"
+        assert self.sectorsize in (512, 1024, 2048, 4096), self.sectorsize
+
+    def entries(self) -> Iterator[LogEntry]:
+        ss = self.sectorsize
+        with open(self.path, "rb") as f:
+            pos = ss
+            for i in range(self.nr_entries):
+                f.seek(pos)
+                head = f.read(ss)
+                assert len(head) == ss, f"log ends inside entry {i} of {self.nr_entries}"
+                sector, nr_sectors, flags, data_len = _LW_ENTRY.unpack_from(head)
+                mark = None
+                if flags & LOG_MARK:
+                    assert data_len <= ss - _LW_ENTRY.size, f"entry {i}: mark of {data_len} bytes"
+                    mark = head[_LW_ENTRY.size : _LW_ENTRY.size + data_len].decode()
+                yield LogEntry(i, sector * ss, nr_sectors * ss, flags, pos + ss, mark)
+                pos += ss
+                if not flags & LOG_DISCARD:
+                    pos += nr_sectors * ss
+
+    def replay(self, dest_fd: int) -> Iterator[LogEntry]:
+        """Apply the log in order to ``dest_fd`` (a file standing for the data
+        device); yields every MARK once everything logged before it is
+        applied (and before anything after it)."""
+        with open(self.path, "rb") as f:
+            for e in self.entries():
+                if e.flags & LOG_DISCARD:
+                    os.pwrite(dest_fd, bytes(e.length), e.offset)  # loop punches holes: zeros
+                elif e.length:
+                    f.seek(e.data_at)
+                    data = f.read(e.length)
+                    assert len(data) == e.length, f"entry {e.index}: short data"
+                    os.pwrite(dest_fd, data, e.offset)
+                if e.mark is not None:
+                    yield e
