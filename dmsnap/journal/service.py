@@ -59,6 +59,7 @@ class PoolJournal:
         self._closing = False
         self._full_checked = 0.0
         self._pool_full = False
+        self._replayed: tuple[int, Callable[[], None]] | None = None
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -233,8 +234,28 @@ class PoolJournal:
                     del self._results[k]
             self._cond.notify_all()
 
+    def when_replayed(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` (under the Manager's lock, on the marker thread)
+        once every record recovered at open is on the dm devices and every
+        recovered marker has been served."""
+        self._replayed = (self.journal.stats().head_seq, callback)
+
+    def _check_replayed(self) -> None:
+        if self._replayed is None:
+            return
+        target, callback = self._replayed
+        if self.journal.stats().synced_seq < target:
+            return
+        self._replayed = None
+        with self._lock:
+            try:
+                callback()
+            except Exception:
+                log.exception("pool %s: after-replay check failed", self.pool)
+
     def _marker_loop(self) -> None:
         while not self._stop.is_set():
+            self._check_replayed()
             try:
                 m = self.journal.next_marker(0.25)
             except JournalError as e:

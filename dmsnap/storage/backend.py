@@ -147,6 +147,11 @@ class Backend(ABC):
         """Idempotent completion once the catalog records the restore
         (``vol`` already carries the planned fields)."""
 
+    def after_assembly(self, volumes: list[Volume]) -> None:
+        """Called once a pool's volumes and snapshots are all loaded (after
+        a reboot or a daemon start); for fix-ups a target needs."""
+        return None
+
     @abstractmethod
     def usage(self) -> dict[str, Any]:
         """Space and health of the pool's layers (JSON-able)."""

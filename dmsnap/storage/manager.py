@@ -328,6 +328,20 @@ class Manager:
                 self.catalog.finish_marker(
                     mk.id, error="lost: dmsnapd stopped before the flusher reached it (RAM journal)"
                 )
+        elif stale := [mk.id for mk in self.catalog.markers(pid, "pending")]:
+            # A request recorded in the catalog whose marker never became
+            # durable (a crash between the two) was never acknowledged; once
+            # the replay has served every recovered marker, say so.
+            def settle() -> None:
+                for mid in stale:
+                    mk = self.catalog.marker(mid)
+                    if mk is not None and mk.state == "pending":
+                        self.catalog.finish_marker(
+                            mid, error="lost: dmsnapd stopped before the request was durable"
+                        )
+                        log.warning("pool %s: snapshot request %d was lost", pool.name, mid)
+
+            pj.when_replayed(settle)
 
     def _stop_journal(self, pool_id: int, *, drain: bool = True) -> None:
         pj = self._journals.pop(pool_id, None)
@@ -551,6 +565,9 @@ class Manager:
         for snap in self.catalog.snapshots(pool.name):
             for layer in backend.snapshot_layers(snap, active=snap.active):
                 ensure(self.dm, layer)
+        backend.after_assembly(
+            [v for v in self.catalog.volumes(pool.name) if v.id not in pending_restores]
+        )
 
     # -- pools ------------------------------------------------------------------------------
 
