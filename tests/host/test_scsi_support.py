@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -405,6 +406,8 @@ class FakeSgDevice:
 
     def close(self) -> None:
         self._stop = True
+        with contextlib.suppress(OSError):
+            self._srv.shutdown(socket.SHUT_RDWR)  # wakes the accept()
         self._srv.close()
         self._thread.join(timeout=5)
 
