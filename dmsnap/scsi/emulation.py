@@ -127,9 +127,11 @@ class Limits:
     optimal_granularity: int = 4 * KiB
     optimal_transfer: int = 0  # 0: not reported
     max_unmap: int = 1 * GiB  # per UNMAP command (all descriptors)
-    max_unmap_descriptors: int = 64
+    max_unmap_descriptors: int = 256  # libiscsi sends up to 256 (Unmap.0blocks)
     unmap_granularity: int = 64 * KiB  # the thin pool's block size
-    max_write_same: int = 64 * MiB
+    # below 65536 blocks: libiscsi then expects a 65536-block WRITE SAME to be refused instead
+    # of writing 32 MiB with one WRITE(16) beyond MAXIMUM TRANSFER LENGTH
+    max_write_same: int = 16 * MiB
 
 
 def naa_from_serial(serial: str, company_id: int = 0x001405) -> bytes:
@@ -674,7 +676,8 @@ class Emulator:
         dsp = (0x80 if self.lun.read_only else 0) | 0x10  # WP, DPOFUA
         if ten:
             total = 8 + len(bd) + len(pages)
-            head = (total - 2).to_bytes(2, "big") + bytes((0, dsp, 0x01 if llbaa else 0, 0))
+            longlba = 0x01 if len(bd) == 16 else 0
+            head = (total - 2).to_bytes(2, "big") + bytes((0, dsp, longlba, 0))
             head += len(bd).to_bytes(2, "big")
         else:
             total = 4 + len(bd) + len(pages)

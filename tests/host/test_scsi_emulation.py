@@ -151,10 +151,10 @@ def test_vpd_block_limits():
     assert be(6, 2) == 8  # optimal transfer length granularity (4 KiB)
     assert be(8, 4) == 8 * 1024 * 1024 // BS  # max transfer length
     assert be(20, 4) == 1024**3 // BS  # max unmap LBA count
-    assert be(24, 4) == 64  # max unmap block descriptor count
+    assert be(24, 4) == 256  # max unmap block descriptor count
     assert be(28, 4) == 128  # optimal unmap granularity (64 KiB)
     assert be(32, 4) == 0x80000000  # UGAVALID, alignment 0
-    assert be(36, 8) == 64 * 1024 * 1024 // BS  # max write same length
+    assert be(36, 8) == 16 * 1024 * 1024 // BS  # max write same length
 
 
 def test_vpd_block_characteristics_and_provisioning():

@@ -97,10 +97,10 @@ def test_sg_vpd_decodes_every_page(tmp_path):
     assert "Maximum transfer length: 16384 blocks" in out
     assert "Optimal transfer length granularity: 8 blocks" in out
     assert "Maximum unmap LBA count: 2097152" in out
-    assert "Maximum unmap block descriptor count: 64" in out
+    assert "Maximum unmap block descriptor count: 256" in out
     assert "Optimal unmap granularity: 128 blocks" in out
     assert "Unmap granularity alignment valid: true" in out
-    assert "Maximum write same length: 0x20000 blocks" in out
+    assert "Maximum write same length: 0x8000 blocks" in out
     assert "Non-rotating medium" in vpd(tmp_path, 0xB1)
     out = vpd(tmp_path, 0xB2)
     assert "(LBPU): 1" in out and "(LBPWS): 1" in out and "(LBPWS10): 1" in out
