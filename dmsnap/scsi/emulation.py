@@ -415,7 +415,7 @@ class Emulator:
         except _Answer as a:
             return a.response
         except Exception:
-            log.exception("SCSI command %s failed inside the emulator", bytes(cdb[:16]).hex())
+            log.exception("SCSI command %s failed inside the emulator", _hex(cdb))
             return self.check_condition(Sense.of(Key.HARDWARE_ERROR, S.INTERNAL_TARGET_FAILURE))
 
     # -- dispatch ------------------------------------------------------------------------
@@ -1024,6 +1024,13 @@ class Emulator:
         except SC.SnapshotError as e:
             raise SenseError(SC.error_sense(e)) from None
         return self._data(c, SC.encode_entries(sc.service_action, entries), sc.length)
+
+
+def _hex(cdb: object) -> str:
+    try:
+        return bytes(cdb[:16]).hex()  # type: ignore[index]
+    except Exception:
+        return repr(cdb)[:64]
 
 
 def _first_diff(a: bytes, b: bytes) -> int:

@@ -830,3 +830,11 @@ def test_sense_describe():
     assert s.describe() == "ILLEGAL REQUEST: invalid field in CDB (CDB byte 2 bit 5)"
     with pytest.raises(S.SenseDecodeError):
         S.decode(b"\x01\x02\x03")
+
+
+def test_execute_never_raises_even_on_nonsense_arguments():
+    e = emulator()
+    for cdb, data in ((None, None), ("x", "y"), (bytes(6), object())):
+        r = e.execute(cdb, data)  # type: ignore[arg-type]
+        assert r.status == S.CHECK_CONDITION
+        assert sense_of(r) == (Key.HARDWARE_ERROR, 0x44, 0x00)
