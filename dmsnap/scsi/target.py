@@ -1,0 +1,222 @@
+"""What one export is at run time: a LIO user backstore, its TCMU ring
+(served in C against the pool's journal), the SPC/SBC emulator for the rest,
+and the in-band snapshot command wired to the Manager."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dmsnap import errors as E
+from dmsnap.scsi import lio
+from dmsnap.scsi import snapcmd as SC
+from dmsnap.scsi.emulation import Emulator, Limits, Lun, naa_from_serial
+from dmsnap.scsi.tcmu import Command, Reply, TcmuDevice, uio_for
+
+log = logging.getLogger("dmsnap.scsi")
+
+BLOCK = 512
+UNMAP_CHUNK = 1 << 20
+
+
+class VolumeLun:
+    """A journaled volume as the emulator sees it. Unmap writes zeros through
+    the journal, so it stays ordered with writes and markers (the journal
+    has no discard record yet; space is not given back)."""
+
+    block_size = BLOCK
+    read_only = False
+
+    def __init__(self, io: Any, wce: bool, serial: str) -> None:
+        self.io, self.size, self.wce, self.serial = io, io.size, wce, serial
+        self.naa = naa_from_serial(serial)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.io.read(offset, length)
+
+    def write(self, offset: int, data: bytes, *, fua: bool) -> None:
+        self.io.write(offset, data, fua=fua)
+
+    def flush(self) -> None:
+        self.io.flush()
+
+    def unmap(self, offset: int, length: int) -> None:
+        zeros = bytes(min(length, UNMAP_CHUNK))
+        end = offset + length
+        while offset < end:
+            n = min(UNMAP_CHUNK, end - offset)
+            self.io.write(offset, zeros[:n])
+            offset += n
+
+
+class SnapshotDeviceLun:
+    """An activated snapshot, read-only, read from its dm device."""
+
+    block_size = BLOCK
+    read_only = True
+    wce = False
+
+    def __init__(self, path: str, size: int, serial: str) -> None:
+        self.path, self.size, self.serial = path, size, serial
+        self.naa = naa_from_serial(serial)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = mmap.mmap(-1, length)
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            os.preadv(fd, [buf], offset)
+            return bytes(buf)
+        finally:
+            os.close(fd)
+
+    def write(self, offset: int, data: bytes, *, fua: bool) -> None:
+        raise OSError(errno.EROFS, "read-only snapshot")
+
+    def flush(self) -> None:
+        return None
+
+    def unmap(self, offset: int, length: int) -> None:
+        raise OSError(errno.EROFS, "read-only snapshot")
+
+
+_KIND = {
+    E.InvalidArgument: SC.ErrorKind.INVALID_NAME,
+    E.AlreadyExists: SC.ErrorKind.INVALID_NAME,
+    E.NoSpace: SC.ErrorKind.NO_SPACE,
+    E.Unavailable: SC.ErrorKind.NOT_READY,
+    E.NotFound: SC.ErrorKind.FAILED,
+}
+
+
+class InbandSnapshots:
+    """The vendor command's target side: a request token is the Manager's
+    request token (hex), GROUP means every volume of the pool."""
+
+    def __init__(self, manager: Any, pool: str, vol: str, wait_timeout: float = 30.0) -> None:
+        self.m, self.pool, self.vol, self.wait_timeout = manager, pool, vol, wait_timeout
+
+    def create(self, lun: Lun, request: SC.CreateRequest) -> None:
+        with self.m.lock:
+            p = self.m.catalog.pool(self.pool)
+            earlier = self.m.catalog.marker_by_token(p.id, request.token.hex())
+        if earlier is not None and earlier.state == "failed":  # a retry is not a new request
+            why = earlier.error or "failed"
+            raise SC.SnapshotError(SC.ErrorKind.FAILED, why, marker=earlier.id)
+        if request.group:
+            refs = [[self.pool, v["name"]] for v in self.m.volume_list(self.pool)]
+        else:
+            refs = [[self.pool, self.vol]]
+        try:
+            r = self.m.snapshot_create(
+                refs,
+                request.name,
+                labels=request.labels or None,
+                token=request.token.hex(),
+                wait=request.wait,
+                timeout=self.wait_timeout,
+            )
+        except E.UserError as e:
+            if isinstance(e, E.Unavailable) and "not made within" in e.message:
+                raise SC.SnapshotError(SC.ErrorKind.IN_PROGRESS, e.message) from None
+            kind = next((k for t, k in _KIND.items() if isinstance(e, t)), SC.ErrorKind.FAILED)
+            raise SC.SnapshotError(kind, e.message) from None
+        if r.get("state") == "failed":
+            raise SC.SnapshotError(SC.ErrorKind.FAILED, r.get("error") or "snapshot failed")
+
+    def _entry(self, mk: Any) -> SC.SnapEntry:
+        state = {"pending": SC.State.PENDING, "done": SC.State.DONE}.get(mk.state, SC.State.FAILED)
+        snaps: tuple[str, ...] = ()
+        if mk.group_id is not None:
+            snaps = tuple(
+                f"{s.pool}/{s.volume}@{s.name}"
+                for s in self.m.catalog.snapshots(self.pool)
+                if s.group_id == mk.group_id
+            )
+        try:
+            token = bytes.fromhex(mk.token or "")
+        except ValueError:
+            token = b""
+        return SC.SnapEntry(
+            token=token if len(token) == SC.TOKEN_LEN else bytes(SC.TOKEN_LEN),
+            name=mk.name,
+            state=state,
+            group=len(mk.request.get("volumes", [])) > 1,
+            marker=mk.id,
+            requested=int(mk.created),
+            snapshots=snaps,
+            labels=mk.request.get("labels") or {},
+            error=mk.error or "",
+        )
+
+    def _markers(self) -> list[Any]:
+        with self.m.lock:
+            p = self.m.catalog.pool(self.pool)
+            return list(reversed(self.m.catalog.markers(p.id)))
+
+    def status(self, lun: Lun, handle: bytes) -> Sequence[SC.SnapEntry]:
+        suffix = handle.hex()
+        with self.m.lock:
+            return [self._entry(mk) for mk in self._markers() if (mk.token or "").endswith(suffix)]
+
+    def list(self, lun: Lun) -> Sequence[SC.SnapEntry]:
+        with self.m.lock:
+            return [self._entry(mk) for mk in self._markers()[:64]]
+
+
+@dataclass
+class Running:
+    """One export at work."""
+
+    backstore: lio.Backstore
+    device: TcmuDevice
+    emulator: Emulator
+    fabric_id: str  # tcm_loop WWN or iSCSI IQN
+
+    def stop(self) -> None:
+        self.device.close()
+
+
+def start_device(
+    bs: lio.Backstore,
+    lun: Any,
+    *,
+    journal: Any | None,
+    vol_id: int,
+    snapshots: InbandSnapshots | None,
+    snapshot_allowed: Callable[[str], bool],
+    initiator: str,
+) -> tuple[TcmuDevice, Emulator]:
+    # 1 MiB: what the ring accepts per command (lio.MAX_SECTORS)
+    limits = Limits(max_transfer=lio.MAX_SECTORS * BLOCK)
+    emu = Emulator(lun, snapshots, snapshot_allowed=snapshot_allowed, limits=limits)
+    lock = threading.Lock()
+    holder: dict[str, TcmuDevice] = {}
+
+    def handle(cmd: Command) -> Reply:
+        r = emu.execute(
+            cmd.cdb, cmd.data_out or None, initiator=initiator, data_in_len=cmd.data_len
+        )
+        dev = holder.get("dev")
+        if dev is not None and cmd.cdb[0] in (0x15, 0x55):  # MODE SELECT: D_SENSE may change
+            with lock:
+                dev.set_descriptor_sense(emu.descriptor_sense)
+        return Reply(r.status, r.data, r.sense)
+
+    uio, size = uio_for(bs.hba, bs.name)
+    dev = TcmuDevice(
+        uio,
+        size,
+        handle,
+        journal=journal,
+        vol=vol_id,
+        size=lun.size,
+        read_only=lun.read_only,
+    )
+    holder["dev"] = dev
+    return dev, emu
