@@ -29,6 +29,7 @@ from dmsnap import __version__
 from dmsnap.client import Client, default_socket
 from dmsnap.daemon.protocol import DEFAULT_SOCKET, check_label
 from dmsnap.errors import InvalidArgument, UserError
+from dmsnap.errors import NotFound as E_NotFound
 from dmsnap.sizes import format_size, parse_size
 from dmsnap.storage.names import NameError_, check_name, parse_ref
 
@@ -49,6 +50,11 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(volume_app, name="volume")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(daemon_app, name="daemon")
+initiator_app = typer.Typer(
+    help="On a client server: ask a dmsnap LUN for snapshots in-band (SCSI).",
+    no_args_is_help=True,
+)
+app.add_typer(initiator_app, name="initiator")
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -870,6 +876,243 @@ def snapshot_restore(ref: SnapshotArg) -> None:
     pool, vol, snap = _snap(ref)
     _call("snapshot.restore", pool=pool, vol=vol, name=snap)
     typer.echo(f"restored {pool}/{vol} to snapshot {snap}")
+
+
+# ---------------------------------------------------------------- exports
+
+EXPORT_HEADERS = ["REF", "KIND", "SERIAL", "TARGET", "RUNNING"]
+
+
+@app.command("export")
+def export(
+    ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="POOL/VOL[@SNAP] | list",
+            help="What to serve (a snapshot: read-only); 'list' lists the exports.",
+            autocompletion=complete_volume,
+        ),
+    ],
+    local: Annotated[
+        bool, typer.Option("--local", help="A SCSI disk on this host (tcm_loop).")
+    ] = False,
+    iscsi: Annotated[bool, typer.Option("--iscsi", help="An iSCSI target.")] = False,
+    iqn: Annotated[str | None, typer.Option("--iqn", metavar="IQN", help="Target name.")] = None,
+    portal: Annotated[
+        str | None, typer.Option("--portal", metavar="ADDR:PORT", help="Default 0.0.0.0:3260.")
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option("--allow", metavar="INITIATOR_IQN", help="Only these initiators (repeat)."),
+    ] = None,
+    chap: Annotated[
+        str | None, typer.Option("--chap", metavar="USER:SECRET", help="CHAP for logins.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Serve a journaled volume over SCSI: --local (a disk here, linked as
+    /dev/dmsnap/POOL/VOL) or --iscsi; `dmsnap export list` lists exports."""
+    if ref == "list":
+        rows = _call("export.list")
+        if json_out:
+            print_json(rows)
+        elif not rows:
+            typer.echo("no exports")
+        else:
+            print_table(
+                EXPORT_HEADERS,
+                [
+                    [
+                        r.get("ref"),
+                        r.get("kind"),
+                        r.get("serial"),
+                        r.get("iqn") or r.get("disk") or "-",
+                        _yesno(r.get("running")),
+                    ]
+                    for r in rows
+                ],
+            )
+        return
+    if local == iscsi:
+        raise InvalidArgument("say --local or --iscsi")
+    pool, vol, snap = _ref(ref, snapshot=None)
+    r = _call(
+        "export.create",
+        pool=pool,
+        vol=vol,
+        snap=snap,
+        kind="local" if local else "iscsi",
+        iqn=iqn,
+        portal=portal,
+        allow=allow or None,
+        chap=chap,
+    )
+    if json_out:
+        print_json(r)
+        return
+    where = r.get("iqn") if iscsi else f"/dev/dmsnap/{pool}/{vol}" if not snap else "a local disk"
+    typer.echo(f"exported {ref} ({'iscsi' if iscsi else 'local'}): {where}")
+
+
+@app.command("unexport")
+def unexport(
+    ref: Annotated[str, typer.Argument(metavar="POOL/VOL[@SNAP]", autocompletion=complete_volume)],
+) -> None:
+    """Stop serving a volume or snapshot over SCSI."""
+    pool, vol, snap = _ref(ref, snapshot=None)
+    _call("export.delete", pool=pool, vol=vol, snap=snap)
+    typer.echo(f"unexported {ref}")
+
+
+# ---------------------------------------------------------------- initiator
+
+DeviceArg = Annotated[
+    str, typer.Argument(metavar="DEVICE", help="The dmsnap LUN: /dev/sdX or /dev/sgN.")
+]
+
+
+def _entry_json(e: Any) -> dict[str, Any]:
+    return {
+        "token": e.token.hex(),
+        "name": e.name,
+        "state": e.state.name.lower(),
+        "group": e.group,
+        "marker": e.marker,
+        "requested": e.requested,
+        "snapshots": list(e.snapshots),
+        "labels": e.labels,
+        "error": e.error or None,
+    }
+
+
+@initiator_app.command("snapshot")
+def initiator_snapshot(
+    device: DeviceArg,
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    wait: Annotated[bool, typer.Option("--wait", help="Until the snapshot exists.")] = False,
+    group: Annotated[
+        bool, typer.Option("--group", help="Every volume of the LUN's pool, one cut.")
+    ] = False,
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", metavar="KEY=VALUE")] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", metavar="HEX", help="Reuse a request token (retry).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Request a snapshot in-band: it holds every write completed before."""
+    from dmsnap.scsi import initiator, snapcmd
+
+    tok = None
+    if token is not None:
+        try:
+            tok = snapcmd.parse_token(token)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+    c = initiator.snapshot(
+        device, name, labels=_labels(label), wait=wait, group=group, token=tok
+    )
+    if json_out:
+        print_json({"token": c.token.hex(), **(_entry_json(c.entry) if c.entry else {})})
+        return
+    state = c.entry.state.name.lower() if c.entry else "requested"
+    typer.echo(f"snapshot {name}: {state} (token {c.token.hex()})")
+
+
+@initiator_app.command("status")
+def initiator_status(
+    device: DeviceArg,
+    token: Annotated[str, typer.Argument(metavar="TOKEN")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Where a request stands (pending: durable, not made yet; done; failed)."""
+    from dmsnap.scsi import initiator, snapcmd
+
+    try:
+        tok = snapcmd.parse_token(token)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    found = initiator.status(device, tok)
+    if not found:
+        raise E_NotFound(f"{device}: no request with token {token}")
+    if json_out:
+        print_json(_entry_json(found[0]))
+        return
+    e = found[0]
+    typer.echo(f"{e.name}: {e.state.name.lower()}" + (f" ({e.error})" if e.error else ""))
+    for snap in e.snapshots:
+        typer.echo(f"  {snap}")
+
+
+@initiator_app.command("list")
+def initiator_list(device: DeviceArg, json_out: JsonOpt = False) -> None:
+    """Recent snapshot requests of the LUN's pool."""
+    from dmsnap.scsi import initiator
+
+    entries = initiator.list_requests(device)
+    if json_out:
+        print_json([_entry_json(e) for e in entries])
+        return
+    print_table(
+        ["NAME", "STATE", "MARKER", "TOKEN", "SNAPSHOTS"],
+        [
+            [e.name, e.state.name.lower(), e.marker, e.token.hex(), ",".join(e.snapshots) or "-"]
+            for e in entries
+        ],
+    )
+
+
+@initiator_app.command(
+    "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def initiator_run(
+    ctx: typer.Context,
+    device: DeviceArg,
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    wait: Annotated[bool, typer.Option("--wait")] = False,
+) -> None:
+    """Snapshot, then run the operation: dmsnap initiator run DEV NAME -- CMD..."""
+    import subprocess
+
+    from dmsnap.scsi import initiator
+
+    cmd = list(ctx.args)
+    if not cmd:
+        raise InvalidArgument("name the command to run after --")
+    c = initiator.snapshot(device, name, wait=wait, labels={"op": " ".join(cmd)[:256]})
+    typer.echo(f"snapshot {name} requested (token {c.token.hex()}); running {cmd[0]}", err=True)
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@initiator_app.command("schedule")
+def initiator_schedule(
+    device: DeviceArg,
+    every: Annotated[str, typer.Option("--every", metavar="INTERVAL", help="e.g. 5m, 1h, 30s")],
+    prefix: Annotated[str, typer.Option("--prefix", help="Snapshot name prefix.")] = "auto",
+    count: Annotated[int, typer.Option("--count", help="Stop after N (0: forever).")] = 0,
+) -> None:
+    """Request a snapshot periodically (names PREFIX-YYYYmmdd-HHMMSS)."""
+    import time as _time
+
+    from dmsnap.scsi import initiator
+
+    m = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        period = float(every[:-1]) * m[every[-1]] if every[-1] in m else float(every)
+    except (ValueError, IndexError):
+        raise InvalidArgument(f"--every {every!r}: expected e.g. 30s, 5m, 1h") from None
+    if period < 1:
+        raise InvalidArgument("--every must be at least 1s")
+    done = 0
+    while count == 0 or done < count:
+        name = f"{prefix}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+        try:
+            c = initiator.snapshot(device, name)
+            typer.echo(f"{name}: requested (token {c.token.hex()})")
+        except UserError as e:
+            typer.echo(f"dmsnap: {e.message}", err=True)
+        done += 1
+        if count == 0 or done < count:
+            _time.sleep(period)
 
 
 # ------------------------------------------------------------ status, daemon

@@ -200,6 +200,24 @@ def _journal_mode(arg: str, value: Any) -> str:
     return value
 
 
+def _export_kind(arg: str, value: Any) -> str:
+    if value not in ("local", "iscsi"):
+        raise InvalidArgument(f"{arg} {value!r}: expected local or iscsi")
+    return value
+
+
+def _text(arg: str, value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 256 or "\0" in value:
+        raise InvalidArgument(f"{arg}: expected a string of 1 to 256 characters")
+    return value
+
+
+def _texts(arg: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or len(value) > 64:
+        raise InvalidArgument(f"{arg}: expected a list of at most 64 strings")
+    return [_text(arg, v) for v in value]
+
+
 BACKENDS = ("thin", "classic")
 JOURNAL_MODES = ("nv", "ram", "none")
 
@@ -274,6 +292,11 @@ OPS: dict[str, Op] = {
         "volume_read", "pool vol offset length", req="pool vol offset length", data=True
     ),
     "volume.flush": _op("volume_flush", "pool vol", req="pool vol", data=True),
+    "export.create": _op(
+        "export_create", "pool vol", "snap kind iqn portal allow chap", "pool vol"
+    ),
+    "export.list": _op("export_list", "pool", ro=True),
+    "export.delete": _op("export_delete", "pool vol", "snap", "pool vol"),
     "status": _op("status", ro=True),
     "daemon.ping": _op(None, ro=True),
     "daemon.stop": _op(None, kw="teardown"),
@@ -303,6 +326,12 @@ _CHECKS: dict[str, Check] = {
     "length": _length,
     "content": _data,
     "fua": _bool,
+    "snap": _name("snapshot"),
+    "kind": _export_kind,
+    "iqn": _text,
+    "portal": _text,
+    "allow": _texts,
+    "chap": _text,
 }
 
 

@@ -184,3 +184,33 @@ def scsi_disk_for(serial: str, timeout: float = 30.0) -> str | None:
         if time.monotonic() > deadline:
             return None
         time.sleep(0.1)
+
+
+def _targets_of(bs: Backstore):
+    """The fabric targets with a LUN on this backstore."""
+    so = _storage_object(bs)
+    seen = {}
+    for lun in so.attached_luns:
+        t = lun.parent_tpg.parent_target
+        seen[t.path] = t
+    return list(seen.values())
+
+
+def find_local(bs: Backstore) -> str | None:
+    """The tcm_loop target already serving this backstore (a daemon restart)."""
+    with contextlib.suppress(Exception):
+        for t in _targets_of(bs):
+            if t.fabric_module.name == "loopback":
+                return t.wwn
+    return None
+
+
+def iscsi_exists(iqn: str) -> bool:
+    return os.path.isdir(f"{CONFIGFS}/iscsi/{iqn}")
+
+
+def remove_fabrics(bs: Backstore) -> None:
+    """Every target exporting this backstore goes (each serves one volume)."""
+    with contextlib.suppress(Exception):
+        for t in _targets_of(bs):
+            t.delete()

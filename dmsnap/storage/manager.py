@@ -17,6 +17,7 @@ import errno
 import logging
 import mmap
 import os
+import re
 import shutil
 import stat
 import threading
@@ -61,6 +62,22 @@ def _journal_error(e: JournalError) -> E.UserError:
     if e.errno == errno.ENOSPC:
         return E.NoSpace(str(e))
     return E.Unavailable(str(e))
+
+
+_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?$")
+
+
+def _check_iqn(iqn: str) -> str:
+    if not _IQN_RE.match(iqn) or len(iqn) > 223:
+        raise E.InvalidArgument(f"{iqn!r} is not an iSCSI name (iqn.YYYY-MM.domain[:name])")
+    return iqn
+
+
+def _check_portal(portal: str) -> str:
+    host, sep, port = portal.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise E.InvalidArgument(f"portal {portal!r}: expected ADDRESS:PORT")
+    return portal
 
 
 def _errors_to_user(fn):
@@ -146,7 +163,9 @@ class Manager:
             raise E.Unavailable(str(e)) from None
         self._backends: dict[int, Backend] = {}
         self._journals: dict[int, PoolJournal] = {}
+        self._exports: dict[int, Any] = {}  # export id -> dmsnap.scsi.target.Running
         self.pool_errors: dict[str, str] = {}
+        self.export_errors: dict[int, str] = {}
         # Every control operation and every marker's snapshot runs under this
         # lock (the catalog and the dm control fd are not for two threads at
         # once). Re-entrant: a thread that holds it and waits for the flusher
@@ -156,6 +175,8 @@ class Manager:
     def close(self, *, drain: bool = True) -> None:
         """Stop the journals (with drain: every record onto its dm device
         first), then let go of the catalog and the control device."""
+        for eid in list(self._exports):
+            self._stop_export(eid, keep=True)
         for pid in list(self._journals):
             self._stop_journal(pid, drain=drain)
         self.catalog.close()
@@ -550,6 +571,15 @@ class Manager:
                 log.error("pool %s: journal not started: %s", pool.name, msg)
                 report["pools"][pool.name] = msg
                 self.pool_errors[pool.name] = msg
+        for ex in self.catalog.exports():
+            if ex.pool in self.pool_errors:
+                continue
+            try:
+                self._start_export(ex)
+            except Exception as e:  # the rest of the pool keeps working
+                msg = getattr(e, "message", None) or str(e)
+                log.error("export of %s not started: %s", ex.ref, msg)
+                self.export_errors[ex.id] = msg
         return report
 
     def _assemble_pool(self, pool: Pool) -> None:
@@ -808,6 +838,11 @@ class Manager:
         vols = self.catalog.volumes(name)
         if vols and not force:
             raise E.Busy(f"pool {name} still has {len(vols)} volume(s); delete them or use --force")
+        for ex in self.catalog.exports(name):
+            if not force:
+                raise E.Busy(f"{ex.ref} is exported; unexport it first or use --force")
+            self._stop_export(ex.id, keep=False)
+            self.catalog.remove_export(ex.id)
         devs = self._pool_devices(pool.name, pool.uuid[:8])
         journaled = {names.dm_volume(name, v.name) for v in vols} if self._journal(pool) else set()
         for d in devs:
@@ -912,6 +947,7 @@ class Manager:
         names.check_name("volume", vol)
         v = self.catalog.volume(pool, vol)
         p, backend = self._pool(pool)
+        self._check_not_exported(pool, vol)
         snaps = self.catalog.snapshots(pool, vol)
         if snaps and not force:
             raise E.Busy(
@@ -1177,6 +1213,7 @@ class Manager:
     @_user_errors
     def snapshot_deactivate(self, pool: str, vol: str, name: str) -> None:
         s = self._snap(pool, vol, name)
+        self._check_not_exported(pool, vol, name)
         dm_name = names.dm_snapshot(pool, vol, name)
         self._check_not_open(dm_name, f"snapshot {pool}/{vol}@{name}")
         with contextlib.suppress(DmError):
@@ -1187,6 +1224,7 @@ class Manager:
     @_user_errors
     def snapshot_delete(self, pool: str, vol: str, name: str) -> None:
         s = self._snap(pool, vol, name)
+        self._check_not_exported(pool, vol, name)
         p, backend = self._pool(pool)
         self._check_not_open(names.dm_snapshot(pool, vol, name), f"snapshot {pool}/{vol}@{name}")
         payload = {"snapshot_id": s.id, "name": name, "volume": vol, **backend.txn()}
@@ -1205,6 +1243,7 @@ class Manager:
         s = self._snap(pool, vol, name)
         v = self.catalog.volume(pool, vol)
         p, backend = self._pool(pool)
+        self._check_not_exported(pool, vol)
         # Markers requested before the restore are made from the volume as
         # it was; writes arriving meanwhile fail (ENXIO) until it is back.
         with self._detached(p, v, markers_first=True):
@@ -1279,6 +1318,204 @@ class Manager:
     def volume_flush(self, pool: str, vol: str) -> None:
         self.open_volume(pool, vol).flush()
 
+    # -- exports: volumes and snapshots over SCSI ------------------------------------------------
+
+    def _export_json(self, ex: Any) -> Json:
+        out: Json = {
+            "pool": ex.pool,
+            "volume": ex.volume,
+            "snapshot": ex.snapshot,
+            "ref": ex.ref,
+            "kind": ex.kind,
+            "serial": ex.serial,
+            "created": ex.created,
+            **{k: v for k, v in ex.config.items() if k != "chap"},
+            "chap": bool(ex.config.get("chap")),
+            "running": ex.id in self._exports,
+        }
+        if ex.id in self.export_errors:
+            out["error"] = self.export_errors[ex.id]
+        if ex.id in self._exports:
+            out["stats"] = self._exports[ex.id].device.stats()
+        return out
+
+    def _find_export(self, pool: str, vol: str, snap: str | None) -> Any:
+        for ex in self.catalog.exports(pool):
+            if ex.volume == vol and ex.snapshot == snap:
+                return ex
+        return None
+
+    @_user_errors
+    def export_create(
+        self,
+        pool: str,
+        vol: str,
+        *,
+        snap: str | None = None,
+        kind: str = "local",
+        iqn: str | None = None,
+        portal: str | None = None,
+        allow: list[str] | None = None,
+        chap: str | None = None,
+    ) -> Json:
+        """Serve POOL/VOL (or a snapshot of it, read-only) over SCSI: a local
+        disk through tcm_loop, or an iSCSI target."""
+        from dmsnap.scsi import lio
+
+        names.check_name("pool", pool)
+        names.check_name("volume", vol)
+        if snap is not None:
+            names.check_name("snapshot", snap)
+        if kind not in ("local", "iscsi"):
+            raise E.InvalidArgument(f"export kind must be local or iscsi, not {kind!r}")
+        if kind == "local" and (iqn or portal or allow or chap):
+            raise E.InvalidArgument("--iqn, --portal, --allow and --chap are for --iscsi")
+        p = self.catalog.pool(pool)
+        v = self.catalog.volume(pool, vol)
+        s = self.catalog.snapshot(pool, vol, snap) if snap is not None else None
+        if snap is None and self._journal(p) is None:
+            raise E.InvalidArgument(
+                f"pool {pool} has no journal: its volumes are block devices already "
+                f"({self._link(pool, vol)}); exports serve journaled volumes"
+            )
+        if self._find_export(pool, vol, snap) is not None:
+            ref = f"{pool}/{vol}" + (f"@{snap}" if snap else "")
+            raise E.AlreadyExists(f"{ref} is already exported")
+        if (why := lio.available()) is not None:
+            raise E.Unavailable(f"cannot export: {why}")
+        config: Json = {}
+        if kind == "iscsi":
+            config["iqn"] = _check_iqn(iqn or f"iqn.2026-11.org.dmsnap:{pool}.{vol}" + (
+                f".{snap}" if snap else ""))
+            config["portal"] = _check_portal(portal or "0.0.0.0:3260")
+            config["allow"] = [_check_iqn(a) for a in (allow or [])]
+            if chap:
+                user, sep, secret = chap.partition(":")
+                if not sep or not user or not 12 <= len(secret) <= 16:
+                    raise E.InvalidArgument("--chap USER:SECRET, the secret 12 to 16 characters")
+                config["chap"] = [user, secret]
+        serial = f"dmsnap{p.uuid[:6]}{v.id:04x}" + (f"s{s.id:04x}" if s else "")
+        ex = self.catalog.add_export(p.id, v.id, s.id if s else None, kind, serial, config)
+        try:
+            if s is not None and not s.active:
+                self.snapshot_activate(pool, vol, snap)
+            self._start_export(ex)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._stop_export(ex.id, keep=False)
+            self.catalog.remove_export(ex.id)
+            raise
+        log.info("exported %s (%s)", ex.ref, kind)
+        return self._export_json(ex)
+
+    def _backstore_name(self, ex: Any) -> str:
+        return f"dmsnap-{ex.serial}"
+
+    def _start_export(self, ex: Any) -> None:
+        from dmsnap.scsi import lio, target
+
+        p = self.catalog.pool_by_id(ex.pool_id)
+        v = self.catalog.volume(ex.pool, ex.volume)
+        name = self._backstore_name(ex)
+        config = f"{ex.pool}/{ex.volume}" + (f"@{ex.snapshot}" if ex.snapshot else "")
+        bs = lio.find_backstore(name) or lio.create_backstore(name, config, v.size, ex.serial)
+        if ex.snapshot is None:
+            pj = self._journal(p)
+            assert pj is not None
+            io = self.open_volume(ex.pool, ex.volume)
+            lun: Any = target.VolumeLun(io, wce=pj.mode == "ram", serial=ex.serial)
+            service = target.InbandSnapshots(self, ex.pool, ex.volume)
+            journal, vol_id = pj.journal, v.id
+        else:
+            path = f"/dev/mapper/{names.dm_snapshot(ex.pool, ex.volume, ex.snapshot)}"
+            lun = target.SnapshotDeviceLun(path, v.size, ex.serial)
+            service, journal, vol_id = None, None, 0
+        device, emu = target.start_device(
+            bs,
+            lun,
+            journal=journal,
+            vol_id=vol_id,
+            snapshots=service,
+            snapshot_allowed=lambda initiator: True,
+            initiator=ex.ref,
+        )
+        try:
+            with contextlib.suppress(OSError):  # let commands held over a restart through
+                lio.control(bs, "block_dev", 0)
+            if ex.kind == "local":
+                fabric = lio.find_local(bs) or lio.export_local(bs)
+            else:
+                fabric = ex.config["iqn"]
+                if not lio.iscsi_exists(fabric):
+                    host, _, port = ex.config["portal"].rpartition(":")
+                    chap = tuple(ex.config["chap"]) if ex.config.get("chap") else None
+                    lio.export_iscsi(bs, fabric, (host, int(port)), ex.config["allow"], chap)
+        except BaseException:
+            device.close()
+            raise
+        self._exports[ex.id] = target.Running(bs, device, emu, fabric)
+        self.export_errors.pop(ex.id, None)
+        if ex.kind == "local" and ex.snapshot is None:
+            disk = lio.scsi_disk_for(ex.serial, timeout=30)
+            if disk:
+                link = os.path.join(LINK_DIR, ex.pool, ex.volume)
+                os.makedirs(os.path.dirname(link), exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(link)
+                os.symlink(disk, link)
+
+    def _stop_export(self, export_id: int, *, keep: bool) -> None:
+        """keep: a daemon stop (LIO holds new commands until we are back);
+        else the export goes away (unexport, teardown)."""
+        from dmsnap.scsi import lio
+
+        run = self._exports.pop(export_id, None)
+        ex = next((e for e in self.catalog.exports() if e.id == export_id), None)
+        if run is None:
+            if ex is not None and not keep:
+                bs = lio.find_backstore(self._backstore_name(ex))
+                if bs is not None:
+                    lio.remove_fabrics(bs)
+                    lio.delete_backstore(bs)
+            return
+        if keep:
+            with contextlib.suppress(OSError):
+                lio.control(run.backstore, "block_dev", 1)
+            run.stop()
+            return
+        if ex is not None and ex.kind == "local":
+            link = os.path.join(LINK_DIR, ex.pool, ex.volume)
+            if os.path.islink(link):
+                os.unlink(link)
+        lio.remove_fabrics(run.backstore)
+        run.stop()
+        lio.delete_backstore(run.backstore)
+
+    @_user_errors
+    def export_list(self, pool: str | None = None) -> list[Json]:
+        if pool is not None:
+            names.check_name("pool", pool)
+            self.catalog.pool(pool)
+        return [self._export_json(ex) for ex in self.catalog.exports(pool)]
+
+    @_user_errors
+    def export_delete(self, pool: str, vol: str, *, snap: str | None = None) -> None:
+        names.check_name("pool", pool)
+        names.check_name("volume", vol)
+        ex = self._find_export(pool, vol, snap)
+        if ex is None:
+            ref = f"{pool}/{vol}" + (f"@{snap}" if snap else "")
+            raise E.NotFound(f"{ref} is not exported")
+        self._stop_export(ex.id, keep=False)
+        self.catalog.remove_export(ex.id)
+        self.export_errors.pop(ex.id, None)
+        log.info("unexported %s", ex.ref)
+
+    def _check_not_exported(self, pool: str, vol: str, snap: str | None = None) -> None:
+        for ex in self.catalog.exports(pool):
+            if ex.volume == vol and (snap is None or ex.snapshot == snap):
+                raise E.Busy(f"{ex.ref} is exported; unexport it first")
+
     # -- status ----------------------------------------------------------------------------------
 
     @_user_errors
@@ -1301,7 +1538,9 @@ class Manager:
 
     def teardown(self) -> None:
         """Deactivate every device of every pool (not done on a plain stop);
-        journals are drained onto their volumes first."""
+        exports are taken down, journals drained onto their volumes first."""
+        for eid in list(self._exports):
+            self._stop_export(eid, keep=False)
         for pid in list(self._journals):
             self._stop_journal(pid, drain=True)
         for pool in self.catalog.pools():

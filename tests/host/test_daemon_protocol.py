@@ -157,6 +157,29 @@ class FakeManager:
     def volume_flush(self, pool, vol):
         self._record("volume_flush", pool, vol)
 
+    def export_create(
+        self, pool, vol, *, snap=None, kind="local", iqn=None, portal=None, allow=None, chap=None
+    ):
+        self._record(
+            "export_create",
+            pool,
+            vol,
+            snap=snap,
+            kind=kind,
+            iqn=iqn,
+            portal=portal,
+            allow=allow,
+            chap=chap,
+        )
+        return {"ref": f"{pool}/{vol}", "kind": kind}
+
+    def export_list(self, pool=None):
+        self._record("export_list", pool)
+        return []
+
+    def export_delete(self, pool, vol, *, snap=None):
+        self._record("export_delete", pool, vol, snap=snap)
+
     def snapshot_list(self, pool=None, vol=None):
         self._record("snapshot_list", pool, vol)
         return []
@@ -333,6 +356,17 @@ ROUND_TRIPS = [
         ("volume_read", ("p", "v", 0, 512), {}),
     ),
     ("volume.flush", {"pool": "p", "vol": "v"}, ("volume_flush", ("p", "v"), {})),
+    (
+        "export.create",
+        {"pool": "p", "vol": "v", "kind": "iscsi", "allow": ["iqn.2026-11.x:a"], "chap": "u:s"},
+        ("export_create", ("p", "v"), {"kind": "iscsi", "allow": ["iqn.2026-11.x:a"]}),
+    ),
+    ("export.list", {}, ("export_list", (None,), {})),
+    (
+        "export.delete",
+        {"pool": "p", "vol": "v", "snap": "s"},
+        ("export_delete", ("p", "v"), {"snap": "s"}),
+    ),
     ("status", {}, ("status", (), {})),
 ]
 
