@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from test_journal_support import Controller, make_volume, pattern
 
-from dmsnap.journal import Journal, JournalError
 from dmsnap._hotpath import lib
+from dmsnap.journal import Journal, JournalError
 
 MiB = 1 << 20
 VOL = 16 * MiB

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dmsnap.journal import Journal, Marker
 from dmsnap._hotpath import lib
+from dmsnap.journal import Journal, Marker
 
 SB_FMT = "<QIIQQQQQQQII"  # magic version align journal_id generation capacity ckpt_seq ckpt_pos
 # sb_seq min_gen crc zero
