@@ -23,6 +23,7 @@ log = logging.getLogger("dmsnap.scsi")
 
 BLOCK = 512
 UNMAP_CHUNK = 1 << 20
+MAX_UNMAP_BLOCKS = 1 << 20
 
 
 class VolumeLun:
@@ -192,8 +193,10 @@ def start_device(
     snapshot_allowed: Callable[[str], bool],
     initiator: str,
 ) -> tuple[TcmuDevice, Emulator]:
-    # 1 MiB: what the ring accepts per command (lio.MAX_SECTORS)
-    limits = Limits(max_transfer=lio.MAX_SECTORS * BLOCK)
+    # 1 MiB: what the ring accepts per command (lio.MAX_SECTORS). UNMAP runs
+    # here (zeros through the journal, one slow-path thread): at most 1 Mi
+    # blocks per command, the bound libiscsi's conformance suite calls sane.
+    limits = Limits(max_transfer=lio.MAX_SECTORS * BLOCK, max_unmap=MAX_UNMAP_BLOCKS * BLOCK)
     emu = Emulator(lun, snapshots, snapshot_allowed=snapshot_allowed, limits=limits)
     lock = threading.Lock()
     holder: dict[str, TcmuDevice] = {}
@@ -209,6 +212,17 @@ def start_device(
         return Reply(r.status, r.data, r.sense)
 
     uio, size = uio_for(bs.hba, bs.name)
+    # A process that died with commands in flight (kill -9) left them in the
+    # ring, but the entries between cmd_tail and cmd_head are not those
+    # commands: every answer is written over the entry at the tail (out-of-
+    # order completion), so once one command outlived a later one, that window
+    # holds commands already completed (their data area since reused) and
+    # misses some still pending. Taking them again would write stale data and
+    # answer unknown ids, which makes the kernel mark the ring broken (every
+    # later command: LOGICAL UNIT COMMUNICATION FAILURE). So hold new commands
+    # and let the kernel fail what the ring holds with BUSY (initiators retry
+    # it); the ring starts empty.
+    _reset_ring(bs)
     dev = TcmuDevice(
         uio,
         size,
@@ -219,4 +233,16 @@ def start_device(
         read_only=lun.read_only,
     )
     holder["dev"] = dev
+    try:
+        lio.control(bs, "block_dev", 0)
+    except OSError as e:
+        log.warning("%s: could not let commands through (block_dev 0): %s", bs.name, e)
     return dev, emu
+
+
+def _reset_ring(bs: lio.Backstore) -> None:
+    try:
+        lio.control(bs, "block_dev", 1)
+        lio.control(bs, "reset_ring", 1)
+    except OSError as e:  # not this kernel's TCMU: take the ring as it is
+        log.warning("%s: could not reset the TCMU ring: %s", bs.name, e)

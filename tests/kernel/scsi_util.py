@@ -1,0 +1,286 @@
+"""Helpers for the SCSI kernel tests that drive real initiators: libiscsi's
+``iscsi-test-cu`` (its CUnit output parsed per test), open-iscsi (``iscsid``
+started for the test if none runs, login/logout on a portal), ``fio --verify``
+(its JSON report checked), and small O_DIRECT helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from dmsnap.scsi import lio
+
+MiB = 1 << 20
+
+
+def run(
+    *cmd: str, timeout: float = 120, check: bool = True, ok: tuple[int, ...] = (0,)
+) -> subprocess.CompletedProcess[str]:
+    if shutil.which(cmd[0]) is None:
+        pytest.fail(f"{cmd[0]} is not installed (tools/setup installs it)", pytrace=False)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and r.returncode not in ok:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        )
+    return r
+
+
+# -- O_DIRECT I/O ---------------------------------------------------------------------
+
+
+def pwrite_direct(path: str, offset: int, data: bytes) -> None:
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        assert os.pwritev(fd, [buf], offset) == len(data)
+    finally:
+        os.close(fd)
+
+
+def pread_direct(path: str, offset: int, length: int) -> bytes:
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], offset) == length
+    finally:
+        os.close(fd)
+    return bytes(buf)
+
+
+def kernel_log() -> str:
+    return run("dmesg").stdout
+
+
+# -- libiscsi's iscsi-test-cu --------------------------------------------------------
+
+
+@dataclass
+class CuTest:
+    """One CUnit test as iscsi-test-cu reported it."""
+
+    suite: str
+    name: str
+    outcome: str = "unknown"  # passed | skipped (libiscsi's own [SKIPPED]) | failed
+    why: str = ""  # the [SKIPPED] reason, or the failed assertions
+    log: list[str] = field(default_factory=list)
+
+
+_TEST = re.compile(r"^  Test: (\S+) \.\.\.(.*)$")
+_SUMMARY = re.compile(r"^\s+tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)")
+
+
+def parse_cunit(text: str) -> tuple[dict[tuple[str, str], CuTest], tuple[int, ...] | None]:
+    """iscsi-test-cu's verbose output (CUnit's basic interface): every test
+    with its outcome, and the summary's (total, ran, passed, failed, inactive)
+    for tests. A test that libiscsi skipped itself passes in CUnit's eyes and
+    logs "[SKIPPED] reason"; it is reported as skipped here."""
+    tests: dict[tuple[str, str], CuTest] = {}
+    suite = ""
+    cur: CuTest | None = None
+    summary = None
+    for line in text.splitlines():
+        if line.startswith("Suite: "):
+            suite, cur = line[7:].strip(), None
+            continue
+        m = _TEST.match(line)
+        if m:
+            cur = tests[(suite, m.group(1))] = CuTest(suite, m.group(1))
+            line = m.group(2)
+        if (s := _SUMMARY.match(line)) is not None:
+            summary = tuple(int(x) for x in s.groups())
+            cur = None
+            continue
+        if line.startswith("Run Summary"):
+            cur = None
+        if cur is not None and line.strip():
+            cur.log.append(line.strip())
+    for t in tests.values():
+        if "FAILED" in t.log:
+            t.outcome = "failed"
+            t.why = "; ".join(x for x in t.log if re.match(r"^\d+\. ", x))
+        elif "passed" in t.log:
+            skips = [x.split("[SKIPPED]", 1)[1].strip() for x in t.log if "[SKIPPED]" in x]
+            t.outcome, t.why = ("skipped", skips[0]) if skips else ("passed", "")
+    return tests, summary
+
+
+def libiscsi_catalogue(families: list[str]) -> dict[str, list[str]]:
+    """``iscsi-test-cu --list``: the tests of each FAMILY.SUITE asked for."""
+    out = run("iscsi-test-cu", "--list").stdout.split()
+    want = {f: [] for f in families}
+    for name in out:
+        parts = name.split(".")
+        if len(parts) == 3 and f"{parts[0]}.{parts[1]}" in want:
+            want[f"{parts[0]}.{parts[1]}"].append(parts[2])
+    return want
+
+
+def run_libiscsi(
+    url: str, families: list[str], initiator: str, timeout: float = 300
+) -> tuple[dict[tuple[str, str], CuTest], tuple[int, ...] | None, str]:
+    r = run(
+        "iscsi-test-cu",
+        "--dataloss",
+        "-i",
+        initiator,
+        "-t",
+        ",".join(families),
+        url,
+        timeout=timeout,
+        ok=(0, 1),  # 1: some test failed (judged per test by the caller)
+    )
+    tests, summary = parse_cunit(r.stdout)
+    return tests, summary, r.stdout
+
+
+# -- open-iscsi ----------------------------------------------------------------------
+
+
+def _running(comm: str) -> bool:
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == comm:
+                    return True
+    return False
+
+
+def _iscsid_listening() -> bool:
+    """iscsid's control socket (abstract, what iscsiadm connects to) exists."""
+    with open("/proc/net/unix") as f:
+        return "@ISCSIADM_ABSTRACT_NAMESPACE" in f.read()
+
+
+@contextlib.contextmanager
+def open_iscsi() -> Iterator[None]:
+    """open-iscsi ready to log in: iscsi_tcp loaded and an iscsid running
+    (started here, in the foreground, if there is none; stopped after)."""
+    for tool in ("iscsiadm", "iscsid"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed (open-iscsi)", pytrace=False)
+    run("modprobe", "iscsi_tcp")
+    proc = None
+    if not _running("iscsid"):
+        # its own session: on SIGTERM a foreground iscsid signals its whole
+        # process group (it took pytest and the VM's init script with it)
+        proc = subprocess.Popen(
+            ["iscsid", "-f"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while not _iscsid_listening():
+            assert proc.poll() is None, "iscsid exited"
+            assert time.monotonic() < deadline, "iscsid did not come up"
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def iscsi_session(iqn: str, portal: str, serial: str) -> Iterator[str]:
+    """Discover ``iqn`` on ``portal``, log in and yield the new /dev/sdX
+    (found by its unit serial); log out and forget the node after."""
+    run("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal)
+    run("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--login", timeout=60)
+    try:
+        disk = lio.scsi_disk_for(serial, timeout=60)
+        assert disk is not None, f"no SCSI disk with serial {serial} after the iSCSI login"
+        yield disk
+    finally:
+        run("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--logout", check=False)
+        run("iscsiadm", "-m", "node", "-o", "delete", "-T", iqn, "-p", portal, check=False)
+        run(
+            "iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", portal, "-o", "delete",
+            check=False,
+        )  # fmt: skip
+
+
+# -- fio -----------------------------------------------------------------------------
+
+
+@dataclass
+class FioResult:
+    rc: int
+    jobs: list[dict]
+    stderr: str
+    seconds: float
+
+    @property
+    def written(self) -> int:
+        return sum(j["write"]["io_bytes"] for j in self.jobs)
+
+    @property
+    def verified(self) -> int:
+        return sum(j["read"]["io_bytes"] for j in self.jobs)
+
+    @property
+    def errors(self) -> list[tuple[str, int]]:
+        return [(j["jobname"], j["error"]) for j in self.jobs if j["error"]]
+
+
+def fio(*args: str, timeout: float = 170) -> FioResult:
+    """fio with a JSON report (``--output-format=json``)."""
+    t0 = time.monotonic()
+    r = run("fio", "--output-format=json", *args, timeout=timeout, check=False)
+    took = time.monotonic() - t0
+    try:
+        doc = json.loads(r.stdout[r.stdout.index("{") :])
+    except ValueError:
+        msg = f"fio {' '.join(args)}: no JSON report\n{r.stdout}\n{r.stderr}"
+        raise AssertionError(msg) from None
+    return FioResult(r.returncode, doc["jobs"], r.stderr, took)
+
+
+def fio_verify_args(
+    dev: str, *, region: int, jobs: int = 4, base: int = 0, bs: str = "4k-64k"
+) -> list[str]:
+    """Several jobs of random writes (``bs``: 4-64 KiB, 16 in flight each), each in
+    its own slice of ``region`` bytes from ``base`` (no two jobs write the same
+    block, so each job's verify pass knows what every block must hold), then
+    every written block read back and checked (crc32c)."""
+    per = region // jobs // MiB * MiB
+    return [
+        f"--filename={dev}",
+        "--direct=1",
+        "--ioengine=libaio",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--name=rand",
+        "--rw=randwrite",
+        f"--bsrange={bs}" if "-" in bs else f"--bs={bs}",
+        "--iodepth=16",
+        f"--numjobs={jobs}",
+        f"--offset={base}",
+        f"--size={per}",
+        f"--offset_increment={per}",
+    ]
+
+
+def assert_fio_verified(r: FioResult) -> None:
+    assert r.rc == 0 and not r.errors, f"fio exited {r.rc}, errors {r.errors}\n{r.stderr[-3000:]}"
+    for bad in ("verify failed", "bad magic", "bad header", "verify: bad"):
+        assert bad not in r.stderr, r.stderr[-3000:]
+    assert r.written > 0 and r.verified == r.written, (r.written, r.verified)

@@ -1,0 +1,523 @@
+"""Volumes over SCSI with real initiators, on the real kernel: libiscsi's
+conformance suite against an iSCSI export on 127.0.0.1; ``fio --verify``
+through an open-iscsi session and through the local (tcm_loop) disk; an ext4
+file system under load snapshotted in-band, its snapshot clean after journal
+recovery and holding every file committed before the command; and a dmsnapd
+process stopped, or killed, under I/O: the initiator sees retries, never an
+error, and the data is intact.
+
+libiscsi 1.19 (Debian 12), the families the issue names, each test asserted
+below: all pass except WriteSame10/16 ZeroBlocks, UnmapUnaligned and
+InvalidDataOutSize, which libiscsi skips itself given what the LUN advertises
+(SELF_SKIPS), and the ten iSCSIResiduals tests, which a TCMU backstore cannot
+pass (KNOWN_FAILURES, with the reasons). libiscsi 1.19 has no SYNCHRONIZE
+CACHE suite: ``sg_sync`` and ``sg_sync --16`` through the iSCSI session stand in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from scsi_util import (
+    MiB,
+    assert_fio_verified,
+    fio,
+    fio_verify_args,
+    iscsi_session,
+    kernel_log,
+    libiscsi_catalogue,
+    open_iscsi,
+    pread_direct,
+    pwrite_direct,
+    run,
+    run_libiscsi,
+)
+
+from dmsnap import cli
+from dmsnap.scsi import lio
+from dmsnap.storage.manager import Manager
+
+IQN = "iqn.2026-11.org.dmsnap.test:iscsi"
+PORTAL = "127.0.0.1:3260"
+INITIATOR = "iqn.2026-11.org.dmsnap.test:libiscsi"
+ISCSI_VOL = 32 * MiB
+
+# The families the issue names, in groups that each take under ~2 minutes in
+# the emulated test VM (every command but READ/WRITE runs in the daemon's
+# Python emulator, one at a time).
+LIBISCSI_GROUPS = {
+    "spc": [
+        "SCSI.TestUnitReady",
+        "SCSI.Inquiry",
+        "SCSI.ReadCapacity10",
+        "SCSI.ReadCapacity16",
+        "SCSI.ModeSense6",
+        "SCSI.ReportSupportedOpcodes",
+        "iSCSI.iSCSIResiduals",
+    ],
+    "read_write": [
+        "SCSI.Read6",
+        "SCSI.Read10",
+        "SCSI.Read12",
+        "SCSI.Read16",
+        "SCSI.Write10",
+        "SCSI.Write12",
+        "SCSI.Write16",
+        "SCSI.WriteVerify10",
+        "SCSI.WriteVerify12",
+        "SCSI.WriteVerify16",
+    ],
+    "verify": ["SCSI.Verify10", "SCSI.Verify12", "SCSI.Verify16"],
+    "unmap_write_same": ["SCSI.Unmap", "SCSI.WriteSame10", "SCSI.WriteSame16"],
+}
+
+# Tests libiscsi skips itself ("[SKIPPED]", counted as passed by CUnit)
+# because of what the LUN advertises; any other self-skip fails the test.
+_WSNZ = "we advertise WSNZ=1 (VPD B0h): a WRITE SAME of 0 blocks is refused, as SBC allows"
+_LBPPB = "needs several logical blocks per physical block; ours are 512 bytes both"
+SELF_SKIPS = {
+    ("WriteSame10", "ZeroBlocks"): _WSNZ,
+    ("WriteSame16", "ZeroBlocks"): _WSNZ,
+    ("WriteSame10", "UnmapUnaligned"): _LBPPB,
+    ("WriteSame16", "UnmapUnaligned"): _LBPPB,
+    ("WriteSame10", "InvalidDataOutSize"): _LBPPB,
+    ("WriteSame16", "InvalidDataOutSize"): _LBPPB,
+}
+
+# Tests that fail for reasons outside dmsnap's reach, each with the reason.
+_READ_OVERFLOW = (
+    "the sub-cases where the iSCSI expected transfer length is shorter than the CDB's "
+    "(residual OVERFLOW) cannot pass through TCMU: LIO hands user backstores every CDB "
+    "through passthrough_parse_cdb, which never sizes it against the fabric's length, and "
+    "a TCMU answer can only report an underflow (read_len); the underflow sub-cases pass"
+)
+_WRITE_RESIDUAL = (
+    "libiscsi wants GOOD plus a residual for a WRITE whose Data-Out length disagrees with "
+    "its CDB; dmsnap answers CHECK CONDITION, INVALID FIELD IN COMMAND INFORMATION UNIT, "
+    "and writes nothing (the issue asks for that; LIO's own SBC emulation rejects these "
+    "WRITEs the same way), and TCMU could not report the overflow residual anyway"
+)
+KNOWN_FAILURES = {
+    ("iSCSIResiduals", "Read10Invalid"): _READ_OVERFLOW,
+    ("iSCSIResiduals", "Read10Residuals"): _READ_OVERFLOW,
+    ("iSCSIResiduals", "Read12Residuals"): _READ_OVERFLOW,
+    ("iSCSIResiduals", "Read16Residuals"): _READ_OVERFLOW,
+    ("iSCSIResiduals", "Write10Residuals"): _WRITE_RESIDUAL,
+    ("iSCSIResiduals", "Write12Residuals"): _WRITE_RESIDUAL,
+    ("iSCSIResiduals", "Write16Residuals"): _WRITE_RESIDUAL,
+    ("iSCSIResiduals", "WriteVerify10Residuals"): _WRITE_RESIDUAL,
+    ("iSCSIResiduals", "WriteVerify12Residuals"): _WRITE_RESIDUAL,
+    ("iSCSIResiduals", "WriteVerify16Residuals"): _WRITE_RESIDUAL,
+}
+
+
+def _needs_lio() -> None:
+    if (why := lio.available()) is not None:
+        pytest.fail(why)
+
+
+@contextlib.contextmanager
+def _manager(state: Path):
+    m = Manager(str(state))
+    try:
+        yield m
+    finally:
+        try:
+            for p in m.catalog.pools():
+                m.pool_destroy(p.name, force=True)
+        finally:
+            m.close()
+
+
+@pytest.fixture(scope="module")
+def iscsi_export(tmp_path_factory):
+    """A journaled volume exported over iSCSI on 127.0.0.1 (no ACL: demo
+    mode, any initiator), for libiscsi and then open-iscsi."""
+    _needs_lio()
+    with _manager(tmp_path_factory.mktemp("iscsi") / "state") as m:
+        # its own pool name: the module's pool lives beside the tests' own
+        m.pool_create("isc", size=256 * MiB, journal_size=16 * MiB)
+        m.volume_create("isc", "v", ISCSI_VOL)
+        ex = m.export_create("isc", "v", kind="iscsi", iqn=IQN, portal=PORTAL)
+        assert ex["iqn"] == IQN and ex["portal"] == PORTAL and ex["allow"] == []
+        yield m, ex
+
+
+@pytest.fixture
+def local_export(tmp_path):
+    """Factory: a journaled volume of ``size`` exported through tcm_loop;
+    returns (manager, /dev/sdX)."""
+    _needs_lio()
+    with _manager(tmp_path / "state") as m:
+
+        def make(size: int) -> tuple[Manager, str]:
+            m.pool_create("s", size=256 * MiB, journal_size=16 * MiB)
+            m.volume_create("s", "v", size)
+            m.export_create("s", "v", kind="local")
+            disk = os.path.realpath("/dev/dmsnap/s/v")
+            assert disk.startswith("/dev/sd"), disk
+            return m, disk
+
+        yield make
+
+
+# -- 1. libiscsi ------------------------------------------------------------------------
+
+
+def _table(results, group: list[str]) -> str:
+    lines = [
+        "| family | passed | skipped by libiscsi | known failures | failed |",
+        "|---|---|---|---|---|",
+    ]
+    for fam in group:
+        suite = fam.split(".")[1]
+        ts = [t for (s, _), t in results.items() if s == suite]
+        by = {o: [t.name for t in ts if t.outcome == o] for o in ("passed", "skipped", "failed")}
+        known = [n for n in by["failed"] if (suite, n) in KNOWN_FAILURES]
+        other = [n for n in by["failed"] if (suite, n) not in KNOWN_FAILURES]
+        lines.append(
+            f"| {suite} | {len(by['passed'])}/{len(ts)} | {', '.join(by['skipped']) or '-'} "
+            f"| {', '.join(known) or '-'} | {', '.join(other) or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("group", list(LIBISCSI_GROUPS))
+def test_libiscsi_conformance(iscsi_export, group):
+    """iscsi-test-cu (--dataloss) against the export: every test of each
+    family runs and passes, but for the documented self-skips and known
+    failures."""
+    families = LIBISCSI_GROUPS[group]
+    expected = libiscsi_catalogue(families)
+    assert all(expected.values()), f"families unknown to this libiscsi: {expected}"
+    t0 = time.monotonic()
+    results, summary, out = run_libiscsi(f"iscsi://{PORTAL}/{IQN}/0", families, INITIATOR)
+    took = time.monotonic() - t0
+    print(f"libiscsi {group}: {took:.0f} s\n{_table(results, families)}")
+    # every test of every family ran (a crash or a failed suite set-up would hide some)
+    want = {(f.split(".")[1], t) for f, ts in expected.items() for t in ts}
+    assert set(results) == want, (sorted(want - set(results)), out[-4000:])
+    assert summary is not None and summary[0] == summary[1] == len(want), summary
+    problems = []
+    for key, t in sorted(results.items()):
+        if t.outcome == "passed":
+            continue
+        if t.outcome == "skipped" and key in SELF_SKIPS:
+            continue
+        if t.outcome == "failed" and key in KNOWN_FAILURES:
+            continue
+        problems.append(f"{t.suite}.{t.name}: {t.outcome} {t.why}")
+    assert not problems, "\n".join(problems)
+
+
+# -- 2. fio --verify ------------------------------------------------------------------
+
+
+def test_fio_verify_through_iscsi(iscsi_export):
+    """open-iscsi logs in on 127.0.0.1; fio's random writes from four jobs
+    (16 in flight each) then a sequential 1 MiB job all read back equal;
+    SYNCHRONIZE CACHE 10 and 16 (no libiscsi suite for them) answer GOOD."""
+    m, ex = iscsi_export
+    with open_iscsi(), iscsi_session(IQN, PORTAL, ex["serial"]) as disk:
+        assert "DMSNAP" in run("sg_inq", disk).stdout
+        with open(f"/sys/block/{os.path.basename(disk)}/size") as f:
+            assert int(f.read()) * 512 == ISCSI_VOL
+        r = fio(*fio_verify_args(disk, region=ISCSI_VOL * 3 // 4))
+        assert_fio_verified(r)
+        seq = fio(
+            f"--filename={disk}", "--direct=1", "--ioengine=libaio", "--verify=crc32c",
+            "--verify_fatal=1", "--name=seq", "--rw=write", "--bs=1M", "--iodepth=4",
+            f"--offset={ISCSI_VOL * 3 // 4}", f"--size={ISCSI_VOL // 4}",
+        )  # fmt: skip
+        assert_fio_verified(seq)
+        run("sg_sync", disk)
+        run("sg_sync", "--16", disk)
+        print(
+            f"iSCSI fio: {r.written // MiB} MiB random in {r.seconds:.1f} s, "
+            f"{seq.written // MiB} MiB sequential in {seq.seconds:.1f} s (both verified)"
+        )
+    st = m.export_list("isc")[0]["stats"]
+    assert st["fast_writes"] > 0 and st["errors"] == 0, st
+
+
+def test_fio_verify_through_local_lun(local_export):
+    _, disk = local_export(64 * MiB)
+    r = fio(*fio_verify_args(disk, region=48 * MiB))
+    assert_fio_verified(r)
+    seq = fio(
+        f"--filename={disk}", "--direct=1", "--ioengine=libaio", "--verify=crc32c",
+        "--verify_fatal=1", "--name=seq", "--rw=write", "--bs=1M", "--iodepth=8",
+        f"--offset={48 * MiB}", f"--size={16 * MiB}",
+    )  # fmt: skip
+    assert_fio_verified(seq)
+    print(
+        f"local fio: {r.written // MiB} MiB random in {r.seconds:.1f} s, "
+        f"{seq.written // MiB} MiB sequential in {seq.seconds:.1f} s (both verified)"
+    )
+
+
+# -- 3. a file system under load, snapshotted in-band ---------------------------------
+
+
+class FsWriters:
+    """Threads writing files on a mounted file system. Each file is written
+    once: content, fsync, rename into place, fsync of the directory; then it
+    is recorded as committed (its name and digest), so a snapshot requested
+    after that must hold it. Around them: unsynced appends and deletes."""
+
+    def __init__(self, root: Path, n: int = 3) -> None:
+        self.root, self.stop = root, threading.Event()
+        self.committed: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(n)]
+
+    def _run(self, i: int) -> None:
+        rng = random.Random(i)
+        d = self.root / f"w{i}"
+        try:
+            d.mkdir()
+            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                k = 0
+                while not self.stop.is_set():
+                    data = rng.randbytes(rng.choice([4096, 20000, 65536, 200000]))
+                    tmp, final = d / f".f{k}.tmp", d / f"f{k}"
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.rename(tmp, final)
+                    os.fsync(dfd)
+                    with self.lock:
+                        self.committed.append((f"/w{i}/f{k}", hashlib.sha256(data).hexdigest()))
+                    with open(d / "log", "ab") as f:  # never synced
+                        f.write(rng.randbytes(8192))
+                    if k % 5 == 4:
+                        scratch = d / f"s{k}"
+                        scratch.write_bytes(rng.randbytes(30000))
+                        scratch.unlink()
+                    k += 1
+            finally:
+                os.close(dfd)
+        except BaseException as e:
+            self.errors.append(e)
+
+    def __enter__(self) -> FsWriters:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.committed)
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.run(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_filesystem_under_load_snapshotted_inband(local_export, tmp_path):
+    """ext4 on the local LUN, written by three threads; `dmsnap initiator
+    snapshot DEV fs1 --wait` while they write; the snapshot, copied to a
+    scratch file, needs at most a journal replay (e2fsck -fy: 0 or 1), is then
+    clean (e2fsck -fn: 0), and holds every file committed before the command
+    with its content."""
+    m, disk = local_export(64 * MiB)
+    run("mkfs.ext4", "-q", "-F", "-b", "4096", disk, timeout=170)  # discards (UNMAP) the LUN
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", "-t", "ext4", disk, str(mnt))
+    try:
+        with FsWriters(mnt) as w:
+            deadline = time.monotonic() + 60
+            while w.count() < 20 and not w.errors:
+                assert time.monotonic() < deadline, "the writers made no progress"
+                time.sleep(0.1)
+            before = w.count()  # all of these were durable before the command was sent
+            t0 = time.monotonic()
+            rc, out, err = _cli("initiator", "snapshot", disk, "fs1", "--wait", "--json")
+            took = time.monotonic() - t0
+            assert rc == 0, err
+            reply = json.loads(out)
+            assert reply["state"] == "done" and reply["snapshots"] == ["s/v@fs1"], reply
+            time.sleep(1)  # and the load goes on after it
+        assert not w.errors, w.errors[:3]
+        after = w.count()
+        committed = list(w.committed[:before])
+    finally:
+        run("umount", str(mnt))
+    assert after > before, "no writes after the snapshot: the test saw no load"
+    act = m.snapshot_activate("s", "v", "fs1")
+    copy = tmp_path / "fs1.img"
+    try:
+        run("dd", f"if={act['path']}", f"of={copy}", "bs=1M", "iflag=direct", "status=none")
+    finally:
+        m.snapshot_deactivate("s", "v", "fs1")
+    fix = run("e2fsck", "-fy", str(copy), ok=(0, 1), timeout=170)
+    check = run("e2fsck", "-fn", str(copy), check=False, timeout=170)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # every committed file, read straight from the image (debugfs, no mount)
+    sample = random.Random(7).sample(committed, min(12, len(committed)))
+    for path, digest in sample:
+        got = subprocess.run(
+            ["debugfs", "-R", f"cat {path}", str(copy)], capture_output=True, timeout=60
+        )
+        assert got.returncode == 0 and hashlib.sha256(got.stdout).hexdigest() == digest, path
+    names = run("debugfs", "-R", "ls -p /w0", str(copy)).stdout
+    have = {ln.split("/")[5] for ln in names.splitlines() if ln.count("/") >= 6}
+    for path, _ in committed:
+        if path.startswith("/w0/"):
+            assert path.split("/")[2] in have, path
+    replayed = "recovering journal" in fix.stdout.lower()
+    print(
+        f"fs snapshot: {before} files committed before it, {after} by the end; "
+        f"in-band snapshot {took:.1f} s; journal replayed: {replayed}; "
+        f"e2fsck -fy {fix.returncode}, -fn {check.returncode}"
+    )
+
+
+# -- 4. dmsnapd stopped or killed under I/O ---------------------------------------------
+
+
+@pytest.fixture
+def daemon_export(tmp_path):
+    """A real dmsnapd; pool p, volume p/v (64 MiB) exported --local through
+    the CLI; yields (daemon, /dev/sdX)."""
+    _needs_lio()
+    from test_cli_e2e import Daemon
+
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        d.cli("pool", "create", "p", "--size", "256M")
+        d.cli("volume", "create", "p/v", "--size", "64M")
+        d.cli("export", "p/v", "--local")
+        disk = os.path.realpath("/dev/dmsnap/p/v")
+        assert disk.startswith("/dev/sd"), disk
+        yield d, disk
+    finally:
+        if d.proc is not None and d.proc.poll() is not None:
+            d.start()  # a test killed it: bring it back to clean up
+        d.cli("pool", "destroy", "p", "--force", "--yes", check=False)
+        d.stop(teardown=True)
+
+
+def _background_fio(disk: str, seconds: float) -> tuple[subprocess.Popen[str], list[str]]:
+    """Random 4 KiB writes (2 jobs, 16 in flight each) on the first 16 MiB,
+    paced to last about ``seconds``, then verified."""
+    args = fio_verify_args(disk, region=16 * MiB, jobs=2, bs="4k")
+    ios = 8 * MiB // 4096  # per job
+    cmd = ["fio", "--output-format=json", *args, f"--rate_iops={max(1, int(ios / seconds))}"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), cmd
+
+
+def _fio_result(p: subprocess.Popen[str], timeout: float = 170):
+    from scsi_util import FioResult
+
+    out, err = p.communicate(timeout=timeout)
+    assert "{" in out, f"fio exited {p.returncode} without a report: {err[-3000:]}"
+    doc = json.loads(out[out.index("{") :])
+    return FioResult(p.returncode, doc["jobs"], err, 0.0)
+
+
+def _broken_rings(log: str) -> int:
+    return len(re.findall(r"ring is broken", log))
+
+
+def test_daemon_restart_under_io(daemon_export):
+    """`dmsnap daemon stop` while fio writes: the export stays, LIO holds new
+    commands (block_dev) and the stopping daemon answers what it holds BUSY;
+    the initiator retries until dmsnapd is back; fio sees no error and every
+    block verifies."""
+    d, disk = daemon_export
+    p, _ = _background_fio(disk, seconds=25)
+    try:
+        time.sleep(4)
+        t0 = time.monotonic()
+        d.stop()
+        stopped = time.monotonic() - t0
+        time.sleep(2)  # the LUN is held: commands wait in the initiator's retries
+        d.start()
+        back = time.monotonic() - t0
+        exports = d.json("export", "list")
+        assert exports[0]["running"], exports
+        r = _fio_result(p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert_fio_verified(r)
+    print(
+        f"restart under fio: stop {stopped:.1f} s, back after {back:.1f} s; "
+        f"{r.written // MiB} MiB verified"
+    )
+
+
+def test_daemon_killed_under_io(daemon_export):
+    """kill -9 of dmsnapd while fio writes and a long command (an UNMAP of
+    32 MiB, executed on the slow path as zero writes) is in flight, so that
+    later writes complete before it: the ring then holds a stale window. The
+    new daemon has the kernel fail what the ring holds with BUSY (reset_ring)
+    and the initiator retries: fio sees no error and verifies, the discard
+    succeeds and reads back as zeros, and the kernel never marks the ring
+    broken. (Commands stay in the ring until the new daemon resets it: it must
+    be back within TCMU's cmd_time_out, 30 s.)"""
+    d, disk = daemon_export
+    pwrite_direct(disk, 32 * MiB, random.Random(3).randbytes(32 * MiB))
+    broken = _broken_rings(kernel_log())
+    p, _ = _background_fio(disk, seconds=25)
+    discard: list[tuple[int, str, float]] = []
+
+    def blkdiscard() -> None:
+        t = time.monotonic()
+        r = subprocess.run(
+            ["blkdiscard", "-o", str(32 * MiB), "-l", str(32 * MiB), disk],
+            capture_output=True,
+            text=True,
+            timeout=170,
+        )
+        discard.append((r.returncode, r.stderr, time.monotonic() - t))
+
+    t = threading.Thread(target=blkdiscard)
+    try:
+        time.sleep(4)
+        t.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        d.kill9()
+        in_flight = not discard
+        d.start()
+        back = time.monotonic() - t0
+        t.join(timeout=170)
+        r = _fio_result(p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        t.join(timeout=170)
+    assert_fio_verified(r)
+    assert discard and discard[0][0] == 0, discard
+    assert pread_direct(disk, 32 * MiB, 32 * MiB) == bytes(32 * MiB)
+    assert _broken_rings(kernel_log()) == broken
+    print(
+        f"kill -9 under fio: back after {back:.1f} s; UNMAP in flight at the kill: {in_flight} "
+        f"(took {discard[0][2]:.1f} s); {r.written // MiB} MiB verified"
+    )
