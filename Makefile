@@ -7,7 +7,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 ARGS  ?=
 
-.PHONY: all setup test test-host test-kernel demo lint bench clean
+.PHONY: all setup test test-host test-kernel demo lint bench bench-journal clean
 
 all: test
 
@@ -37,6 +37,11 @@ bench: setup
 	@if [ -x bench/run ]; then \
 		tools/vm --timeout 5400 --memory 4G -- bench/run; \
 	else echo "bench: no bench/run yet; nothing to do"; fi
+
+# The journal's benchmark alone (bench/README.md): one VM run of about 7 minutes.
+#   make bench-journal ARGS='--quick'
+bench-journal: setup
+	tools/vm --timeout 590 --memory 3G -- $(PY) bench/journal_bench.py $(ARGS)
 
 # Build and test leftovers only; .venv stays (rm -rf .venv to redo setup).
 clean:
