@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import NamedTuple
-
 import pytest
+from status_lines import rows
 
 from dmsnap.dm import status as s
 from dmsnap.dm.status import StatusParseError, parse_status
 
-DATA = Path(__file__).parent / "data" / "status_lines.txt"
-
-
-class Row(NamedTuple):
-    label: str
-    target_type: str
-    kind: str
-    line: str
-
-    @property
-    def params(self) -> str:
-        parts = self.line.split(" ", 3)
-        return parts[3] if len(parts) > 3 else ""
-
-
-STATUS_ROWS = [
-    r
-    for r in (Row(*x.split("\t")) for x in DATA.read_text().splitlines() if x and x[0] != "#")
-    if r.kind == "status"
-]
+STATUS_ROWS = rows("status")
 
 
 def _wc(

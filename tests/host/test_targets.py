@@ -6,39 +6,15 @@ import os
 import random
 import stat
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from status_lines import Row, rows
 
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table, TableError, TableLine
-
-DATA = Path(__file__).parent / "data" / "status_lines.txt"
-
-
-class Row(NamedTuple):
-    label: str
-    target_type: str
-    kind: str
-    line: str
-
-    @property
-    def params(self) -> str:
-        parts = self.line.split(" ", 3)
-        return parts[3] if len(parts) > 3 else ""
-
-
-def rows(kind: str) -> list[Row]:
-    out = []
-    for raw in DATA.read_text().splitlines():
-        if raw and not raw.startswith("#"):
-            r = Row(*raw.split("\t"))
-            if r.kind == kind:
-                out.append(r)
-    return out
-
 
 TABLE_ROWS = rows("table")
 # thin_status() prints "Fail" in place of the table once the pool has failed.
