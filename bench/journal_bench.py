@@ -331,15 +331,16 @@ class CPaced:
         return run
 
 
-def build_c_driver(work: str) -> str | None:
-    """Compile the C driver; None when there is no compiler."""
+def build_c_driver(work: str, cflags: list[str]) -> str | None:
+    """Compile the C driver (``cflags``: e.g. -DJR_COMMIT_DEPTH=1 to compare
+    tunings in one run); None when there is no compiler."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
     exe = os.path.join(work, "jr_append")
     csrc = os.path.join(REPO, "csrc")
     subprocess.run(
-        [cc, "-O2", "-pthread", "-I", csrc, os.path.join(csrc, "journal.c"), C_DRIVER, "-o", exe],
+        [cc, "-O2", "-pthread", *cflags, "-I", csrc, f"{csrc}/journal.c", C_DRIVER, "-o", exe],
         check=True,
     )
     return exe
@@ -482,7 +483,7 @@ def bench_append(work: str, args: argparse.Namespace) -> dict[str, Any]:
         finally:
             j.close(drain=True, timeout=120)
 
-    exe = build_c_driver(work)
+    exe = build_c_driver(work, args.driver_cflags.split())
     try:
         for rnd in range(args.rounds):
             for name, bs, th in APPEND_CASES:
@@ -955,6 +956,7 @@ def main() -> None:
     ap.add_argument("--volume-mib", type=int, default=128, help="scratch volume size")
     ap.add_argument("--workdir", default=None, help="where the backing files go (/tmp)")
     ap.add_argument("--json", help="also write the raw figures here")
+    ap.add_argument("--driver-cflags", default="", help="extra cc flags for the C append driver")
     ap.add_argument("--no-c-writer", action="store_true", help="latency: only the Python writers")
     ap.add_argument(
         "--switch-interval", type=float, help="sys.setswitchinterval (s) for the GIL; default 0.005"

@@ -58,7 +58,8 @@
  * IN MEMORY
  * ---------
  * The ring is mirrored in RAM exactly as on disk (4 KiB-aligned mmap), so a
- * group commit is one pwrite (two when it wraps) from the mirror, and the
+ * group commit is one pwrite (two when it wraps) from the mirror, up to
+ * JR_COMMIT_DEPTH of them in flight with durability acknowledged in order, and the
  * flusher and overlay reads never touch the journal device. Positions are
  * logical byte counters (lpos) that only grow; phys = lpos % capacity.
  *     tail_lpos <= ckpt_lpos <= flush_lpos <= durable_lpos <= head_lpos
@@ -88,6 +89,19 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+
+/* Commits in flight at once (NV). One at a time caps a deep queue at one
+ * device round trip per batch; a few overlapping ones let the device work
+ * in parallel as it does for fio at the same depth. */
+#ifndef JR_COMMIT_DEPTH
+#define JR_COMMIT_DEPTH 4
+#endif
+/* ...but a commit only overlaps another with at least this much to write:
+ * smaller bits wait for the one in flight and join the next batch, which
+ * costs one round trip instead of a syscall each. */
+#ifndef JR_PIPELINE_MIN
+#define JR_PIPELINE_MIN (32u << 10)
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <nmmintrin.h>
@@ -264,13 +278,23 @@ struct jr {
     pthread_cond_t cv_flush;    /* flusher: work, marker done, attach, stop */
     pthread_cond_t cv_marker;   /* controller: marker ready, stop */
     pthread_cond_t cv_progress; /* flushed/synced/checkpoint/space/busy moved */
-    pthread_t committer, flusher;
-    int started, committer_on, flusher_on;
+    pthread_t committer[JR_COMMIT_DEPTH], flusher;
+    int started, committers_on, flusher_on;
     int draining, drain_req, stopping, stopped;
     int users;
 
     uint64_t head_seq, head_lpos;
     uint64_t durable_seq, durable_lpos;
+    /* Commits in flight (NV): [durable_lpos, submit_lpos) is being written by
+     * up to JR_COMMIT_DEPTH committers at once, oldest first in cq[]; durable
+     * only moves through the completed prefix, so a write is acknowledged
+     * only once every record before it is durable too. */
+    uint64_t submit_lpos;
+    struct {
+        uint64_t end_lpos, end_seq;
+        int done;
+    } cq[JR_COMMIT_DEPTH];
+    int cq_head, cq_n;
     uint64_t flush_seq, flush_lpos; /* next record for the flusher */
     uint64_t tail_lpos;             /* space before it is free */
     uint64_t synced_seq;            /* records < this are fdatasync()ed on dm */
@@ -846,7 +870,7 @@ static int recover(jr_t *j)
         lpos += size;
         seq++;
     }
-    j->head_lpos = j->durable_lpos = lpos;
+    j->head_lpos = j->durable_lpos = j->submit_lpos = lpos;
     j->head_seq = j->durable_seq = seq;
     return 0;
 }
@@ -1115,11 +1139,25 @@ static void *committer_main(void *arg)
     jr_t *j = arg;
     pthread_mutex_lock(&j->mu);
     for (;;) {
-        while ((j->durable_lpos == j->head_lpos || j->journal_error) && !j->stopping)
+        while ((j->submit_lpos == j->head_lpos || j->cq_n == JR_COMMIT_DEPTH ||
+                (j->cq_n && j->head_lpos - j->submit_lpos < JR_PIPELINE_MIN) || j->journal_error) &&
+               !j->stopping)
             pthread_cond_wait(&j->cv_commit, &j->mu);
-        if (j->durable_lpos == j->head_lpos || j->journal_error)
+        if (j->submit_lpos == j->head_lpos || j->journal_error)
             break; /* stopping, nothing (more) can be committed */
-        uint64_t start = j->durable_lpos, end = j->head_lpos, end_seq = j->head_seq;
+        if (j->cq_n == JR_COMMIT_DEPTH) { /* stopping: wait for a slot, then commit the rest */
+            pthread_cond_wait(&j->cv_commit, &j->mu);
+            continue;
+        }
+        /* Take everything appended so far; records are aligned to the
+         * device's block, so concurrent commits never share a block. */
+        uint64_t start = j->submit_lpos, end = j->head_lpos;
+        int slot = (j->cq_head + j->cq_n) % JR_COMMIT_DEPTH;
+        j->cq[slot].end_lpos = end;
+        j->cq[slot].end_seq = j->head_seq;
+        j->cq[slot].done = 0;
+        j->cq_n++;
+        j->submit_lpos = end;
         pthread_mutex_unlock(&j->mu);
         int rc = 0;
         uint64_t p = start;
@@ -1132,15 +1170,26 @@ static void *committer_main(void *arg)
         }
         pthread_mutex_lock(&j->mu);
         if (rc) {
+            /* Sticky: durable never passes this commit, so nothing after it
+             * is acknowledged either. */
             if (!j->journal_error)
                 j->journal_error = rc;
         } else {
-            j->durable_lpos = end;
-            j->durable_seq = end_seq;
-            j->commits++;
-            pthread_cond_signal(&j->cv_flush);
+            j->cq[slot].done = 1;
         }
+        int moved = 0;
+        while (j->cq_n && j->cq[j->cq_head].done) {
+            j->durable_lpos = j->cq[j->cq_head].end_lpos;
+            j->durable_seq = j->cq[j->cq_head].end_seq;
+            j->commits++;
+            j->cq_head = (j->cq_head + 1) % JR_COMMIT_DEPTH;
+            j->cq_n--;
+            moved = 1;
+        }
+        if (moved)
+            pthread_cond_signal(&j->cv_flush);
         pthread_cond_broadcast(&j->cv_durable);
+        pthread_cond_broadcast(&j->cv_commit); /* a slot is free */
     }
     pthread_mutex_unlock(&j->mu);
     return NULL;
@@ -1423,23 +1472,23 @@ int jr_start(jr_t *j)
         leave(j);
         return -EBUSY;
     }
-    if (j->mode == JR_NV) {
-        rc = -pthread_create(&j->committer, NULL, committer_main, j);
-        if (rc) {
-            leave(j);
-            return rc;
-        }
-        j->committer_on = 1;
+    j->submit_lpos = j->durable_lpos;
+    j->cq_head = j->cq_n = 0;
+    for (int i = 0; j->mode == JR_NV && i < JR_COMMIT_DEPTH && !rc; i++) {
+        rc = -pthread_create(&j->committer[i], NULL, committer_main, j);
+        if (!rc)
+            j->committers_on++;
     }
-    rc = -pthread_create(&j->flusher, NULL, flusher_main, j);
+    if (!rc)
+        rc = -pthread_create(&j->flusher, NULL, flusher_main, j);
     if (rc) {
         j->stopping = 1;
         pthread_cond_broadcast(&j->cv_commit);
         pthread_mutex_unlock(&j->mu);
-        if (j->committer_on)
-            pthread_join(j->committer, NULL);
+        for (int i = 0; i < j->committers_on; i++)
+            pthread_join(j->committer[i], NULL);
         pthread_mutex_lock(&j->mu);
-        j->committer_on = 0;
+        j->committers_on = 0;
         j->stopping = 0;
         leave(j);
         return rc;
@@ -1573,7 +1622,7 @@ static int wait_durable(jr_t *j, int64_t seq, const struct timespec *dl)
     while (j->durable_seq <= (uint64_t)seq) {
         if (j->journal_error)
             return j->journal_error;
-        if (!j->committer_on)
+        if (!j->committers_on)
             return -ESHUTDOWN;
         if (wait_until(&j->cv_durable, &j->mu, dl) == ETIMEDOUT && j->durable_seq <= (uint64_t)seq)
             return -ETIMEDOUT;
@@ -1868,12 +1917,12 @@ int jr_stop(jr_t *j, int drain, uint32_t timeout_ms)
     pthread_cond_broadcast(&j->cv_marker);
     pthread_cond_broadcast(&j->cv_progress);
     pthread_mutex_unlock(&j->mu);
-    if (j->committer_on)
-        pthread_join(j->committer, NULL);
+    for (int i = 0; i < j->committers_on; i++)
+        pthread_join(j->committer[i], NULL);
     if (j->flusher_on)
         pthread_join(j->flusher, NULL);
     pthread_mutex_lock(&j->mu);
-    j->committer_on = j->flusher_on = 0;
+    j->committers_on = j->flusher_on = 0;
     j->stopped = 1;
     pthread_cond_broadcast(&j->cv_durable);
     pthread_cond_broadcast(&j->cv_progress);
