@@ -1008,9 +1008,7 @@ def initiator_snapshot(
             tok = snapcmd.parse_token(token)
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
-    c = initiator.snapshot(
-        device, name, labels=_labels(label), wait=wait, group=group, token=tok
-    )
+    c = initiator.snapshot(device, name, labels=_labels(label), wait=wait, group=group, token=tok)
     if json_out:
         print_json({"token": c.token.hex(), **(_entry_json(c.entry) if c.entry else {})})
         return
@@ -1061,6 +1059,36 @@ def initiator_list(device: DeviceArg, json_out: JsonOpt = False) -> None:
     )
 
 
+@initiator_app.command("delete")
+def initiator_delete(
+    device: DeviceArg,
+    name: Annotated[str | None, typer.Argument(metavar="[NAME]")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", metavar="HEX", help="The request token that made it (exact)."),
+    ] = None,
+) -> None:
+    """Delete a snapshot of the LUN's volume in-band (by NAME or --token)."""
+    from dmsnap.scsi import initiator, snapcmd
+
+    if (name is None) == (token is None):
+        raise InvalidArgument("name the snapshot: NAME or --token HEX (one of them)")
+    if token is not None:
+        try:
+            tok = snapcmd.parse_token(token)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        initiator.delete(device, tok)
+        typer.echo(f"deleted the snapshot of request {tok.hex()}")
+        return
+    assert name is not None
+    why = snapcmd.check_name(name)
+    if why:
+        raise InvalidArgument(why)
+    e = initiator.delete_named(device, name)
+    typer.echo(f"deleted snapshot {name} (token {e.token.hex()})")
+
+
 @initiator_app.command(
     "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
 )
@@ -1089,11 +1117,19 @@ def initiator_schedule(
     every: Annotated[str, typer.Option("--every", metavar="INTERVAL", help="e.g. 5m, 1h, 30s")],
     prefix: Annotated[str, typer.Option("--prefix", help="Snapshot name prefix.")] = "auto",
     count: Annotated[int, typer.Option("--count", help="Stop after N (0: forever).")] = 0,
+    keep: Annotated[
+        int,
+        typer.Option(
+            "--keep",
+            metavar="N",
+            help="Keep the newest N snapshots this schedule made, delete older ones (0: all).",
+        ),
+    ] = 0,
 ) -> None:
     """Request a snapshot periodically (names PREFIX-YYYYmmdd-HHMMSS)."""
     import time as _time
 
-    from dmsnap.scsi import initiator
+    from dmsnap.scsi import initiator, snapcmd
 
     m = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
@@ -1102,12 +1138,29 @@ def initiator_schedule(
         raise InvalidArgument(f"--every {every!r}: expected e.g. 30s, 5m, 1h") from None
     if period < 1:
         raise InvalidArgument("--every must be at least 1s")
+    if count < 0:
+        raise InvalidArgument("--count must be 0 (forever) or more")
+    if not 0 <= keep < snapcmd.LIST_MAX:
+        raise InvalidArgument(f"--keep must be 0 (keep all) to {snapcmd.LIST_MAX - 1}")
+    why = snapcmd.check_name(f"{prefix}-20000101-000000")
+    if why:
+        raise InvalidArgument(f"--prefix {prefix!r}: {why}")
+    # The schedule labels its requests, so pruning never touches a snapshot
+    # it did not make (a user's own "auto-..." one, another LUN's schedule).
+    # (always labelled: a later run with --keep prunes this run's snapshots too)
+    labels = {initiator.SCHEDULE_LABEL: initiator.schedule_id(device, prefix)}
     done = 0
     while count == 0 or done < count:
         name = f"{prefix}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
         try:
-            c = initiator.snapshot(device, name)
+            c = initiator.snapshot(device, name, labels=labels)
             typer.echo(f"{name}: requested (token {c.token.hex()})")
+            if keep:
+                deleted, errors = initiator.prune(device, labels[initiator.SCHEDULE_LABEL], keep)
+                for e in deleted:
+                    typer.echo(f"{e.name}: deleted (keeping the newest {keep})")
+                for why in errors:  # left for the next round
+                    typer.echo(f"dmsnap: not deleted: {why}", err=True)
         except UserError as e:
             typer.echo(f"dmsnap: {e.message}", err=True)
         done += 1

@@ -115,7 +115,14 @@ class SnapshotService(Protocol):
         ...
 
     def list(self, lun: Lun) -> Sequence[SC.SnapEntry]:
-        """Recent requests of this LUN's pool, newest first."""
+        """Recent requests of this LUN's pool, newest first (not the deleted ones)."""
+        ...
+
+    def delete(self, lun: Lun, token: bytes) -> None:
+        """Delete the snapshot of this LUN's volume that the request ``token``
+        made. Already deleted: return (a retry). Unknown token or a failed
+        request: UNKNOWN; not made yet: IN_PROGRESS; exported or open:
+        IN_USE, nothing changed."""
         ...
 
 
@@ -284,6 +291,15 @@ _SNAP_OPS: tuple[_Op, ...] = (
         "DMSNAP LIST",
         _u(SC.OPCODE, SC.SA_LIST, 0, 0, 0, 0, 0, 0xFF, 0xFF, CTL),
         "_dmsnap",
+        vendor=True,
+    ),
+    _Op(
+        SC.OPCODE,
+        SC.SA_DELETE,
+        "DMSNAP DELETE",
+        _u(SC.OPCODE, SC.SA_DELETE, 0, 0, 0, 0, 0, 0xFF, 0xFF, CTL),
+        "_dmsnap",
+        timeout=60,
         vendor=True,
     ),
 )
@@ -1001,12 +1017,24 @@ class Emulator:
         sc = SC.decode_cdb(c.cdb)
         if not self._allowed(c.initiator):
             raise SenseError(Sense.of(Key.ILLEGAL_REQUEST, S.ACCESS_DENIED_NO_ACCESS_RIGHTS))
-        if sc.service_action == SC.SA_CREATE:
+        params = b""
+        if sc.service_action in SC.DATA_OUT:
             if sc.length == 0:
                 raise S.param_length_error()
             if sc.length > SC.MAX_PARAM_LEN:
                 raise S.bad_cdb(7, 7)
             params = self._params(c, sc.length, 7)
+        if sc.service_action == SC.SA_DELETE:
+            token = SC.decode_delete(params)
+            if self.lun.read_only:  # an exported snapshot deletes nothing
+                raise SenseError(Sense.of(Key.DATA_PROTECT, S.WRITE_PROTECTED))
+            try:
+                svc.delete(self.lun, token)
+            except SC.SnapshotError as e:
+                log.info("snapshot delete %s refused: %s", token.hex(), e)
+                raise SenseError(SC.error_sense(e)) from None
+            return Response(GOOD)
+        if sc.service_action == SC.SA_CREATE:
             req = SC.decode_create(params, wait=sc.wait, group=sc.group)
             try:
                 svc.create(self.lun, req)

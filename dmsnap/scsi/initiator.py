@@ -19,6 +19,22 @@ class InitiatorError(UserError):
     code = "scsi"
     exit_code = 8
 
+    def __init__(self, message: str, sense: S.Sense | None = None) -> None:
+        super().__init__(message)
+        self.sense = sense  # the target's answer, when it gave one
+
+    @property
+    def unknown(self) -> bool:
+        """The target does not know that snapshot (DELETE: field pointer at the token)."""
+        f = self.sense.field if self.sense else None
+        return (
+            self.sense is not None
+            and self.sense.code == S.INVALID_FIELD_IN_PARAMETER_LIST
+            and f is not None
+            and not f.cdb
+            and f.byte == SC.OFF_TOKEN
+        )
+
 
 @dataclass(frozen=True)
 class Created:
@@ -31,10 +47,10 @@ def _check(device: str, r: SgResult, sa: int) -> None:
         return
     if r.status == 0x02 and r.sense:
         try:
-            why = SC.explain(S.decode(r.sense), sa)
+            sense = S.decode(r.sense)
         except Exception:
-            why = f"sense {r.sense.hex()}"
-        raise InitiatorError(f"{device}: {why}")
+            raise InitiatorError(f"{device}: sense {r.sense.hex()}") from None
+        raise InitiatorError(f"{device}: {SC.explain(sense, sa)}", sense)
     if r.status == 0x08:
         raise InitiatorError(f"{device}: the target is busy; try again")
     raise InitiatorError(
@@ -98,3 +114,81 @@ def snapshot(
     except InitiatorError:
         found = []
     return Created(req.token, found[0] if found else None)
+
+
+def delete(device: str, token: bytes, *, retries: int = 3) -> None:
+    """Delete the snapshot that the request ``token`` made on this LUN's
+    volume. Idempotent: deleting it again (a retry after a lost answer) is GOOD."""
+    try:
+        cdb, params = SC.delete_command(token)
+    except ValueError as e:
+        raise InitiatorError(str(e)) from None
+    for attempt in range(retries + 1):
+        try:
+            r = sg_io(device, cdb, data_out=params)
+        except SgError as e:
+            if attempt == retries:
+                raise InitiatorError(str(e)) from None
+            continue
+        if r.status == 0x08 and attempt < retries:  # BUSY: the same request again
+            continue
+        _check(device, r, SC.SA_DELETE)
+        return
+
+
+def delete_named(device: str, name: str) -> SC.SnapEntry:
+    """Delete this volume's snapshot NAME, found by LIST (pool-wide: another
+    volume's request may carry the same name, and the target refuses those as
+    unknown, so the next candidate is tried). Returns the request deleted."""
+    candidates = [e for e in list_requests(device) if e.name == name and any(e.token)]
+    if not candidates:
+        raise InitiatorError(f"{device}: no snapshot {name!r} among the LUN's recent requests")
+    for e in candidates:
+        if e.state is SC.State.PENDING:
+            raise InitiatorError(f"{device}: snapshot {name!r} is not made yet; delete it later")
+        try:
+            delete(device, e.token)
+            return e
+        except InitiatorError as err:
+            if not err.unknown or e is candidates[-1]:
+                raise
+    raise AssertionError("unreachable")
+
+
+def unit_serial(device: str) -> str:
+    """The LUN's unit serial number (VPD page 80h): stable for a volume."""
+    r = _send(device, bytes((0x12, 0x01, 0x80, 0x00, 0xFF, 0x00)), data_in_len=0xFF)
+    _check(device, r, SC.SA_LIST)
+    if len(r.data) < 4 or r.data[1] != 0x80:
+        raise InitiatorError(f"{device}: no unit serial number (VPD page 80h)")
+    return r.data[4 : 4 + r.data[3]].decode("ascii", "replace").strip()
+
+
+SCHEDULE_LABEL = "dmsnap.schedule"
+
+
+def schedule_id(device: str, prefix: str) -> str:
+    """The label value that marks a schedule's requests: its prefix and the
+    LUN's serial (LIST is pool-wide; another LUN's schedule is not ours)."""
+    return f"{prefix}@{unit_serial(device)}"
+
+
+def prune(device: str, label: str, keep: int) -> tuple[list[SC.SnapEntry], list[str]]:
+    """Delete the oldest of the snapshots labelled ``dmsnap.schedule=label``
+    beyond the newest ``keep``. Returns (deleted, why each other one failed);
+    a failure is left for the next round."""
+    ours = [
+        e
+        for e in list_requests(device)
+        if e.labels.get(SCHEDULE_LABEL) == label and e.state in (SC.State.PENDING, SC.State.DONE)
+    ]
+    ours.sort(key=lambda e: e.marker, reverse=True)  # marker ids grow with each request
+    deleted: list[SC.SnapEntry] = []
+    errors: list[str] = []
+    for e in ours[keep:]:
+        try:
+            delete(device, e.token)
+            deleted.append(e)
+        except InitiatorError as err:
+            errors.append(f"{e.name}: {err.message}")
+    return deleted, errors

@@ -94,6 +94,7 @@ PARAMETER_VALUE_INVALID = (0x26, 0x02)
 WRITE_PROTECTED = (0x27, 0x00)
 SPACE_ALLOCATION_FAILED_WRITE_PROTECT = (0x27, 0x07)
 MODE_PARAMETERS_CHANGED = (0x2A, 0x01)
+COMMAND_SEQUENCE_ERROR = (0x2C, 0x00)
 SAVING_PARAMETERS_NOT_SUPPORTED = (0x39, 0x00)
 INTERNAL_TARGET_FAILURE = (0x44, 0x00)
 INSUFFICIENT_RESOURCES = (0x55, 0x03)
@@ -119,6 +120,7 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     WRITE_PROTECTED: "write protected",
     SPACE_ALLOCATION_FAILED_WRITE_PROTECT: "space allocation failed write protect",
     MODE_PARAMETERS_CHANGED: "mode parameters changed",
+    COMMAND_SEQUENCE_ERROR: "command sequence error",
     SAVING_PARAMETERS_NOT_SUPPORTED: "saving parameters not supported",
     INTERNAL_TARGET_FAILURE: "internal target failure",
     INSUFFICIENT_RESOURCES: "insufficient resources",

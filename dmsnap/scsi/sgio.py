@@ -42,7 +42,14 @@ def sg_io(
     if data_out is not None and data_in_len:
         raise ValueError("one data direction per command")
     try:
-        fd = os.open(device, os.O_RDWR | os.O_NONBLOCK)
+        try:
+            fd = os.open(device, os.O_RDWR | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            # a write-protected disk (an exported snapshot) opens read-only;
+            # SG_IO still sends any command to it (CAP_SYS_RAWIO decides)
+            fd = os.open(device, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise SgError(e.errno, f"{device}: {e.strerror}") from None
     try:

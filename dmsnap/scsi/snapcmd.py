@@ -5,15 +5,16 @@ is its only implementation. The target (``Emulator`` → ``SnapshotService``)
 uses :func:`decode_cdb`, :func:`decode_create`, :func:`encode_entries` and
 :func:`error_sense`; the initiator (``dmsnap initiator``, over SG_IO) uses
 :func:`create_cdb` / :func:`encode_create`, :func:`status_cdb`,
-:func:`list_cdb`, :func:`decode_entries` and :func:`explain`.
+:func:`list_cdb`, :func:`delete_command`, :func:`decode_entries` and
+:func:`explain`; the target decodes DELETE with :func:`decode_delete`.
 
 CDB (10 bytes; the kernel passes only 10 CDB bytes for opcodes 0xC0-0xFF)::
 
     0     0xC0
-    1     bits 4-0 SERVICE ACTION: 01h CREATE, 02h STATUS, 03h LIST (bits 7-5: 0)
+    1     bits 4-0 SERVICE ACTION: 01h CREATE, 02h STATUS, 03h LIST, 04h DELETE (bits 7-5: 0)
     2     flags: bit 0 WAIT, bit 1 GROUP (CREATE only; other bits 0)
     3-6   STATUS: REQUEST HANDLE = bytes 12-15 of the request token; else 0
-    7-8   CREATE: PARAMETER LIST LENGTH (Data-Out); STATUS/LIST: ALLOCATION LENGTH (Data-In)
+    7-8   CREATE/DELETE: PARAMETER LIST LENGTH (Data-Out); STATUS/LIST: ALLOCATION LENGTH (Data-In)
     9     CONTROL
 
 CREATE parameter list (Data-Out)::
@@ -24,6 +25,9 @@ CREATE parameter list (Data-Out)::
     then  LABEL COUNT (0-16), and per label: KEY LENGTH (1-63), KEY,
           VALUE LENGTH (2 bytes, 0-1024), VALUE (UTF-8, at most 256 characters)
     then  zero bytes up to the parameter list length (optional padding)
+
+DELETE parameter list (Data-Out): bytes 0-23 as CREATE's (the REQUEST TOKEN
+of the CREATE that made the snapshot), then zero padding.
 
 STATUS / LIST data (Data-In): a 12-byte header ("DMSN", VERSION, SERVICE ACTION,
 ENTRY COUNT (2), DATA LENGTH (4): bytes after the header in the complete
@@ -47,7 +51,9 @@ CDB_LEN = 10
 SA_CREATE = 0x01
 SA_STATUS = 0x02
 SA_LIST = 0x03
-SERVICE_ACTIONS = {SA_CREATE: "CREATE", SA_STATUS: "STATUS", SA_LIST: "LIST"}
+SA_DELETE = 0x04
+SERVICE_ACTIONS = {SA_CREATE: "CREATE", SA_STATUS: "STATUS", SA_LIST: "LIST", SA_DELETE: "DELETE"}
+DATA_OUT = frozenset((SA_CREATE, SA_DELETE))  # service actions that carry a parameter list
 
 FLAG_WAIT = 0x01
 FLAG_GROUP = 0x02
@@ -63,6 +69,8 @@ MAX_VALUE_BYTES = 1024
 MAX_PARAM_LEN = 4096  # a CREATE parameter list longer than this is refused
 MAX_RESPONSE = 0xFFFF  # the largest allocation length the CDB can carry
 HEADER_LEN = 12
+DELETE_LEN = 24  # magic, version, reserved, token
+LIST_MAX = 64  # LIST reports at most this many requests (the most recent not deleted)
 MAX_ERROR_BYTES = 1024
 
 # same rule as dmsnap.storage.names.check_name (kept import-light for the initiator)
@@ -80,6 +88,7 @@ class State(enum.IntEnum):
     PENDING = 1  # the marker is durable; the snapshot is not made yet
     DONE = 2  # the snapshot exists
     FAILED = 3  # the snapshot could not be made (see the entry's error)
+    DELETED = 4  # made, then deleted (DELETE, or on the storage system)
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,9 @@ class ErrorKind(enum.Enum):
     BECOMING_READY = "becoming_ready"  # journal recovering / daemon starting
     IN_PROGRESS = "in_progress"  # WAIT ran out: the marker is durable, snapshot not made yet
     NO_SPACE = "no_space"  # no room for the snapshot
-    FAILED = "failed"  # the snapshot could not be made
+    FAILED = "failed"  # the snapshot could not be made (or deleted)
+    UNKNOWN = "unknown"  # DELETE: no snapshot of this LUN's volume made by that token
+    IN_USE = "in_use"  # DELETE: the snapshot is exported or open; nothing changed
 
 
 class SnapshotError(Exception):
@@ -242,6 +253,16 @@ def create_command(req: CreateRequest) -> tuple[bytes, bytes]:
     return create_cdb(len(params), wait=req.wait, group=req.group), params
 
 
+def delete_cdb(param_len: int = DELETE_LEN) -> bytes:
+    return _cdb(SA_DELETE, 0, b"\0" * HANDLE_LEN, param_len)
+
+
+def delete_command(token: bytes) -> tuple[bytes, bytes]:
+    """(CDB, parameter list) of a DELETE of the snapshot that ``token``'s CREATE made."""
+    params = encode_delete(token)
+    return delete_cdb(len(params)), params
+
+
 # -- CDB (target) -------------------------------------------------------------------------
 
 
@@ -260,7 +281,7 @@ def decode_cdb(cdb: bytes) -> SnapCdb:
         bad = flags & ~allowed & 0xFF
         raise S.bad_cdb(2, bad.bit_length() - 1)
     handle = bytes(cdb[3:7])
-    if sa != SA_STATUS:
+    if sa != SA_STATUS:  # the handle field is reserved for the others
         for i in range(3, 7):
             if cdb[i]:
                 raise S.bad_cdb(i, 7)
@@ -369,6 +390,32 @@ def decode_create(buf: bytes, *, wait: bool = False, group: bool = False) -> Cre
         if buf[i]:
             raise S.bad_param(i, 7)
     return CreateRequest(token, name, labels, wait=wait, group=group)
+
+
+# -- DELETE parameter list ----------------------------------------------------------------
+
+
+def encode_delete(token: bytes) -> bytes:
+    if len(token) != TOKEN_LEN or not any(token):
+        raise ValueError(f"a request token is {TOKEN_LEN} bytes, not all zero")
+    return MAGIC + bytes((VERSION, 0, 0, 0)) + token
+
+
+def decode_delete(buf: bytes) -> bytes:
+    """The request token of a DELETE parameter list (errors as decode_create's)."""
+    if len(buf) < DELETE_LEN:
+        raise S.param_length_error()
+    if buf[0:4] != MAGIC:
+        raise S.bad_param(OFF_MAGIC, 7)
+    if buf[4] != VERSION:
+        raise S.bad_param(OFF_VERSION, 7)
+    for i in range(5, len(buf)):
+        if buf[i] and not OFF_TOKEN <= i < OFF_TOKEN + TOKEN_LEN:
+            raise S.bad_param(i, 7)  # reserved bytes and padding are zero
+    token = bytes(buf[OFF_TOKEN : OFF_TOKEN + TOKEN_LEN])
+    if not any(token):
+        raise S.bad_param(OFF_TOKEN, 7)
+    return token
 
 
 # -- STATUS / LIST data -------------------------------------------------------------------
@@ -494,6 +541,12 @@ _KIND_SENSE: dict[ErrorKind, tuple[int, tuple[int, int], S.FieldPointer | None]]
     ErrorKind.IN_PROGRESS: (S.Key.NOT_READY, S.LUN_NOT_READY_OPERATION_IN_PROGRESS, None),
     ErrorKind.NO_SPACE: (S.Key.ILLEGAL_REQUEST, S.INSUFFICIENT_RESOURCES, None),
     ErrorKind.FAILED: (S.Key.HARDWARE_ERROR, S.INTERNAL_TARGET_FAILURE, None),
+    ErrorKind.UNKNOWN: (
+        S.Key.ILLEGAL_REQUEST,
+        S.INVALID_FIELD_IN_PARAMETER_LIST,
+        S.FieldPointer(OFF_TOKEN, 7, cdb=False),
+    ),
+    ErrorKind.IN_USE: (S.Key.ILLEGAL_REQUEST, S.COMMAND_SEQUENCE_ERROR, None),
 }
 
 
@@ -521,6 +574,11 @@ def explain(sense: S.Sense, service_action: int = SA_CREATE) -> str:
         if code == S.INVALID_FIELD_IN_PARAMETER_LIST and f is not None and not f.cdb:
             if f.byte == OFF_NAME:
                 return "the snapshot name is not acceptable or already in use"
+            if f.byte == OFF_TOKEN and service_action == SA_DELETE:
+                return (
+                    "no snapshot of this volume was made with that request token "
+                    "(unknown token, or the request failed)"
+                )
             if f.byte == OFF_TOKEN:
                 return "the request token is not acceptable"
             if f.byte in (OFF_MAGIC, OFF_VERSION):
@@ -531,8 +589,17 @@ def explain(sense: S.Sense, service_action: int = SA_CREATE) -> str:
             return f"the target refused the command{where}: flags or service action not supported"
         if code == S.PARAMETER_LIST_LENGTH_ERROR:
             return "the request is truncated (parameter list length)"
+        if code == S.COMMAND_SEQUENCE_ERROR:
+            return (
+                "the snapshot is in use on the storage system (exported or open); "
+                "nothing was deleted"
+            )
+    if sense.key == S.Key.DATA_PROTECT and code == S.WRITE_PROTECTED:
+        return "the device is read-only (an exported snapshot): it cannot delete snapshots"
     if sense.key == S.Key.NOT_READY:
         mk = f" (marker {sense.information})" if sense.information else ""
+        if code == S.LUN_NOT_READY_OPERATION_IN_PROGRESS and service_action == SA_DELETE:
+            return f"the snapshot is requested{mk} but not made yet; delete it later"
         if code == S.LUN_NOT_READY_OPERATION_IN_PROGRESS:
             return (
                 f"the snapshot is requested and durable{mk} but not made yet; "
@@ -543,6 +610,9 @@ def explain(sense: S.Sense, service_action: int = SA_CREATE) -> str:
         if code == S.LUN_NOT_READY_MANUAL_INTERVENTION:
             return "snapshots are unavailable on the storage system (journal stopped or failed)"
     if sense.key == S.Key.HARDWARE_ERROR and code == S.INTERNAL_TARGET_FAILURE:
-        what = "the snapshot could not be made" if service_action == SA_CREATE else "target error"
+        what = {
+            SA_CREATE: "the snapshot could not be made",
+            SA_DELETE: "the snapshot could not be deleted",
+        }.get(service_action, "target error")
         return f"{what} (internal target failure; see the storage system's log)"
     return sense.describe()

@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from dmsnap import errors as E
@@ -109,6 +110,8 @@ class InbandSnapshots:
         if earlier is not None and earlier.state == "failed":  # a retry is not a new request
             why = earlier.error or "failed"
             raise SC.SnapshotError(SC.ErrorKind.FAILED, why, marker=earlier.id)
+        if earlier is not None and earlier.state == "done":
+            return  # made already (and maybe deleted since): a retry makes nothing new
         if request.group:
             refs = [[self.pool, v["name"]] for v in self.m.volume_list(self.pool)]
         else:
@@ -130,15 +133,19 @@ class InbandSnapshots:
         if r.get("state") == "failed":
             raise SC.SnapshotError(SC.ErrorKind.FAILED, r.get("error") or "snapshot failed")
 
-    def _entry(self, mk: Any) -> SC.SnapEntry:
+    def _groups(self) -> dict[int, list[Any]]:
+        """The pool's snapshots by group (a request's group_id)."""
+        out: dict[int, list[Any]] = {}
+        for s in self.m.catalog.snapshots(self.pool):
+            out.setdefault(s.group_id, []).append(s)
+        return out
+
+    def _entry(self, mk: Any, groups: dict[int, list[Any]]) -> SC.SnapEntry:
         state = {"pending": SC.State.PENDING, "done": SC.State.DONE}.get(mk.state, SC.State.FAILED)
-        snaps: tuple[str, ...] = ()
-        if mk.group_id is not None:
-            snaps = tuple(
-                f"{s.pool}/{s.volume}@{s.name}"
-                for s in self.m.catalog.snapshots(self.pool)
-                if s.group_id == mk.group_id
-            )
+        members = groups.get(mk.group_id, []) if mk.group_id is not None else []
+        snaps = tuple(f"{s.pool}/{s.volume}@{s.name}" for s in members)
+        if state is SC.State.DONE and not members:  # every snapshot it made is gone
+            state = SC.State.DELETED
         try:
             token = bytes.fromhex(mk.token or "")
         except ValueError:
@@ -163,11 +170,45 @@ class InbandSnapshots:
     def status(self, lun: Lun, handle: bytes) -> Sequence[SC.SnapEntry]:
         suffix = handle.hex()
         with self.m.lock:
-            return [self._entry(mk) for mk in self._markers() if (mk.token or "").endswith(suffix)]
+            groups = self._groups()
+            return [
+                self._entry(mk, groups)
+                for mk in self._markers()
+                if (mk.token or "").endswith(suffix)
+            ]
 
     def list(self, lun: Lun) -> Sequence[SC.SnapEntry]:
+        # Deleted requests are left out (STATUS still reports them), so the
+        # window holds what exists: a long-running `schedule --keep` stays in it.
         with self.m.lock:
-            return [self._entry(mk) for mk in self._markers()[:64]]
+            groups = self._groups()
+            live = (self._entry(mk, groups) for mk in self._markers())
+            return list(islice((e for e in live if e.state is not SC.State.DELETED), SC.LIST_MAX))
+
+    def delete(self, lun: Lun, token: bytes) -> None:
+        with self.m.lock:
+            p = self.m.catalog.pool(self.pool)
+            mk = self.m.catalog.marker_by_token(p.id, token.hex())
+            if mk is None or mk.state == "failed":
+                raise SC.SnapshotError(SC.ErrorKind.UNKNOWN, f"no snapshot made by {token.hex()}")
+            if mk.state == "pending":
+                raise SC.SnapshotError(SC.ErrorKind.IN_PROGRESS, marker=mk.id)
+            vol_id = self.m.catalog.volume(self.pool, self.vol).id
+            if vol_id not in mk.request.get("volumes", []):  # another volume's request
+                raise SC.SnapshotError(SC.ErrorKind.UNKNOWN, f"{token.hex()}: not {self.vol}")
+            groups = self._groups() if mk.group_id is not None else {}
+            mine = [s for s in groups.get(mk.group_id, []) if s.volume_id == vol_id]
+            if not mine:
+                return  # deleted already: a retry changes nothing
+        try:
+            self.m.snapshot_delete(self.pool, self.vol, mine[0].name)
+        except E.NotFound:
+            return  # deleted meanwhile
+        except E.UserError as e:
+            kind = {E.Busy: SC.ErrorKind.IN_USE, E.Unavailable: SC.ErrorKind.NOT_READY}.get(
+                type(e), SC.ErrorKind.FAILED
+            )
+            raise SC.SnapshotError(kind, e.message, marker=mk.id) from None
 
 
 @dataclass

@@ -113,7 +113,7 @@ def cdbs(draw) -> bytes:
     if draw(st.booleans()):
         body[-1] = 0  # CONTROL: mostly no NACA, so commands get past it
     if op == 0xC0 and draw(st.booleans()):
-        body[0] = draw(st.sampled_from([1, 2, 3]))
+        body[0] = draw(st.sampled_from([1, 2, 3, 4]))
     return bytes((op,)) + bytes(body)
 
 
@@ -203,7 +203,7 @@ def plausible(draw) -> tuple[bytes, bytes | None]:
         cdb = bytes((0xA3, 0x0C, rctd | opts, op)) + sa.to_bytes(2, "big")
         cdb += draw(st.integers(0, 2000)).to_bytes(4, "big") + bytes(2)
     else:  # 0xC0
-        sa = draw(st.integers(1, 3))
+        sa = draw(st.integers(1, 4))
         if sa == 1:
             req = SC.CreateRequest(
                 draw(st.binary(min_size=16, max_size=16).filter(any)),
@@ -212,6 +212,8 @@ def plausible(draw) -> tuple[bytes, bytes | None]:
                 group=draw(st.booleans()),
             )
             cdb, data = SC.create_command(req)
+        elif sa == 4:
+            cdb, data = SC.delete_command(draw(st.binary(min_size=16, max_size=16).filter(any)))
         elif sa == 2:
             cdb = SC.status_cdb(draw(st.binary(min_size=4, max_size=4)), draw(st.integers(0, 300)))
         else:
@@ -437,6 +439,44 @@ def test_snapshot_create_parameter_lists(params, flags, allowed):
         assert len(snaps.created) == 1
     else:
         assert snaps.created == []
+    assert lun.calls == []
+
+
+TOKENS = (b"\x01" * 16, b"\x02" * 16)  # 0: a snapshot that exists, 1: one exported
+
+
+@st.composite
+def delete_lists(draw) -> bytes:
+    p = bytearray(SC.encode_delete(draw(st.sampled_from([TOKENS[0], TOKENS[1], b"\xee" * 16]))))
+    for _ in range(draw(st.integers(0, 2))):
+        p[draw(st.integers(0, len(p) - 1))] = draw(st.integers(0, 255))
+    if draw(st.integers(0, 4)) == 0:
+        p = p[: draw(st.integers(0, len(p)))]
+    if draw(st.integers(0, 4)) == 0:
+        p += draw(st.binary(max_size=8))
+    return bytes(p)
+
+
+@FUZZ
+@given(delete_lists(), st.booleans(), st.booleans(), st.integers(0, 3))
+def test_snapshot_delete_parameter_lists(params, allowed, read_only, retries):
+    snaps = FakeSnapshots()
+    lun = FakeLun(size=LUN_SIZE, read_only=read_only)
+    emu = emulator(lun, snaps, allowed=allowed)
+    for tok, name in zip(TOKENS, ("kept", "exported"), strict=True):
+        snaps.create(lun, SC.CreateRequest(tok, name, wait=True))
+    snaps.in_use.add("exported")
+    before = list(snaps.entries)
+    cdb = SC.delete_cdb(len(params))
+    r = run_one(emu, lun, cdb, params, None)
+    if r.status == S.GOOD:
+        assert allowed and not read_only
+        assert snaps.deleted == [TOKENS[0]] and SC.decode_delete(params) == TOKENS[0]
+        for _ in range(retries):  # a retry is GOOD and deletes nothing more
+            assert run_one(emu, lun, cdb, params, None).status == S.GOOD
+        assert snaps.deleted == [TOKENS[0]]
+    else:
+        assert snaps.deleted == [] and snaps.entries == before
     assert lun.calls == []
 
 

@@ -203,7 +203,9 @@ def test_truncated_create_is_a_parameter_list_length_error(cut):
 @pytest.mark.parametrize(
     ("cdb", "pointer"),
     [
-        (bytes((0xC0, 0x04, 0, 0, 0, 0, 0, 0, 10, 0)), (1, 4)),  # unknown service action
+        (bytes((0xC0, 0x05, 0, 0, 0, 0, 0, 0, 10, 0)), (1, 4)),  # unknown service action
+        (bytes((0xC0, 0x04, 0x01, 0, 0, 0, 0, 0, 24, 0)), (2, 0)),  # WAIT on DELETE
+        (bytes((0xC0, 0x04, 0, 0, 0, 0, 7, 0, 24, 0)), (6, 7)),  # DELETE: no handle
         (bytes((0xC0, 0x21, 0, 0, 0, 0, 0, 0, 10, 0)), (1, 7)),  # reserved bits
         (bytes((0xC0, 0x01, 0x04, 0, 0, 0, 0, 0, 10, 0)), (2, 2)),  # unknown flag
         (bytes((0xC0, 0x02, 0x01, 0, 0, 0, 0, 0, 10, 0)), (2, 0)),  # WAIT on STATUS
@@ -410,3 +412,92 @@ def test_explain_messages():
     assert "token" in msg(Key.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_PARAMETER_LIST, field=f)
     assert "could not be made" in msg(Key.HARDWARE_ERROR, S.INTERNAL_TARGET_FAILURE)
     assert msg(Key.MEDIUM_ERROR, S.WRITE_ERROR) == "MEDIUM ERROR: write error"
+
+
+# -- DELETE -----------------------------------------------------------------------------------
+
+
+def delete(e, token: bytes, **kw):
+    cdb, params = SC.delete_command(token)
+    return e.execute(cdb, params, **kw)
+
+
+def test_delete_layout_and_round_trip():
+    cdb, params = SC.delete_command(TOKEN)
+    assert cdb == bytes((0xC0, 0x04, 0, 0, 0, 0, 0, 0, 24, 0))
+    assert params == b"DMSN\x01\x00\x00\x00" + TOKEN
+    assert SC.decode_delete(params) == TOKEN
+    assert SC.decode_delete(params + bytes(8)) == TOKEN  # zero padding
+    with pytest.raises(ValueError):
+        SC.encode_delete(bytes(16))
+
+
+@pytest.mark.parametrize(
+    ("params", "pointer"),
+    [
+        (b"DMSX\x01\x00\x00\x00" + TOKEN, 0),
+        (b"DMSN\x02\x00\x00\x00" + TOKEN, 4),
+        (b"DMSN\x01\x00\x01\x00" + TOKEN, 6),
+        (b"DMSN\x01\x00\x00\x00" + bytes(16), 8),
+        (b"DMSN\x01\x00\x00\x00" + TOKEN + b"\x00\x05", 25),
+    ],
+)
+def test_delete_field_pointers(params, pointer):
+    with pytest.raises(SenseError) as exc:
+        SC.decode_delete(params)
+    assert field_of(exc) == (
+        S.INVALID_FIELD_IN_PARAMETER_LIST,
+        FieldPointer(pointer, 7, cdb=False),
+    )
+    with pytest.raises(SenseError) as exc:
+        SC.decode_delete(params[:23])
+    assert field_of(exc) == (S.PARAMETER_LIST_LENGTH_ERROR, None)
+
+
+def test_delete_then_retry_and_the_entry_says_deleted():
+    snaps = FakeSnapshots()
+    e = emulator(snaps=snaps)
+    assert run(e, SC.CreateRequest(TOKEN, "old", wait=True)).ok
+    assert delete(e, TOKEN).ok
+    assert delete(e, TOKEN).ok  # a retry after a lost answer: idempotent
+    assert snaps.deleted == [TOKEN]
+    (x,) = SC.decode_entries(e.execute(SC.status_cdb(TOKEN)).data).entries
+    assert x.state is SC.State.DELETED and x.snapshots == ()
+    assert SC.decode_entries(e.execute(SC.list_cdb()).data).entries == []  # LIST: what exists
+    assert run(e, SC.CreateRequest(SC.new_token(), "old")).ok  # the name is free again
+
+
+def test_delete_refusals_are_sense_and_change_nothing():
+    snaps = FakeSnapshots()
+    e = emulator(snaps=snaps)
+    r = delete(e, TOKEN)  # never requested
+    assert sense_of(r) == (Key.ILLEGAL_REQUEST, 0x26, 0x00)
+    assert r.decoded_sense().field == FieldPointer(SC.OFF_TOKEN, 7, cdb=False)
+    assert "no snapshot" in SC.explain(r.decoded_sense(), SC.SA_DELETE)
+    assert run(e, SC.CreateRequest(TOKEN, "pending")).ok  # no WAIT: the fake leaves it pending
+    r = delete(e, TOKEN)
+    assert sense_of(r) == (Key.NOT_READY, 0x04, 0x07)
+    assert "delete it later" in SC.explain(r.decoded_sense(), SC.SA_DELETE)
+    t2 = SC.new_token()
+    assert run(e, SC.CreateRequest(t2, "exported", wait=True)).ok
+    snaps.in_use.add("exported")
+    r = delete(e, t2)
+    assert sense_of(r) == (Key.ILLEGAL_REQUEST, 0x2C, 0x00)
+    assert "in use" in SC.explain(r.decoded_sense(), SC.SA_DELETE)
+    assert snaps.deleted == []
+    assert [x.state for x in SC.decode_entries(e.execute(SC.list_cdb()).data).entries] == [
+        SC.State.DONE,
+        SC.State.PENDING,
+    ]
+    from dmsnap.scsi.emulation import Emulator
+
+    denied = Emulator(FakeLun(), snaps, snapshot_allowed=lambda _i: False)
+    assert sense_of(delete(denied, t2)) == (Key.ILLEGAL_REQUEST, 0x20, 0x02)
+    ro = emulator(FakeLun(read_only=True, wce=False), snaps)
+    r = delete(ro, t2)
+    assert sense_of(r) == (Key.DATA_PROTECT, 0x27, 0x00)
+    assert "read-only" in SC.explain(r.decoded_sense(), SC.SA_DELETE)
+    assert snaps.deleted == []
+    assert sense_of(e.execute(SC.delete_cdb(0), b"")) == (Key.ILLEGAL_REQUEST, 0x1A, 0x00)
+    r = e.execute(SC.delete_cdb(24), b"DMSN")  # Data-Out shorter than the length
+    assert sense_of(r) == (Key.ILLEGAL_REQUEST, 0x24, 0x00)

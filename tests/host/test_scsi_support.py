@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -90,6 +91,8 @@ class FakeSnapshots:
     def __init__(self) -> None:
         self.entries: list[SC.SnapEntry] = []  # newest first
         self.created: list[SC.CreateRequest] = []
+        self.deleted: list[bytes] = []  # tokens whose snapshot DELETE removed
+        self.in_use: set[str] = set()  # names of snapshots that are exported/open
         self.raise_next: SC.SnapshotError | None = None
         self.clock = 1_700_000_000
         self.lock = threading.Lock()
@@ -104,7 +107,7 @@ class FakeSnapshots:
                     if e.state is SC.State.FAILED:
                         raise SC.SnapshotError(SC.ErrorKind.FAILED, e.error, marker=e.marker)
                     return
-            if any(e.name == request.name for e in self.entries):
+            if any(e.name == request.name and e.state != SC.State.DELETED for e in self.entries):
                 raise SC.SnapshotError(SC.ErrorKind.INVALID_NAME, "name in use")
             self.created.append(request)
             self.clock += 1
@@ -130,7 +133,27 @@ class FakeSnapshots:
         return [e for e in self.entries if e.token.endswith(handle)]
 
     def list(self, lun: object) -> list[SC.SnapEntry]:
-        return list(self.entries)
+        return [e for e in self.entries if e.state is not SC.State.DELETED]
+
+    def delete(self, lun: object, token: bytes) -> None:
+        with self.lock:
+            if self.raise_next is not None:
+                err, self.raise_next = self.raise_next, None
+                raise err
+            for i, e in enumerate(self.entries):
+                if e.token != token:
+                    continue
+                if e.state is SC.State.FAILED:
+                    break
+                if e.state is SC.State.PENDING:
+                    raise SC.SnapshotError(SC.ErrorKind.IN_PROGRESS, marker=e.marker)
+                if e.state is SC.State.DONE:
+                    if e.name in self.in_use:
+                        raise SC.SnapshotError(SC.ErrorKind.IN_USE, "exported")
+                    self.entries[i] = dataclasses.replace(e, state=SC.State.DELETED, snapshots=())
+                    self.deleted.append(token)
+                return  # DELETED already: a retry
+            raise SC.SnapshotError(SC.ErrorKind.UNKNOWN, "no such request")
 
 
 def emulator(

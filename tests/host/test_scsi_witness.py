@@ -234,6 +234,7 @@ def test_sg_opcodes(device):
                  "Unmap", "Synchronize cache(10)", "Verify(16)", "Mode select(10)"):  # fmt: skip
         assert name in out
     assert re.search(r"^ c0\s+1\s+10 ", out, re.M) and re.search(r"^ c0\s+3\s+10 ", out, re.M)
+    assert re.search(r"^ c0\s+4\s+10 ", out, re.M)  # DELETE
     out = ok(device.run("sg_opcodes", "--opcode=0x28", "DEV"))
     assert "Command is supported [conforming to SCSI standard]" in out
     assert "Usage data: 28 f8 ff ff ff ff 00 ff ff 04" in out
@@ -308,6 +309,14 @@ def test_the_documented_sg_raw_one_liners(device, tmp_path):
     assert status.entries[0].state is SC.State.DONE
     listed = SC.decode_entries((tmp_path / "list.bin").read_bytes())
     assert [e.name for e in listed.entries] == ["nightly"]
+    assert snaps.deleted == [token]  # the DELETE at the end
+    (gone,) = snaps.status(None, token[-4:])
+    assert gone.state is SC.State.DELETED
+    delete = "{" + script.split("# DELETE", 1)[1].split("{", 1)[1]
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", delete], cwd=tmp_path,
+                       env=device.env(), capture_output=True, timeout=60, check=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr.decode()  # sent again: still GOOD
+    assert snaps.deleted == [token]
     # the same CREATE again (same token.bin): a retry creates nothing new
     create = script.split("# STATUS")[0]
     create = create.replace("head -c 16 /dev/urandom > token.bin; ", "")
@@ -334,5 +343,17 @@ def test_sg_raw_shows_refusals(shim, tmp_path):
         p = dev.run("sg_raw", "-s", str(len(params)), "-i", str(f), "DEV", *cdb.hex(" ").split())
         assert p.returncode == 2  # not ready
         assert "operation in progress" in p.stderr.lower()
+        tok = SC.new_token()
+        snaps.create(None, SC.CreateRequest(tok, "ro", wait=True))
+        dev.emu = emulator(FakeLun(read_only=True, wce=False), snaps)
+        cdb, params = SC.delete_command(tok)
+        f.write_bytes(params)
+        p = dev.run("sg_raw", "-s", str(len(params)), "-i", str(f), "DEV", *cdb.hex(" ").split())
+        assert p.returncode == 7  # data protect
+        assert "Write protected" in p.stderr and snaps.deleted == []
+        dev.emu = emulator(FakeLun(), snaps)
+        snaps.in_use.add("ro")
+        p = dev.run("sg_raw", "-s", str(len(params)), "-i", str(f), "DEV", *cdb.hex(" ").split())
+        assert p.returncode == 5 and "Command sequence error" in p.stderr
     finally:
         dev.close()

@@ -10,6 +10,7 @@ import mmap
 import os
 import random
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -154,3 +155,66 @@ def test_inband_snapshot_holds_exactly_the_completed_writes(exported):
         assert got == want, f"{name}: " + first_difference(got, want)
     # the whole disk, read back through SCSI, is the model's final state
     assert read_direct(disk, 0, VOL) == model.state(vid)
+
+
+def dmsnap_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it on the initiator host (a separate process)."""
+    code = "import sys; from dmsnap import cli; sys.exit(cli.run(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_schedule_keep_prunes_only_its_own_snapshots(exported):
+    m, disk, _ = exported
+    # a user's snapshots named like the schedule's: one in-band, one on the storage system
+    initiator.snapshot(disk, "auto-19990101-000000", wait=True)
+    m.snapshot_create([["s", "v"]], "auto-19990101-000001", wait=True)
+    p = dmsnap_cli("initiator", "schedule", disk, "--every", "1s", "--count", "5", "--keep", "2")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""  # no failed request, no failed delete
+    made = [ln.split(":")[0] for ln in p.stdout.splitlines() if ": requested" in ln]
+    assert len(made) == 5 and all(n.startswith("auto-") for n in made)
+    assert p.stdout.count(": deleted (keeping the newest 2)") == 3
+    left = sorted(s["name"] for s in m.snapshot_list("s", "v"))
+    assert left == sorted(["auto-19990101-000000", "auto-19990101-000001", *made[-2:]])
+    listed = [e.name for e in initiator.list_requests(disk)]
+    assert set(made[:3]).isdisjoint(listed)  # LIST shows what exists
+    gone = [e for e in initiator.list_requests(disk) if e.name == made[-1]]
+    assert gone and gone[0].labels.get(initiator.SCHEDULE_LABEL, "").startswith("auto@")
+
+
+def test_initiator_delete_through_the_lun(exported):
+    m, disk, _ = exported
+    a = initiator.snapshot(disk, "keep-a", wait=True)
+    b = initiator.snapshot(disk, "keep-b", wait=True)
+    p = dmsnap_cli("initiator", "delete", disk, "keep-a")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"deleted snapshot keep-a (token {a.token.hex()})\n"
+    assert [s["name"] for s in m.snapshot_list("s", "v")] == ["keep-b"]
+    p = dmsnap_cli("initiator", "delete", disk, "--token", a.token.hex())
+    assert p.returncode == 0, p.stderr  # a retry of a delete: idempotent
+    (st,) = initiator.status(disk, a.token)
+    assert st.state.name == "DELETED" and st.snapshots == ()
+    # an exported snapshot: refused, nothing changes
+    snap_ex = m.export_create("s", "v", snap="keep-b", kind="local")
+    before = m.catalog.counts()
+    p = dmsnap_cli("initiator", "delete", disk, "keep-b")
+    assert p.returncode == 8
+    assert "in use on the storage system (exported or open); nothing was deleted" in p.stderr
+    assert m.catalog.counts() == before
+    # the snapshot's own (read-only) LUN does not take the command at all
+    sdisk = lio.scsi_disk_for(snap_ex["serial"], timeout=30)
+    assert sdisk is not None
+    p = dmsnap_cli("initiator", "delete", sdisk, "--token", b.token.hex())
+    assert p.returncode == 8 and "does not accept the dmsnap snapshot command" in p.stderr
+    m.export_delete("s", "v", snap="keep-b")
+    p = dmsnap_cli("initiator", "delete", disk, "--token", b.token.hex())
+    assert p.returncode == 0, p.stderr
+    assert m.snapshot_list("s", "v") == []
+    p = dmsnap_cli("initiator", "delete", disk, "--token", "ee" * 16)
+    assert p.returncode == 8 and "no snapshot of this volume" in p.stderr
+    # a retried CREATE of a deleted request makes nothing new
+    again = initiator.snapshot(disk, "keep-a", token=a.token, wait=True)
+    assert again.entry is not None and again.entry.state.name == "DELETED"
+    assert m.snapshot_list("s", "v") == []
