@@ -116,6 +116,21 @@ def snapshot_rights(
     return tuple(wanted)
 
 
+def export_paths(ex: Any) -> list[bool]:
+    """The backstores an export needs, by whether each takes the snapshot
+    command: one when every initiator has the same right, two (taking it,
+    refusing it) when an iSCSI export's initiators differ. TCMU does not
+    say which initiator sent a command, so rights go by backstore."""
+    rights = ex.snapshot_allow
+    if ex.snapshot is not None or rights == ():
+        return [False]
+    if rights is None or ex.kind == "local":
+        return [True]
+    if set(ex.config.get("allow", [])) <= set(rights):
+        return [True]
+    return [True, False]
+
+
 def _check_portal(portal: str) -> str:
     host, sep, port = portal.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -1458,23 +1473,9 @@ class Manager:
         log.info("exported %s (%s)", ex.ref, kind)
         return self._export_json(ex)
 
-    def _backstore_name(self, ex: Any, may_snapshot: bool = True) -> str:
-        # the second backstore of an export with mixed rights (see _paths_of)
-        return f"dmsnap-{ex.serial}" + ("" if may_snapshot else "-nosnap")
-
-    def _paths_of(self, ex: Any) -> list[bool]:
-        """The backstores an export needs, by whether each takes the snapshot
-        command: one when every initiator has the same right, two (taking
-        it, refusing it) when an iSCSI export's ACLs differ. TCMU does not
-        say which initiator sent a command, so rights go by backstore."""
-        rights = ex.snapshot_allow
-        if ex.snapshot is not None or rights == ():
-            return [False]
-        if rights is None or ex.kind == "local":
-            return [True]
-        if set(ex.config.get("allow", [])) <= set(rights):
-            return [True]
-        return [True, False]
+    def _backstore_name(self, ex: Any, second: bool = False) -> str:
+        # second: the one refusing the snapshot command when rights are mixed
+        return f"dmsnap-{ex.serial}" + ("-nosnap" if second else "")
 
     def _start_export(self, ex: Any) -> None:
         from dmsnap.scsi import lio, target
@@ -1498,8 +1499,8 @@ class Manager:
             service, journal, vol_id = None, None, 0
         paths: list[target.LunPath] = []
         try:
-            for may in self._paths_of(ex):
-                name = self._backstore_name(ex, may)
+            for i, may in enumerate(export_paths(ex)):
+                name = self._backstore_name(ex, second=i > 0)
                 bs = lio.find_backstore(name) or lio.create_backstore(
                     name, config, v.size, ex.serial
                 )
@@ -1557,7 +1558,7 @@ class Manager:
         ex = next((e for e in self.catalog.exports() if e.id == export_id), None)
         if run is None:
             if ex is not None and not keep:
-                found = [lio.find_backstore(self._backstore_name(ex, may)) for may in (True, False)]
+                found = [lio.find_backstore(self._backstore_name(ex, i)) for i in (False, True)]
                 for bs in found:
                     if bs is not None:
                         lio.remove_fabrics(bs)

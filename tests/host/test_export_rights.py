@@ -17,8 +17,8 @@ from dmsnap.scsi import sense as S
 from dmsnap.scsi import snapcmd as SC
 from dmsnap.scsi.emulation import Emulator
 from dmsnap.scsi.sense import Key
-from dmsnap.storage.catalog import SCHEMA_VERSION, Catalog
-from dmsnap.storage.manager import snapshot_rights
+from dmsnap.storage.catalog import SCHEMA_VERSION, Catalog, Export
+from dmsnap.storage.manager import export_paths, snapshot_rights
 
 A = "iqn.2026-11.org.example:a"
 B = "iqn.2026-11.org.example:b"
@@ -64,6 +64,41 @@ def test_bad_rights_are_clear_errors(kind, snap, allow, asked, fragment) -> None
     with pytest.raises(E.InvalidArgument) as ei:
         snapshot_rights(kind, snap, allow, asked)
     assert fragment in ei.value.message
+
+
+def _export(kind: str, snap: str | None, allow: list[str], rights) -> Export:
+    return Export(
+        1,
+        1,
+        "p",
+        1,
+        "v",
+        None if snap is None else 1,
+        snap,
+        kind,
+        "ser",
+        {"allow": allow},
+        0.0,
+        rights,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "snap", "allow", "rights", "paths"),
+    [
+        ("iscsi", None, [A, B], None, [True]),
+        ("iscsi", None, [A, B], (), [False]),
+        ("iscsi", None, [A, B], (A, B), [True]),  # everyone named: one backstore
+        ("iscsi", None, [A, B], (A,), [True, False]),  # mixed: a second one refusing
+        ("local", None, [], None, [True]),
+        ("local", None, [], (), [False]),
+        ("iscsi", "s", [A], (), [False]),
+    ],
+)
+def test_backstores_per_export(kind, snap, allow, rights, paths) -> None:
+    """Which backstores serve an export (the first one keeps the name it
+    always had, dmsnap-<serial>, so exports made before keep theirs)."""
+    assert export_paths(_export(kind, snap, allow, rights)) == paths
 
 
 # -- the catalog -------------------------------------------------------------------------
