@@ -880,7 +880,14 @@ def snapshot_restore(ref: SnapshotArg) -> None:
 
 # ---------------------------------------------------------------- exports
 
-EXPORT_HEADERS = ["REF", "KIND", "SERIAL", "TARGET", "RUNNING"]
+EXPORT_HEADERS = ["REF", "KIND", "SERIAL", "TARGET", "SNAPSHOT-ALLOW", "RUNNING"]
+
+
+def _rights_text(value: Any) -> str:
+    """An export's snapshot rights in a table cell."""
+    if value == "all" or value is None:
+        return "all"
+    return ",".join(value) if value else "none"
 
 
 @app.command("export")
@@ -908,10 +915,24 @@ def export(
     chap: Annotated[
         str | None, typer.Option("--chap", metavar="USER:SECRET", help="CHAP for logins.")
     ] = None,
+    snapshot_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--snapshot-allow",
+            metavar="INITIATOR_IQN|all",
+            help="Who may send the in-band snapshot command (repeat; default all).",
+        ),
+    ] = None,
+    no_snapshot: Annotated[
+        bool, typer.Option("--no-snapshot", help="No initiator may send the snapshot command.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Serve a journaled volume over SCSI: --local (a disk here, linked as
-    /dev/dmsnap/POOL/VOL) or --iscsi; `dmsnap export list` lists exports."""
+    /dev/dmsnap/POOL/VOL) or --iscsi; `dmsnap export list` lists exports.
+    By default every initiator that reaches the LUN may request snapshots
+    in-band; --snapshot-allow IQN (iSCSI with --allow) names the ones that
+    may, --no-snapshot lets none."""
     if ref == "list":
         rows = _call("export.list")
         if json_out:
@@ -927,6 +948,7 @@ def export(
                         r.get("kind"),
                         r.get("serial"),
                         r.get("iqn") or r.get("disk") or "-",
+                        _rights_text(r.get("snapshot_allow")),
                         _yesno(r.get("running")),
                     ]
                     for r in rows
@@ -935,6 +957,8 @@ def export(
         return
     if local == iscsi:
         raise InvalidArgument("say --local or --iscsi")
+    if no_snapshot and snapshot_allow:
+        raise InvalidArgument("--no-snapshot or --snapshot-allow, not both")
     pool, vol, snap = _ref(ref, snapshot=None)
     r = _call(
         "export.create",
@@ -946,6 +970,7 @@ def export(
         portal=portal,
         allow=allow or None,
         chap=chap,
+        snapshot_allow=[] if no_snapshot else snapshot_allow or None,
     )
     if json_out:
         print_json(r)

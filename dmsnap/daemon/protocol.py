@@ -293,7 +293,7 @@ OPS: dict[str, Op] = {
     ),
     "volume.flush": _op("volume_flush", "pool vol", req="pool vol", data=True),
     "export.create": _op(
-        "export_create", "pool vol", "snap kind iqn portal allow chap", "pool vol"
+        "export_create", "pool vol", "snap kind iqn portal allow chap snapshot_allow", "pool vol"
     ),
     "export.list": _op("export_list", "pool", ro=True),
     "export.delete": _op("export_delete", "pool vol", "snap", "pool vol"),
@@ -331,6 +331,7 @@ _CHECKS: dict[str, Check] = {
     "iqn": _text,
     "portal": _text,
     "allow": _texts,
+    "snapshot_allow": _texts,
     "chap": _text,
 }
 

@@ -5,6 +5,8 @@ the network). One place for every configfs write dmsnap makes.
 Backstores are named ``dmsnap-<pool>-<vol>`` (``...@<snap>`` for a snapshot)
 and carry ``dev_config=dmsnap/<pool>/<vol>``: the subtype ``dmsnap`` marks
 them as ours (other TCMU handlers leave them alone) and names the volume.
+An export whose initiators have different snapshot rights has a second
+backstore over the same volume, ``...-nosnap``, with the same unit serial.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import glob
 import logging
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 log = logging.getLogger("dmsnap.scsi")
@@ -130,19 +133,30 @@ def export_iscsi(
     portal: tuple[str, int],
     allow: list[str],
     chap: tuple[str, str] | None,
+    *,
+    refusing: Backstore | None = None,
+    may_snapshot: Collection[str] = (),
 ) -> None:
+    """An iSCSI target serving ``bs`` as LUN 0 to the ``allow`` initiators
+    (every initiator when empty). ``refusing``: the volume's backstore that
+    refuses the snapshot command; it becomes the TPG's LUN 1 and each
+    initiator not in ``may_snapshot`` sees it, not ``bs``, as its LUN 0."""
     rts = _rtslib()
     fm = rts.FabricModule("iscsi")
     target = rts.Target(fm, iqn)
     try:
         tpg = rts.TPG(target, 1)
         lun = rts.LUN(tpg, 0, _storage_object(bs))
+        other = rts.LUN(tpg, 1, _storage_object(refusing)) if refusing is not None else None
+        if other is not None and not allow:  # demo mode would show both LUNs to everyone
+            raise LioError("per-initiator snapshot rights need an ACL per initiator")
         rts.NetworkPortal(tpg, portal[0], portal[1])
         if allow:
             tpg.set_attribute("generate_node_acls", "0")
             for initiator in allow:
                 acl = rts.NodeACL(tpg, initiator)
-                rts.MappedLUN(acl, 0, lun)
+                mine = lun if other is None or initiator in may_snapshot else other
+                rts.MappedLUN(acl, 0, mine)
                 if chap:
                     acl.chap_userid, acl.chap_password = chap
         else:  # demo mode: any initiator may log in

@@ -212,16 +212,40 @@ class InbandSnapshots:
 
 
 @dataclass
-class Running:
-    """One export at work."""
+class LunPath:
+    """One user backstore of an export with its ring and emulator. An export
+    whose initiators have different snapshot rights has two over the same
+    volume: one takes the snapshot command, one refuses it (ACCESS DENIED);
+    each initiator's ACL maps its LUN 0 to one of them."""
 
     backstore: lio.Backstore
     device: TcmuDevice
     emulator: Emulator
+    may_snapshot: bool
+
+
+@dataclass
+class Running:
+    """One export at work: its paths (the first takes the snapshot command
+    when anyone may) and its fabric."""
+
+    paths: list[LunPath]
     fabric_id: str  # tcm_loop WWN or iSCSI IQN
 
+    @property
+    def backstore(self) -> lio.Backstore:
+        return self.paths[0].backstore
+
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for p in self.paths:
+            for k, v in p.device.stats().items():
+                total[k] = total.get(k, 0) + v
+        return total
+
     def stop(self) -> None:
-        self.device.close()
+        for p in self.paths:
+            p.device.close()
 
 
 def start_device(

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 3  # 2: markers, 3: exports
+SCHEMA_VERSION = 4  # 2: markers, 3: exports, 4: exports.snapshot_allow
 
 # Statements are split on ';', so comments in here must not contain one.
 SCHEMA = """
@@ -105,8 +105,12 @@ CREATE TABLE IF NOT EXISTS exports (
     snapshot_id INTEGER REFERENCES snapshots (id) ON DELETE CASCADE,
     kind TEXT NOT NULL CHECK (kind IN ('local', 'iscsi')),
     serial TEXT NOT NULL UNIQUE,
-    config TEXT NOT NULL,     -- JSON: iqn, portal, allow, chap, snapshot_initiators
-    created REAL NOT NULL
+    config TEXT NOT NULL,     -- JSON: iqn, portal, allow, chap
+    created REAL NOT NULL,
+    -- who may send the in-band snapshot command: NULL every initiator that
+    -- reaches the LUN (what exports before schema 4 did), else a JSON list
+    -- of initiator IQNs (an empty list: nobody, a local export: this host).
+    snapshot_allow TEXT
 );
 CREATE TABLE IF NOT EXISTS pending (
     id INTEGER PRIMARY KEY,
@@ -202,6 +206,9 @@ class Export:
     serial: str
     config: dict[str, Any]
     created: float
+    # None: every initiator that reaches the LUN may snapshot; else these IQNs
+    # (empty: nobody; for a local export, empty is off and anything else on).
+    snapshot_allow: tuple[str, ...] | None = None
 
     @property
     def ref(self) -> str:
@@ -244,7 +251,11 @@ class Catalog:
                     f"({SCHEMA_VERSION}); upgrade dmsnap"
                 )
             elif int(row[0]) < SCHEMA_VERSION:
-                # 2 added the markers table, 3 the exports table (created above).
+                # 2 added the markers table, 3 the exports table (created above),
+                # 4 the exports' snapshot_allow column (NULL: every initiator, as before).
+                cols = {r[1] for r in self.db.execute("PRAGMA table_info(exports)")}
+                if "snapshot_allow" not in cols:
+                    self.db.execute("ALTER TABLE exports ADD COLUMN snapshot_allow TEXT")
                 self.db.execute(
                     "UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),)
                 )
@@ -535,11 +546,13 @@ class Catalog:
         kind: str,
         serial: str,
         config: dict[str, Any],
+        snapshot_allow: list[str] | tuple[str, ...] | None = None,
     ) -> Export:
+        allow = None if snapshot_allow is None else json.dumps(list(snapshot_allow))
         with self.tx() as db:
             cur = db.execute(
                 "INSERT INTO exports (pool_id, volume_id, snapshot_id, kind, serial, config,"
-                " created) VALUES (?,?,?,?,?,?,?)",
+                " created, snapshot_allow) VALUES (?,?,?,?,?,?,?,?)",
                 (
                     pool_id,
                     volume_id,
@@ -548,6 +561,7 @@ class Catalog:
                     serial,
                     json.dumps(config, sort_keys=True),
                     time.time(),
+                    allow,
                 ),
             )
             eid = int(cur.lastrowid or 0)
@@ -646,6 +660,7 @@ def _export(r: sqlite3.Row) -> Export:
         serial=r["serial"],
         config=json.loads(r["config"]),
         created=r["created"],
+        snapshot_allow=None if (a := r["snapshot_allow"]) is None else tuple(json.loads(a)),
     )
 
 

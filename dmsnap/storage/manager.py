@@ -73,6 +73,64 @@ def _check_iqn(iqn: str) -> str:
     return iqn
 
 
+def snapshot_rights(
+    kind: str, snap: str | None, allow: list[str], snapshot_allow: list[str] | None
+) -> tuple[str, ...] | None:
+    """Who may send the in-band snapshot command to a new export, as the
+    catalog keeps it: None every initiator that reaches the LUN, else these
+    IQNs (empty: nobody). ``snapshot_allow`` as the client sends it: None
+    (the default: every initiator), ``["all"]``, ``[]`` (nobody) or IQNs.
+    ``allow`` is the export's (checked) login list."""
+    if snapshot_allow is None or snapshot_allow == ["all"]:
+        # a snapshot export never takes the command (it is read-only): nobody
+        return () if snap is not None else None
+    if "all" in snapshot_allow:
+        raise E.InvalidArgument("--snapshot-allow all stands alone (no initiator names with it)")
+    if snap is not None:
+        if snapshot_allow:
+            raise E.InvalidArgument(
+                "a snapshot export is read-only and never takes the snapshot command: "
+                "no --snapshot-allow"
+            )
+        return ()
+    if not snapshot_allow:
+        return ()
+    if kind == "local":
+        raise E.InvalidArgument(
+            "a local export has one initiator (this host): --snapshot-allow all or --no-snapshot"
+        )
+    wanted = [_check_iqn(i) for i in snapshot_allow]
+    if len(set(wanted)) != len(wanted):
+        raise E.InvalidArgument("--snapshot-allow names an initiator twice")
+    if not allow:
+        # Without node ACLs (any initiator may log in) LIO shows every LUN of
+        # the target to everyone: no way to give initiators different rights.
+        raise E.InvalidArgument(
+            "--snapshot-allow INITIATOR needs --allow (the initiators that may log in): "
+            "rights per initiator are given through their ACLs"
+        )
+    if stray := [i for i in wanted if i not in allow]:
+        raise E.InvalidArgument(
+            f"--snapshot-allow {stray[0]}: not among the --allow initiators (it could not log in)"
+        )
+    return tuple(wanted)
+
+
+def export_paths(ex: Any) -> list[bool]:
+    """The backstores an export needs, by whether each takes the snapshot
+    command: one when every initiator has the same right, two (taking it,
+    refusing it) when an iSCSI export's initiators differ. TCMU does not
+    say which initiator sent a command, so rights go by backstore."""
+    rights = ex.snapshot_allow
+    if ex.snapshot is not None or rights == ():
+        return [False]
+    if rights is None or ex.kind == "local":
+        return [True]
+    if set(ex.config.get("allow", [])) <= set(rights):
+        return [True]
+    return [True, False]
+
+
 def _check_portal(portal: str) -> str:
     host, sep, port = portal.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -1331,12 +1389,14 @@ class Manager:
             "created": ex.created,
             **{k: v for k, v in ex.config.items() if k != "chap"},
             "chap": bool(ex.config.get("chap")),
+            # who may send the snapshot command: "all" or a list (empty: nobody)
+            "snapshot_allow": "all" if ex.snapshot_allow is None else list(ex.snapshot_allow),
             "running": ex.id in self._exports,
         }
         if ex.id in self.export_errors:
             out["error"] = self.export_errors[ex.id]
         if ex.id in self._exports:
-            out["stats"] = self._exports[ex.id].device.stats()
+            out["stats"] = self._exports[ex.id].stats()
         return out
 
     def _find_export(self, pool: str, vol: str, snap: str | None) -> Any:
@@ -1357,9 +1417,11 @@ class Manager:
         portal: str | None = None,
         allow: list[str] | None = None,
         chap: str | None = None,
+        snapshot_allow: list[str] | None = None,
     ) -> Json:
         """Serve POOL/VOL (or a snapshot of it, read-only) over SCSI: a local
-        disk through tcm_loop, or an iSCSI target."""
+        disk through tcm_loop, or an iSCSI target. ``snapshot_allow``: who
+        may send the in-band snapshot command (see :func:`snapshot_rights`)."""
         from dmsnap.scsi import lio
 
         names.check_name("pool", pool)
@@ -1394,8 +1456,11 @@ class Manager:
                 if not sep or not user or not 12 <= len(secret) <= 16:
                     raise E.InvalidArgument("--chap USER:SECRET, the secret 12 to 16 characters")
                 config["chap"] = [user, secret]
+        rights = snapshot_rights(kind, snap, config.get("allow", []), snapshot_allow)
         serial = f"dmsnap{p.uuid[:6]}{v.id:04x}" + (f"s{s.id:04x}" if s else "")
-        ex = self.catalog.add_export(p.id, v.id, s.id if s else None, kind, serial, config)
+        ex = self.catalog.add_export(
+            p.id, v.id, s.id if s else None, kind, serial, config, snapshot_allow=rights
+        )
         try:
             if s is not None and not s.active:
                 self.snapshot_activate(pool, vol, snap)
@@ -1408,21 +1473,23 @@ class Manager:
         log.info("exported %s (%s)", ex.ref, kind)
         return self._export_json(ex)
 
-    def _backstore_name(self, ex: Any) -> str:
-        return f"dmsnap-{ex.serial}"
+    def _backstore_name(self, ex: Any, second: bool = False) -> str:
+        # second: the one refusing the snapshot command when rights are mixed
+        return f"dmsnap-{ex.serial}" + ("-nosnap" if second else "")
 
     def _start_export(self, ex: Any) -> None:
         from dmsnap.scsi import lio, target
 
         p = self.catalog.pool_by_id(ex.pool_id)
         v = self.catalog.volume(ex.pool, ex.volume)
-        name = self._backstore_name(ex)
         config = f"{ex.pool}/{ex.volume}" + (f"@{ex.snapshot}" if ex.snapshot else "")
-        bs = lio.find_backstore(name) or lio.create_backstore(name, config, v.size, ex.serial)
         if ex.snapshot is None:
             pj = self._journal(p)
             assert pj is not None
             io = self.open_volume(ex.pool, ex.volume)
+            # one LUN object for every path: the same identity (serial, NAA
+            # from the volume), the same journal (writes from any path are
+            # ordered in it, so a marker follows every completed write)
             lun: Any = target.VolumeLun(io, wce=pj.mode == "ram", serial=ex.serial)
             service = target.InbandSnapshots(self, ex.pool, ex.volume)
             journal, vol_id = pj.journal, v.id
@@ -1430,30 +1497,48 @@ class Manager:
             path = f"/dev/mapper/{names.dm_snapshot(ex.pool, ex.volume, ex.snapshot)}"
             lun = target.SnapshotDeviceLun(path, v.size, ex.serial)
             service, journal, vol_id = None, None, 0
-        device, emu = target.start_device(
-            bs,
-            lun,
-            journal=journal,
-            vol_id=vol_id,
-            snapshots=service,
-            snapshot_allowed=lambda initiator: True,
-            initiator=ex.ref,
-        )
+        paths: list[target.LunPath] = []
         try:
-            with contextlib.suppress(OSError):  # let commands held over a restart through
-                lio.control(bs, "block_dev", 0)
+            for i, may in enumerate(export_paths(ex)):
+                name = self._backstore_name(ex, second=i > 0)
+                bs = lio.find_backstore(name) or lio.create_backstore(
+                    name, config, v.size, ex.serial
+                )
+                device, emu = target.start_device(
+                    bs,
+                    lun,
+                    journal=journal,
+                    vol_id=vol_id,
+                    snapshots=service,
+                    snapshot_allowed=(lambda _i, may=may: may),
+                    initiator=ex.ref,
+                )
+                paths.append(target.LunPath(bs, device, emu, may))
+            for pa in paths:
+                with contextlib.suppress(OSError):  # let commands held over a restart through
+                    lio.control(pa.backstore, "block_dev", 0)
             if ex.kind == "local":
-                fabric = lio.find_local(bs) or lio.export_local(bs)
+                first = paths[0].backstore
+                fabric = lio.find_local(first) or lio.export_local(first)
             else:
                 fabric = ex.config["iqn"]
                 if not lio.iscsi_exists(fabric):
                     host, _, port = ex.config["portal"].rpartition(":")
                     chap = tuple(ex.config["chap"]) if ex.config.get("chap") else None
-                    lio.export_iscsi(bs, fabric, (host, int(port)), ex.config["allow"], chap)
+                    lio.export_iscsi(
+                        paths[0].backstore,
+                        fabric,
+                        (host, int(port)),
+                        ex.config["allow"],
+                        chap,
+                        refusing=paths[1].backstore if len(paths) > 1 else None,
+                        may_snapshot=ex.snapshot_allow or (),
+                    )
         except BaseException:
-            device.close()
+            for pa in paths:
+                pa.device.close()
             raise
-        self._exports[ex.id] = target.Running(bs, device, emu, fabric)
+        self._exports[ex.id] = target.Running(paths, fabric)
         self.export_errors.pop(ex.id, None)
         if ex.kind == "local" and ex.snapshot is None:
             disk = lio.scsi_disk_for(ex.serial, timeout=30)
@@ -1473,23 +1558,29 @@ class Manager:
         ex = next((e for e in self.catalog.exports() if e.id == export_id), None)
         if run is None:
             if ex is not None and not keep:
-                bs = lio.find_backstore(self._backstore_name(ex))
-                if bs is not None:
-                    lio.remove_fabrics(bs)
-                    lio.delete_backstore(bs)
+                found = [lio.find_backstore(self._backstore_name(ex, i)) for i in (False, True)]
+                for bs in found:
+                    if bs is not None:
+                        lio.remove_fabrics(bs)
+                for bs in found:
+                    if bs is not None:
+                        lio.delete_backstore(bs)
             return
         if keep:
-            with contextlib.suppress(OSError):
-                lio.control(run.backstore, "block_dev", 1)
+            for pa in run.paths:
+                with contextlib.suppress(OSError):
+                    lio.control(pa.backstore, "block_dev", 1)
             run.stop()
             return
         if ex is not None and ex.kind == "local":
             link = os.path.join(LINK_DIR, ex.pool, ex.volume)
             if os.path.islink(link):
                 os.unlink(link)
-        lio.remove_fabrics(run.backstore)
+        for pa in run.paths:
+            lio.remove_fabrics(pa.backstore)
         run.stop()
-        lio.delete_backstore(run.backstore)
+        for pa in run.paths:
+            lio.delete_backstore(pa.backstore)
 
     @_user_errors
     def export_list(self, pool: str | None = None) -> list[Json]:

@@ -87,6 +87,14 @@ SNAPSHOTS = [
         "labels": {},
     },
 ]
+EXPORTS = [
+    {"ref": "fast/db", "kind": "iscsi", "serial": "s1", "iqn": "iqn.t:db", "running": True,
+     "snapshot_allow": ["iqn.2026-11.org.example:a", "iqn.2026-11.org.example:b"]},
+    {"ref": "fast/logs", "kind": "local", "serial": "s2", "running": True,
+     "snapshot_allow": "all"},
+    {"ref": "fast/db@nightly", "kind": "local", "serial": "s3", "running": False,
+     "snapshot_allow": []},
+]  # fmt: skip
 
 
 class FakeManager:
@@ -128,6 +136,10 @@ class FakeManager:
             return {"name": args[1], "volumes": args[0]}
         if name == "snapshot_activate":
             return {"path": f"/dev/dmsnap/{args[0]}/{args[1]}@{args[2]}"}
+        if name == "export_list":
+            return EXPORTS
+        if name == "export_create":
+            return {"ref": f"{args[0]}/{args[1]}", "iqn": kwargs.get("iqn") or "iqn.x"}
         if name == "status":
             return {"pools": POOLS, "volumes": 3, "snapshots": 4, "active_snapshots": 1}
         if name == "volume_delete" and args[1] == "boom":
@@ -209,6 +221,10 @@ def one_line(err: str) -> str:
         (["snapshot", "deactivate", "p/v@-s"], "snapshot name '-s'"),
         (["snapshot", "restore", "p@s"], "expected POOL/VOLUME@SNAPSHOT"),
         (["pool", "create"], "Missing argument 'NAME'"),
+        (
+            ["export", "p/v", "--iscsi", "--no-snapshot", "--snapshot-allow", "all"],
+            "--no-snapshot or --snapshot-allow, not both",
+        ),
     ],
 )
 def test_bad_input_rejected_before_contacting_daemon(capsys, nosock, argv, fragment) -> None:
@@ -308,6 +324,28 @@ def test_create_sends_checked_values(capsys, daemon, monkeypatch, tmp_path) -> N
     assert rc == 0, err
     assert fake.calls[-1] == ("volume_delete", ("fast", "logs"), {"force": True})
     assert out.strip() == "deleted volume fast/logs"
+
+
+def test_export_snapshot_rights(capsys, daemon) -> None:
+    _, fake = daemon
+    a, b = "iqn.2026-11.org.example:a", "iqn.2026-11.org.example:b"
+    argv = ["export", "fast/db", "--iscsi", "--allow", a, "--allow", b]
+    rc, _, err = run(capsys, *argv, "--snapshot-allow", a)
+    assert rc == 0, err
+    assert fake.calls[-1][2]["snapshot_allow"] == [a] and fake.calls[-1][2]["allow"] == [a, b]
+    rc, _, err = run(capsys, *argv, "--no-snapshot")
+    assert rc == 0, err
+    assert fake.calls[-1][2]["snapshot_allow"] == []
+    rc, _, err = run(capsys, *argv, "--snapshot-allow", "all")
+    assert rc == 0, err
+    assert fake.calls[-1][2]["snapshot_allow"] == ["all"]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert "snapshot_allow" not in fake.calls[-1][2]  # the daemon's default: every initiator
+    rc, out, _ = run(capsys, "export", "list")
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["REF", "KIND", "SERIAL", "TARGET", "SNAPSHOT-ALLOW", "RUNNING"]
+    assert rows[1][4] == f"{a},{b}" and rows[2][4] == "all" and rows[3][4] == "none"
 
 
 def test_human_output(capsys, daemon) -> None:

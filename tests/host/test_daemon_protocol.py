@@ -158,7 +158,17 @@ class FakeManager:
         self._record("volume_flush", pool, vol)
 
     def export_create(
-        self, pool, vol, *, snap=None, kind="local", iqn=None, portal=None, allow=None, chap=None
+        self,
+        pool,
+        vol,
+        *,
+        snap=None,
+        kind="local",
+        iqn=None,
+        portal=None,
+        allow=None,
+        chap=None,
+        snapshot_allow=None,
     ):
         self._record(
             "export_create",
@@ -170,6 +180,7 @@ class FakeManager:
             portal=portal,
             allow=allow,
             chap=chap,
+            snapshot_allow=snapshot_allow,
         )
         return {"ref": f"{pool}/{vol}", "kind": kind}
 
@@ -360,6 +371,11 @@ ROUND_TRIPS = [
         "export.create",
         {"pool": "p", "vol": "v", "kind": "iscsi", "allow": ["iqn.2026-11.x:a"], "chap": "u:s"},
         ("export_create", ("p", "v"), {"kind": "iscsi", "allow": ["iqn.2026-11.x:a"]}),
+    ),
+    (
+        "export.create",
+        {"pool": "p", "vol": "v", "kind": "iscsi", "snapshot_allow": []},
+        ("export_create", ("p", "v"), {"kind": "iscsi", "snapshot_allow": []}),
     ),
     ("export.list", {}, ("export_list", (None,), {})),
     (

@@ -218,6 +218,58 @@ def iscsi_session(iqn: str, portal: str, serial: str) -> Iterator[str]:
         )  # fmt: skip
 
 
+def _disks_with_serial(serial: str) -> dict[str, str]:
+    """Initiator IQN -> /dev/sdX of every iSCSI disk whose unit serial is ``serial``."""
+    import glob
+
+    out = {}
+    for dev in glob.glob("/sys/bus/scsi/devices/*:*:*:*"):
+        try:
+            with open(f"{dev}/vpd_pg80", "rb") as f:
+                page = f.read()
+        except OSError:
+            continue
+        if page[4:].rstrip(b"\0 ").decode(errors="replace") != serial:
+            continue
+        blocks = glob.glob(f"{dev}/block/*")
+        m = re.search(r"/(session\d+)/", os.path.realpath(dev))
+        if not blocks or m is None:
+            continue
+        with open(f"/sys/class/iscsi_session/{m.group(1)}/initiatorname") as f:
+            out[f.read().strip()] = "/dev/" + os.path.basename(blocks[0])
+    return out
+
+
+@contextlib.contextmanager
+def iscsi_sessions_as(
+    iqn: str, portal: str, serial: str, initiators: list[str]
+) -> Iterator[dict[str, str]]:
+    """One open-iscsi session to ``iqn`` per initiator name (an iface each,
+    with its ``iface.initiatorname``); yields initiator IQN -> /dev/sdX.
+    Logs out and removes the node records and ifaces after."""
+    ifaces = [f"dmsnap-t{i}" for i in range(len(initiators))]
+    try:
+        for iface, name in zip(ifaces, initiators, strict=True):
+            run("iscsiadm", "-m", "iface", "-I", iface, "-o", "new")
+            run("iscsiadm", "-m", "iface", "-I", iface, "-o", "update",
+                "-n", "iface.initiatorname", "-v", name)  # fmt: skip
+            run("iscsiadm", "-m", "node", "-o", "new", "-T", iqn, "-p", portal, "-I", iface)
+            run("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-I", iface, "--login",
+                timeout=60)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while len(disks := _disks_with_serial(serial)) < len(initiators):
+            assert time.monotonic() < deadline, f"disks after the iSCSI logins: {disks}"
+            time.sleep(0.2)
+        yield disks
+    finally:
+        for iface in ifaces:
+            run("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-I", iface, "--logout",
+                check=False)  # fmt: skip
+            run("iscsiadm", "-m", "node", "-o", "delete", "-T", iqn, "-p", portal, "-I", iface,
+                check=False)  # fmt: skip
+            run("iscsiadm", "-m", "iface", "-I", iface, "-o", "delete", check=False)
+
+
 # -- fio -----------------------------------------------------------------------------
 
 

@@ -521,3 +521,101 @@ def test_daemon_killed_under_io(daemon_export):
         f"kill -9 under fio: back after {back:.1f} s; UNMAP in flight at the kill: {in_flight} "
         f"(took {discard[0][2]:.1f} s); {r.written // MiB} MiB verified"
     )
+
+
+# -- 5. who may snapshot, per initiator ---------------------------------------------------
+
+RIGHTS_IQN = "iqn.2026-11.org.dmsnap.test:rights"
+MAY = "iqn.2026-11.org.dmsnap.test:may"
+MAY_NOT = "iqn.2026-11.org.dmsnap.test:maynot"
+
+
+def _identity(disk: str) -> tuple[bytes, bytes, str]:
+    """What multipath and udev key on: VPD 0x80, VPD 0x83 and the kernel's wwid."""
+    dev = f"/sys/block/{os.path.basename(disk)}/device"
+    with (
+        open(f"{dev}/vpd_pg80", "rb") as a,
+        open(f"{dev}/vpd_pg83", "rb") as b,
+        open(f"{dev}/wwid") as c,
+    ):
+        return a.read(), b.read(), c.read().strip()
+
+
+def test_snapshot_rights_per_initiator(tmp_path):
+    """Two initiators log in to one iSCSI export; only one may snapshot. Both
+    see one disk (serial, NAA, data); the other's `dmsnap initiator snapshot`
+    is refused with a clear message and makes nothing; the snapshot made
+    through the first holds the writes completed through both; the rights
+    survive a daemon restart; a bad IQN is refused and changes nothing."""
+    _needs_lio()
+    from scsi_util import iscsi_sessions_as
+    from test_cli_e2e import Daemon
+
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        d.cli("pool", "create", "r", "--size", "256M")
+        d.cli("volume", "create", "r/v", "--size", "32M")
+        base = ["export", "r/v", "--iscsi", "--iqn", RIGHTS_IQN, "--portal", PORTAL]
+        base += ["--allow", MAY, "--allow", MAY_NOT]
+        bad = d.cli(*base, "--snapshot-allow", "iqn.2026-11.bad name", check=False)
+        assert bad.returncode != 0 and "is not an iSCSI name" in bad.stderr, bad
+        assert d.json("export", "list") == [] and not lio.iscsi_exists(RIGHTS_IQN)
+
+        d.cli(*base, "--snapshot-allow", MAY)
+        (ex,) = d.json("export", "list")
+        assert ex["snapshot_allow"] == [MAY] and ex["running"], ex
+        serial = ex["serial"]
+        # the volume behind two backstores: one takes the command, one refuses it
+        assert lio.find_backstore(f"dmsnap-{serial}") is not None
+        assert lio.find_backstore(f"dmsnap-{serial}-nosnap") is not None
+        row = d.cli("export", "list").stdout.splitlines()[1].split()
+        assert row[0] == "r/v" and row[4] == MAY, row
+
+        with open_iscsi(), iscsi_sessions_as(RIGHTS_IQN, PORTAL, serial, [MAY, MAY_NOT]) as disks:
+            may, may_not = disks[MAY], disks[MAY_NOT]
+            assert may != may_not
+            assert _identity(may) == _identity(may_not)
+            assert _identity(may)[2].startswith("naa."), _identity(may)
+            # a write through one path is read through the other
+            a, b = os.urandom(4096), os.urandom(4096)
+            pwrite_direct(may_not, 0, a)
+            pwrite_direct(may, 4096, b)
+            assert pread_direct(may, 0, 4096) == a
+            assert pread_direct(may_not, 4096, 4096) == b
+
+            def refused(name: str) -> None:
+                r = d.cli("initiator", "snapshot", may_not, name, check=False)
+                assert r.returncode == 8, r
+                assert r.stderr.strip() == (
+                    f"dmsnap: {may_not}: this initiator is not allowed to request "
+                    "snapshots of this volume"
+                ), r.stderr
+
+            refused("nope")
+            d.cli("initiator", "snapshot", may, "s1", "--wait")
+            snaps = [s["name"] for s in d.json("snapshot", "list", "r/v")]
+            assert snaps == ["s1"], snaps
+            # the marker follows the writes completed through both paths
+            path = d.cli("snapshot", "activate", "r/v@s1").stdout.strip()
+            assert pread_direct(path, 0, 8192) == a + b
+            d.cli("snapshot", "deactivate", "r/v@s1")
+
+            d.stop()
+            d.start()  # exports are reassembled with their rights
+            (ex,) = d.json("export", "list")
+            assert ex["snapshot_allow"] == [MAY] and ex["running"], ex
+            refused("nope2")
+            d.cli("initiator", "snapshot", may, "s2", "--wait")
+            pwrite_direct(may_not, 8192, a)
+            assert pread_direct(may, 8192, 4096) == a
+            snaps = sorted(s["name"] for s in d.json("snapshot", "list", "r/v"))
+            assert snaps == ["s1", "s2"], snaps
+        d.cli("unexport", "r/v")
+        assert lio.find_backstore(f"dmsnap-{serial}-nosnap") is None
+        assert not lio.iscsi_exists(RIGHTS_IQN)
+    finally:
+        if d.proc is None or d.proc.poll() is not None:
+            d.start()
+        d.cli("pool", "destroy", "r", "--force", "--yes", check=False)
+        d.stop(teardown=True)
