@@ -1574,6 +1574,16 @@ class VolumeIO:
         except JournalError as e:
             raise _journal_error(e) from None
 
+    def discard(self, offset: int, length: int) -> int:
+        """The range reads zeros from now on; its space goes back to the pool
+        (thin: whole thin blocks) once the journal's flusher reaches it, in
+        order with the writes and snapshots around it."""
+        self._check(offset, length)
+        try:
+            return self._pj.discard(self.vol_id, offset, length)
+        except JournalError as e:
+            raise _journal_error(e) from None
+
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         try:
