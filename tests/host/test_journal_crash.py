@@ -4,9 +4,10 @@ journal's tail, recover, and check against what was acknowledged.
 The child (a small script) writes and discards from several threads and
 appends markers to an NV journal file, and reports on stdout *after* each
 acknowledgement ("A tag seq" / "MA id seq"), announcing each write before
-issuing it ("I tag vol off len", "D tag vol off len" for a discard). Its test backend materialises markers by copying the
-volume files and records the marker id in ``done.log`` (fsynced before
-``marker_done``), like the catalog. Several rounds (each a new journal
+issuing it ("I tag vol off len", "D tag vol off len" for a discard). Its
+test backend materialises markers by copying the volume files and records
+the marker id in ``done.log`` (fsynced before ``marker_done``), like the
+catalog. Several rounds (each a new journal
 generation) are killed; between rounds the tail after the last
 acknowledged or materialised record may be torn: random garbage, a partly
 written record, or a forged record of an older generation with the right

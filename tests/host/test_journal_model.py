@@ -3,7 +3,8 @@
 Several threads issue random writes and discards (shared volume 1: any
 thread anywhere; volume 2: each thread its own stripe, which it also reads
 back) and random markers. A discard is, to the model, a write of zeros (the
-volume files are regular files: the flusher punches holes). The test backend copies the volume files at every marker. Oracle:
+volume files are regular files: the flusher punches holes). The test
+backend copies the volume files at every marker. Oracle:
 
 * the journal order is consistent with real time: a write acknowledged
   before a marker call began has a smaller seq than the marker, a write
