@@ -38,6 +38,7 @@ from dmsnap.storage.catalog import Exists as CatExists
 from dmsnap.storage.catalog import NotFound as CatNotFound
 from dmsnap.storage.classic import ClassicBackend
 from dmsnap.storage.layers import SECTOR, Layer, ensure
+from dmsnap.storage.thin import BLOCK_SECTORS as THIN_BLOCK_SECTORS
 from dmsnap.storage.thin import ThinBackend
 
 Json = dict[str, Any]
@@ -1426,10 +1427,17 @@ class Manager:
             lun: Any = target.VolumeLun(io, wce=pj.mode == "ram", serial=ex.serial)
             service = target.InbandSnapshots(self, ex.pool, ex.volume)
             journal, vol_id = pj.journal, v.id
+            # UNMAP gives space back in whole thin blocks; a classic volume
+            # gets zeros at any granularity
+            if p.backend == "thin":
+                unmap_gran = int(p.config.get("block_sectors", THIN_BLOCK_SECTORS)) * SECTOR
+            else:
+                unmap_gran = target.Limits.optimal_granularity
         else:
             path = f"/dev/mapper/{names.dm_snapshot(ex.pool, ex.volume, ex.snapshot)}"
             lun = target.SnapshotDeviceLun(path, v.size, ex.serial)
             service, journal, vol_id = None, None, 0
+            unmap_gran = target.Limits.unmap_granularity
         device, emu = target.start_device(
             bs,
             lun,
@@ -1438,6 +1446,7 @@ class Manager:
             snapshots=service,
             snapshot_allowed=lambda initiator: True,
             initiator=ex.ref,
+            unmap_granularity=unmap_gran,
         )
         try:
             with contextlib.suppress(OSError):  # let commands held over a restart through
