@@ -26,9 +26,9 @@
  *    76 u32 zero
  *
  * Record: a 512-byte header sector, then the data (WRITE) or payload
- * (MARKER; DISCARD has none), then zero padding up to a multiple of 512 and of align. A
- * record never wraps: a PAD record (header only, length = bytes to the end
- * of the ring) fills the tail of the ring instead. Every record, PAD
+ * (MARKER; DISCARD has none), then zero padding up to a multiple of 512 and
+ * of align. A record never wraps: a PAD record (header only, length = bytes
+ * to the end of the ring) fills the tail of the ring instead. Every record, PAD
  * included, takes one sequence number.
  *     0 u64 magic        "DMSNJRC1" (JR_REC_MAGIC)
  *     8 u64 journal_id
@@ -249,8 +249,8 @@ struct vol {
     uint64_t unflushed_bytes;
     int dirty; /* written since its last fdatasync */
     int busy;  /* fds in use outside the lock */
-    int is_blk;          /* a block device (else a regular file: discard punches a hole) */
-    uint64_t dgran;      /* discard granularity in bytes; 0: no discard (write zeros) */
+    int is_blk;     /* a block device (else a regular file: discard punches a hole) */
+    uint64_t dgran; /* discard granularity in bytes; 0: no discard (write zeros) */
 };
 
 /* An unflushed DISCARD (see IN MEMORY above). */
