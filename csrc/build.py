@@ -58,6 +58,8 @@ struct jr_stats {
     uint64_t flush_errors;
     int32_t direct_io;
     int32_t marker_waiting;
+    uint64_t discards;
+    uint64_t dm_discards;
     ...;
 };
 
@@ -70,6 +72,8 @@ int jr_forget(jr_t *j, uint32_t vol);
 int jr_start(jr_t *j);
 int64_t jr_write(jr_t *j, uint32_t vol, uint64_t offset, const void *buf, uint32_t len,
                  uint32_t flags, uint32_t timeout_ms);
+int64_t jr_discard(jr_t *j, uint32_t vol, uint64_t offset, uint64_t length, uint32_t flags,
+                   uint32_t timeout_ms);
 int jr_read(jr_t *j, uint32_t vol, uint64_t offset, void *buf, uint32_t len);
 int64_t jr_marker(jr_t *j, uint64_t marker_id, const void *payload, uint32_t len,
                   uint32_t timeout_ms);

@@ -8,7 +8,7 @@
  *
  * Superblock (first 80 bytes of a slot, rest zero):
  *     0 u64 magic        "DMSNJSB1" (JR_SB_MAGIC)
- *     8 u32 version      1
+ *     8 u32 version      2 (1: before DISCARD records; opened and rewritten as 2)
  *    12 u32 align        512 or the device's logical block size (<= 4096)
  *    16 u64 journal_id
  *    24 u64 generation   bumped and written at every jr_open
@@ -26,24 +26,31 @@
  *    76 u32 zero
  *
  * Record: a 512-byte header sector, then the data (WRITE) or payload
- * (MARKER), then zero padding up to a multiple of 512 and of align. A
- * record never wraps: a PAD record (header only, length = bytes to the end
- * of the ring) fills the tail of the ring instead. Every record, PAD
+ * (MARKER; DISCARD has none), then zero padding up to a multiple of 512 and
+ * of align. A record never wraps: a PAD record (header only, length = bytes
+ * to the end of the ring) fills the tail of the ring instead. Every record, PAD
  * included, takes one sequence number.
  *     0 u64 magic        "DMSNJRC1" (JR_REC_MAGIC)
  *     8 u64 journal_id
  *    16 u64 generation   of the jr_open that wrote it
  *    24 u64 seq
- *    32 u64 offset       WRITE: byte offset in the volume
- *    40 u64 marker_id    MARKER
- *    48 u32 type         1 WRITE, 2 MARKER, 3 PAD
- *    52 u32 vol          WRITE: volume id (> 0)
- *    56 u32 len          WRITE: data bytes; MARKER: payload bytes; PAD: record bytes
- *    60 u32 data_crc     crc32c of the data / payload (0 for PAD)
+ *    32 u64 offset       WRITE, DISCARD: byte offset in the volume
+ *    40 u64 marker_id    MARKER; DISCARD: bytes discarded (> 0, multiple of 512)
+ *    48 u32 type         1 WRITE, 2 MARKER, 3 PAD, 4 DISCARD
+ *    52 u32 vol          WRITE, DISCARD: volume id (> 0)
+ *    56 u32 len          WRITE: data bytes; MARKER: payload bytes; PAD: record bytes;
+ *                        DISCARD: 0
+ *    60 u32 data_crc     crc32c of the data / payload (0 for PAD and DISCARD)
  *    64 u32 flags        0
  *    68 u32 hdr_crc      crc32c of bytes 0..67
  *    72..511             zero
- *   size(WRITE/MARKER) = roundup(512 + roundup(len, 512), align)
+ *   size(WRITE/MARKER/DISCARD) = roundup(512 + roundup(len, 512), align)
+ *
+ * Version 2 only adds DISCARD. A version-1 journal is read as it is (its
+ * records are valid version-2 records) and its superblock is rewritten as
+ * version 2 at open; an older program refuses a version-2 superblock
+ * (-EBADMSG) instead of ending its recovery at the first DISCARD and
+ * dropping the acknowledged records after it.
  *
  * Recovery starts at (ckpt_seq, ckpt_pos) of the valid superblock with the
  * highest sb_seq and accepts records while: magic and journal_id match,
@@ -70,6 +77,12 @@
  * dm write completes. A sector absent from the index is therefore current
  * on the dm device, which is what makes jr_read race-free: it copies the
  * covered sectors from the mirror under the lock, then preads the others.
+ * An unflushed DISCARD is not in the index (a huge range would need a node
+ * per 4 KiB) but in a FIFO list of ranges; appending it clears the index
+ * entries in its range (all older), so an entry still present is newer than
+ * every listed discard covering it, and a sector with no entry but inside a
+ * listed discard reads zeros. A discard leaves the list when the flusher has
+ * applied it.
  */
 #define _GNU_SOURCE
 #include "journal.h"
@@ -80,12 +93,14 @@
 #include <linux/fs.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -110,7 +125,8 @@
 
 #define JR_SB_MAGIC 0x3142534a4e534d44ULL  /* "DMSNJSB1" */
 #define JR_REC_MAGIC 0x3143524a4e534d44ULL /* "DMSNJRC1" */
-#define JR_VERSION 1
+#define JR_VERSION 2
+#define JR_VERSION_MIN 1 /* oldest on-disk version opened (and rewritten as JR_VERSION) */
 #define JR_SB_SLOT 4096
 #define JR_RING_START 8192
 #define JR_HDR 512
@@ -119,8 +135,10 @@
 #define REC_WRITE 1
 #define REC_MARKER 2
 #define REC_PAD 3
+#define REC_DISCARD 4
 
 #define BATCH_BYTES (4u << 20) /* coalesce dm writes up to this size */
+#define ZERO_BYTES (1u << 20)  /* zero writes of a discard, per pwrite */
 #define BATCH_IOV 256
 #define IDLE_CKPT_MS 50
 #define RETRY_MS 1000
@@ -245,6 +263,15 @@ struct vol {
     uint64_t unflushed_bytes;
     int dirty; /* written since its last fdatasync */
     int busy;  /* fds in use outside the lock */
+    int is_blk;     /* a block device (else a regular file: discard punches a hole) */
+    uint64_t dgran; /* discard granularity in bytes; 0: no discard (write zeros) */
+};
+
+/* An unflushed DISCARD (see IN MEMORY above). */
+struct dnode {
+    struct dnode *next;
+    uint64_t seq, off, len;
+    uint32_t vol;
 };
 
 #define IX_SECT 8 /* sectors per index node: one 4 KiB block */
@@ -318,6 +345,10 @@ struct jr {
     struct ixnode **ixb;
     size_t ixn; /* buckets, power of two */
     size_t ixcount;
+
+    struct dnode *dhead, **dtail; /* unflushed discards, in seq order */
+    uint64_t discards, dm_discards;
+    unsigned char *zeros; /* ZERO_BYTES of zeros, aligned (flusher only) */
 };
 
 /* ------------------------------------------------------------ helpers */
@@ -606,6 +637,102 @@ static void ix_drop_vol(jr_t *j, uint32_t vol)
     }
 }
 
+/* The sectors of block blk inside [s0, e0), as an index node mask. */
+static uint32_t ix_mask(uint64_t blk, uint64_t s0, uint64_t e0)
+{
+    uint64_t a = blk * IX_SECT, b = a + IX_SECT;
+    if (a < s0)
+        a = s0;
+    if (b > e0)
+        b = e0;
+    if (a >= b)
+        return 0;
+    return ((1u << (b - a)) - 1) << (a - blk * IX_SECT);
+}
+
+/* A discard of [off, off+len) of vol is being appended: every entry in the
+ * range is older than it, so drop them (the discard list answers there). */
+static void ix_clear(jr_t *j, uint32_t vol, uint64_t off, uint64_t len)
+{
+    if (!j->ixcount)
+        return;
+    uint64_t s0 = off / 512, e0 = (off + len) / 512;
+    uint64_t b0 = s0 / IX_SECT, b1 = (e0 + IX_SECT - 1) / IX_SECT;
+    if (b1 - b0 > j->ixn) { /* a large range: walk the nodes, not the blocks */
+        for (size_t i = 0; i < j->ixn; i++) {
+            struct ixnode **pp = &j->ixb[i];
+            while (*pp) {
+                struct ixnode *n = *pp;
+                if (n->vol == vol)
+                    n->mask &= ~ix_mask(n->blk, s0, e0);
+                if (!n->mask) {
+                    *pp = n->next;
+                    free(n);
+                    j->ixcount--;
+                } else {
+                    pp = &n->next;
+                }
+            }
+        }
+        return;
+    }
+    for (uint64_t b = b0; b < b1; b++) {
+        struct ixnode *n = ix_find(j, vol, b);
+        if (!n)
+            continue;
+        n->mask &= ~ix_mask(b, s0, e0);
+        if (!n->mask)
+            ix_unlink(j, n);
+    }
+}
+
+/* ------------------------------------------------------------ discard list */
+
+static void dl_unlink(jr_t *j, struct dnode **pp)
+{
+    struct dnode *d = *pp;
+    *pp = d->next;
+    if (j->dtail == &d->next)
+        j->dtail = pp;
+    free(d);
+}
+
+static void dl_remove(jr_t *j, uint64_t seq)
+{
+    for (struct dnode **pp = &j->dhead; *pp; pp = &(*pp)->next)
+        if ((*pp)->seq == seq) {
+            dl_unlink(j, pp);
+            return;
+        }
+}
+
+static void dl_drop_vol(jr_t *j, uint32_t vol)
+{
+    struct dnode **pp = &j->dhead;
+    while (*pp) {
+        if ((*pp)->vol == vol)
+            dl_unlink(j, pp);
+        else
+            pp = &(*pp)->next;
+    }
+}
+
+/* Record a discard (locked; after its space is reserved, before put_record). */
+static int dl_add(jr_t *j, uint32_t vol, uint64_t off, uint64_t len, uint64_t seq)
+{
+    struct dnode *d = calloc(1, sizeof *d);
+    if (!d)
+        return -ENOMEM;
+    d->vol = vol;
+    d->off = off;
+    d->len = len;
+    d->seq = seq;
+    ix_clear(j, vol, off, len);
+    *j->dtail = d;
+    j->dtail = &d->next;
+    return 0;
+}
+
 static void ix_free(jr_t *j)
 {
     if (!j->ixb)
@@ -647,7 +774,7 @@ static void sb_fill(unsigned char *buf, uint32_t align, uint64_t journal_id, uin
 
 static int sb_valid(const struct sb_disk *sb)
 {
-    return sb->magic == JR_SB_MAGIC && sb->version == JR_VERSION &&
+    return sb->magic == JR_SB_MAGIC && sb->version >= JR_VERSION_MIN && sb->version <= JR_VERSION &&
            sb->crc == crc32c(sb, offsetof(struct sb_disk, crc)) && sb->align >= 512 &&
            sb->align <= 4096 && !(sb->align & (sb->align - 1)) && sb->capacity >= JR_MIN_CAPACITY &&
            sb->capacity % sb->align == 0 && sb->ckpt_pos < sb->capacity &&
@@ -765,6 +892,9 @@ out:
 static void jr_free_all(jr_t *j)
 {
     ix_free(j);
+    while (j->dhead)
+        dl_unlink(j, &j->dhead);
+    free(j->zeros);
     for (int i = 0; i < j->nvols; i++) {
         vol_close_fds(j->vols[i]);
         free(j->vols[i]);
@@ -846,6 +976,13 @@ static int recover(jr_t *j)
                 break;
             if (crc32c((const unsigned char *)h + JR_HDR, h->len) != h->data_crc)
                 break;
+        } else if (h->type == REC_DISCARD) {
+            if (!h->vol || h->len || h->data_crc || !h->marker_id || h->marker_id % 512 ||
+                h->offset % 512 || h->offset + h->marker_id < h->offset)
+                break;
+            size = rec_size(j, 0);
+            if (size > room)
+                break;
         } else {
             break;
         }
@@ -862,6 +999,15 @@ static int recover(jr_t *j)
             v->unflushed_bytes += h->len;
             j->unflushed_records++;
             j->unflushed_bytes += h->len;
+        } else if (h->type == REC_DISCARD) {
+            struct vol *v = vol_get(j, h->vol);
+            if (!v)
+                return -ENOMEM;
+            int rc = dl_add(j, h->vol, h->offset, h->marker_id, h->seq);
+            if (rc < 0)
+                return rc;
+            v->unflushed++;
+            j->unflushed_records++;
         } else if (h->type == REC_MARKER) {
             j->markers_pending++;
         }
@@ -889,9 +1035,14 @@ static jr_t *jr_alloc(void)
     cond_init(&j->cv_progress);
     j->ixn = 1024;
     j->ixb = calloc(j->ixn, sizeof *j->ixb);
+    j->dtail = &j->dhead;
     if (posix_memalign((void **)&j->sbbuf, 4096, 2 * JR_SB_SLOT))
         j->sbbuf = NULL;
-    if (!j->ixb || !j->sbbuf) {
+    if (posix_memalign((void **)&j->zeros, 4096, ZERO_BYTES))
+        j->zeros = NULL;
+    else
+        memset(j->zeros, 0, ZERO_BYTES);
+    if (!j->ixb || !j->sbbuf || !j->zeros) {
         jr_free_all(j);
         return NULL;
     }
@@ -948,8 +1099,16 @@ int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out)
     if (sb_valid(&s1) && (!sb || s1.sb_seq > sb->sb_seq))
         sb = &s1;
     rc = -EBADMSG;
-    if (!sb)
+    if (!sb) {
+        /* a superblock intact but of a later format: say so, not "no journal" */
+        for (int i = 0; i < 2; i++) {
+            const struct sb_disk *x = i ? &s1 : &s0;
+            if (x->magic == JR_SB_MAGIC && x->version > JR_VERSION &&
+                x->crc == crc32c(x, offsetof(struct sb_disk, crc)))
+                rc = -EPROTONOSUPPORT;
+        }
         goto fail;
+    }
     uint64_t dsize = 0;
     uint32_t lbs = 512;
     int is_blk = 0;
@@ -1030,6 +1189,44 @@ static void leave(jr_t *j)
 
 /* ------------------------------------------------------------ attach/detach */
 
+/* A number from the block device's queue/ in sysfs (a partition: its
+ * disk's), 0 if unreadable. */
+static uint64_t queue_attr(dev_t rdev, const char *name)
+{
+    char path[128], buf[32];
+    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/queue/%s", major(rdev), minor(rdev), name);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(path, sizeof path, "/sys/dev/block/%u:%u/../queue/%s", major(rdev), minor(rdev),
+                 name);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return 0;
+    }
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    return strtoull(buf, NULL, 10);
+}
+
+/* How a discard is applied to this device: is_blk, and the discard
+ * granularity (0: the device does not discard, write zeros). */
+static void discard_geometry(int fd, int *is_blk, uint64_t *gran)
+{
+    struct stat st;
+    *is_blk = 0;
+    *gran = 0;
+    if (fstat(fd, &st) < 0 || !S_ISBLK(st.st_mode))
+        return;
+    *is_blk = 1;
+    if (!queue_attr(st.st_rdev, "discard_max_bytes"))
+        return;
+    uint64_t g = queue_attr(st.st_rdev, "discard_granularity");
+    *gran = g && g % 512 == 0 ? g : 0;
+}
+
 int jr_attach(jr_t *j, uint32_t vol, const char *dm_path, uint64_t size)
 {
     if (!vol || !dm_path || size % 512)
@@ -1038,6 +1235,9 @@ int jr_attach(jr_t *j, uint32_t vol, const char *dm_path, uint64_t size)
     if (bfd < 0)
         return -errno;
     int dfd = open(dm_path, O_RDWR | O_DIRECT | O_CLOEXEC);
+    int is_blk;
+    uint64_t dgran;
+    discard_geometry(bfd, &is_blk, &dgran);
     int rc = enter(j);
     if (rc < 0)
         goto fail;
@@ -1057,6 +1257,8 @@ int jr_attach(jr_t *j, uint32_t vol, const char *dm_path, uint64_t size)
     v->use_direct = dfd >= 0;
     v->size = size;
     v->dirty = 0;
+    v->is_blk = is_blk;
+    v->dgran = dgran;
     pthread_cond_signal(&j->cv_flush);
     leave(j);
     return 0;
@@ -1123,6 +1325,7 @@ int jr_forget(jr_t *j, uint32_t vol)
     }
     v->forget_seq = j->head_seq;
     ix_drop_vol(j, vol);
+    dl_drop_vol(j, vol);
     j->unflushed_records -= v->unflushed;
     j->unflushed_bytes -= v->unflushed_bytes;
     v->unflushed = v->unflushed_bytes = 0;
@@ -1412,6 +1615,77 @@ static void flush_writes(jr_t *j, struct vol *v)
     flush_advance(j, s, lp);
 }
 
+/* Zeros over [off, off+len) of v (unlocked, flusher). */
+static int zero_range(jr_t *j, struct vol *v, uint64_t off, uint64_t len)
+{
+    while (len) {
+        uint32_t n = len < ZERO_BYTES ? (uint32_t)len : ZERO_BYTES;
+        int direct = v->use_direct && v->dfd >= 0;
+        int rc = pwrite_all(direct ? v->dfd : v->bfd, j->zeros, n, off);
+        if (rc == -EINVAL && direct)
+            rc = pwrite_all(v->bfd, j->zeros, n, off);
+        if (rc)
+            return rc;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+/* Make [off, off+len) of v read zeros, giving the space back where the
+ * device can (unlocked, flusher). A block device discards the part aligned
+ * to its discard granularity (dm-thin: whole thin blocks, which it unmaps)
+ * and gets zeros written over the unaligned head and tail; a device without
+ * discard gets zeros, a regular file a hole. A failed discard falls back to
+ * zeros: the range must read zeros either way. */
+static int vol_discard(jr_t *j, struct vol *v, uint64_t off, uint64_t len)
+{
+    uint64_t end = off + len;
+    if (!v->is_blk) {
+        if (fallocate(v->bfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+                      (off_t)len) == 0)
+            return 0;
+        return errno == EOPNOTSUPP ? zero_range(j, v, off, len) : -errno;
+    }
+    uint64_t g = v->dgran;
+    uint64_t a = g ? round_up(off, g) : end, b = g ? end / g * g : end;
+    if (a >= b)
+        return zero_range(j, v, off, len);
+    uint64_t r[2] = {a, b - a};
+    if (ioctl(v->bfd, BLKDISCARD, r) < 0)
+        return zero_range(j, v, off, len);
+    int rc = zero_range(j, v, off, a - off);
+    return rc ? rc : zero_range(j, v, b, end - b);
+}
+
+/* Apply the DISCARD at flush_lpos to v, alone and in its place. */
+static void flush_discard(jr_t *j, struct vol *v, const struct rec_disk *h)
+{
+    uint64_t seq = h->seq, off = h->offset, len = h->marker_id;
+    uint64_t next = j->flush_lpos + rec_size(j, 0);
+    v->busy++;
+    pthread_mutex_unlock(&j->mu);
+    int rc = vol_discard(j, v, off, len);
+    pthread_mutex_lock(&j->mu);
+    v->busy--;
+    pthread_cond_broadcast(&j->cv_progress);
+    if (rc) {
+        flush_failed(j, rc, v->id);
+        backoff(j);
+        return;
+    }
+    dl_remove(j, seq); /* gone already if the volume was forgotten meanwhile */
+    if (seq >= v->forget_seq) {
+        v->unflushed--;
+        j->unflushed_records--;
+    }
+    v->dirty = 1;
+    j->dm_discards++;
+    j->flush_error = 0;
+    j->flush_error_volume = 0;
+    flush_advance(j, seq + 1, next);
+}
+
 static void *flusher_main(void *arg)
 {
     jr_t *j = arg;
@@ -1443,7 +1717,10 @@ static void *flusher_main(void *arg)
                 continue;
             }
             j->waiting_volume = 0;
-            flush_writes(j, v);
+            if (h->type == REC_DISCARD)
+                flush_discard(j, v, h);
+            else
+                flush_writes(j, v);
             continue;
         }
         if (has_unsynced(j) && !j->journal_error) {
@@ -1536,7 +1813,7 @@ static void put_record(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint6
     }
 }
 
-static int append_ok(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint32_t len,
+static int append_ok(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64_t len,
                      struct vol **vp)
 {
     if (j->draining || j->stopping)
@@ -1545,7 +1822,7 @@ static int append_ok(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint32_
         return j->journal_error;
     if (!j->started)
         return -EAGAIN;
-    if (type == REC_WRITE) {
+    if (type == REC_WRITE || type == REC_DISCARD) {
         struct vol *v = vol_find(j, vol);
         if (!v || !v->attached || v->detaching)
             return -ENXIO;
@@ -1561,12 +1838,13 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
                       const void *data, uint32_t len, uint32_t data_crc, const struct timespec *dl)
 {
     uint64_t size = rec_size(j, len);
+    uint64_t ext = type == REC_DISCARD ? marker_id : len; /* bytes of the volume touched */
     struct vol *v = NULL;
     int waited = 0, rc;
     if (size > j->cap)
         return -EINVAL;
     for (;;) {
-        rc = append_ok(j, type, vol, off, len, &v);
+        rc = append_ok(j, type, vol, off, ext, &v);
         if (rc)
             return rc;
         uint64_t avail = j->cap - (j->head_lpos - j->tail_lpos);
@@ -1591,7 +1869,7 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
             /* one last look: the space may have come with the timeout */
             avail = j->cap - (j->head_lpos - j->tail_lpos);
             to_end = j->cap - j->head_lpos % j->cap;
-            if (append_ok(j, type, vol, off, len, &v) || size > to_end || size > avail)
+            if (append_ok(j, type, vol, off, ext, &v) || size > to_end || size > avail)
                 return -ETIMEDOUT;
         }
     }
@@ -1609,6 +1887,13 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
         j->unflushed_records++;
         j->unflushed_bytes += len;
         j->appends++;
+    } else if (type == REC_DISCARD) {
+        rc = dl_add(j, vol, off, ext, (uint64_t)seq);
+        if (rc < 0)
+            return rc; /* nothing appended */
+        v->unflushed++;
+        j->unflushed_records++;
+        j->discards++;
     } else {
         j->markers_pending++;
     }
@@ -1662,6 +1947,26 @@ int64_t jr_write(jr_t *j, uint32_t vol, uint64_t offset, const void *buf, uint32
     if (rc < 0)
         return rc;
     int64_t seq = append(j, REC_WRITE, vol, offset, 0, buf, len, crc, &dl);
+    if (seq >= 0 && j->mode == JR_NV)
+        rc = wait_durable(j, seq, &dl);
+    else if (seq >= 0 && (flags & JR_FUA))
+        rc = wait_synced(j, (uint64_t)seq + 1, &dl);
+    leave(j);
+    return rc < 0 ? rc : seq;
+}
+
+int64_t jr_discard(jr_t *j, uint32_t vol, uint64_t offset, uint64_t length, uint32_t flags,
+                   uint32_t timeout_ms)
+{
+    if (!vol || !length || length % 512 || offset % 512 || offset + length < offset)
+        return -EINVAL;
+    struct timespec dl;
+    deadline_in(&dl, timeout_ms);
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    /* the length travels in the header's marker_id field; no data, crc 0 */
+    int64_t seq = append(j, REC_DISCARD, vol, offset, length, NULL, 0, 0, &dl);
     if (seq >= 0 && j->mode == JR_NV)
         rc = wait_durable(j, seq, &dl);
     else if (seq >= 0 && (flags & JR_FUA))
@@ -1760,6 +2065,20 @@ int jr_read(jr_t *j, uint32_t vol, uint64_t offset, void *buf, uint32_t len)
             unsigned k = (unsigned)((s0 + i) % IX_SECT);
             if (n && (n->mask & (1u << k))) {
                 memcpy((unsigned char *)buf + (size_t)i * 512, j->ring + n->lpos[k] % j->cap, 512);
+                covered[i] = 1;
+                ncov++;
+            }
+        }
+    }
+    /* unflushed discards: zeros where no newer write covers (see IN MEMORY) */
+    for (struct dnode *d = j->dhead; d && ncov < nsec; d = d->next) {
+        if (d->vol != vol || d->off >= offset + len || d->off + d->len <= offset)
+            continue;
+        uint64_t a = d->off > offset ? d->off : offset;
+        uint64_t b = d->off + d->len < offset + len ? d->off + d->len : offset + len;
+        for (uint64_t i = (a - offset) / 512; i < (b - offset) / 512; i++) {
+            if (!covered[i]) {
+                memset((unsigned char *)buf + i * 512, 0, 512);
                 covered[i] = 1;
                 ncov++;
             }
@@ -1876,6 +2195,8 @@ void jr_get_stats(jr_t *j, struct jr_stats *st)
     st->waiting_volume = j->waiting_volume;
     st->direct_io = j->mode == JR_NV ? j->direct : 0;
     st->marker_waiting = j->marker_ready ? 1 : 0;
+    st->discards = j->discards;
+    st->dm_discards = j->dm_discards;
     pthread_mutex_unlock(&j->mu);
 }
 

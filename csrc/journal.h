@@ -3,7 +3,8 @@
  * A FIFO of checksummed records in a ring. Writes are appended in order;
  * a MARKER record is a snapshot request and its position is the point in
  * time. A flusher thread drains records to the volumes' dm devices strictly
- * in ring order (coalescing adjacent writes where order allows). When it
+ * in ring order (coalescing adjacent writes where order allows; a DISCARD
+ * record is applied alone, in its place). When it
  * reaches a MARKER it waits until every earlier write has completed,
  * fdatasync()s the dm devices it wrote, and then stops there until the
  * controller (Python: jr_next_marker / jr_marker_done) has created the
@@ -49,6 +50,7 @@
  *   -EIO      (or the device's errno) the journal device failed; sticky;
  *   -ESHUTDOWN the journal is closing;
  *   -EBADMSG  jr_open: no valid superblock (not a journal / wrong size);
+ *   -EPROTONOSUPPORT jr_open: a journal of a later on-disk format;
  *   -EAGAIN   jr_write/jr_marker/jr_sync before jr_start;
  *   -EBUSY    jr_attach of an attached volume, jr_start twice.
  * The exact byte layout is written down at the top of csrc/journal.c.
@@ -98,6 +100,8 @@ struct jr_stats {
     uint64_t flush_errors;      /* dm write/sync failures since open (each retried) */
     int32_t direct_io;          /* NV: 1 if the journal device is written O_DIRECT */
     int32_t marker_waiting;     /* 1 while the flusher stands at a marker (jr_next_marker) */
+    uint64_t discards;          /* discard records appended since open */
+    uint64_t dm_discards;       /* discard records applied by the flusher */
 };
 
 /* Create a fresh, empty journal on path (NV). size: bytes to use (a
@@ -140,6 +144,21 @@ int jr_start(jr_t *j);
  * device and synced). Returns the record's seq (>= 0) or -errno. */
 int64_t jr_write(jr_t *j, uint32_t vol, uint64_t offset, const void *buf, uint32_t len,
                  uint32_t flags, uint32_t timeout_ms);
+
+/* Append a discard of [offset, offset + length) (multiples of 512, within
+ * the volume, length > 0; no data in the journal, so any length fits).
+ * Ordered like a write: reads of the range return zeros from the call on
+ * (until a later write), and the flusher applies it in its place: on a
+ * block device BLKDISCARD for the part aligned to the device's discard
+ * granularity and zero writes for the unaligned head and tail (zeros for
+ * everything if the device has no discard), on a regular file a punched
+ * hole. Afterwards the range reads zeros on the dm device, provided a
+ * discarded aligned range reads zeros there: true of dm-thin (the block is
+ * unmapped) and of devices without discard (zero writes); a device whose
+ * discard leaves old data would show it. Returns like jr_write (NV: once
+ * durable; JR_FUA in RAM mode: once applied and synced). */
+int64_t jr_discard(jr_t *j, uint32_t vol, uint64_t offset, uint64_t length, uint32_t flags,
+                   uint32_t timeout_ms);
 
 /* Read through the overlay: the newest data, unflushed records over the
  * dm device, partial overlaps at 512-byte granularity. */

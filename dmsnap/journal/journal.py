@@ -41,6 +41,7 @@ _REASONS = {
     _errno.ENXIO: "volume not attached",
     _errno.EINVAL: "invalid argument",
     _errno.EBADMSG: "no valid journal superblock",
+    _errno.EPROTONOSUPPORT: "the journal has a later on-disk format than this dmsnap reads",
     _errno.EAGAIN: "journal not started",
     _errno.EBUSY: "busy",
 }
@@ -83,6 +84,8 @@ class JournalStats:
     flush_errors: int
     direct_io: int
     marker_waiting: int
+    discards: int
+    dm_discards: int
 
     @property
     def fill(self) -> float:
@@ -306,6 +309,28 @@ class Journal:
                 _errno.ENXIO: f"volume {vol} not attached",
             }.get(-rc)
             _check(rc, what, reason)
+        return rc
+
+    def discard(
+        self, vol: int, offset: int, length: int, *, fua: bool = False, timeout: float = 30.0
+    ) -> int:
+        """Append a discard of ``length`` bytes at ``offset``: the range
+        reads zeros from now on (until written again) and the flusher gives
+        the space back in its place in the order. Returns its seq once
+        durable (NV) / appended (RAM; with ``fua`` once applied and synced)."""
+        j = self._enter()
+        try:
+            rc = lib.jr_discard(j, vol, offset, length, lib.JR_FUA if fua else 0, _ms(timeout))
+        finally:
+            self._leave()
+        if rc < 0:
+            reason = {
+                _errno.ETIMEDOUT: f"journal full or not durable within {timeout:g} s",
+                _errno.EINVAL: "offset and length must be multiples of 512, "
+                "length > 0, within the volume",
+                _errno.ENXIO: f"volume {vol} not attached",
+            }.get(-rc)
+            _check(rc, f"discard volume {vol} offset {offset} length {length}", reason)
         return rc
 
     def read(self, vol: int, offset: int, length: int) -> bytes:

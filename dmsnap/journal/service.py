@@ -292,6 +292,14 @@ class PoolJournal:
                 "delete snapshots or volumes to free space",
             )
 
+    def discard(self, vol: int, offset: int, length: int) -> int:
+        """Ordered like a write; the range reads zeros at once and its space
+        goes back to the pool when the flusher gets there. Not refused while
+        the pool is full (unlike a write): it takes one header in the
+        journal, and lands, freeing space, once the writes before it do."""
+        with self._entry():
+            return self.journal.discard(vol, offset, length)
+
     def read(self, vol: int, offset: int, length: int) -> bytes:
         with self._entry():
             return self.journal.read(vol, offset, length)

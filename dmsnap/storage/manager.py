@@ -38,6 +38,7 @@ from dmsnap.storage.catalog import Exists as CatExists
 from dmsnap.storage.catalog import NotFound as CatNotFound
 from dmsnap.storage.classic import ClassicBackend
 from dmsnap.storage.layers import SECTOR, Layer, ensure
+from dmsnap.storage.thin import BLOCK_SECTORS as THIN_BLOCK_SECTORS
 from dmsnap.storage.thin import ThinBackend
 
 Json = dict[str, Any]
@@ -1493,10 +1494,17 @@ class Manager:
             lun: Any = target.VolumeLun(io, wce=pj.mode == "ram", serial=ex.serial)
             service = target.InbandSnapshots(self, ex.pool, ex.volume)
             journal, vol_id = pj.journal, v.id
+            # UNMAP gives space back in whole thin blocks; a classic volume
+            # gets zeros at any granularity
+            if p.backend == "thin":
+                unmap_gran = int(p.config.get("block_sectors", THIN_BLOCK_SECTORS)) * SECTOR
+            else:
+                unmap_gran = target.Limits.optimal_granularity
         else:
             path = f"/dev/mapper/{names.dm_snapshot(ex.pool, ex.volume, ex.snapshot)}"
             lun = target.SnapshotDeviceLun(path, v.size, ex.serial)
             service, journal, vol_id = None, None, 0
+            unmap_gran = target.Limits.unmap_granularity
         paths: list[target.LunPath] = []
         try:
             for i, may in enumerate(export_paths(ex)):
@@ -1512,6 +1520,7 @@ class Manager:
                     snapshots=service,
                     snapshot_allowed=(lambda _i, may=may: may),
                     initiator=ex.ref,
+                    unmap_granularity=unmap_gran,
                 )
                 paths.append(target.LunPath(bs, device, emu, may))
             for pa in paths:
@@ -1662,6 +1671,16 @@ class VolumeIO:
         self._check(offset, len(data))
         try:
             return self._pj.write(self.vol_id, offset, data, fua=fua)
+        except JournalError as e:
+            raise _journal_error(e) from None
+
+    def discard(self, offset: int, length: int) -> int:
+        """The range reads zeros from now on; its space goes back to the pool
+        (thin: whole thin blocks) once the journal's flusher reaches it, in
+        order with the writes and snapshots around it."""
+        self._check(offset, length)
+        try:
+            return self._pj.discard(self.vol_id, offset, length)
         except JournalError as e:
             raise _journal_error(e) from None
 

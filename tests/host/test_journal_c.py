@@ -1,6 +1,6 @@
 """The C journal under sanitizers: a stand-alone driver (no Python) compiled
 with csrc/journal.c and -fsanitize=address,undefined (leaks included), and
-with -fsanitize=thread, exercising writers, overlay reads, markers, sync,
+with -fsanitize=thread, exercising writers, discards, overlay reads, markers, sync,
 full-ring waits, forget/detach, close without drain + recovery, RAM mode."""
 
 from __future__ import annotations
@@ -71,10 +71,18 @@ static void *writer(void *arg)
         int vol = 1 + (int)(rand_r(&seed) % 2);
         uint32_t len = (1 + rand_r(&seed) % 32) * 512;
         uint64_t off = t * STRIPE + (rand_r(&seed) % ((STRIPE - len) / 512)) * 512;
-        fill(buf, len, rand_r(&seed));
-        int64_t seq = jr_write(J, (uint32_t)vol, off, buf, len, (i % 50 == 0) ? JR_FUA : 0, 30000);
-        CHECK(seq > 0);
-        memcpy(&model[vol - 1][off], buf, len);
+        if (i % 7 == 3) { /* a discard, up to 64 KiB: zeros in the model */
+            len = (1 + rand_r(&seed) % 128) * 512;
+            off = t * STRIPE + (rand_r(&seed) % ((STRIPE - len) / 512)) * 512;
+            CHECK(jr_discard(J, (uint32_t)vol, off, len, (i % 5 == 0) ? JR_FUA : 0, 30000) > 0);
+            memset(&model[vol - 1][off], 0, len);
+        } else {
+            fill(buf, len, rand_r(&seed));
+            int64_t seq = jr_write(J, (uint32_t)vol, off, buf, len, (i % 50 == 0) ? JR_FUA : 0,
+                                   30000);
+            CHECK(seq > 0);
+            memcpy(&model[vol - 1][off], buf, len);
+        }
         if (i % 3 == 0) {
             uint64_t roff = t * STRIPE + (rand_r(&seed) % ((STRIPE - 65536) / 512)) * 512;
             CHECK(jr_read(J, (uint32_t)vol, roff, rb + (i % 2), 65536 - 512) == 0);
@@ -146,6 +154,10 @@ static void run(int mode)
     CHECK(jr_forget(J, 2) == 0);
     CHECK(jr_detach(J, 2, 1000) == 0);
     CHECK(jr_write(J, 2, 0, b, sizeof b, 0, 1000) == -ENXIO);
+    CHECK(jr_discard(J, 2, 0, 512, 0, 1000) == -ENXIO);
+    /* a discard behind the held marker: recovered (NV) or applied later (RAM) */
+    CHECK(jr_discard(J, 1, 8192, 3 * 65536, 0, 30000) > 0);
+    memset(&model[0][8192], 0, 3 * 65536);
     /* fill the ring: writers time out */
     int64_t r = 0;
     for (int i = 0; i < 200 && r >= 0; i++) {

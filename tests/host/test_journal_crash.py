@@ -1,12 +1,13 @@
 """Crash and recovery: kill -9 a writer process at random points, tear the
 journal's tail, recover, and check against what was acknowledged.
 
-The child (a small script) writes from several threads and appends markers
-to an NV journal file, and reports on stdout *after* each acknowledgement
-("A tag seq" / "MA id seq"), announcing each write before issuing it
-("I tag vol off len"). Its test backend materialises markers by copying the
-volume files and records the marker id in ``done.log`` (fsynced before
-``marker_done``), like the catalog. Several rounds (each a new journal
+The child (a small script) writes and discards from several threads and
+appends markers to an NV journal file, and reports on stdout *after* each
+acknowledgement ("A tag seq" / "MA id seq"), announcing each write before
+issuing it ("I tag vol off len", "D tag vol off len" for a discard). Its
+test backend materialises markers by copying the volume files and records
+the marker id in ``done.log`` (fsynced before ``marker_done``), like the
+catalog. Several rounds (each a new journal
 generation) are killed; between rounds the tail after the last
 acknowledged or materialised record may be torn: random garbage, a partly
 written record, or a forged record of an older generation with the right
@@ -14,7 +15,8 @@ seq at the right place. Then the parent recovers with its own backend.
 
 Oracle, per 512-byte sector (every write's sectors carry its unique tag):
 * final state: the newest acknowledged write covering the sector (zero if
-  none), or a write that was never acknowledged (in flight at the kill);
+  none or if it is a discard), or a write or discard that was never
+  acknowledged (in flight at the kill);
 * every acknowledged marker is materialised exactly once (child + parent),
   and each snapshot obeys the same rule restricted to seqs below its marker.
 """
@@ -113,8 +115,14 @@ CHILD = textwrap.dedent(
             vol = rnd.choice([1, 2])
             ln = rnd.choice([512, 1024, 4096, 4096, 8192, 16384, 3 * 512])
             off = rnd.randrange(0, (VOL - ln) // 512 + 1) * 512
-            say(f"I {tag} {vol} {off} {ln}")
-            seq = j.write(vol, off, pattern(tag, ln))
+            if rnd.random() < 0.2:
+                ln = rnd.choice([512, 8192, 65536, 5 * 4096 + 1024])
+                off = rnd.randrange(0, (VOL - ln) // 512 + 1) * 512
+                say(f"D {tag} {vol} {off} {ln}")
+                seq = j.discard(vol, off, ln)
+            else:
+                say(f"I {tag} {vol} {off} {ln}")
+                seq = j.write(vol, off, pattern(tag, ln))
             say(f"A {tag} {seq}")
 
     threading.Thread(target=controller, daemon=True).start()
@@ -132,6 +140,7 @@ class Wr:
     off: int
     ln: int
     seq: int | None = None
+    discard: bool = False
 
 
 class History:
@@ -144,9 +153,9 @@ class History:
         f = line.split()
         if not f:
             return
-        if f[0] == "I":
+        if f[0] in ("I", "D"):
             tag, vol, off, ln = map(int, f[1:])
-            self.writes[tag] = Wr(tag, vol, off, ln)
+            self.writes[tag] = Wr(tag, vol, off, ln, discard=f[0] == "D")
         elif f[0] == "A":
             self.writes[int(f[1])].seq = int(f[2])
         elif f[0] == "MI":
@@ -160,7 +169,8 @@ class History:
 
     def check_state(self, vols: dict[int, bytes], limit: int | None, what: str) -> None:
         """Every sector: the newest acknowledged write below limit covering
-        it (or zero), or a never-acknowledged write covering it."""
+        it (or zero: none, or a discard), or a never-acknowledged write or
+        discard covering it."""
         newest: dict[tuple[int, int], Wr] = {}
         maybe: dict[tuple[int, int], set[int]] = {}
         for w in sorted(self.writes.values(), key=lambda w: w.seq or 0):
@@ -173,11 +183,15 @@ class History:
             for s in range(len(data) // 512):
                 got = sector_tag(data[s * 512 : (s + 1) * 512])
                 w = newest.get((vol, s))
-                want = (w.tag, s - w.off // 512) if w else None
+                want = (w.tag, s - w.off // 512) if w and not w.discard else None
                 if got == want:
                     continue
-                ok = got is not None and got[0] in maybe.get((vol, s), set())
-                if ok:
+                inflight = maybe.get((vol, s), set())
+                if got is None:
+                    ok = any(self.writes[t].discard for t in inflight)
+                else:
+                    ok = got[0] in inflight and not self.writes[got[0]].discard
+                if ok and got is not None:
                     wu = self.writes[got[0]]
                     ok = got[1] == s - wu.off // 512
                 assert ok, f"{what}: volume {vol} sector {s}: found {got}, expected {want}"

@@ -1,8 +1,10 @@
 """Property test: concurrent writers and markers against a model oracle.
 
-Several threads issue random writes (shared volume 1: any thread anywhere;
-volume 2: each thread its own stripe, which it also reads back) and random
-markers. The test backend copies the volume files at every marker. Oracle:
+Several threads issue random writes and discards (shared volume 1: any
+thread anywhere; volume 2: each thread its own stripe, which it also reads
+back) and random markers. A discard is, to the model, a write of zeros (the
+volume files are regular files: the flusher punches holes). The test
+backend copies the volume files at every marker. Oracle:
 
 * the journal order is consistent with real time: a write acknowledged
   before a marker call began has a smaller seq than the marker, a write
@@ -46,6 +48,12 @@ op = st.one_of(
         st.sampled_from([1, 2]),
         st.integers(0, 400),  # sector (folded into range)
         st.integers(1, 24),  # sectors
+    ),
+    st.tuples(
+        st.just("d"),
+        st.sampled_from([1, 2]),
+        st.integers(0, 400),
+        st.integers(1, 64),  # up to 32 KiB: over several index blocks and writes
     ),
     st.tuples(st.just("m"), st.just(0), st.just(0), st.just(0)),
     st.tuples(st.just("r"), st.just(2), st.integers(0, 400), st.integers(1, 24)),
@@ -123,9 +131,14 @@ def run_program(tmp: Path, mode: str, prog: list[list[tuple[str, int, int, int]]
                     if got != bytes(own[off - base : off - base + ln]):
                         failures.append(f"thread {t}: read vol 2 @{off}+{ln} != own model")
                     continue
-                data = pattern(next(tags), ln)
-                s = tick()
-                seq = j.write(vol, off, data)
+                if kind == "d":
+                    data = bytes(ln)
+                    s = tick()
+                    seq = j.discard(vol, off, ln)
+                else:
+                    data = pattern(next(tags), ln)
+                    s = tick()
+                    seq = j.write(vol, off, data)
                 writes.append(W(seq, vol, off, data, s, tick()))
                 if vol == 2:
                     own[off - base : off - base + ln] = data

@@ -27,7 +27,7 @@ SB_MAGIC = 0x3142534A4E534D44
 REC_MAGIC = 0x3143524A4E534D44
 RING_START = 8192
 HDR = 512
-WRITE, MARKER, PAD = 1, 2, 3
+WRITE, MARKER, PAD, DISCARD = 1, 2, 3, 4
 
 assert struct.calcsize(SB_FMT) == 80 and struct.calcsize(REC_FMT) == 72
 
@@ -151,6 +151,10 @@ def parse_journal(path: Path, generation_now: int | None = None) -> tuple[Super,
             if ln != cap - pos:
                 break
             size, data = ln, b""
+        elif typ == DISCARD:  # no data; the length is in marker_id
+            if ln or dcrc or not vol or not mid or mid % 512 or off % 512:
+                break
+            size, data = rec_size(0, sb.align), b""
         elif typ in (WRITE, MARKER):
             size = rec_size(ln, sb.align)
             if size > cap - pos:
