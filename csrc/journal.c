@@ -1113,6 +1113,7 @@ int jr_forget(jr_t *j, uint32_t vol)
 static void *committer_main(void *arg)
 {
     jr_t *j = arg;
+    pthread_setname_np(pthread_self(), "jr-commit"); /* for top -H, /proc/PID/task */
     pthread_mutex_lock(&j->mu);
     for (;;) {
         while ((j->durable_lpos == j->head_lpos || j->journal_error) && !j->stopping)
@@ -1366,6 +1367,7 @@ static void flush_writes(jr_t *j, struct vol *v)
 static void *flusher_main(void *arg)
 {
     jr_t *j = arg;
+    pthread_setname_np(pthread_self(), "jr-flush");
     pthread_mutex_lock(&j->mu);
     while (!j->stopping) {
         if (want_sync(j)) {
