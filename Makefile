@@ -7,7 +7,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 ARGS  ?=
 
-.PHONY: all setup test test-host test-kernel demo lint bench bench-journal clean
+.PHONY: all setup test test-host test-kernel demo lint bench bench-journal bench-scsi clean
 
 all: test
 
@@ -42,6 +42,12 @@ bench: setup
 #   make bench-journal ARGS='--quick'
 bench-journal: setup
 	tools/vm --timeout 590 --memory 3G -- $(PY) bench/journal_bench.py $(ARGS)
+
+# The SCSI target's benchmark (bench/README.md): dmsnap's TCMU backstore vs
+# LIO iblock, tcm_loop and iSCSI; one VM run of about 10 minutes.
+#   make bench-scsi ARGS='--quick'
+bench-scsi: setup
+	tools/vm --timeout 1200 --memory 3G -- $(PY) bench/scsi_bench.py $(ARGS)
 
 # Build and test leftovers only; .venv stays (rm -rf .venv to redo setup).
 clean:

@@ -1340,6 +1340,7 @@ int jr_forget(jr_t *j, uint32_t vol)
 static void *committer_main(void *arg)
 {
     jr_t *j = arg;
+    pthread_setname_np(pthread_self(), "jr-commit"); /* for top -H, /proc/PID/task */
     pthread_mutex_lock(&j->mu);
     for (;;) {
         while ((j->submit_lpos == j->head_lpos || j->cq_n == JR_COMMIT_DEPTH ||
@@ -1689,6 +1690,7 @@ static void flush_discard(jr_t *j, struct vol *v, const struct rec_disk *h)
 static void *flusher_main(void *arg)
 {
     jr_t *j = arg;
+    pthread_setname_np(pthread_self(), "jr-flush");
     pthread_mutex_lock(&j->mu);
     while (!j->stopping) {
         if (want_sync(j)) {

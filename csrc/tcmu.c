@@ -271,6 +271,7 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
 static void *worker_main(void *arg)
 {
     tc_dev_t *d = arg;
+    pthread_setname_np(pthread_self(), "tcmu-worker"); /* for top -H, /proc/PID/task */
     uint8_t *bounce = NULL;
     if (posix_memalign((void **)&bounce, 4096, JR_MAX_IO))
         return NULL;
@@ -371,6 +372,7 @@ static int fetch(tc_dev_t *d)
 static void *ring_main(void *arg)
 {
     tc_dev_t *d = arg;
+    pthread_setname_np(pthread_self(), "tcmu-ring");
     struct pollfd p = {.fd = d->fd, .events = POLLIN};
     for (;;) {
         pthread_mutex_lock(&d->mu);

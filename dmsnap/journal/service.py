@@ -331,6 +331,12 @@ def status_json(pj: PoolJournal) -> Json:
         "flush_error": _errname(st.flush_error),
         "flusher_waiting_volume": st.waiting_volume or None,
         "last_marker_error": pj.last_error,
+        # cumulative since the journal opened: appends/commits is the group
+        # commit's batching; full_waits counts appends that waited for room
+        "appends": st.appends,
+        "commits": st.commits,
+        "full_waits": st.full_waits,
+        "dm_writes": st.dm_writes,
     }
 
 

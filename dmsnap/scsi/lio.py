@@ -77,6 +77,31 @@ def create_backstore(name: str, config: str, size: int, wwn: str) -> Backstore:
     return Backstore(name, hba, wwn)
 
 
+@dataclass(frozen=True)
+class BlockBackstore:
+    """A kernel ``iblock`` backstore: LIO serves a block device itself, no
+    daemon in the path. dmsnap exports never use one; bench/scsi_bench.py
+    measures the user backstore against it on the same dm device."""
+
+    name: str
+    hba: int  # iblock_<hba>
+    dev: str
+    wwn: str  # T10 unit serial
+
+
+def create_iblock(name: str, dev: str, wwn: str) -> BlockBackstore:
+    rts = _rtslib()
+    # LIO opens the device O_EXCL; a journal's plain opens of it still work
+    so = rts.BlockStorageObject(name, dev=dev, wwn=wwn)
+    hba = int(os.path.basename(os.path.dirname(so.path)).removeprefix("iblock_"))
+    return BlockBackstore(name, hba, dev, wwn)
+
+
+def delete_iblock(bs: BlockBackstore) -> None:
+    with contextlib.suppress(Exception):
+        _storage_object(bs).delete()
+
+
 def find_backstore(name: str) -> Backstore | None:
     for path in glob.glob(f"{CONFIGFS}/core/user_*/{name}"):
         hba = int(os.path.basename(os.path.dirname(path)).removeprefix("user_"))
@@ -89,8 +114,10 @@ def find_backstore(name: str) -> Backstore | None:
     return None
 
 
-def _storage_object(bs: Backstore):
+def _storage_object(bs: Backstore | BlockBackstore):
     rts = _rtslib()
+    if isinstance(bs, BlockBackstore):
+        return rts.BlockStorageObject(bs.name, index=bs.hba)
     return rts.UserBackedStorageObject(bs.name, index=bs.hba)
 
 
@@ -111,7 +138,7 @@ def delete_backstore(bs: Backstore) -> None:
 # -- fabrics ----------------------------------------------------------------------
 
 
-def export_local(bs: Backstore) -> str:
+def export_local(bs: Backstore | BlockBackstore) -> str:
     """A tcm_loop target with the backstore as LUN 0; returns its naa WWN."""
     rts = _rtslib()
     fm = rts.FabricModule("loopback")
@@ -128,7 +155,7 @@ def unexport_local(wwn: str) -> None:
 
 
 def export_iscsi(
-    bs: Backstore,
+    bs: Backstore | BlockBackstore,
     iqn: str,
     portal: tuple[str, int],
     allow: list[str],
@@ -200,7 +227,7 @@ def scsi_disk_for(serial: str, timeout: float = 30.0) -> str | None:
         time.sleep(0.1)
 
 
-def _targets_of(bs: Backstore):
+def _targets_of(bs: Backstore | BlockBackstore):
     """The fabric targets with a LUN on this backstore."""
     so = _storage_object(bs)
     seen = {}
@@ -223,7 +250,7 @@ def iscsi_exists(iqn: str) -> bool:
     return os.path.isdir(f"{CONFIGFS}/iscsi/{iqn}")
 
 
-def remove_fabrics(bs: Backstore) -> None:
+def remove_fabrics(bs: Backstore | BlockBackstore) -> None:
     """Every target exporting this backstore goes (each serves one volume)."""
     with contextlib.suppress(Exception):
         for t in _targets_of(bs):

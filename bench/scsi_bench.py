@@ -1,0 +1,762 @@
+"""SCSI target benchmarks (issue 5): dmsnap's TCMU backstore against LIO's
+kernel iblock backstore on the same dm device. Run in the VM:
+
+    tools/vm --timeout 1200 --memory 3G -- .venv/bin/python bench/scsi_bench.py
+    make bench-scsi                        # the same
+    ... bench/scsi_bench.py --quick        # smoke (a few minutes)
+
+fio (O_DIRECT, libaio, one job) runs 4 KiB random writes and reads at queue
+depth 1 and 32, and 1 MiB sequential writes and reads at QD8, against:
+
+* dmsnap: a journaled (NV) thin pool served by a separate dmsnapd process
+  (the way it is deployed: the C ring handler, the journal, the Python
+  emulator for everything but READ/WRITE), one volume exported ``--local``
+  (tcm_loop, /dev/sdX) and one ``--iscsi`` on 127.0.0.1 with open-iscsi
+  logged in (/dev/sdY);
+* iblock: LIO's kernel block backstore on each of those volumes' own dm
+  device (the private ``jvol`` device under the journal), exported the same
+  two ways, created with rtslib-fb (dmsnap.scsi.lio) and removed at the end;
+* dmsnap, RAM journal: a pool with ``--journal-mode ram`` (acknowledged once
+  in memory: no journal device write before the answer), tcm_loop only; it
+  shows what the TCMU path itself costs.
+
+A dmsnap write is acknowledged once its journal record is durable (NV) and
+reaches the dm device later (the flusher); iblock writes the dm device and
+nothing else. That journal append is the product, so the ratio states it.
+
+Rounds interleave every configuration (the order rotates per round) so host
+noise hits all of them; tables show the median over rounds. Before each
+measurement the journals are drained (no flusher running behind the next
+configuration). Devices: loop devices over files in the guest's /tmp
+(tmpfs): the NV journal on a loop device, the pools' embedded (sparse) data
+files. Everything made here is removed at the end. Prints Markdown tables;
+``--json FILE`` also writes the raw figures. bench/README.md records results
+and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import glob
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dmsnap.client import Client
+from dmsnap.dm import DeviceMapper
+from dmsnap.dm.udev import Role, role_of
+from dmsnap.scsi import lio
+from dmsnap.storage import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DMSNAPD = os.path.join(os.path.dirname(sys.executable), "dmsnapd")
+KiB = 1 << 10
+MiB = 1 << 20
+POOL_NV, POOL_RAM = "sbn", "sbr"  # dmsnap-sb* dm devices are ours (leftovers removed)
+PORTAL = ("127.0.0.1", 3260)
+IQN = "iqn.2026-11.org.dmsnap.bench:"  # + dmsnap / iblock
+IBLOCK = "sbench-"  # iblock backstore names
+TICK = os.sysconf("SC_CLK_TCK")
+
+# (label, fio rw, block size, queue depth)
+CASES = [
+    ("4k randwrite QD1", "randwrite", 4 * KiB, 1),
+    ("4k randwrite QD32", "randwrite", 4 * KiB, 32),
+    ("4k randread QD1", "randread", 4 * KiB, 1),
+    ("4k randread QD32", "randread", 4 * KiB, 32),
+    ("1M write QD8", "write", MiB, 8),
+    ("1M read QD8", "read", MiB, 8),
+]
+
+
+@dataclass
+class Config:
+    key: str
+    title: str
+    kind: str  # dmsnap | iblock
+    fabric: str  # loop | iscsi
+    disk: str = ""
+    pool: str = ""  # dmsnap: its pool (journal stats)
+    ref: str = ""  # dmsnap: its export's POOL/VOL (ring stats)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def sh(*cmd: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()[-2000:]}")
+    return r
+
+
+def make_loop(path: str, size: int) -> loop.LoopDevice:
+    """A loop device over a fully allocated file (the journal overwrites it
+    in a ring; its pages exist before anyone measures)."""
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size)
+    return loop.attach(path, direct_io=False)
+
+
+def cpu_busy() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of ``pid``, by
+    ``name/tid`` (the C threads name themselves: tcmu-ring, tcmu-worker,
+    jr-commit, jr-flush; Python's threads carry the process's name)."""
+    out: dict[str, float] = {}
+    for stat in glob.glob(f"/proc/{pid}/task/*/stat"):
+        with contextlib.suppress(OSError), open(stat) as f:
+            s = f.read()
+        name = s[s.index("(") + 1 : s.rindex(")")]
+        rest = s[s.rindex(")") + 2 :].split()
+        out[f"{name}/{stat.split('/')[4]}"] = (int(rest[11]) + int(rest[12])) / TICK
+    return out
+
+
+def all_tasks_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds of every task (threads and kernel threads) by tid, with
+    its name: who else burns the CPUs during a measurement."""
+    out: dict[int, tuple[str, float]] = {}
+    for stat in glob.glob("/proc/[0-9]*/task/*/stat"):
+        try:
+            with open(stat) as f:
+                s = f.read()
+        except OSError:
+            continue
+        name = s[s.index("(") + 1 : s.rindex(")")]
+        rest = s[s.rindex(")") + 2 :].split()
+        out[int(stat.split("/")[4])] = (name, (int(rest[11]) + int(rest[12])) / TICK)
+    return out
+
+
+def top_tasks(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall: float
+) -> dict[str, float]:
+    """CPUs busy per kind of task, the ten busiest. Kernel workers count
+    together as "kworkers" (a kworker's name shows the work item it runs at
+    the moment it is read, so per-workqueue figures would be guesses);
+    digits are dropped from other names (ksoftirqd/0 and /1 together)."""
+    by: dict[str, float] = {}
+    for tid, (name, v) in after.items():
+        d = v - before.get(tid, (name, 0.0))[1]
+        kind = "kworkers" if name.startswith("kworker") else name.rstrip("0123456789")
+        by[kind] = by.get(kind, 0.0) + d / wall
+    return dict(sorted(by.items(), key=lambda kv: -kv[1])[:10])
+
+
+def group_cpu(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per thread kind over an interval, and the busiest single
+    thread's."""
+    by: dict[str, float] = {}
+    top = 0.0
+    for k, v in after.items():
+        d = v - before.get(k, 0.0)
+        kind = k.split("/")[0]
+        kind = kind if kind.startswith(("tcmu-", "jr-")) else "python"
+        by[kind] = by.get(kind, 0.0) + d
+        top = max(top, d)
+    by["total"] = sum(v for k, v in by.items())
+    by["top_thread"] = top
+    return by
+
+
+def queue_info(disk: str) -> dict[str, Any]:
+    """What the initiator side sees of a LUN (same for every configuration
+    unless the target advertises differently)."""
+    name = os.path.basename(disk)
+    q = f"/sys/block/{name}/queue"
+    out: dict[str, Any] = {"disk": disk}
+    for k in ("max_sectors_kb", "max_hw_sectors_kb", "nr_requests", "scheduler", "write_cache"):
+        with contextlib.suppress(OSError), open(f"{q}/{k}") as f:
+            out[k] = f.read().strip()
+    with contextlib.suppress(OSError), open(f"/sys/block/{name}/device/queue_depth") as f:
+        out["queue_depth"] = int(f.read())
+    return out
+
+
+# --------------------------------------------------------------------- fio
+
+
+def fio(
+    dev: str, *, rw: str, bs: int, qd: int, size: int, runtime: float, ramp: float
+) -> dict[str, Any]:
+    cmd = [
+        "fio",
+        "--name=b",
+        f"--filename={dev}",
+        f"--rw={rw}",
+        f"--bs={bs}",
+        "--direct=1",
+        "--ioengine=libaio",
+        f"--iodepth={qd}",
+        "--numjobs=1",
+        f"--size={size}",
+        "--norandommap",
+        "--randrepeat=0",
+        "--time_based",
+        f"--runtime={runtime:g}",
+        f"--ramp_time={ramp:g}",
+        "--output-format=json",
+    ]
+    r = sh(*cmd, timeout=runtime + ramp + 120)
+    job = json.loads(r.stdout[r.stdout.index("{") :])["jobs"][0]
+    d = job["write" if "write" in rw else "read"]
+    pct = d.get("clat_ns", {}).get("percentile", {})
+    return {
+        "iops": d["iops"],
+        "bw": d["bw_bytes"],
+        "ios": d["total_ios"],
+        "clat_mean_us": d.get("clat_ns", {}).get("mean", 0) / 1000,
+        "p50_us": pct.get("50.000000", 0) / 1000,
+        "p99_us": pct.get("99.000000", 0) / 1000,
+        "p999_us": pct.get("99.900000", 0) / 1000,
+        "usr_cpu": job.get("usr_cpu", 0.0),
+        "sys_cpu": job.get("sys_cpu", 0.0),
+        "cmd": " ".join(cmd[1:]),
+    }
+
+
+def prefill(dev: str, size: int) -> None:
+    """Every block written once (thin blocks provisioned, so neither side
+    measures first-write allocation, and reads read data)."""
+    sh(
+        "fio", "--name=fill", f"--filename={dev}", "--rw=write", f"--bs={MiB}", "--direct=1",
+        "--ioengine=libaio", "--iodepth=8", f"--size={size}", "--output-format=json",
+        timeout=600,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------- dmsnapd
+
+
+class Daemon:
+    """dmsnapd as its own process (as deployed), on a private socket."""
+
+    def __init__(self, work: str) -> None:
+        self.state = os.path.join(work, "state")
+        self.sock = os.path.join(work, "dmsnapd.sock")
+        self.log = os.path.join(work, "dmsnapd.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = Client(self.sock)
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=REPO)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [DMSNAPD, "--state-dir", self.state, "--socket", self.sock],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 180  # a Python start over 9p is slow in the VM
+        while True:
+            try:
+                self.call("daemon.ping")
+                return
+            except Exception:
+                if self.proc.poll() is not None:
+                    rc = self.proc.returncode
+                    raise RuntimeError(f"dmsnapd exited {rc}: {self.tail()}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"dmsnapd did not come up: {self.tail()}") from None
+                self.client.close()
+                time.sleep(0.2)
+
+    def tail(self) -> str:
+        with contextlib.suppress(OSError), open(self.log) as f:
+            return f.read()[-3000:]
+        return ""
+
+    def call(self, op: str, **args: Any) -> Any:
+        return self.client.call(op, **args)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(Exception):
+            self.call("daemon.stop", teardown=True)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.client.close()
+
+    def journal(self, pool: str) -> dict[str, Any]:
+        return self.call("pool.show", name=pool)["journal"]
+
+    def ring_stats(self) -> dict[str, dict[str, int]]:
+        return {e["ref"]: e.get("stats", {}) for e in self.call("export.list")}
+
+    def drain(self, pools: list[str], timeout: float = 120) -> float:
+        """Wait until no journal has unflushed records; seconds waited."""
+        t0 = time.monotonic()
+        while any(self.journal(p)["lag_bytes"] for p in pools):
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"journals not drained after {timeout:g} s")
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+
+# --------------------------------------------------------------------- open-iscsi
+
+
+def _iscsid_listening() -> bool:
+    with open("/proc/net/unix") as f:
+        return "@ISCSIADM_ABSTRACT_NAMESPACE" in f.read()
+
+
+class OpenIscsi:
+    """iscsi_tcp loaded and an iscsid running (started here if none is);
+    sessions logged in here are logged out and forgotten by close()."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sessions: list[str] = []
+        sh("modprobe", "iscsi_tcp")
+        if not _iscsid_listening():
+            # its own session: a foreground iscsid signals its process group on SIGTERM
+            self.proc = subprocess.Popen(
+                ["iscsid", "-f"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + 30
+            while not _iscsid_listening():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("iscsid did not come up")
+                time.sleep(0.2)
+
+    def login(self, iqn: str, serial: str) -> str:
+        portal = f"{PORTAL[0]}:{PORTAL[1]}"
+        sh("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal)
+        sh("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--login", timeout=60)
+        self.sessions.append(iqn)
+        disk = lio.scsi_disk_for(serial, timeout=60)
+        if disk is None:
+            raise RuntimeError(f"no SCSI disk with serial {serial} after the iSCSI login")
+        return disk
+
+    def close(self) -> None:
+        portal = f"{PORTAL[0]}:{PORTAL[1]}"
+        for iqn in reversed(self.sessions):
+            sh("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--logout", check=False)
+            sh("iscsiadm", "-m", "node", "-o", "delete", "-T", iqn, "-p", portal, check=False)
+        self.sessions.clear()
+        sh(
+            "iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", portal, "-o", "delete",
+            check=False,
+        )  # fmt: skip
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+# --------------------------------------------------------------------- leftovers
+
+
+def leftovers() -> list[str]:
+    """What a run of this bench may leave behind (a killed one, on a native
+    host; a fresh VM has none): dm devices, loop devices, LIO objects."""
+    out = []
+    dms = sh("dmsetup", "ls", check=False).stdout
+    out += [ln.split()[0] for ln in dms.splitlines() if ln.startswith("dmsnap-sb")]
+    out += [lo.path for lo in loop.attached() if "/sbench-" in lo.backing_file]
+    out += glob.glob(f"{lio.CONFIGFS}/core/iblock_*/{IBLOCK}*")
+    out += glob.glob(f"{lio.CONFIGFS}/core/user_*/dmsnap-dmsnap*")
+    out += glob.glob(f"{lio.CONFIGFS}/iscsi/{IQN}*")
+    return out
+
+
+def cleanup_leftovers() -> None:
+    for path in glob.glob(f"{lio.CONFIGFS}/core/iblock_*/{IBLOCK}*"):
+        hba = int(os.path.basename(os.path.dirname(path)).removeprefix("iblock_"))
+        bs = lio.BlockBackstore(os.path.basename(path), hba, "", "")
+        lio.remove_fabrics(bs)
+        lio.delete_iblock(bs)
+    dms = sh("dmsetup", "ls", check=False).stdout
+    names = [ln.split()[0] for ln in dms.splitlines() if ln.startswith("dmsnap-sb")]
+    for n in sorted(names, key=lambda n: "-_" in n):  # volumes first, then pool layers
+        sh("dmsetup", "remove", "--retry", n, check=False)
+    for lo in loop.attached():
+        if "/sbench-" in lo.backing_file:
+            with contextlib.suppress(OSError):
+                loop.detach(lo)
+
+
+# --------------------------------------------------------------------- the run
+
+
+def jvol_device(d: Daemon, pool: str, vol: str) -> str:
+    """The volume's own dm device under the journal (role jvol)."""
+    name = d.call("volume.show", pool=pool, vol=vol)["dm_name"]
+    info = DeviceMapper().info(name)
+    if role_of(info.uuid) is not Role.JOURNALED:
+        raise RuntimeError(f"{name}: uuid {info.uuid} is not a journaled volume's")
+    return f"/dev/mapper/{name}"
+
+
+def measure(
+    d: Daemon, cfg: Config, case: tuple[str, str, int, int], args: argparse.Namespace
+) -> dict[str, Any]:
+    _, rw, bs, qd = case
+    pools = [POOL_NV] + ([POOL_RAM] if not args.no_ram else [])
+    drained = d.drain(pools)
+    assert d.proc is not None
+    j0 = d.journal(cfg.pool) if cfg.pool else None
+    r0 = d.ring_stats().get(cfg.ref, {}) if cfg.ref else {}
+    c0, b0, a0 = thread_cpu(d.proc.pid), cpu_busy(), all_tasks_cpu()
+    t0 = time.monotonic()
+    res = fio(
+        cfg.disk, rw=rw, bs=bs, qd=qd, size=args.volume_mib * MiB, runtime=args.seconds,
+        ramp=args.ramp,
+    )  # fmt: skip
+    wall = time.monotonic() - t0
+    c1, b1, a1 = thread_cpu(d.proc.pid), cpu_busy(), all_tasks_cpu()
+    res["drain_s"] = drained
+    res["tasks"] = top_tasks(a0, a1, wall)
+    res["system_busy"] = (b1[0] - b0[0]) / max(1, b1[1] - b0[1])
+    cpu = group_cpu(c0, c1)
+    res["dmsnapd_cpu"] = {k: v / wall for k, v in cpu.items()}  # CPUs busy, by thread kind
+    if cfg.ref:
+        r1 = d.ring_stats().get(cfg.ref, {})
+        rs = {k: r1.get(k, 0) - r0.get(k, 0) for k in ("fetched", "slow", "busy", "errors")}
+        res["ring"] = rs
+        res["dmsnapd_us_per_cmd"] = cpu["total"] / max(1, rs["fetched"]) * 1e6
+    if j0 is not None:
+        j1 = d.journal(cfg.pool)
+        dj = {k: j1[k] - j0[k] for k in ("appends", "commits", "full_waits", "dm_writes")}
+        dj["appends_per_commit"] = dj["appends"] / dj["commits"] if dj["commits"] else 0.0
+        res["journal"] = dj
+    return res
+
+
+def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    vsize = args.volume_mib * MiB
+    jdev = make_loop(os.path.join(work, "sbench-journal.img"), args.journal_mib * MiB)
+    d = Daemon(work)
+    iscsi: OpenIscsi | None = None
+    iblocks: list[lio.BlockBackstore] = []
+    try:
+        d.start()
+        print("  dmsnapd up", file=sys.stderr, flush=True)
+        pools = [POOL_NV] + ([] if args.no_ram else [POOL_RAM])
+        nvols = 2 if args.no_ram else 3
+        d.call(
+            "pool.create", name=POOL_NV, size=2 * vsize + 256 * MiB, journal=jdev.path,
+            journal_mode="nv",
+        )  # fmt: skip
+        if not args.no_ram:
+            d.call(
+                "pool.create", name=POOL_RAM, size=vsize + 256 * MiB,
+                journal_size=args.journal_mib * MiB, journal_mode="ram",
+            )  # fmt: skip
+        for pool, vol in [(POOL_NV, "l"), (POOL_NV, "i"), (POOL_RAM, "l")][:nvols]:
+            d.call("volume.create", pool=pool, vol=vol, size=vsize)
+        cfgs = [
+            Config("dmsnap-loop", "dmsnap NV, tcm_loop", "dmsnap", "loop", pool=POOL_NV,
+                   ref=f"{POOL_NV}/l"),
+            Config("iblock-loop", "iblock, tcm_loop", "iblock", "loop"),
+            Config("dmsnap-iscsi", "dmsnap NV, iSCSI", "dmsnap", "iscsi", pool=POOL_NV,
+                   ref=f"{POOL_NV}/i"),
+            Config("iblock-iscsi", "iblock, iSCSI", "iblock", "iscsi"),
+        ]  # fmt: skip
+        if not args.no_ram:
+            cfgs.append(
+                Config("dmsnap-ram-loop", "dmsnap RAM, tcm_loop", "dmsnap", "loop",
+                       pool=POOL_RAM, ref=f"{POOL_RAM}/l")
+            )  # fmt: skip
+        by = {c.key: c for c in cfgs}
+
+        # dmsnap exports, through the daemon
+        for c in cfgs:
+            if c.kind != "dmsnap":
+                continue
+            pool, vol = c.ref.split("/")
+            if c.fabric == "loop":
+                ex = d.call("export.create", pool=pool, vol=vol, kind="local")
+                c.disk = os.path.realpath(f"/dev/dmsnap/{pool}/{vol}")
+                if not c.disk.startswith("/dev/sd"):
+                    raise RuntimeError(f"{c.ref}: no local disk ({c.disk})")
+            else:
+                ex = d.call(
+                    "export.create", pool=pool, vol=vol, kind="iscsi", iqn=IQN + "dmsnap",
+                    portal=f"{PORTAL[0]}:{PORTAL[1]}",
+                )  # fmt: skip
+                iscsi = iscsi or OpenIscsi()
+                c.disk = iscsi.login(IQN + "dmsnap", ex["serial"])
+            c.info["serial"] = ex["serial"]
+        # iblock on the same dm devices: one per volume (LIO holds it O_EXCL)
+        for c, vol in ((by["iblock-loop"], "l"), (by["iblock-iscsi"], "i")):
+            dev = jvol_device(d, POOL_NV, vol)
+            serial = f"sbenchiblk{vol}"
+            bs = lio.create_iblock(f"{IBLOCK}{vol}", dev, serial)
+            iblocks.append(bs)
+            if c.fabric == "loop":
+                lio.export_local(bs)
+                disk = lio.scsi_disk_for(serial, timeout=30)
+                if disk is None:
+                    raise RuntimeError(f"no tcm_loop disk for iblock on {dev}")
+                c.disk = disk
+            else:
+                lio.export_iscsi(bs, IQN + "iblock", PORTAL, [], None)
+                iscsi = iscsi or OpenIscsi()
+                c.disk = iscsi.login(IQN + "iblock", serial)
+            c.info.update(dm_device=dev, serial=serial)
+        for c in cfgs:
+            c.info.update(queue_info(c.disk))
+        out["configs"] = {c.key: {"title": c.title, **c.info} for c in cfgs}
+        nv = d.call("pool.show", name=POOL_NV)["journal"]
+        out["journal_nv"] = {"path": jdev.path, "capacity": nv["capacity"],
+                             "direct_io": nv["direct_io"]}  # fmt: skip
+        print("  exports up: " + ", ".join(f"{c.key} {c.disk}" for c in cfgs), file=sys.stderr)
+
+        t0 = time.monotonic()
+        for c in cfgs:
+            if c.kind == "dmsnap":
+                prefill(c.disk, vsize)
+        d.drain(pools)
+        out["prefill_s"] = time.monotonic() - t0
+
+        res: dict[str, dict[str, list[dict[str, Any]]]] = {c.key: {} for c in cfgs}
+        out["results"] = res
+        for rnd in range(args.rounds):
+            order = cfgs[rnd % len(cfgs) :] + cfgs[: rnd % len(cfgs)]
+            for case in CASES:
+                for c in order:
+                    res[c.key].setdefault(case[0], []).append(measure(d, c, case, args))
+            print(f"  round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        out["daemon_log_tail"] = d.tail()[-1500:]
+    finally:
+        if iscsi is not None:
+            iscsi.close()
+        for bs in iblocks:
+            lio.remove_fabrics(bs)
+            lio.delete_iblock(bs)
+        if d.proc is not None and d.proc.poll() is None:
+            for p in (POOL_NV, POOL_RAM):
+                with contextlib.suppress(Exception):
+                    d.call("pool.destroy", name=p, force=True)
+        d.stop()
+        with contextlib.suppress(OSError):
+            loop.detach(jdev)
+
+
+# --------------------------------------------------------------------- report
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def dig(x: dict[str, Any], path: str) -> float:
+    """x["a"]["b"] for "a.b"; 0 where missing."""
+    for k in path.split("."):
+        x = x.get(k, 0.0) if isinstance(x, dict) else 0.0
+    return float(x)  # type: ignore[arg-type]
+
+
+def unit(x: dict[str, Any], bs: int) -> str:
+    return f"{x['bw'] / MiB:.0f} MiB/s" if bs >= MiB else f"{x['iops']:.0f}"
+
+
+def report(out: dict[str, Any], args: argparse.Namespace) -> None:
+    res, cfgs = out["results"], out["configs"]
+    jn = out["journal_nv"]
+    print(
+        f"\n## dmsnap (TCMU, dmsnapd) vs LIO iblock on the same dm device: "
+        f"{out['rounds']} rounds of {args.seconds:g} s (+{args.ramp:g} s ramp) per cell, "
+        f"volumes of {args.volume_mib} MiB; NV journal on {jn['path']} "
+        f"({jn['capacity'] // MiB} MiB, O_DIRECT {jn['direct_io']})\n"
+    )
+
+    def cell(key: str, label: str, bs: int) -> str:
+        xs = res.get(key, {}).get(label, [])
+        return unit({"iops": med([x["iops"] for x in xs]), "bw": med([x["bw"] for x in xs])}, bs)
+
+    def ratio(a: str, b: str, label: str) -> tuple[float, float, float]:
+        """Median and range of the per-round ratio a/b."""
+        xa, xb = res[a].get(label, []), res[b].get(label, [])
+        rs = [x["iops"] / y["iops"] for x, y in zip(xa, xb, strict=True) if y["iops"]]
+        return (med(rs), min(rs), max(rs)) if rs else (0.0, 0.0, 0.0)
+
+    def rtext(a: str, b: str, label: str) -> str:
+        m, lo, hi = ratio(a, b, label)
+        return f"**{m:.2f}x** ({lo:.2f}-{hi:.2f})"
+
+    ram = "dmsnap-ram-loop" in res
+    hdr = (
+        "| case | dmsnap NV tcm_loop | iblock tcm_loop | ratio | dmsnap NV iSCSI | iblock iSCSI "
+        "| ratio |" + (" dmsnap RAM tcm_loop | ratio to iblock |" if ram else "")
+    )
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for label, _, bs, _ in CASES:
+        row = [
+            cell("dmsnap-loop", label, bs),
+            cell("iblock-loop", label, bs),
+            rtext("dmsnap-loop", "iblock-loop", label),
+            cell("dmsnap-iscsi", label, bs),
+            cell("iblock-iscsi", label, bs),
+            rtext("dmsnap-iscsi", "iblock-iscsi", label),
+        ]
+        if ram:
+            row.append(cell("dmsnap-ram-loop", label, bs))
+            row.append(rtext("dmsnap-ram-loop", "iblock-loop", label))
+        print(f"| {label} | " + " | ".join(row) + " |")
+    print(
+        "\n4 KiB cells in IOPS, 1 MiB cells in MiB/s; medians over the rounds. Ratio: dmsnap / "
+        "iblock of the same round, median and range over the rounds. A dmsnap NV write is "
+        "acknowledged once its journal record is durable on the journal device (and is "
+        "written to the dm device later by the flusher); iblock writes the dm device only."
+    )
+    print(
+        "\n| configuration | case | clat p50 / p99 µs | system CPU busy | dmsnapd CPUs "
+        "(ring / workers / commit / flush / python) | dmsnapd µs CPU per command "
+        "| busiest thread | appends per commit | full waits | BUSY |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key, c in cfgs.items():
+        for label, *_ in CASES:
+            xs = res[key].get(label, [])
+            if not xs:
+                continue
+
+            def m(path: str, xs: list[dict[str, Any]] = xs) -> float:
+                return med([dig(x, path) for x in xs])
+
+            line = (
+                f"| {c['title']} | {label} | {m('p50_us'):.0f} / {m('p99_us'):.0f} | "
+                f"{m('system_busy') * 100:.0f}% | "
+            )
+            if c["title"].startswith("dmsnap"):
+                line += (
+                    f"{m('dmsnapd_cpu.total'):.2f} ({m('dmsnapd_cpu.tcmu-ring'):.2f} / "
+                    f"{m('dmsnapd_cpu.tcmu-worker'):.2f} / {m('dmsnapd_cpu.jr-commit'):.2f} / "
+                    f"{m('dmsnapd_cpu.jr-flush'):.2f} / {m('dmsnapd_cpu.python'):.2f}) | "
+                    f"{m('dmsnapd_us_per_cmd'):.0f} | {m('dmsnapd_cpu.top_thread') * 100:.0f}% | "
+                )
+                j = [x.get("journal") for x in xs if x.get("journal")]
+                line += (
+                    f"{med([y['appends_per_commit'] for y in j]):.1f} | "
+                    f"{sum(y['full_waits'] for y in j)} | "
+                    if j and "write" in label
+                    else "- | - | "
+                )
+                line += f"{sum(x.get('ring', {}).get('busy', 0) for x in xs)} |"
+            else:
+                line += "- | - | - | - | - | - |"
+            print(line)
+    print("\nWhere the CPUs go (CPUs busy per task, mean over the rounds, the six busiest):\n")
+    print("| configuration | case | tasks |")
+    print("|---|---|---|")
+    for key, c in cfgs.items():
+        for label in ("4k randwrite QD32", "4k randread QD32", "1M write QD8"):
+            xs = res[key].get(label, [])
+            tot: dict[str, float] = {}
+            for x in xs:
+                for k, v in x.get("tasks", {}).items():
+                    tot[k] = tot.get(k, 0.0) + v / len(xs)
+            top = sorted(tot.items(), key=lambda kv: -kv[1])[:6]
+            print(f"| {c['title']} | {label} | " + ", ".join(f"{k} {v:.2f}" for k, v in top) + " |")
+    print("\nLUNs as the initiator sees them:\n")
+    print("| configuration | disk | max_sectors_kb | queue_depth | nr_requests | scheduler "
+          "| write_cache |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for c in cfgs.values():
+        print(
+            f"| {c['title']} | {c['disk']} | {c.get('max_sectors_kb')} | {c.get('queue_depth')} "
+            f"| {c.get('nr_requests')} | {c.get('scheduler')} | {c.get('write_cache')} |"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs (smoke)")
+    ap.add_argument("--seconds", type=float, help="fio runtime per cell (default 3; --quick 1)")
+    ap.add_argument("--ramp", type=float, help="fio ramp time (default 0.5; --quick 0.3)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
+    ap.add_argument("--volume-mib", type=int, help="volume size (default 128; --quick 64)")
+    ap.add_argument("--journal-mib", type=int, default=128, help="NV journal device / RAM journal")
+    ap.add_argument("--no-ram", action="store_true", help="skip the RAM-journal column")
+    ap.add_argument("--workdir", default=None, help="where the backing files go (/tmp)")
+    ap.add_argument("--json", help="also write the raw figures here")
+    args = ap.parse_args()
+    if args.seconds is None:
+        args.seconds = 1.0 if args.quick else 3.0
+    if args.ramp is None:
+        args.ramp = 0.3 if args.quick else 0.5
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.volume_mib is None:
+        args.volume_mib = 64 if args.quick else 128
+    if (why := lio.available()) is not None:
+        sys.exit(f"scsi bench: {why}")
+    for tool in ("fio", "iscsiadm", "iscsid"):
+        if shutil.which(tool) is None:
+            sys.exit(f"scsi bench: {tool} is not installed (tools/setup installs it)")
+
+    started = time.perf_counter()
+    cleanup_leftovers()
+    work = tempfile.mkdtemp(prefix="sbench-", dir=args.workdir)
+    out: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "kernel": os.uname().release,
+        "cpus": os.cpu_count(),
+        "argv": sys.argv[1:],
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "ramp": args.ramp,
+        "volume_mib": args.volume_mib,
+        "journal_mib": args.journal_mib,
+        "cases": CASES,
+    }
+    print(
+        f"# scsi bench {out['date']}, kernel {out['kernel']}, {out['cpus']} CPUs, "
+        f"args {' '.join(sys.argv[1:]) or '(defaults)'}",
+        flush=True,
+    )
+    try:
+        run(work, args, out)
+        if args.json:  # before printing: a report bug must not lose a run
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        report(out, args)
+    finally:
+        cleanup_leftovers()
+        left = leftovers()
+        shutil.rmtree(work, ignore_errors=True)
+        print(
+            f"\ncleanup: {'left ' + ', '.join(left) if left else 'no dm, loop or LIO objects left'}"
+            f"; total {time.perf_counter() - started:.0f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
