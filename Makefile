@@ -41,7 +41,7 @@ bench: setup
 # The journal's benchmark alone (bench/README.md): one VM run of about 7 minutes.
 #   make bench-journal ARGS='--quick'
 bench-journal: setup
-	tools/vm --timeout 590 --memory 3G -- $(PY) bench/journal_bench.py $(ARGS)
+	tools/vm --timeout 900 --memory 3G -- $(PY) bench/journal_bench.py $(ARGS)
 
 # The SCSI target's benchmark (bench/README.md): dmsnap's TCMU backstore vs
 # LIO iblock, tcm_loop and iSCSI; one VM run of about 10 minutes.
