@@ -7,45 +7,17 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_journal_support import Controller, make_volume, pattern
+from test_journal_support import VOL, Controller, hold_marker, make_volume, pattern
 
 from dmsnap._hotpath import lib
 from dmsnap.journal import Journal, JournalError
 
 MiB = 1 << 20
-VOL = 16 * MiB
 
 
-@pytest.fixture
-def jpath(tmp_path: Path) -> Path:
-    p = tmp_path / "journal"
-    Journal.format(str(p), 4 * MiB)
-    return p
-
-
-@pytest.fixture
-def vol1(tmp_path: Path) -> Path:
-    return make_volume(tmp_path / "vol1", VOL)
-
-
-@pytest.fixture
-def nv(jpath: Path, vol1: Path) -> Iterator[Journal]:
-    j = Journal.open(str(jpath))
-    j.attach(1, str(vol1), VOL)
-    j.start()
-    yield j
-    j.close(drain=False)
-
-
-def hold_marker(j: Journal, marker_id: int = 99) -> None:
-    """Append a marker and wait until the flusher stands at it."""
-    j.marker(marker_id, b"hold")
-    m = j.next_marker(5)
-    assert m is not None and m.id == marker_id
 
 
 def test_crc32c_known_vectors() -> None:

@@ -6,16 +6,16 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_journal_support import (
     DISCARD,
     SB_FMT,
+    VOL,
     Controller,
     crc32c,
-    make_volume,
+    hold_marker,
     parse_journal,
     pattern,
 )
@@ -23,34 +23,6 @@ from test_journal_support import (
 from dmsnap.journal import Journal, JournalError
 
 KiB, MiB = 1024, 1 << 20
-VOL = 16 * MiB
-
-
-@pytest.fixture
-def jpath(tmp_path: Path) -> Path:
-    p = tmp_path / "journal"
-    Journal.format(str(p), 4 * MiB)
-    return p
-
-
-@pytest.fixture
-def vol1(tmp_path: Path) -> Path:
-    return make_volume(tmp_path / "vol1", VOL)
-
-
-@pytest.fixture
-def nv(jpath: Path, vol1: Path) -> Iterator[Journal]:
-    j = Journal.open(str(jpath))
-    j.attach(1, str(vol1), VOL)
-    j.start()
-    yield j
-    j.close(drain=False)
-
-
-def hold_marker(j: Journal, marker_id: int = 99) -> None:
-    j.marker(marker_id, b"hold")
-    m = j.next_marker(5)
-    assert m is not None and m.id == marker_id
 
 
 def allocated(p: Path) -> int:

@@ -26,6 +26,7 @@ REC_FMT = "<QQQQQQIIIIII"  # magic journal_id gen seq offset marker_id type vol 
 SB_MAGIC = 0x3142534A4E534D44
 REC_MAGIC = 0x3143524A4E534D44
 RING_START = 8192
+VOL = 16 << 20  # the unit tests' volume file (fixture vol1 in conftest.py)
 HDR = 512
 WRITE, MARKER, PAD, DISCARD = 1, 2, 3, 4
 
@@ -269,3 +270,10 @@ class Controller:
 
 def apply(state: dict[int, bytearray], vol: int, offset: int, data: bytes) -> None:
     state[vol][offset : offset + len(data)] = data
+
+
+def hold_marker(j: Journal, marker_id: int = 99) -> None:
+    """Append a marker and wait until the flusher stands at it."""
+    j.marker(marker_id, b"hold")
+    m = j.next_marker(5)
+    assert m is not None and m.id == marker_id
