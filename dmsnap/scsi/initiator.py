@@ -98,6 +98,17 @@ def snapshot(
         cdb, params = SC.create_command(req)
     except ValueError as e:
         raise InitiatorError(str(e)) from None
+    _send_idempotent(device, cdb, params, SC.SA_CREATE, retries)
+    try:
+        found = status(device, req.token)
+    except InitiatorError:
+        found = []
+    return Created(req.token, found[0] if found else None)
+
+
+def _send_idempotent(device: str, cdb: bytes, params: bytes, sa: int, retries: int) -> None:
+    """Send a token-carrying request, again on a transport error or BUSY (the
+    token makes a repeat harmless); raise on the final failure or bad sense."""
     for attempt in range(retries + 1):
         try:
             r = sg_io(device, cdb, data_out=params)
@@ -107,13 +118,8 @@ def snapshot(
             continue
         if r.status == 0x08 and attempt < retries:  # BUSY: the same request again
             continue
-        _check(device, r, SC.SA_CREATE)
-        break
-    try:
-        found = status(device, req.token)
-    except InitiatorError:
-        found = []
-    return Created(req.token, found[0] if found else None)
+        _check(device, r, sa)
+        return
 
 
 def delete(device: str, token: bytes, *, retries: int = 3) -> None:
@@ -123,17 +129,7 @@ def delete(device: str, token: bytes, *, retries: int = 3) -> None:
         cdb, params = SC.delete_command(token)
     except ValueError as e:
         raise InitiatorError(str(e)) from None
-    for attempt in range(retries + 1):
-        try:
-            r = sg_io(device, cdb, data_out=params)
-        except SgError as e:
-            if attempt == retries:
-                raise InitiatorError(str(e)) from None
-            continue
-        if r.status == 0x08 and attempt < retries:  # BUSY: the same request again
-            continue
-        _check(device, r, SC.SA_DELETE)
-        return
+    _send_idempotent(device, cdb, params, SC.SA_DELETE, retries)
 
 
 def delete_named(device: str, name: str) -> SC.SnapEntry:
