@@ -206,22 +206,32 @@ def unexport_iscsi(iqn: str) -> None:
         rts.Target(rts.FabricModule("iscsi"), iqn, mode="lookup").delete()
 
 
+def scsi_disks_with_serial(serial: str) -> list[tuple[str, str]]:
+    """(sysfs SCSI device, /dev/sdX) of every probed disk whose unit serial
+    (VPD 0x80) is ``serial``: one per path (session) to the LUN."""
+    out = []
+    for dev in glob.glob("/sys/bus/scsi/devices/*:*:*:*"):
+        try:
+            with open(f"{dev}/vpd_pg80", "rb") as f:
+                page = f.read()
+        except OSError:
+            continue
+        if page[4:].rstrip(b"\0 ").decode(errors="replace") != serial:
+            continue
+        blocks = glob.glob(f"{dev}/block/*")
+        if blocks:
+            out.append((dev, "/dev/" + os.path.basename(blocks[0])))
+    return out
+
+
 def scsi_disk_for(serial: str, timeout: float = 30.0) -> str | None:
     """The /dev/sdX whose unit serial (VPD 0x80) is ``serial`` (a local
     export's disk appears once the kernel has probed it)."""
     deadline = time.monotonic() + timeout
     while True:
-        for dev in glob.glob("/sys/bus/scsi/devices/*:*:*:*"):
-            try:
-                with open(f"{dev}/vpd_pg80", "rb") as f:
-                    page = f.read()
-            except OSError:
-                continue
-            if page[4:].rstrip(b"\0 ").decode(errors="replace") != serial:
-                continue
-            blocks = glob.glob(f"{dev}/block/*")
-            if blocks:
-                return "/dev/" + os.path.basename(blocks[0])
+        found = scsi_disks_with_serial(serial)
+        if found:
+            return found[0][1]
         if time.monotonic() > deadline:
             return None
         time.sleep(0.1)

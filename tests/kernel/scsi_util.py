@@ -220,23 +220,15 @@ def iscsi_session(iqn: str, portal: str, serial: str) -> Iterator[str]:
 
 def _disks_with_serial(serial: str) -> dict[str, str]:
     """Initiator IQN -> /dev/sdX of every iSCSI disk whose unit serial is ``serial``."""
-    import glob
+    from dmsnap.scsi import lio
 
     out = {}
-    for dev in glob.glob("/sys/bus/scsi/devices/*:*:*:*"):
-        try:
-            with open(f"{dev}/vpd_pg80", "rb") as f:
-                page = f.read()
-        except OSError:
-            continue
-        if page[4:].rstrip(b"\0 ").decode(errors="replace") != serial:
-            continue
-        blocks = glob.glob(f"{dev}/block/*")
+    for dev, disk in lio.scsi_disks_with_serial(serial):
         m = re.search(r"/(session\d+)/", os.path.realpath(dev))
-        if not blocks or m is None:
+        if m is None:
             continue
         with open(f"/sys/class/iscsi_session/{m.group(1)}/initiatorname") as f:
-            out[f.read().strip()] = "/dev/" + os.path.basename(blocks[0])
+            out[f.read().strip()] = disk
     return out
 
 

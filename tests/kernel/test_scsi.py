@@ -6,7 +6,6 @@ before it."""
 
 from __future__ import annotations
 
-import mmap
 import os
 import random
 import subprocess
@@ -15,6 +14,7 @@ import threading
 
 import pytest
 from jmodel import Model, first_difference, read_direct
+from scsi_util import pwrite_direct
 
 from dmsnap import errors as E
 from dmsnap.scsi import initiator, lio
@@ -28,16 +28,6 @@ def run(*cmd: str) -> str:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"{' '.join(cmd)}: {r.returncode} {r.stderr}"
     return r.stdout
-
-
-def pwrite_direct(path: str, offset: int, data: bytes) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf.write(data)
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    try:
-        assert os.pwritev(fd, [buf], offset) == len(data)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture
