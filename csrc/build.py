@@ -31,6 +31,7 @@ CDEF = r"""
 #define JR_MAX_IO ...
 
 typedef struct jr jr_t;
+struct iovec { void *iov_base; size_t iov_len; ...; };
 
 struct jr_stats {
     int32_t mode;
@@ -72,6 +73,8 @@ int jr_forget(jr_t *j, uint32_t vol);
 int jr_start(jr_t *j);
 int64_t jr_write(jr_t *j, uint32_t vol, uint64_t offset, const void *buf, uint32_t len,
                  uint32_t flags, uint32_t timeout_ms);
+int64_t jr_writev(jr_t *j, uint32_t vol, uint64_t offset, const struct iovec *iov, int iovcnt,
+                  uint32_t flags, uint32_t timeout_ms);
 int64_t jr_discard(jr_t *j, uint32_t vol, uint64_t offset, uint64_t length, uint32_t flags,
                    uint32_t timeout_ms);
 int jr_read(jr_t *j, uint32_t vol, uint64_t offset, void *buf, uint32_t len);
@@ -86,6 +89,8 @@ int jr_stop(jr_t *j, int drain, uint32_t timeout_ms);
 int jr_close(jr_t *j, int drain, uint32_t timeout_ms);
 uint32_t jr_crc32c(const void *buf, size_t len);
 uint32_t jr_crc32c_table(const void *buf, size_t len);
+uint32_t jr_crc32c_variant(int which, const void *buf, size_t len);
+const char *jr_crc32c_impl(void);
 
 #define TC_MAX_CDB ...
 typedef struct tc_dev tc_dev_t;
@@ -112,6 +117,7 @@ struct tc_stats {
     uint64_t busy;
     uint32_t inflight;
     uint32_t flags;
+    uint64_t kicks;
 };
 int tc_open(const char *uio_path, uint64_t map_size, jr_t *j, const struct tc_config *cfg,
             tc_dev_t **out);

@@ -114,6 +114,10 @@
 /* ...but a commit only overlaps another with at least this much to write:
  * smaller bits wait for the one in flight and join the next batch, which
  * costs one round trip instead of a syscall each. */
+/* A writer that finds no commit in flight commits its record itself. */
+#ifndef JR_INLINE_COMMIT
+#define JR_INLINE_COMMIT 1
+#endif
 #ifndef JR_PIPELINE_MIN
 #define JR_PIPELINE_MIN (32u << 10)
 #endif
@@ -179,16 +183,46 @@ _Static_assert(offsetof(struct rec_disk, hdr_crc) == 68, "record header layout")
 
 /* ------------------------------------------------------------ crc32c */
 
-static uint32_t crc_table[256];
+/* Three implementations of one function. The SSE4.2 instruction is the
+ * fastest on hardware, but a CPU emulator (QEMU TCG) runs it as a helper call
+ * per 8 bytes and is then slower than slicing-by-8 tables, whose loads and
+ * xors it translates to host code. As the kernel does for its RAID6 and XOR
+ * routines, crc_init times the candidates once and keeps the faster. */
+static uint32_t crc_tab[8][256];
 static uint32_t (*crc_impl)(uint32_t, const void *, size_t);
+static const char *crc_impl_name = "table";
 
-static uint32_t crc32c_sw(uint32_t crc, const void *buf, size_t len)
+static uint32_t crc32c_byte(uint32_t crc, const void *buf, size_t len)
 {
     const unsigned char *p = buf;
     while (len--)
-        crc = crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+        crc = crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
     return crc;
 }
+
+static uint32_t crc32c_slice8(uint32_t crc, const void *buf, size_t len)
+{
+    const unsigned char *p = buf;
+    while (len && ((uintptr_t)p & 7)) {
+        crc = crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+        len--;
+    }
+    while (len >= 8) {
+        uint32_t lo, hi;
+        memcpy(&lo, p, 4);
+        memcpy(&hi, p + 4, 4);
+        lo ^= crc; /* little-endian: the first byte is the low one */
+        crc = crc_tab[7][lo & 0xff] ^ crc_tab[6][(lo >> 8) & 0xff] ^
+              crc_tab[5][(lo >> 16) & 0xff] ^ crc_tab[4][lo >> 24] ^ crc_tab[3][hi & 0xff] ^
+              crc_tab[2][(hi >> 8) & 0xff] ^ crc_tab[1][(hi >> 16) & 0xff] ^ crc_tab[0][hi >> 24];
+        p += 8;
+        len -= 8;
+    }
+    while (len--)
+        crc = crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return crc;
+}
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "crc32c_slice8 assumes little-endian");
 
 #ifdef JR_HAVE_SSE42
 __attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const void *buf,
@@ -211,6 +245,26 @@ __attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const 
         c = _mm_crc32_u8((uint32_t)c, *p++);
     return (uint32_t)c;
 }
+
+/* Best of a few runs over 64 KiB, in ns. */
+static uint64_t crc_time(uint32_t (*f)(uint32_t, const void *, size_t), const void *buf,
+                         size_t len)
+{
+    uint64_t best = UINT64_MAX;
+    volatile uint32_t sink = 0;
+    for (int r = 0; r < 3; r++) {
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        sink ^= f(~0u, buf, len);
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        uint64_t ns = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000u + (uint64_t)b.tv_nsec -
+                      (uint64_t)a.tv_nsec;
+        if (ns < best)
+            best = ns;
+    }
+    (void)sink;
+    return best;
+}
 #endif
 
 static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
@@ -221,14 +275,49 @@ static void crc_init(void)
         uint32_t c = i;
         for (int k = 0; k < 8; k++)
             c = (c & 1) ? (c >> 1) ^ 0x82f63b78u : c >> 1;
-        crc_table[i] = c;
+        crc_tab[0][i] = c;
     }
-    crc_impl = crc32c_sw;
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_tab[t][i] = (crc_tab[t - 1][i] >> 8) ^ crc_tab[0][crc_tab[t - 1][i] & 0xff];
+    crc_impl = crc32c_slice8;
+    crc_impl_name = "slice8";
 #ifdef JR_HAVE_SSE42
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("sse4.2"))
-        crc_impl = crc32c_hw;
+    if (__builtin_cpu_supports("sse4.2")) {
+        static unsigned char probe[64 << 10];
+        for (size_t i = 0; i < sizeof probe; i++)
+            probe[i] = (unsigned char)(i * 131u + 7u);
+        if (crc_time(crc32c_hw, probe, sizeof probe) <=
+            crc_time(crc32c_slice8, probe, sizeof probe)) {
+            crc_impl = crc32c_hw;
+            crc_impl_name = "sse4.2";
+        }
+    }
 #endif
+}
+
+const char *jr_crc32c_impl(void)
+{
+    pthread_once(&crc_once, crc_init);
+    return crc_impl_name;
+}
+
+uint32_t jr_crc32c_variant(int which, const void *buf, size_t len)
+{
+    pthread_once(&crc_once, crc_init);
+    switch (which) {
+    case 1:
+        return ~crc32c_slice8(~0u, buf, len);
+#ifdef JR_HAVE_SSE42
+    case 2:
+        if (__builtin_cpu_supports("sse4.2"))
+            return ~crc32c_hw(~0u, buf, len);
+        return ~crc32c_byte(~0u, buf, len);
+#endif
+    default:
+        return ~crc32c_byte(~0u, buf, len);
+    }
 }
 
 static uint32_t crc32c(const void *buf, size_t len)
@@ -244,8 +333,7 @@ uint32_t jr_crc32c(const void *buf, size_t len)
 
 uint32_t jr_crc32c_table(const void *buf, size_t len)
 {
-    pthread_once(&crc_once, crc_init);
-    return ~crc32c_sw(~0u, buf, len);
+    return jr_crc32c_variant(0, buf, len);
 }
 
 /* ------------------------------------------------------------ types */
@@ -1337,6 +1425,59 @@ int jr_forget(jr_t *j, uint32_t vol)
 
 /* ------------------------------------------------------------ committer */
 
+/* Write everything appended and not yet submitted as one commit, and
+ * advance durability over the commits that are done, oldest first. Called
+ * with mu held and a free slot; drops mu around the device write. */
+static void commit_batch(jr_t *j)
+{
+    /* Take everything appended so far; records are aligned to the
+     * device's block, so concurrent commits never share a block. */
+    uint64_t start = j->submit_lpos, end = j->head_lpos;
+    int slot = (j->cq_head + j->cq_n) % JR_COMMIT_DEPTH;
+    j->cq[slot].end_lpos = end;
+    j->cq[slot].end_seq = j->head_seq;
+    j->cq[slot].done = 0;
+    j->cq_n++;
+    j->submit_lpos = end;
+    pthread_mutex_unlock(&j->mu);
+    int rc = 0;
+    uint64_t p = start;
+    while (p < end && !rc) {
+        uint64_t phys = p % j->cap, n = end - p;
+        if (n > j->cap - phys)
+            n = j->cap - phys;
+        rc = pwrite_all(j->fd, j->ring + phys, n, JR_RING_START + phys);
+        p += n;
+    }
+    pthread_mutex_lock(&j->mu);
+    if (rc) {
+        /* Sticky: durable never passes this commit, so nothing after it
+         * is acknowledged either. */
+        if (!j->journal_error)
+            j->journal_error = rc;
+    } else {
+        j->cq[slot].done = 1;
+    }
+    int moved = 0;
+    while (j->cq_n && j->cq[j->cq_head].done) {
+        j->durable_lpos = j->cq[j->cq_head].end_lpos;
+        j->durable_seq = j->cq[j->cq_head].end_seq;
+        j->commits++;
+        j->cq_head = (j->cq_head + 1) % JR_COMMIT_DEPTH;
+        j->cq_n--;
+        moved = 1;
+    }
+    if (moved)
+        pthread_cond_signal(&j->cv_flush);
+    pthread_cond_broadcast(&j->cv_durable);
+    /* a slot is free: one committer for what was appended meanwhile (waking
+     * idle ones with nothing to do costs a context switch each) */
+    if (j->stopping)
+        pthread_cond_broadcast(&j->cv_commit);
+    else if (j->submit_lpos != j->head_lpos)
+        pthread_cond_signal(&j->cv_commit);
+}
+
 static void *committer_main(void *arg)
 {
     jr_t *j = arg;
@@ -1353,47 +1494,7 @@ static void *committer_main(void *arg)
             pthread_cond_wait(&j->cv_commit, &j->mu);
             continue;
         }
-        /* Take everything appended so far; records are aligned to the
-         * device's block, so concurrent commits never share a block. */
-        uint64_t start = j->submit_lpos, end = j->head_lpos;
-        int slot = (j->cq_head + j->cq_n) % JR_COMMIT_DEPTH;
-        j->cq[slot].end_lpos = end;
-        j->cq[slot].end_seq = j->head_seq;
-        j->cq[slot].done = 0;
-        j->cq_n++;
-        j->submit_lpos = end;
-        pthread_mutex_unlock(&j->mu);
-        int rc = 0;
-        uint64_t p = start;
-        while (p < end && !rc) {
-            uint64_t phys = p % j->cap, n = end - p;
-            if (n > j->cap - phys)
-                n = j->cap - phys;
-            rc = pwrite_all(j->fd, j->ring + phys, n, JR_RING_START + phys);
-            p += n;
-        }
-        pthread_mutex_lock(&j->mu);
-        if (rc) {
-            /* Sticky: durable never passes this commit, so nothing after it
-             * is acknowledged either. */
-            if (!j->journal_error)
-                j->journal_error = rc;
-        } else {
-            j->cq[slot].done = 1;
-        }
-        int moved = 0;
-        while (j->cq_n && j->cq[j->cq_head].done) {
-            j->durable_lpos = j->cq[j->cq_head].end_lpos;
-            j->durable_seq = j->cq[j->cq_head].end_seq;
-            j->commits++;
-            j->cq_head = (j->cq_head + 1) % JR_COMMIT_DEPTH;
-            j->cq_n--;
-            moved = 1;
-        }
-        if (moved)
-            pthread_cond_signal(&j->cv_flush);
-        pthread_cond_broadcast(&j->cv_durable);
-        pthread_cond_broadcast(&j->cv_commit); /* a slot is free */
+        commit_batch(j);
     }
     pthread_mutex_unlock(&j->mu);
     return NULL;
@@ -1781,7 +1882,8 @@ int jr_start(jr_t *j)
 /* ------------------------------------------------------------ append */
 
 static void put_record(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64_t marker_id,
-                       const void *data, uint32_t len, uint32_t data_crc, uint64_t size)
+                       const struct iovec *src, int nsrc, uint32_t len, uint32_t data_crc,
+                       uint64_t size)
 {
     unsigned char *p = j->ring + j->head_lpos % j->cap;
     struct rec_disk h = {
@@ -1800,8 +1902,12 @@ static void put_record(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint6
     memcpy(p, &h, sizeof h);
     memset(p + sizeof h, 0, JR_HDR - sizeof h);
     if (type != REC_PAD) {
-        if (len)
-            memcpy(p + JR_HDR, data, len);
+        size_t at = 0;
+        for (int i = 0; i < nsrc && at < len; i++) {
+            size_t k = src[i].iov_len < len - at ? src[i].iov_len : len - at;
+            memcpy(p + JR_HDR + at, src[i].iov_base, k);
+            at += k;
+        }
         memset(p + JR_HDR + len, 0, size - JR_HDR - len);
     }
     j->head_seq++;
@@ -1810,9 +1916,23 @@ static void put_record(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint6
         j->durable_seq = j->head_seq;
         j->durable_lpos = j->head_lpos;
         pthread_cond_signal(&j->cv_flush);
-    } else {
-        pthread_cond_signal(&j->cv_commit);
     }
+}
+
+/* NV, after an append (mu held): get the new records committed. With no
+ * commit in flight the appending thread writes the batch itself (its own
+ * record and any appended before it): at low queue depth a write then costs
+ * no hand-off to a committer thread and back. Otherwise a committer takes
+ * it, joining what arrives meanwhile into the next batch. */
+static void commit_soon(jr_t *j)
+{
+    if (j->mode != JR_NV)
+        return;
+    if (JR_INLINE_COMMIT && j->cq_n == 0 && j->submit_lpos != j->head_lpos && j->committers_on &&
+        !j->journal_error && !j->stopping)
+        commit_batch(j);
+    else
+        pthread_cond_signal(&j->cv_commit);
 }
 
 static int append_ok(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64_t len,
@@ -1837,7 +1957,8 @@ static int append_ok(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64_
 
 /* Reserve space and append one record (locked). Returns its seq or -errno. */
 static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64_t marker_id,
-                      const void *data, uint32_t len, uint32_t data_crc, const struct timespec *dl)
+                      const struct iovec *src, int nsrc, uint32_t len, uint32_t data_crc,
+                      const struct timespec *dl)
 {
     uint64_t size = rec_size(j, len);
     uint64_t ext = type == REC_DISCARD ? marker_id : len; /* bytes of the volume touched */
@@ -1853,7 +1974,9 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
         uint64_t to_end = j->cap - j->head_lpos % j->cap;
         if (size > to_end) {
             if (to_end <= avail) {
-                put_record(j, REC_PAD, 0, 0, 0, NULL, 0, 0, to_end);
+                put_record(j, REC_PAD, 0, 0, 0, NULL, 0, 0, 0, to_end);
+                if (j->mode == JR_NV)
+                    pthread_cond_signal(&j->cv_commit);
                 continue;
             }
         } else if (size <= avail) {
@@ -1899,7 +2022,8 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
     } else {
         j->markers_pending++;
     }
-    put_record(j, type, vol, off, marker_id, data, len, data_crc, size);
+    put_record(j, type, vol, off, marker_id, src, nsrc, len, data_crc, size);
+    commit_soon(j);
     return seq;
 }
 
@@ -1937,24 +2061,46 @@ static int wait_synced(jr_t *j, uint64_t target, const struct timespec *dl)
     return 0;
 }
 
-int64_t jr_write(jr_t *j, uint32_t vol, uint64_t offset, const void *buf, uint32_t len,
-                 uint32_t flags, uint32_t timeout_ms)
+int64_t jr_writev(jr_t *j, uint32_t vol, uint64_t offset, const struct iovec *iov, int iovcnt,
+                  uint32_t flags, uint32_t timeout_ms)
 {
-    if (!vol || !buf || !len || len % 512 || offset % 512 || len > JR_MAX_IO)
+    if (!vol || !iov || iovcnt <= 0 || offset % 512)
         return -EINVAL;
-    uint32_t crc = crc32c(buf, len);
+    uint64_t len = 0;
+    pthread_once(&crc_once, crc_init);
+    uint32_t crc = ~0u;
+    for (int i = 0; i < iovcnt; i++) {
+        if (!iov[i].iov_base && iov[i].iov_len)
+            return -EINVAL;
+        len += iov[i].iov_len;
+        if (len > JR_MAX_IO)
+            return -EINVAL;
+        crc = crc_impl(crc, iov[i].iov_base, iov[i].iov_len);
+    }
+    if (!len || len % 512)
+        return -EINVAL;
+    crc = ~crc;
     struct timespec dl;
     deadline_in(&dl, timeout_ms);
     int rc = enter(j);
     if (rc < 0)
         return rc;
-    int64_t seq = append(j, REC_WRITE, vol, offset, 0, buf, len, crc, &dl);
+    int64_t seq = append(j, REC_WRITE, vol, offset, 0, iov, iovcnt, (uint32_t)len, crc, &dl);
     if (seq >= 0 && j->mode == JR_NV)
         rc = wait_durable(j, seq, &dl);
     else if (seq >= 0 && (flags & JR_FUA))
         rc = wait_synced(j, (uint64_t)seq + 1, &dl);
     leave(j);
     return rc < 0 ? rc : seq;
+}
+
+int64_t jr_write(jr_t *j, uint32_t vol, uint64_t offset, const void *buf, uint32_t len,
+                 uint32_t flags, uint32_t timeout_ms)
+{
+    if (!buf || !len || len % 512)
+        return -EINVAL;
+    struct iovec one = {.iov_base = (void *)buf, .iov_len = len};
+    return jr_writev(j, vol, offset, &one, 1, flags, timeout_ms);
 }
 
 int64_t jr_discard(jr_t *j, uint32_t vol, uint64_t offset, uint64_t length, uint32_t flags,
@@ -1968,7 +2114,7 @@ int64_t jr_discard(jr_t *j, uint32_t vol, uint64_t offset, uint64_t length, uint
     if (rc < 0)
         return rc;
     /* the length travels in the header's marker_id field; no data, crc 0 */
-    int64_t seq = append(j, REC_DISCARD, vol, offset, length, NULL, 0, 0, &dl);
+    int64_t seq = append(j, REC_DISCARD, vol, offset, length, NULL, 0, 0, 0, &dl);
     if (seq >= 0 && j->mode == JR_NV)
         rc = wait_durable(j, seq, &dl);
     else if (seq >= 0 && (flags & JR_FUA))
@@ -1988,7 +2134,8 @@ int64_t jr_marker(jr_t *j, uint64_t marker_id, const void *payload, uint32_t len
     int rc = enter(j);
     if (rc < 0)
         return rc;
-    int64_t seq = append(j, REC_MARKER, 0, 0, marker_id, payload, len, crc, &dl);
+    struct iovec pl = {.iov_base = (void *)payload, .iov_len = len};
+    int64_t seq = append(j, REC_MARKER, 0, 0, marker_id, &pl, 1, len, crc, &dl);
     if (seq >= 0 && j->mode == JR_NV)
         rc = wait_durable(j, seq, &dl);
     leave(j);

@@ -62,6 +62,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 typedef struct jr jr_t;
 
@@ -145,6 +146,12 @@ int jr_start(jr_t *j);
 int64_t jr_write(jr_t *j, uint32_t vol, uint64_t offset, const void *buf, uint32_t len,
                  uint32_t flags, uint32_t timeout_ms);
 
+/* jr_write gathering the data from iovcnt buffers (their total length is
+ * the write's: a multiple of 512, <= JR_MAX_IO): the TCMU ring handler
+ * journals straight out of the ring's data area, without a bounce copy. */
+int64_t jr_writev(jr_t *j, uint32_t vol, uint64_t offset, const struct iovec *iov, int iovcnt,
+                  uint32_t flags, uint32_t timeout_ms);
+
 /* Append a discard of [offset, offset + length) (multiples of 512, within
  * the volume, length > 0; no data in the journal, so any length fits).
  * Ordered like a write: reads of the range return zeros from the call on
@@ -195,10 +202,16 @@ void jr_get_stats(jr_t *j, struct jr_stats *st);
  * Idempotent (later calls return 0). */
 int jr_stop(jr_t *j, int drain, uint32_t timeout_ms);
 
-/* crc32c (Castagnoli) as used on disk: SSE4.2 when the CPU has it, and
- * the table version (for tests). */
+/* crc32c (Castagnoli) as used on disk, by the fastest implementation on
+ * this CPU (timed once: the SSE4.2 instruction or slicing-by-8 tables; a CPU
+ * emulator runs the instruction slowly). jr_crc32c_impl names the one in
+ * use ("sse4.2" or "slice8"). For tests: the byte-wise table version, and
+ * each variant by number (0 byte-wise, 1 slicing-by-8, 2 SSE4.2, or the
+ * byte-wise one where the CPU lacks it). */
 uint32_t jr_crc32c(const void *buf, size_t len);
 uint32_t jr_crc32c_table(const void *buf, size_t len);
+uint32_t jr_crc32c_variant(int which, const void *buf, size_t len);
+const char *jr_crc32c_impl(void);
 
 /* Stop. With drain, first wait (up to timeout_ms) until every record is
  * flushed and checkpointed (markers still need the controller). Frees j
