@@ -120,7 +120,7 @@ def cpu_busy() -> tuple[int, int]:
 
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of each thread of ``pid``, by
-    ``name/tid`` (the C threads name themselves: tcmu-ring, tcmu-worker,
+    ``name/tid`` (the C threads name themselves: tcmu-worker,
     jr-commit, jr-flush; Python's threads carry the process's name)."""
     out: dict[str, float] = {}
     for stat in glob.glob(f"/proc/{pid}/task/*/stat"):
@@ -446,7 +446,8 @@ def measure(
     res["dmsnapd_cpu"] = {k: v / wall for k, v in cpu.items()}  # CPUs busy, by thread kind
     if cfg.ref:
         r1 = d.ring_stats().get(cfg.ref, {})
-        rs = {k: r1.get(k, 0) - r0.get(k, 0) for k in ("fetched", "slow", "busy", "errors")}
+        keys = ("fetched", "slow", "busy", "errors", "kicks")
+        rs = {k: r1.get(k, 0) - r0.get(k, 0) for k in keys}
         res["ring"] = rs
         res["dmsnapd_us_per_cmd"] = cpu["total"] / max(1, rs["fetched"]) * 1e6
     if j0 is not None:
@@ -638,10 +639,10 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
     )
     print(
         "\n| configuration | case | clat p50 / p99 µs | system CPU busy | dmsnapd CPUs "
-        "(ring / workers / commit / flush / python) | dmsnapd µs CPU per command "
-        "| busiest thread | appends per commit | full waits | BUSY |"
+        "(workers / commit / flush / python) | dmsnapd µs CPU per command "
+        "| busiest thread | appends per commit | full waits | BUSY | kicks per command |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key, c in cfgs.items():
         for label, *_ in CASES:
             xs = res[key].get(label, [])
@@ -657,7 +658,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
             )
             if c["title"].startswith("dmsnap"):
                 line += (
-                    f"{m('dmsnapd_cpu.total'):.2f} ({m('dmsnapd_cpu.tcmu-ring'):.2f} / "
+                    f"{m('dmsnapd_cpu.total'):.2f} ("
                     f"{m('dmsnapd_cpu.tcmu-worker'):.2f} / {m('dmsnapd_cpu.jr-commit'):.2f} / "
                     f"{m('dmsnapd_cpu.jr-flush'):.2f} / {m('dmsnapd_cpu.python'):.2f}) | "
                     f"{m('dmsnapd_us_per_cmd'):.0f} | {m('dmsnapd_cpu.top_thread') * 100:.0f}% | "
@@ -669,9 +670,12 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
                     if j and "write" in label
                     else "- | - | "
                 )
-                line += f"{sum(x.get('ring', {}).get('busy', 0) for x in xs)} |"
+                line += f"{sum(x.get('ring', {}).get('busy', 0) for x in xs)} | "
+                kicks = sum(x.get("ring", {}).get("kicks", 0) for x in xs)
+                cmds = sum(x.get("ring", {}).get("fetched", 0) for x in xs)
+                line += f"{kicks / max(1, cmds):.2f} |"
             else:
-                line += "- | - | - | - | - | - |"
+                line += "- | - | - | - | - | - | - |"
             print(line)
     print("\nWhere the CPUs go (CPUs busy per task, mean over the rounds, the six busiest):\n")
     print("| configuration | case | tasks |")
@@ -707,7 +711,14 @@ def main() -> None:
     ap.add_argument("--no-ram", action="store_true", help="skip the RAM-journal column")
     ap.add_argument("--workdir", default=None, help="where the backing files go (/tmp)")
     ap.add_argument("--json", help="also write the raw figures here")
+    ap.add_argument(
+        "--cases", default="",
+        help="only the cases whose label contains this (e.g. QD32; default: all)",
+    )  # fmt: skip
     args = ap.parse_args()
+    CASES[:] = [c for c in CASES if args.cases.lower() in c[0].lower()]
+    if not CASES:
+        sys.exit(f"scsi bench: no case matches --cases {args.cases!r}")
     if args.seconds is None:
         args.seconds = 1.0 if args.quick else 3.0
     if args.ramp is None:

@@ -51,7 +51,13 @@ struct tc_dev {
     struct tc_cmd *inflight[65536]; /* by cmd_id: fetched, not completed */
     int stop;
 
-    pthread_t ring_thread;
+    uint64_t kick_req; /* completions that asked for a kick */
+    int kicking;       /* a thread is in kick()'s write */
+    uint64_t st_kicks; /* kicks made (<= kick_req) */
+
+    int polling; /* a worker sleeps in poll() on the UIO device */
+    int no_direct_read; /* reads into the data area failed with EFAULT: bounce */
+    int idle;    /* workers waiting on cv_work */
     pthread_t workers[MAX_WORKERS];
     int nworkers;
     struct tc_stats st;
@@ -103,11 +109,24 @@ static void sweep_tail(tc_dev_t *d)
     __atomic_store_n(&d->mb->cmd_tail, tail, __ATOMIC_RELEASE);
 }
 
+/* Tell the kernel to reap completions. One kick reaps every response
+ * written before it, so concurrent completers share kicks: whoever finds a
+ * kick under way only counts its request, and the kicker kicks again if
+ * requests arrived meanwhile (seq_cst orders the count against the flag, so
+ * no response is left unreaped). Each kick is a system call into LIO. */
 static void kick(tc_dev_t *d)
 {
-    uint32_t one = 0;
-    ssize_t n = write(d->fd, &one, sizeof one);
-    (void)n; /* a failed kick is retried by the next completion */
+    __atomic_add_fetch(&d->kick_req, 1, __ATOMIC_SEQ_CST);
+    while (!__atomic_exchange_n(&d->kicking, 1, __ATOMIC_SEQ_CST)) {
+        uint64_t seen = __atomic_load_n(&d->kick_req, __ATOMIC_SEQ_CST);
+        uint32_t one = 0;
+        ssize_t n = write(d->fd, &one, sizeof one);
+        (void)n; /* a failed kick is retried by the next completion */
+        __atomic_add_fetch(&d->st_kicks, 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&d->kicking, 0, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&d->kick_req, __ATOMIC_SEQ_CST) == seen)
+            break;
+    }
 }
 
 /* Write a response into the entry at cmd_tail (stealing it, as out-of-order
@@ -215,6 +234,21 @@ static int fast_rw(const tc_dev_t *d, const struct tc_cmd *c, int *w, uint64_t *
 
 /* -- fast path ----------------------------------------------------------- */
 
+static int64_t read_bounced(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce, uint64_t off,
+                            uint32_t len)
+{
+    int64_t rc = jr_read(d->j, d->cfg.vol, off, bounce, len);
+    if (rc >= 0) {
+        uint32_t at = 0;
+        for (uint32_t i = 0; i < c->iov_cnt && at < len; i++) {
+            uint32_t k = c->iov[i].iov_len < len - at ? (uint32_t)c->iov[i].iov_len : len - at;
+            memcpy(c->iov[i].iov_base, bounce + at, k);
+            at += k;
+        }
+    }
+    return rc;
+}
+
 static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
 {
     int w, fua;
@@ -226,25 +260,23 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
     uint32_t len = n * d->cfg.block_size;
     int64_t rc;
     if (w) {
-        uint32_t at = 0;
-        for (uint32_t i = 0; i < c->iov_cnt && at < len; i++) {
-            uint32_t k = c->iov[i].iov_len < len - at ? (uint32_t)c->iov[i].iov_len : len - at;
-            memcpy(bounce + at, c->iov[i].iov_base, k);
-            at += k;
-        }
-        rc = jr_write(d->j, d->cfg.vol, off, bounce, len, fua ? JR_FUA : 0, d->cfg.timeout_ms);
+        /* journalled straight from the ring's data area (fast_rw checked
+         * that the buffers hold exactly len bytes) */
+        rc = jr_writev(d->j, d->cfg.vol, off, c->iov, (int)c->iov_cnt, fua ? JR_FUA : 0,
+                       d->cfg.timeout_ms);
         __atomic_add_fetch(&d->st.fast_writes, 1, __ATOMIC_RELAXED);
-    } else {
-        rc = jr_read(d->j, d->cfg.vol, off, bounce, len);
-        if (rc >= 0) {
-            uint32_t at = 0;
-            for (uint32_t i = 0; i < c->iov_cnt && at < len; i++) {
-                uint32_t k =
-                    c->iov[i].iov_len < len - at ? (uint32_t)c->iov[i].iov_len : len - at;
-                memcpy(c->iov[i].iov_base, bounce + at, k);
-                at += k;
-            }
+    } else if (c->iov_cnt == 1 && !__atomic_load_n(&d->no_direct_read, __ATOMIC_RELAXED)) {
+        /* one buffer in the data area: read into it (O_DIRECT from the dm
+         * device where aligned); if the kernel cannot pin the mapping's
+         * pages for that, use the bounce buffer from then on */
+        rc = jr_read(d->j, d->cfg.vol, off, c->iov[0].iov_base, len);
+        if (rc == -EFAULT) {
+            __atomic_store_n(&d->no_direct_read, 1, __ATOMIC_RELAXED);
+            rc = read_bounced(d, c, bounce, off, len);
         }
+        __atomic_add_fetch(&d->st.fast_reads, 1, __ATOMIC_RELAXED);
+    } else {
+        rc = read_bounced(d, c, bounce, off, len);
         __atomic_add_fetch(&d->st.fast_reads, 1, __ATOMIC_RELAXED);
     }
     if (rc >= 0) {
@@ -266,32 +298,6 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
     else /* UNRECOVERED READ ERROR */
         sl = make_sense(d->desc_sense, 0x03, 0x11, 0x00, sense);
     finish(d, c, ST_CHECK, sense, sl, -1);
-}
-
-static void *worker_main(void *arg)
-{
-    tc_dev_t *d = arg;
-    pthread_setname_np(pthread_self(), "tcmu-worker"); /* for top -H, /proc/PID/task */
-    uint8_t *bounce = NULL;
-    if (posix_memalign((void **)&bounce, 4096, JR_MAX_IO))
-        return NULL;
-    pthread_mutex_lock(&d->mu);
-    for (;;) {
-        while (!d->work_head && !d->stop)
-            pthread_cond_wait(&d->cv_work, &d->mu);
-        if (!d->work_head)
-            break;
-        struct tc_cmd *c = d->work_head;
-        d->work_head = c->next;
-        if (!d->work_head)
-            d->work_tail = NULL;
-        pthread_mutex_unlock(&d->mu);
-        run_fast(d, c, bounce);
-        pthread_mutex_lock(&d->mu);
-    }
-    pthread_mutex_unlock(&d->mu);
-    free(bounce);
-    return NULL;
 }
 
 /* -- fetching ----------------------------------------------------------------- */
@@ -353,7 +359,6 @@ static int fetch(tc_dev_t *d)
             uint32_t n;
             if (d->j && fast_rw(d, c, &w, &lba, &n, &fua)) {
                 enqueue(&d->work_head, &d->work_tail, c);
-                pthread_cond_signal(&d->cv_work);
             } else {
                 d->st.slow++;
                 enqueue(&d->slow_head, &d->slow_tail, c);
@@ -369,25 +374,62 @@ static int fetch(tc_dev_t *d)
     return got;
 }
 
-static void *ring_main(void *arg)
+/* -- the workers ------------------------------------------------------------ */
+
+/* Every worker fetches commands itself: the ring's head is in shared memory,
+ * so a worker that finishes a command takes the next ones without a system
+ * call or a hand-off. Only when nothing is left does one worker (the
+ * poller) sleep in poll() on the UIO device for the kernel's next event;
+ * the others wait on cv_work. A worker that takes a command and leaves work
+ * behind, or leaves nobody polling, wakes one idle worker: under load the
+ * wake-ups go down to what sleeping requires. The UIO event is consumed
+ * (read) before the ring is looked at, so a command posted after the look
+ * raises an event the next poll() sees. */
+static void *worker_main(void *arg)
 {
     tc_dev_t *d = arg;
-    pthread_setname_np(pthread_self(), "tcmu-ring");
+    pthread_setname_np(pthread_self(), "tcmu-worker"); /* for top -H, /proc/PID/task */
+    uint8_t *bounce = NULL;
+    if (d->j && posix_memalign((void **)&bounce, 4096, JR_MAX_IO))
+        return NULL;
     struct pollfd p = {.fd = d->fd, .events = POLLIN};
+    pthread_mutex_lock(&d->mu);
     for (;;) {
-        pthread_mutex_lock(&d->mu);
-        int stop = d->stop;
-        fetch(d);
-        pthread_mutex_unlock(&d->mu);
-        if (stop)
-            break;
-        int r = poll(&p, 1, 100);
-        if (r > 0 && (p.revents & POLLIN)) {
-            uint32_t cnt;
-            ssize_t n = read(d->fd, &cnt, sizeof cnt); /* consumes the UIO event */
-            (void)n;
+        if (!d->stop)
+            fetch(d);
+        if (d->work_head) {
+            struct tc_cmd *c = d->work_head;
+            d->work_head = c->next;
+            if (!d->work_head)
+                d->work_tail = NULL;
+            if ((d->work_head || !d->polling) && d->idle)
+                pthread_cond_signal(&d->cv_work);
+            pthread_mutex_unlock(&d->mu);
+            run_fast(d, c, bounce);
+            pthread_mutex_lock(&d->mu);
+            continue;
         }
+        if (d->stop)
+            break;
+        if (!d->polling) {
+            d->polling = 1;
+            pthread_mutex_unlock(&d->mu);
+            int r = poll(&p, 1, 100);
+            if (r > 0 && (p.revents & POLLIN)) {
+                uint32_t cnt;
+                ssize_t n = read(d->fd, &cnt, sizeof cnt); /* consumes the UIO event */
+                (void)n;
+            }
+            pthread_mutex_lock(&d->mu);
+            d->polling = 0;
+            continue;
+        }
+        d->idle++;
+        pthread_cond_wait(&d->cv_work, &d->mu);
+        d->idle--;
     }
+    pthread_mutex_unlock(&d->mu);
+    free(bounce);
     return NULL;
 }
 
@@ -477,6 +519,7 @@ void tc_get_stats(tc_dev_t *d, struct tc_stats *st)
     st->fast_reads = __atomic_load_n(&d->st.fast_reads, __ATOMIC_RELAXED);
     st->fast_writes = __atomic_load_n(&d->st.fast_writes, __ATOMIC_RELAXED);
     st->flags = d->mb->flags;
+    st->kicks = __atomic_load_n(&d->st_kicks, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&d->mu);
 }
 
@@ -530,18 +573,16 @@ int tc_open(const char *uio_path, uint64_t map_size, jr_t *j, const struct tc_co
     /* Entries between tail and head were posted before we (re)started: a
      * restarted daemon takes them again (the kernel still waits for them). */
     d->fetched = d->mb->cmd_tail;
-    int started = 0;
-    for (int i = 0; i < (j ? d->nworkers : 0); i++) {
+    /* Without a journal every command is the controller's: one worker
+     * fetches them. */
+    int want = j ? d->nworkers : 1, started = 0;
+    for (int i = 0; i < want; i++) {
         if (pthread_create(&d->workers[i], NULL, worker_main, d))
             break;
         started++;
     }
     d->nworkers = started;
-    if (pthread_create(&d->ring_thread, NULL, ring_main, d)) {
-        d->stop = 1;
-        pthread_cond_broadcast(&d->cv_work);
-        for (int i = 0; i < d->nworkers; i++)
-            pthread_join(d->workers[i], NULL);
+    if (!started) {
         munmap(d->map, map_size);
         close(d->fd);
         free(d);
@@ -558,11 +599,12 @@ void tc_close(tc_dev_t *d)
     pthread_cond_broadcast(&d->cv_work);
     pthread_cond_broadcast(&d->cv_slow);
     pthread_mutex_unlock(&d->mu);
-    pthread_join(d->ring_thread, NULL);
     for (int i = 0; i < d->nworkers; i++)
         pthread_join(d->workers[i], NULL); /* they finish the queue first */
-    /* What the controller never completed: BUSY, so initiators retry. */
+    /* What the controller never completed, and what was posted meanwhile:
+     * BUSY, so initiators retry. */
     pthread_mutex_lock(&d->mu);
+    fetch(d);
     for (uint32_t id = 0; id < 65536; id++) {
         struct tc_cmd *c = d->inflight[id];
         if (!c)

@@ -1,15 +1,18 @@
 /* dmsnap TCMU ring handler: one LIO user backstore (a UIO device) served
  * from a pool's journal (DESIGN.md sections 2 and 3).
  *
- * A ring thread fetches commands from the TCMU command ring as the kernel
- * posts them, copying each one's CDB and iovecs out of the ring entry
- * (completions may steal that entry, see below). READ and WRITE (6/10/12/16)
- * whose fields are all well-formed are the fast path: worker threads run
- * them against the journal (jr_write / jr_read, FUA honoured) straight from
- * and into the ring's data area, so many are in flight at once and a NV
- * journal's group commit batches them. Everything else (and any READ/WRITE
- * with a field that needs sense data) is handed to the controller (Python:
- * tc_next_slow / tc_complete), which emulates SPC/SBC and the vendor command.
+ * Worker threads fetch commands from the TCMU command ring themselves (the
+ * ring's head is in shared memory: a worker that finishes a command takes
+ * the next ones without a system call or a hand-off; one idle worker sleeps
+ * in poll() on the UIO device for the kernel's next event), copying each
+ * one's CDB and iovecs out of the ring entry (completions may steal that
+ * entry, see below). READ and WRITE (6/10/12/16) whose fields are all
+ * well-formed are the fast path: the workers run them against the journal
+ * (jr_writev / jr_read, FUA honoured) straight from and into the ring's
+ * data area, so many are in flight at once and a NV journal's group commit
+ * batches them. Everything else (and any READ/WRITE with a field that needs
+ * sense data) is handed to the controller (Python: tc_next_slow /
+ * tc_complete), which emulates SPC/SBC and the vendor command.
  *
  * Completion is out of order (TCMU_MAILBOX_FLAG_CAP_OOOC, required): the
  * response is written into the entry at cmd_tail with the completed
@@ -55,6 +58,7 @@ struct tc_stats {
     uint64_t busy;       /* completed BUSY (journal full / stopping) */
     uint32_t inflight;
     uint32_t flags;      /* mailbox flags as the kernel set them */
+    uint64_t kicks;      /* completion system calls (concurrent completions share one) */
 };
 
 /* Map the UIO device (map_size from /sys/class/uio/uioN/maps/map0/size),

@@ -140,7 +140,10 @@ class TcmuDevice:
         lib.tc_get_stats(self._d, st)
         return {
             k: int(getattr(st, k))
-            for k in ("fetched", "fast_reads", "fast_writes", "slow", "errors", "busy", "inflight")
+            for k in (
+                "fetched", "fast_reads", "fast_writes", "slow", "errors", "busy", "inflight",
+                "kicks",
+            )  # fmt: skip
         }
 
     def close(self) -> None:
