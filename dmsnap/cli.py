@@ -1068,7 +1068,7 @@ def initiator_status(
 
 @initiator_app.command("list")
 def initiator_list(device: DeviceArg, json_out: JsonOpt = False) -> None:
-    """Recent snapshot requests of the LUN's pool."""
+    """Snapshot requests of the LUN's pool that are not deleted, newest first."""
     from dmsnap.scsi import initiator
 
     entries = initiator.list_requests(device)
@@ -1165,8 +1165,8 @@ def initiator_schedule(
         raise InvalidArgument("--every must be at least 1s")
     if count < 0:
         raise InvalidArgument("--count must be 0 (forever) or more")
-    if not 0 <= keep < snapcmd.LIST_MAX:
-        raise InvalidArgument(f"--keep must be 0 (keep all) to {snapcmd.LIST_MAX - 1}")
+    if keep < 0:
+        raise InvalidArgument("--keep must be 0 (keep all) or more")
     why = snapcmd.check_name(f"{prefix}-20000101-000000")
     if why:
         raise InvalidArgument(f"--prefix {prefix!r}: {why}")

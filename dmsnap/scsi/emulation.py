@@ -114,8 +114,9 @@ class SnapshotService(Protocol):
         """Requests whose token ends with the 4-byte handle (normally one)."""
         ...
 
-    def list(self, lun: Lun) -> Sequence[SC.SnapEntry]:
-        """Recent requests of this LUN's pool, newest first (not the deleted ones)."""
+    def list(self, lun: Lun, skip: int = 0) -> Sequence[SC.SnapEntry]:
+        """Up to SC.LIST_MAX requests of this LUN's pool, newest first, not
+        the deleted ones, after passing over the ``skip`` newest."""
         ...
 
     def delete(self, lun: Lun, token: bytes) -> None:
@@ -289,7 +290,7 @@ _SNAP_OPS: tuple[_Op, ...] = (
         SC.OPCODE,
         SC.SA_LIST,
         "DMSNAP LIST",
-        _u(SC.OPCODE, SC.SA_LIST, 0, 0, 0, 0, 0, 0xFF, 0xFF, CTL),
+        _u(SC.OPCODE, SC.SA_LIST, 0, *_FF4, 0xFF, 0xFF, CTL),
         "_dmsnap",
         vendor=True,
     ),
@@ -1048,7 +1049,7 @@ class Emulator:
                     e for e in svc.status(self.lun, sc.handle) if SC.handle_of(e.token) == sc.handle
                 ]
             else:
-                entries = list(svc.list(self.lun))
+                entries = list(svc.list(self.lun, sc.skip))
         except SC.SnapshotError as e:
             raise SenseError(SC.error_sense(e)) from None
         return self._data(c, SC.encode_entries(sc.service_action, entries), sc.length)

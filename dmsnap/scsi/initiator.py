@@ -72,10 +72,28 @@ def status(device: str, token: bytes) -> list[SC.SnapEntry]:
     return [e for e in SC.decode_entries(r.data).entries if e.token == token]
 
 
+LIST_PAGES = 4096  # a bound on LIST round trips (4096 * 64 requests)
+
+
 def list_requests(device: str) -> list[SC.SnapEntry]:
-    r = _send(device, SC.list_cdb(), data_in_len=SC.MAX_RESPONSE)
-    _check(device, r, SC.SA_LIST)
-    return SC.decode_entries(r.data).entries
+    """Every request of the LUN's pool that is not deleted, newest first:
+    LIST pages (SKIP) until a page comes back short. Requests made or
+    deleted meanwhile shift the pages; a request seen twice is kept once."""
+    out: list[SC.SnapEntry] = []
+    seen: set[bytes] = set()
+    skip = 0
+    for _ in range(LIST_PAGES):
+        r = _send(device, SC.list_cdb(skip=skip), data_in_len=SC.MAX_RESPONSE)
+        _check(device, r, SC.SA_LIST)
+        page = SC.decode_entries(r.data)
+        for e in page.entries:
+            if e.token not in seen or not any(e.token):
+                seen.add(e.token)
+                out.append(e)
+        skip += len(page.entries)
+        if page.entry_count < SC.LIST_MAX or not page.entries:
+            break
+    return out
 
 
 def snapshot(

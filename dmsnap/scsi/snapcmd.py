@@ -13,7 +13,8 @@ CDB (10 bytes; the kernel passes only 10 CDB bytes for opcodes 0xC0-0xFF)::
     0     0xC0
     1     bits 4-0 SERVICE ACTION: 01h CREATE, 02h STATUS, 03h LIST, 04h DELETE (bits 7-5: 0)
     2     flags: bit 0 WAIT, bit 1 GROUP (CREATE only; other bits 0)
-    3-6   STATUS: REQUEST HANDLE = bytes 12-15 of the request token; else 0
+    3-6   STATUS: REQUEST HANDLE = bytes 12-15 of the request token;
+          LIST: SKIP, the number of newest requests to pass over (a page; 0 first); else 0
     7-8   CREATE/DELETE: PARAMETER LIST LENGTH (Data-Out); STATUS/LIST: ALLOCATION LENGTH (Data-In)
     9     CONTROL
 
@@ -70,7 +71,7 @@ MAX_PARAM_LEN = 4096  # a CREATE parameter list longer than this is refused
 MAX_RESPONSE = 0xFFFF  # the largest allocation length the CDB can carry
 HEADER_LEN = 12
 DELETE_LEN = 24  # magic, version, reserved, token
-LIST_MAX = 64  # LIST reports at most this many requests (the most recent not deleted)
+LIST_MAX = 64  # LIST reports at most this many requests (a page of the not deleted, newest first)
 MAX_ERROR_BYTES = 1024
 
 # same rule as dmsnap.storage.names.check_name (kept import-light for the initiator)
@@ -96,8 +97,13 @@ class SnapCdb:
     service_action: int
     wait: bool
     group: bool
-    handle: bytes  # STATUS: 4 bytes; else b"\0\0\0\0"
+    handle: bytes  # STATUS: 4 bytes; LIST: SKIP (big-endian); else b"\0\0\0\0"
     length: int  # parameter list length (CREATE) or allocation length (STATUS, LIST)
+
+    @property
+    def skip(self) -> int:
+        """LIST: how many of the newest requests to pass over."""
+        return int.from_bytes(self.handle, "big") if self.service_action == SA_LIST else 0
 
 
 @dataclass(frozen=True)
@@ -243,8 +249,10 @@ def status_cdb(token_or_handle: bytes, alloc_len: int = MAX_RESPONSE) -> bytes:
     return _cdb(SA_STATUS, 0, h, alloc_len)
 
 
-def list_cdb(alloc_len: int = MAX_RESPONSE) -> bytes:
-    return _cdb(SA_LIST, 0, b"\0" * HANDLE_LEN, alloc_len)
+def list_cdb(alloc_len: int = MAX_RESPONSE, skip: int = 0) -> bytes:
+    if not 0 <= skip <= 0xFFFFFFFF:
+        raise ValueError(f"skip {skip} does not fit the CDB (0-4294967295)")
+    return _cdb(SA_LIST, 0, skip.to_bytes(HANDLE_LEN, "big"), alloc_len)
 
 
 def create_command(req: CreateRequest) -> tuple[bytes, bytes]:
@@ -281,7 +289,7 @@ def decode_cdb(cdb: bytes) -> SnapCdb:
         bad = flags & ~allowed & 0xFF
         raise S.bad_cdb(2, bad.bit_length() - 1)
     handle = bytes(cdb[3:7])
-    if sa != SA_STATUS:  # the handle field is reserved for the others
+    if sa not in (SA_STATUS, SA_LIST):  # reserved for the others
         for i in range(3, 7):
             if cdb[i]:
                 raise S.bad_cdb(i, 7)

@@ -172,13 +172,14 @@ class InbandSnapshots:
                 if (mk.token or "").endswith(suffix)
             ]
 
-    def list(self, lun: Lun) -> Sequence[SC.SnapEntry]:
+    def list(self, lun: Lun, skip: int = 0) -> Sequence[SC.SnapEntry]:
         # Deleted requests are left out (STATUS still reports them), so the
         # window holds what exists: a long-running `schedule --keep` stays in it.
         with self.m.lock:
             groups = self._groups()
             live = (self._entry(mk, groups) for mk in self._markers())
-            return list(islice((e for e in live if e.state is not SC.State.DELETED), SC.LIST_MAX))
+            kept = (e for e in live if e.state is not SC.State.DELETED)
+            return list(islice(kept, skip, skip + SC.LIST_MAX))
 
     def delete(self, lun: Lun, token: bytes) -> None:
         with self.m.lock:

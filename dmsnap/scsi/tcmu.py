@@ -141,9 +141,9 @@ class TcmuDevice:
         return {
             k: int(getattr(st, k))
             for k in (
-                "fetched", "fast_reads", "fast_writes", "slow", "errors", "busy", "inflight",
+                *("fetched", "fast_reads", "fast_writes", "slow", "errors", "busy", "inflight"),
                 "kicks",
-            )  # fmt: skip
+            )
         }
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ device."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -32,7 +33,6 @@ SERIAL = "dmsnap-0123456789abcdef"  # FakeLun's unit serial
         (["initiator", "delete", "/dev/null", "-bad"], "No such option"),
         (["initiator", "delete", "/dev/null", ".bad"], "must not start with"),
         (["initiator", "schedule", "/dev/null", "--every", "1s", "--keep", "-1"], "--keep must"),
-        (["initiator", "schedule", "/dev/null", "--every", "1s", "--keep", "64"], "--keep must"),
         (["initiator", "schedule", "/dev/null", "--every", "1s", "--count", "-1"], "--count"),
         (["initiator", "schedule", "/dev/null", "--every", "0s"], "at least 1s"),
         (["initiator", "schedule", "/dev/null", "--every", "1s", "--prefix", "a b"], "--prefix"),
@@ -143,3 +143,34 @@ def test_schedule_reports_a_failed_delete_and_goes_on(dev) -> None:
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("not deleted: auto-20000101-000000:") == 2  # each round, retried
     assert len(s.created) == 3 and s.deleted == []
+
+
+def done(s: FakeSnapshots, name: str, labels: dict[str, str] | None = None) -> bytes:
+    """A finished request made through the fake service (as the flusher would)."""
+    token = SC.new_token()
+    s.create(None, SC.CreateRequest(token, name, dict(labels or {}), wait=True))
+    return token
+
+
+def test_list_and_keep_see_past_one_list_page(dev) -> None:
+    """LIST answers 64 requests a page; the initiator pages with SKIP, so
+    `initiator list` shows every request and `schedule --keep` prunes its
+    old snapshots even when more than a page of newer ones hide them."""
+    s = snaps_of(dev)
+    label = {initiator.SCHEDULE_LABEL: f"auto@{SERIAL}"}
+    ours = [done(s, f"auto-20000101-{i:06d}", label) for i in range(80)]
+    others = [done(s, f"other-{i}") for i in range(70)]  # newer: they fill page one
+    p = dmsnap(dev, "initiator", "list", "DEV", "--json")
+    assert p.returncode == 0, p.stderr
+    listed = json.loads(p.stdout)
+    assert len(listed) == 150
+    assert [e["name"] for e in listed[:2]] == ["other-69", "other-68"]  # newest first
+    assert {e["token"] for e in listed} == {t.hex() for t in ours + others}
+    p = dmsnap(dev, "initiator", "schedule", "DEV", "--every", "1s", "--count", "1", "--keep", "70")
+    assert p.returncode == 0, p.stderr
+    made = [r for r in s.created if r.labels == label and r.token not in ours]
+    assert len(made) == 1
+    # 81 of its own now (the new one counts, pending or not): the 70 newest stay
+    assert sorted(s.deleted) == sorted(ours[:11])
+    assert p.stdout.count(": deleted (keeping the newest 70)") == 11
+    assert not set(s.deleted) & set(others)

@@ -80,6 +80,11 @@ def test_status_and_list_cdbs(token, alloc):
     assert SC.status_cdb(token[12:], alloc) == SC.status_cdb(token, alloc)
     c = SC.decode_cdb(SC.list_cdb(alloc))
     assert (c.service_action, c.length, c.wait, c.group) == (SC.SA_LIST, alloc, False, False)
+    assert c.skip == 0
+    skip = int.from_bytes(token[:4], "big")
+    c = SC.decode_cdb(SC.list_cdb(alloc, skip=skip))
+    assert (c.service_action, c.skip, c.length) == (SC.SA_LIST, skip, alloc)
+    assert SC.decode_cdb(SC.status_cdb(token, alloc)).skip == 0  # STATUS: a handle, no skip
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
@@ -211,7 +216,7 @@ def test_truncated_create_is_a_parameter_list_length_error(cut):
         (bytes((0xC0, 0x02, 0x01, 0, 0, 0, 0, 0, 10, 0)), (2, 0)),  # WAIT on STATUS
         (bytes((0xC0, 0x03, 0x02, 0, 0, 0, 0, 0, 10, 0)), (2, 1)),  # GROUP on LIST
         (bytes((0xC0, 0x01, 0, 0, 0, 1, 0, 0, 10, 0)), (5, 7)),  # reserved byte
-        (bytes((0xC0, 0x03, 0, 9, 0, 0, 0, 0, 10, 0)), (3, 7)),
+        (bytes((0xC0, 0x01, 0, 9, 0, 0, 0, 0, 10, 0)), (3, 7)),  # CREATE: no handle/skip
     ],
 )
 def test_cdb_field_pointers(cdb, pointer):

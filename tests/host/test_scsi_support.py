@@ -132,8 +132,9 @@ class FakeSnapshots:
     def status(self, lun: object, handle: bytes) -> list[SC.SnapEntry]:
         return [e for e in self.entries if e.token.endswith(handle)]
 
-    def list(self, lun: object) -> list[SC.SnapEntry]:
-        return [e for e in self.entries if e.state is not SC.State.DELETED]
+    def list(self, lun: object, skip: int = 0) -> list[SC.SnapEntry]:
+        live = [e for e in self.entries if e.state is not SC.State.DELETED]
+        return live[skip : skip + SC.LIST_MAX]
 
     def delete(self, lun: object, token: bytes) -> None:
         with self.lock:
