@@ -17,7 +17,8 @@ from jmodel import Model, first_difference, read_direct
 from scsi_util import pwrite_direct
 
 from dmsnap import errors as E
-from dmsnap.scsi import initiator, lio
+from dmsnap.scsi import initiator, lio, sgio
+from dmsnap.scsi import snapcmd as SC
 from dmsnap.storage.manager import Manager
 
 MiB = 1 << 20
@@ -135,6 +136,10 @@ def test_inband_snapshot_holds_exactly_the_completed_writes(exported):
     again = initiator.snapshot(disk, "ib0", token=initiator.status(disk, c.token)[0].token)
     assert again.entry is not None and again.entry.marker == snaps[-1][2]
     assert len([r for r in initiator.list_requests(disk) if r.name.startswith("ib")]) == 4
+    # LIST pages: SKIP passes over the newest requests
+    everything = initiator.list_requests(disk)
+    r = sgio.sg_io(disk, SC.list_cdb(skip=2), data_in_len=SC.MAX_RESPONSE)
+    assert SC.decode_entries(r.data).entries == everything[2 : 2 + SC.LIST_MAX]
     for name, upto, _ in snaps:
         act = m.snapshot_activate("s", "v", name)
         try:
