@@ -389,7 +389,6 @@ struct jr {
 
     pthread_mutex_t mu;
     pthread_cond_t cv_commit;   /* committer: records to commit, stop */
-    pthread_cond_t cv_durable;  /* writers: durable_seq moved, error, stop */
     pthread_cond_t cv_flush;    /* flusher: work, marker done, attach, stop */
     pthread_cond_t cv_marker;   /* controller: marker ready, stop */
     pthread_cond_t cv_progress; /* flushed/synced/checkpoint/space/busy moved */
@@ -408,6 +407,11 @@ struct jr {
     struct {
         uint64_t end_lpos, end_seq;
         int done;
+        /* writers whose record is in this commit (or, for the slot the
+         * next commit takes, not submitted yet): woken when durability
+         * passes it, so a commit wakes its own writers and not every
+         * writer waiting on the journal (a context switch each) */
+        pthread_cond_t cv;
     } cq[JR_COMMIT_DEPTH];
     int cq_head, cq_n;
     uint64_t flush_seq, flush_lpos; /* next record for the flusher */
@@ -440,6 +444,13 @@ struct jr {
 };
 
 /* ------------------------------------------------------------ helpers */
+
+/* Every writer waiting for durability (errors, stop). */
+static void wake_durable_all(jr_t *j)
+{
+    for (int i = 0; i < JR_COMMIT_DEPTH; i++)
+        pthread_cond_broadcast(&j->cq[i].cv);
+}
 
 static uint64_t round_up(uint64_t x, uint64_t a)
 {
@@ -889,7 +900,7 @@ static int sb_write(jr_t *j, uint64_t seq, uint64_t lpos, int locked)
     if (rc < 0) {
         if (!j->journal_error)
             j->journal_error = rc;
-        pthread_cond_broadcast(&j->cv_durable);
+        wake_durable_all(j);
         pthread_cond_broadcast(&j->cv_progress);
         return rc;
     }
@@ -995,7 +1006,8 @@ static void jr_free_all(jr_t *j)
         close(j->fd);
     pthread_mutex_destroy(&j->mu);
     pthread_cond_destroy(&j->cv_commit);
-    pthread_cond_destroy(&j->cv_durable);
+    for (int i = 0; i < JR_COMMIT_DEPTH; i++)
+        pthread_cond_destroy(&j->cq[i].cv);
     pthread_cond_destroy(&j->cv_flush);
     pthread_cond_destroy(&j->cv_marker);
     pthread_cond_destroy(&j->cv_progress);
@@ -1117,7 +1129,8 @@ static jr_t *jr_alloc(void)
     j->fd = -1;
     pthread_mutex_init(&j->mu, NULL);
     cond_init(&j->cv_commit);
-    cond_init(&j->cv_durable);
+    for (int i = 0; i < JR_COMMIT_DEPTH; i++)
+        cond_init(&j->cq[i].cv);
     cond_init(&j->cv_flush);
     cond_init(&j->cv_marker);
     cond_init(&j->cv_progress);
@@ -1462,6 +1475,7 @@ static void commit_batch(jr_t *j)
     while (j->cq_n && j->cq[j->cq_head].done) {
         j->durable_lpos = j->cq[j->cq_head].end_lpos;
         j->durable_seq = j->cq[j->cq_head].end_seq;
+        pthread_cond_broadcast(&j->cq[j->cq_head].cv);
         j->commits++;
         j->cq_head = (j->cq_head + 1) % JR_COMMIT_DEPTH;
         j->cq_n--;
@@ -1469,7 +1483,8 @@ static void commit_batch(jr_t *j)
     }
     if (moved)
         pthread_cond_signal(&j->cv_flush);
-    pthread_cond_broadcast(&j->cv_durable);
+    if (rc)
+        wake_durable_all(j);
     /* a slot is free: one committer for what was appended meanwhile (waking
      * idle ones with nothing to do costs a context switch each) */
     if (j->stopping)
@@ -2035,7 +2050,18 @@ static int wait_durable(jr_t *j, int64_t seq, const struct timespec *dl)
             return j->journal_error;
         if (!j->committers_on)
             return -ESHUTDOWN;
-        if (wait_until(&j->cv_durable, &j->mu, dl) == ETIMEDOUT && j->durable_seq <= (uint64_t)seq)
+        /* the commit holding seq, or the slot the next commit takes (which
+         * will hold it: a commit takes everything appended); with every
+         * slot busy that is the oldest, and its end wakes us to look again */
+        int k = (j->cq_head + j->cq_n) % JR_COMMIT_DEPTH;
+        for (int i = 0; i < j->cq_n; i++) {
+            int slot = (j->cq_head + i) % JR_COMMIT_DEPTH;
+            if (j->cq[slot].end_seq > (uint64_t)seq) {
+                k = slot;
+                break;
+            }
+        }
+        if (wait_until(&j->cq[k].cv, &j->mu, dl) == ETIMEDOUT && j->durable_seq <= (uint64_t)seq)
             return -ETIMEDOUT;
     }
     return 0;
@@ -2382,7 +2408,7 @@ int jr_stop(jr_t *j, int drain, uint32_t timeout_ms)
     }
     j->stopping = 1;
     pthread_cond_broadcast(&j->cv_commit);
-    pthread_cond_broadcast(&j->cv_durable);
+    wake_durable_all(j);
     pthread_cond_broadcast(&j->cv_flush);
     pthread_cond_broadcast(&j->cv_marker);
     pthread_cond_broadcast(&j->cv_progress);
@@ -2394,7 +2420,7 @@ int jr_stop(jr_t *j, int drain, uint32_t timeout_ms)
     pthread_mutex_lock(&j->mu);
     j->committers_on = j->flusher_on = 0;
     j->stopped = 1;
-    pthread_cond_broadcast(&j->cv_durable);
+    wake_durable_all(j);
     pthread_cond_broadcast(&j->cv_progress);
     pthread_mutex_unlock(&j->mu);
     return rc;
