@@ -23,6 +23,10 @@
 #define ST_BUSY 0x08
 
 #define DEFAULT_WORKERS 16
+/* A read whose buffer is at most this many pieces of the data area is read
+ * piece by piece into it; more pieces cost more system calls than the
+ * bounce buffer's one copy. */
+#define DIRECT_READ_PIECES 8
 #define MAX_WORKERS 64
 
 struct tc_cmd {
@@ -265,11 +269,19 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
         rc = jr_writev(d->j, d->cfg.vol, off, c->iov, (int)c->iov_cnt, fua ? JR_FUA : 0,
                        d->cfg.timeout_ms);
         __atomic_add_fetch(&d->st.fast_writes, 1, __ATOMIC_RELAXED);
-    } else if (c->iov_cnt == 1 && !__atomic_load_n(&d->no_direct_read, __ATOMIC_RELAXED)) {
-        /* one buffer in the data area: read into it (O_DIRECT from the dm
-         * device where aligned); if the kernel cannot pin the mapping's
-         * pages for that, use the bounce buffer from then on */
-        rc = jr_read(d->j, d->cfg.vol, off, c->iov[0].iov_base, len);
+    } else if (c->iov_cnt <= DIRECT_READ_PIECES &&
+               !__atomic_load_n(&d->no_direct_read, __ATOMIC_RELAXED)) {
+        /* a few pieces of the data area: read each straight into it
+         * (O_DIRECT from the dm device where aligned) instead of copying
+         * the whole through the bounce buffer; if the kernel cannot pin the
+         * mapping's pages for that, use the bounce buffer from then on */
+        rc = 0;
+        uint32_t at = 0;
+        for (uint32_t i = 0; i < c->iov_cnt && at < len && rc >= 0; i++) {
+            uint32_t k = c->iov[i].iov_len < len - at ? (uint32_t)c->iov[i].iov_len : len - at;
+            rc = jr_read(d->j, d->cfg.vol, off + at, c->iov[i].iov_base, k);
+            at += k;
+        }
         if (rc == -EFAULT) {
             __atomic_store_n(&d->no_direct_read, 1, __ATOMIC_RELAXED);
             rc = read_bounced(d, c, bounce, off, len);
