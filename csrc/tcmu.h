@@ -9,8 +9,9 @@
  * entry, see below). READ and WRITE (6/10/12/16) whose fields are all
  * well-formed are the fast path: the workers run them against the journal
  * (jr_writev / jr_read, FUA honoured) straight from and into the ring's
- * data area, so many are in flight at once and a NV journal's group commit
- * batches them. Everything else (and any READ/WRITE with a field that needs
+ * data area (a read spread over more than a few pieces of it goes through
+ * a bounce buffer), so many are in flight at once and a NV journal's group
+ * commit batches them. Everything else (and any READ/WRITE with a field that needs
  * sense data) is handed to the controller (Python: tc_next_slow /
  * tc_complete), which emulates SPC/SBC and the vendor command.
  *
