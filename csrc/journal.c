@@ -114,12 +114,12 @@
 /* ...but a commit only overlaps another with at least this much to write:
  * smaller bits wait for the one in flight and join the next batch, which
  * costs one round trip instead of a syscall each. */
+#ifndef JR_PIPELINE_MIN
+#define JR_PIPELINE_MIN (32u << 10)
+#endif
 /* A writer that finds no commit in flight commits its record itself. */
 #ifndef JR_INLINE_COMMIT
 #define JR_INLINE_COMMIT 1
-#endif
-#ifndef JR_PIPELINE_MIN
-#define JR_PIPELINE_MIN (32u << 10)
 #endif
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -190,7 +190,7 @@ _Static_assert(offsetof(struct rec_disk, hdr_crc) == 68, "record header layout")
  * routines, crc_init times the candidates once and keeps the faster. */
 static uint32_t crc_tab[8][256];
 static uint32_t (*crc_impl)(uint32_t, const void *, size_t);
-static const char *crc_impl_name = "table";
+static const char *crc_impl_name; /* set by crc_init with crc_impl */
 
 static uint32_t crc32c_byte(uint32_t crc, const void *buf, size_t len)
 {
@@ -2123,8 +2123,7 @@ int64_t jr_writev(jr_t *j, uint32_t vol, uint64_t offset, const struct iovec *io
 int64_t jr_write(jr_t *j, uint32_t vol, uint64_t offset, const void *buf, uint32_t len,
                  uint32_t flags, uint32_t timeout_ms)
 {
-    if (!buf || !len || len % 512)
-        return -EINVAL;
+    /* jr_writev refuses a NULL buffer, an empty write and partial sectors */
     struct iovec one = {.iov_base = (void *)buf, .iov_len = len};
     return jr_writev(j, vol, offset, &one, 1, flags, timeout_ms);
 }

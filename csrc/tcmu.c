@@ -55,13 +55,12 @@ struct tc_dev {
     struct tc_cmd *inflight[65536]; /* by cmd_id: fetched, not completed */
     int stop;
 
-    uint64_t kick_req; /* completions that asked for a kick */
+    uint64_t kick_req; /* completions that asked for a kick (st.kicks: made) */
     int kicking;       /* a thread is in kick()'s write */
-    uint64_t st_kicks; /* kicks made (<= kick_req) */
 
-    int polling; /* a worker sleeps in poll() on the UIO device */
+    int polling;        /* a worker sleeps in poll() on the UIO device */
+    int idle;           /* workers waiting on cv_work */
     int no_direct_read; /* reads into the data area failed with EFAULT: bounce */
-    int idle;    /* workers waiting on cv_work */
     pthread_t workers[MAX_WORKERS];
     int nworkers;
     struct tc_stats st;
@@ -126,7 +125,7 @@ static void kick(tc_dev_t *d)
         uint32_t one = 0;
         ssize_t n = write(d->fd, &one, sizeof one);
         (void)n; /* a failed kick is retried by the next completion */
-        __atomic_add_fetch(&d->st_kicks, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&d->st.kicks, 1, __ATOMIC_RELAXED);
         __atomic_store_n(&d->kicking, 0, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&d->kick_req, __ATOMIC_SEQ_CST) == seen)
             break;
@@ -531,7 +530,7 @@ void tc_get_stats(tc_dev_t *d, struct tc_stats *st)
     st->fast_reads = __atomic_load_n(&d->st.fast_reads, __ATOMIC_RELAXED);
     st->fast_writes = __atomic_load_n(&d->st.fast_writes, __ATOMIC_RELAXED);
     st->flags = d->mb->flags;
-    st->kicks = __atomic_load_n(&d->st_kicks, __ATOMIC_RELAXED);
+    st->kicks = __atomic_load_n(&d->st.kicks, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&d->mu);
 }
 
