@@ -28,9 +28,10 @@ VOL = 8 * MiB
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_writers(io, model, vol_ids, *, threads, writes, seed, stop=None, span=VOL):
+def run_writers(io, model, vol_ids, *, threads, writes, seed, stop=None, span=VOL, gate=None):
     """``threads`` writers x ``writes`` random writes of 512 B..64 KiB in
-    the first ``span`` bytes of each volume."""
+    the first ``span`` bytes of each volume; ``gate(i)``, if given, is
+    called before each writer's i-th write and may hold it."""
     errors: list[BaseException] = []
 
     def writer(n: int) -> None:
@@ -39,6 +40,8 @@ def run_writers(io, model, vol_ids, *, threads, writes, seed, stop=None, span=VO
             for i in range(writes):
                 if stop is not None and stop.is_set():
                     return
+                if gate is not None:
+                    gate(i)
                 v = rng.choice(vol_ids)
                 length = rng.choice([512, 4096, 4096, 8192, 65536, 1536])
                 off = rng.randrange(0, (span - length) // 512) * 512
@@ -104,23 +107,37 @@ def test_snapshots_under_concurrent_writers_equal_the_model(mgr, backend, mode):
 
     # classic: keep each snapshot's copy-on-write within its 4 MiB COW area
     span = 2 * MiB if backend == "classic" else VOL
-    ts, errors = run_writers(
-        io, model, list(vols.values()), threads=4, writes=300, seed=1, span=span
-    )
     snaps: list[tuple[str, int, int]] = []  # name, marker id, marker seq
+    taken = threading.Condition()
+    writes, checkpoints = 300, 4
+
+    def gate(i: int) -> None:
+        # At checkpoint k a writer waits until k snapshots exist, so fast
+        # writers (RAM journal) cannot finish before snapshots interleave;
+        # between checkpoints writers and snapshots run freely.
+        k = i * (checkpoints + 1) // writes
+        if k and i == -(-k * writes // (checkpoints + 1)):
+            with taken:
+                taken.wait_for(lambda: len(snaps) >= k, timeout=60)
+
+    ts, errors = run_writers(
+        io, model, list(vols.values()), threads=4, writes=writes, seed=1, span=span, gate=gate
+    )
     i = 0
     while any(t.is_alive() for t in ts) and i < 8:  # classic: COW space per snapshot
         # one group: both volumes cut at the same marker
         r = mgr.snapshot_create([["j", "a"], ["j", "b"]], f"s{i}")
         assert r["state"] in ("pending", "done"), r
-        snaps.append((f"s{i}", r["marker"], r["seq"]))
+        with taken:
+            snaps.append((f"s{i}", r["marker"], r["seq"]))
+            taken.notify_all()
         i += 1
         time.sleep(0.02)
     for t in ts:
         t.join()
     assert not errors, errors
     wait_done(mgr, "j", [m for _, m, _ in snaps])
-    assert len(snaps) >= 3, "writers finished before snapshots could interleave"
+    assert len(snaps) >= checkpoints, "writers finished before snapshots could interleave"
 
     # reads through the journal see every acknowledged write
     for vid in vols.values():
