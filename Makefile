@@ -28,6 +28,7 @@ demo: setup
 
 lint:
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	@if command -v shellcheck >/dev/null; then \
 		shellcheck tools/setup tools/vm tools/vm-guest-init tools/run-tests .ci/run vagrant/provision.sh; \
 	else echo "shellcheck not installed; skipped"; fi

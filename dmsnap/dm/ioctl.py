@@ -249,9 +249,7 @@ def decode_targets(data: bytes, count: int) -> list[tuple[int, int, str, str]]:
     for _ in range(count):
         spec = ffi.from_buffer("struct dm_target_spec *", data[off : off + _SPEC])
         params = _cstr(data, off + _SPEC)
-        out.append(
-            (spec.sector_start, spec.length, ffi.string(spec.target_type).decode(), params)
-        )
+        out.append((spec.sector_start, spec.length, ffi.string(spec.target_type).decode(), params))
         off = spec.next
     return out
 

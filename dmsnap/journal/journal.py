@@ -16,6 +16,14 @@ from typing import Any
 
 from dmsnap._hotpath import ffi, lib
 
+
+def crc32c_impl() -> str:
+    """The record checksum's implementation, chosen by timing at start:
+    "sse4.2" (the CPU instruction) or "slice8" (tables; faster where the
+    instruction is emulated, as under QEMU TCG)."""
+    return ffi.string(lib.jr_crc32c_impl()).decode()
+
+
 _MS_MAX = 0xFFFF_FFFF
 
 

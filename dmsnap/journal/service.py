@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from dmsnap.journal.journal import Journal, JournalError, JournalStats, Marker
+from dmsnap.journal.journal import Journal, JournalError, JournalStats, Marker, crc32c_impl
 
 log = logging.getLogger("dmsnap.journal")
 
@@ -327,6 +327,7 @@ def status_json(pj: PoolJournal) -> Json:
         "lag_bytes": st.unflushed_bytes,
         "markers_pending": st.markers_pending,
         "direct_io": bool(getattr(st, "direct_io", True)),
+        "crc32c": crc32c_impl(),
         "journal_error": _errname(st.journal_error),
         "flush_error": _errname(st.flush_error),
         "flusher_waiting_volume": st.waiting_volume or None,

@@ -18,8 +18,6 @@ from dmsnap.journal import Journal, JournalError
 MiB = 1 << 20
 
 
-
-
 def test_crc32c_known_vectors() -> None:
     assert lib.jr_crc32c(b"123456789", 9) == 0xE3069283
     assert lib.jr_crc32c(b"", 0) == 0
@@ -222,9 +220,7 @@ def test_ram_mode_fua_and_sync_reach_the_dm_file(vol1: Path) -> None:
         assert done.is_set()
 
 
-def test_journal_full_writers_wait_then_time_out_then_continue(
-    tmp_path: Path, vol1: Path
-) -> None:
+def test_journal_full_writers_wait_then_time_out_then_continue(tmp_path: Path, vol1: Path) -> None:
     jp = tmp_path / "small"
     Journal.format(str(jp), 8192 + 256 * 1024)  # 256 KiB ring
     j = Journal.open(str(jp))

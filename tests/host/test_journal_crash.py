@@ -360,8 +360,14 @@ def test_stale_record_of_an_earlier_generation_is_rejected(tmp_path: Path) -> No
     # generation 2 rewrote seq 2 in place (same size), then crashed before
     # writing its seq 3: the gen-1 seq 3 after it is stale
     forged = make_record(
-        journal_id=sb.journal_id, generation=2, seq=2, type=WRITE, vol=1, offset=0,
-        data=pattern(0xC, 4096), align=sb.align,
+        journal_id=sb.journal_id,
+        generation=2,
+        seq=2,
+        type=WRITE,
+        vol=1,
+        offset=0,
+        data=pattern(0xC, 4096),
+        align=sb.align,
     )
     assert len(forged) == a.size
     write_ring(jp, a.pos, forged)

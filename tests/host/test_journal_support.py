@@ -188,8 +188,19 @@ def make_record(
     """A complete record (header sector + data + padding) as on disk."""
     ln = len(data)
     head = struct.pack(
-        REC_FMT, REC_MAGIC, journal_id, generation, seq, offset, marker_id, type, vol, ln,
-        crc32c(data), 0, 0,
+        REC_FMT,
+        REC_MAGIC,
+        journal_id,
+        generation,
+        seq,
+        offset,
+        marker_id,
+        type,
+        vol,
+        ln,
+        crc32c(data),
+        0,
+        0,
     )[:68]
     head += struct.pack("<I", crc32c(head))
     rec = head.ljust(HDR, b"\0") + data
