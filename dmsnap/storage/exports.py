@@ -1,0 +1,367 @@
+"""Exports: journaled volumes and snapshots served over SCSI through LIO,
+as a local disk (tcm_loop) or an iSCSI target.
+
+The export operations are methods of :class:`dmsnap.storage.manager.Manager`
+(the control protocol maps requests 1:1 onto its methods); they live here,
+in :class:`ExportsMixin`, so that the file layout shows the export plumbing
+apart from pools, volumes and snapshots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+from typing import TYPE_CHECKING, Any
+
+from dmsnap import errors as E
+from dmsnap.storage import names
+from dmsnap.storage._common import LINK_DIR, Json, _user_errors
+from dmsnap.storage.catalog import Catalog, Pool
+from dmsnap.storage.layers import SECTOR
+from dmsnap.storage.thin import BLOCK_SECTORS as THIN_BLOCK_SECTORS
+
+if TYPE_CHECKING:  # annotations only: manager.py imports this module
+    from dmsnap.journal.service import PoolJournal
+    from dmsnap.storage.manager import VolumeIO
+
+# the Manager's logger: export messages read as before the split
+log = logging.getLogger("dmsnap.storage")
+
+
+_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?$")
+
+
+def _check_iqn(iqn: str) -> str:
+    if not _IQN_RE.match(iqn) or len(iqn) > 223:
+        raise E.InvalidArgument(f"{iqn!r} is not an iSCSI name (iqn.YYYY-MM.domain[:name])")
+    return iqn
+
+
+def snapshot_rights(
+    kind: str, snap: str | None, allow: list[str], snapshot_allow: list[str] | None
+) -> tuple[str, ...] | None:
+    """Who may send the in-band snapshot command to a new export, as the
+    catalog keeps it: None every initiator that reaches the LUN, else these
+    IQNs (empty: nobody). ``snapshot_allow`` as the client sends it: None
+    (the default: every initiator), ``["all"]``, ``[]`` (nobody) or IQNs.
+    ``allow`` is the export's (checked) login list."""
+    if snapshot_allow is None or snapshot_allow == ["all"]:
+        # a snapshot export never takes the command (it is read-only): nobody
+        return () if snap is not None else None
+    if "all" in snapshot_allow:
+        raise E.InvalidArgument("--snapshot-allow all stands alone (no initiator names with it)")
+    if snap is not None:
+        if snapshot_allow:
+            raise E.InvalidArgument(
+                "a snapshot export is read-only and never takes the snapshot command: "
+                "no --snapshot-allow"
+            )
+        return ()
+    if not snapshot_allow:
+        return ()
+    if kind == "local":
+        raise E.InvalidArgument(
+            "a local export has one initiator (this host): --snapshot-allow all or --no-snapshot"
+        )
+    wanted = [_check_iqn(i) for i in snapshot_allow]
+    if len(set(wanted)) != len(wanted):
+        raise E.InvalidArgument("--snapshot-allow names an initiator twice")
+    if not allow:
+        # Without node ACLs (any initiator may log in) LIO shows every LUN of
+        # the target to everyone: no way to give initiators different rights.
+        raise E.InvalidArgument(
+            "--snapshot-allow INITIATOR needs --allow (the initiators that may log in): "
+            "rights per initiator are given through their ACLs"
+        )
+    if stray := [i for i in wanted if i not in allow]:
+        raise E.InvalidArgument(
+            f"--snapshot-allow {stray[0]}: not among the --allow initiators (it could not log in)"
+        )
+    return tuple(wanted)
+
+
+def export_paths(ex: Any) -> list[bool]:
+    """The backstores an export needs, by whether each takes the snapshot
+    command: one when every initiator has the same right, two (taking it,
+    refusing it) when an iSCSI export's initiators differ. TCMU does not
+    say which initiator sent a command, so rights go by backstore."""
+    rights = ex.snapshot_allow
+    if ex.snapshot is not None or rights == ():
+        return [False]
+    if rights is None or ex.kind == "local":
+        return [True]
+    if set(ex.config.get("allow", [])) <= set(rights):
+        return [True]
+    return [True, False]
+
+
+def _check_portal(portal: str) -> str:
+    host, sep, port = portal.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise E.InvalidArgument(f"portal {portal!r}: expected ADDRESS:PORT")
+    return portal
+
+
+class ExportsMixin:
+    """The Manager's export operations. A mixin, not a class of its own:
+    they need the Manager's catalog, pools, journals and lock (an export
+    serves a volume through its pool's journal, and volume and snapshot
+    operations refuse while one is exported), so :class:`Manager` inherits
+    them and callers keep calling ``manager.export_create(...)``."""
+
+    # Set by Manager.__init__; declared here for readers and type checkers.
+    catalog: Catalog
+    lock: threading.RLock
+    _exports: dict[int, Any]  # export id -> dmsnap.scsi.target.Running
+    export_errors: dict[int, str]
+
+    if TYPE_CHECKING:  # Manager methods the exports use
+
+        def _journal(self, pool: Pool) -> PoolJournal | None: ...
+
+        def _link(self, pool: str, vol: str, snap: str | None = None) -> str: ...
+
+        def open_volume(self, pool: str, vol: str) -> VolumeIO: ...
+
+        def snapshot_activate(self, pool: str, vol: str, name: str) -> Json: ...
+
+    def _export_json(self, ex: Any) -> Json:
+        out: Json = {
+            "pool": ex.pool,
+            "volume": ex.volume,
+            "snapshot": ex.snapshot,
+            "ref": ex.ref,
+            "kind": ex.kind,
+            "serial": ex.serial,
+            "created": ex.created,
+            **{k: v for k, v in ex.config.items() if k != "chap"},
+            "chap": bool(ex.config.get("chap")),
+            # who may send the snapshot command: "all" or a list (empty: nobody)
+            "snapshot_allow": "all" if ex.snapshot_allow is None else list(ex.snapshot_allow),
+            "running": ex.id in self._exports,
+        }
+        if ex.id in self.export_errors:
+            out["error"] = self.export_errors[ex.id]
+        if ex.id in self._exports:
+            out["stats"] = self._exports[ex.id].stats()
+        return out
+
+    def _find_export(self, pool: str, vol: str, snap: str | None) -> Any:
+        for ex in self.catalog.exports(pool):
+            if ex.volume == vol and ex.snapshot == snap:
+                return ex
+        return None
+
+    @_user_errors
+    def export_create(
+        self,
+        pool: str,
+        vol: str,
+        *,
+        snap: str | None = None,
+        kind: str = "local",
+        iqn: str | None = None,
+        portal: str | None = None,
+        allow: list[str] | None = None,
+        chap: str | None = None,
+        snapshot_allow: list[str] | None = None,
+    ) -> Json:
+        """Serve POOL/VOL (or a snapshot of it, read-only) over SCSI: a local
+        disk through tcm_loop, or an iSCSI target. ``snapshot_allow``: who
+        may send the in-band snapshot command (see :func:`snapshot_rights`)."""
+        from dmsnap.scsi import lio
+
+        names.check_name("pool", pool)
+        names.check_name("volume", vol)
+        if snap is not None:
+            names.check_name("snapshot", snap)
+        if kind not in ("local", "iscsi"):
+            raise E.InvalidArgument(f"export kind must be local or iscsi, not {kind!r}")
+        if kind == "local" and (iqn or portal or allow or chap):
+            raise E.InvalidArgument("--iqn, --portal, --allow and --chap are for --iscsi")
+        p = self.catalog.pool(pool)
+        v = self.catalog.volume(pool, vol)
+        s = self.catalog.snapshot(pool, vol, snap) if snap is not None else None
+        if snap is None and self._journal(p) is None:
+            raise E.InvalidArgument(
+                f"pool {pool} has no journal: its volumes are block devices already "
+                f"({self._link(pool, vol)}); exports serve journaled volumes"
+            )
+        if self._find_export(pool, vol, snap) is not None:
+            ref = f"{pool}/{vol}" + (f"@{snap}" if snap else "")
+            raise E.AlreadyExists(f"{ref} is already exported")
+        if (why := lio.available()) is not None:
+            raise E.Unavailable(f"cannot export: {why}")
+        config: Json = {}
+        if kind == "iscsi":
+            config["iqn"] = _check_iqn(
+                iqn or f"iqn.2026-11.org.dmsnap:{pool}.{vol}" + (f".{snap}" if snap else "")
+            )
+            config["portal"] = _check_portal(portal or "0.0.0.0:3260")
+            config["allow"] = [_check_iqn(a) for a in (allow or [])]
+            if chap:
+                user, sep, secret = chap.partition(":")
+                if not sep or not user or not 12 <= len(secret) <= 16:
+                    raise E.InvalidArgument("--chap USER:SECRET, the secret 12 to 16 characters")
+                config["chap"] = [user, secret]
+        rights = snapshot_rights(kind, snap, config.get("allow", []), snapshot_allow)
+        serial = f"dmsnap{p.uuid[:6]}{v.id:04x}" + (f"s{s.id:04x}" if s else "")
+        ex = self.catalog.add_export(
+            p.id, v.id, s.id if s else None, kind, serial, config, snapshot_allow=rights
+        )
+        try:
+            if s is not None and not s.active:
+                self.snapshot_activate(pool, vol, snap)
+            self._start_export(ex)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._stop_export(ex.id, keep=False)
+            self.catalog.remove_export(ex.id)
+            raise
+        log.info("exported %s (%s)", ex.ref, kind)
+        return self._export_json(ex)
+
+    def _backstore_name(self, ex: Any, second: bool = False) -> str:
+        # second: the one refusing the snapshot command when rights are mixed
+        return f"dmsnap-{ex.serial}" + ("-nosnap" if second else "")
+
+    def _start_export(self, ex: Any) -> None:
+        from dmsnap.scsi import lio, target
+
+        p = self.catalog.pool_by_id(ex.pool_id)
+        v = self.catalog.volume(ex.pool, ex.volume)
+        config = f"{ex.pool}/{ex.volume}" + (f"@{ex.snapshot}" if ex.snapshot else "")
+        if ex.snapshot is None:
+            pj = self._journal(p)
+            assert pj is not None
+            io = self.open_volume(ex.pool, ex.volume)
+            # one LUN object for every path: the same identity (serial, NAA
+            # from the volume), the same journal (writes from any path are
+            # ordered in it, so a marker follows every completed write)
+            lun: Any = target.VolumeLun(io, wce=pj.mode == "ram", serial=ex.serial)
+            service = target.InbandSnapshots(self, ex.pool, ex.volume)
+            journal, vol_id = pj.journal, v.id
+            # UNMAP gives space back in whole thin blocks; a classic volume
+            # gets zeros at any granularity
+            if p.backend == "thin":
+                unmap_gran = int(p.config.get("block_sectors", THIN_BLOCK_SECTORS)) * SECTOR
+            else:
+                unmap_gran = target.Limits.optimal_granularity
+        else:
+            path = f"/dev/mapper/{names.dm_snapshot(ex.pool, ex.volume, ex.snapshot)}"
+            lun = target.SnapshotDeviceLun(path, v.size, ex.serial)
+            service, journal, vol_id = None, None, 0
+            unmap_gran = target.Limits.unmap_granularity
+        paths: list[target.LunPath] = []
+        try:
+            for i, may in enumerate(export_paths(ex)):
+                name = self._backstore_name(ex, second=i > 0)
+                bs = lio.find_backstore(name) or lio.create_backstore(
+                    name, config, v.size, ex.serial
+                )
+                device, emu = target.start_device(
+                    bs,
+                    lun,
+                    journal=journal,
+                    vol_id=vol_id,
+                    snapshots=service,
+                    snapshot_allowed=(lambda _i, may=may: may),
+                    initiator=ex.ref,
+                    unmap_granularity=unmap_gran,
+                )
+                paths.append(target.LunPath(bs, device, emu, may))
+            for pa in paths:
+                with contextlib.suppress(OSError):  # let commands held over a restart through
+                    lio.control(pa.backstore, "block_dev", 0)
+            if ex.kind == "local":
+                first = paths[0].backstore
+                fabric = lio.find_local(first) or lio.export_local(first)
+            else:
+                fabric = ex.config["iqn"]
+                if not lio.iscsi_exists(fabric):
+                    host, _, port = ex.config["portal"].rpartition(":")
+                    chap = tuple(ex.config["chap"]) if ex.config.get("chap") else None
+                    lio.export_iscsi(
+                        paths[0].backstore,
+                        fabric,
+                        (host, int(port)),
+                        ex.config["allow"],
+                        chap,
+                        refusing=paths[1].backstore if len(paths) > 1 else None,
+                        may_snapshot=ex.snapshot_allow or (),
+                    )
+        except BaseException:
+            for pa in paths:
+                pa.device.close()
+            raise
+        self._exports[ex.id] = target.Running(paths, fabric)
+        self.export_errors.pop(ex.id, None)
+        if ex.kind == "local" and ex.snapshot is None:
+            disk = lio.scsi_disk_for(ex.serial, timeout=30)
+            if disk:
+                link = os.path.join(LINK_DIR, ex.pool, ex.volume)
+                os.makedirs(os.path.dirname(link), exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(link)
+                os.symlink(disk, link)
+
+    def _stop_export(self, export_id: int, *, keep: bool) -> None:
+        """keep: a daemon stop (LIO holds new commands until we are back);
+        else the export goes away (unexport, teardown)."""
+        from dmsnap.scsi import lio
+
+        run = self._exports.pop(export_id, None)
+        ex = next((e for e in self.catalog.exports() if e.id == export_id), None)
+        if run is None:
+            if ex is not None and not keep:
+                found = [lio.find_backstore(self._backstore_name(ex, i)) for i in (False, True)]
+                for bs in found:
+                    if bs is not None:
+                        lio.remove_fabrics(bs)
+                for bs in found:
+                    if bs is not None:
+                        lio.delete_backstore(bs)
+            return
+        if keep:
+            for pa in run.paths:
+                with contextlib.suppress(OSError):
+                    lio.control(pa.backstore, "block_dev", 1)
+            run.stop()
+            return
+        if ex is not None and ex.kind == "local":
+            link = os.path.join(LINK_DIR, ex.pool, ex.volume)
+            if os.path.islink(link):
+                os.unlink(link)
+        for pa in run.paths:
+            lio.remove_fabrics(pa.backstore)
+        run.stop()
+        for pa in run.paths:
+            lio.delete_backstore(pa.backstore)
+
+    @_user_errors
+    def export_list(self, pool: str | None = None) -> list[Json]:
+        if pool is not None:
+            names.check_name("pool", pool)
+            self.catalog.pool(pool)
+        return [self._export_json(ex) for ex in self.catalog.exports(pool)]
+
+    @_user_errors
+    def export_delete(self, pool: str, vol: str, *, snap: str | None = None) -> None:
+        names.check_name("pool", pool)
+        names.check_name("volume", vol)
+        ex = self._find_export(pool, vol, snap)
+        if ex is None:
+            ref = f"{pool}/{vol}" + (f"@{snap}" if snap else "")
+            raise E.NotFound(f"{ref} is not exported")
+        self._stop_export(ex.id, keep=False)
+        self.catalog.remove_export(ex.id)
+        self.export_errors.pop(ex.id, None)
+        log.info("unexported %s", ex.ref)
+
+    def _check_not_exported(self, pool: str, vol: str, snap: str | None = None) -> None:
+        for ex in self.catalog.exports(pool):
+            if ex.volume == vol and (snap is None or ex.snapshot == snap):
+                raise E.Busy(f"{ex.ref} is exported; unexport it first")
