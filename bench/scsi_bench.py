@@ -54,6 +54,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ktrace
+
 from dmsnap.client import Client
 from dmsnap.dm import DeviceMapper
 from dmsnap.dm.udev import Role, role_of
@@ -118,6 +120,52 @@ def cpu_busy() -> tuple[int, int]:
     return sum(v) - idle, sum(v)
 
 
+def cpu_each() -> list[tuple[int, int]]:
+    """(busy, total) ticks of each CPU."""
+    out = []
+    with open("/proc/stat") as f:
+        for ln in f:
+            if ln.startswith("cpu") and ln[3].isdigit():
+                v = [int(x) for x in ln.split()[1:]]
+                out.append((sum(v) - v[3] - v[4], sum(v)))
+    return out
+
+
+def iscsi_thread_cpus() -> dict[str, str]:
+    """The CPUs LIO's iSCSI connection threads may run on (LIO binds each
+    connection's receive and transmit threads to one CPU), by thread."""
+    out = {}
+    for st in glob.glob("/proc/[0-9]*/status"):
+        with contextlib.suppress(OSError), open(st) as f:
+            txt = f.read()
+        name = txt.split("\n", 1)[0].split("\t", 1)[1]
+        if name.startswith(("iscsi_trx", "iscsi_ttx")):
+            cpus = [
+                ln.split("\t")[1] for ln in txt.splitlines() if ln.startswith("Cpus_allowed_list")
+            ]
+            out[f"{name}/{st.split('/')[2]}"] = cpus[0] if cpus else "?"
+    return out
+
+
+def pin_away(d: Daemon, out: dict[str, Any]) -> None:
+    """Experiment (--pin-away): keep dmsnapd's threads off the CPU that LIO
+    bound the first iSCSI connection's threads to (dmsnap NV's: it logs in
+    first), so they do not compete with its receive, transmit, completion
+    work and loopback softirqs. Meant for 2-CPU VMs."""
+    assert d.proc is not None
+    first = sorted(out["iscsi_threads"].items(), key=lambda kv: int(kv[0].split("/")[1]))[:2]
+    used = {int(c) for _, cpus in first for c in cpus.split(",") if c.isdigit()}
+    away = set(range(os.cpu_count() or 1)) - used
+    if not used or not away:
+        print(f"  --pin-away: nothing to do (iSCSI threads on {first})", file=sys.stderr)
+        return
+    for task in glob.glob(f"/proc/{d.proc.pid}/task/*"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(os.path.basename(task)), away)
+    out["pinned"] = {"dmsnapd_cpus": sorted(away), "iscsi_conn_cpus": sorted(used)}
+    print(f"  --pin-away: dmsnapd on CPUs {sorted(away)}, off {sorted(used)}", file=sys.stderr)
+
+
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of each thread of ``pid``, by
     ``name/tid`` (the C threads name themselves: tcmu-worker,
@@ -128,7 +176,9 @@ def thread_cpu(pid: int) -> dict[str, float]:
             s = f.read()
         name = s[s.index("(") + 1 : s.rindex(")")]
         rest = s[s.rindex(")") + 2 :].split()
-        out[f"{name}/{stat.split('/')[4]}"] = (int(rest[11]) + int(rest[12])) / TICK
+        tid = stat.split("/")[4]
+        out[f"{name}/{tid}"] = (int(rest[11]) + int(rest[12])) / TICK
+        out[f"{name}:sys/{tid}"] = int(rest[12]) / TICK  # the kernel's part, not in totals
     return out
 
 
@@ -170,11 +220,14 @@ def group_cpu(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     top = 0.0
     for k, v in after.items():
         d = v - before.get(k, 0.0)
-        kind = k.split("/")[0]
+        kind, sys_part = k.split("/")[0].removesuffix(":sys"), k.split("/")[0].endswith(":sys")
         kind = kind if kind.startswith(("tcmu-", "jr-")) else "python"
+        if sys_part:
+            by[kind + ":sys"] = by.get(kind + ":sys", 0.0) + d
+            continue
         by[kind] = by.get(kind, 0.0) + d
         top = max(top, d)
-    by["total"] = sum(v for k, v in by.items())
+    by["total"] = sum(v for k, v in by.items() if not k.endswith(":sys"))
     by["top_thread"] = top
     return by
 
@@ -431,14 +484,28 @@ def measure(
     assert d.proc is not None
     j0 = d.journal(cfg.pool) if cfg.pool else None
     r0 = d.ring_stats().get(cfg.ref, {}) if cfg.ref else {}
-    c0, b0, a0 = thread_cpu(d.proc.pid), cpu_busy(), all_tasks_cpu()
+    c0, b0, a0, e0 = thread_cpu(d.proc.pid), cpu_busy(), all_tasks_cpu(), cpu_each()
+    if args.trace:
+        ktrace.start()
+    graph = args.graph and cfg.kind == "dmsnap"
+    if graph:
+        ktrace.graph_start([int(k.split("/")[1]) for k in c0 if k.startswith("tcmu-worker/")])
     t0 = time.monotonic()
     res = fio(
         cfg.disk, rw=rw, bs=bs, qd=qd, size=args.volume_mib * MiB, runtime=args.seconds,
         ramp=args.ramp,
     )  # fmt: skip
     wall = time.monotonic() - t0
-    c1, b1, a1 = thread_cpu(d.proc.pid), cpu_busy(), all_tasks_cpu()
+    if args.trace:
+        res["trace"] = ktrace.stop(cfg.disk)
+    if graph:
+        res["graph"] = ktrace.graph_stop()
+    c1, b1, a1, e1 = thread_cpu(d.proc.pid), cpu_busy(), all_tasks_cpu(), cpu_each()
+    res["cpu_each_busy"] = [
+        (x[0] - y[0]) / max(1, x[1] - y[1]) for x, y in zip(e1, e0, strict=True)
+    ]
+    if cfg.fabric == "iscsi":
+        res["iscsi_threads"] = iscsi_thread_cpus()
     res["drain_s"] = drained
     res["tasks"] = top_tasks(a0, a1, wall)
     res["system_busy"] = (b1[0] - b0[0]) / max(1, b1[1] - b0[1])
@@ -468,17 +535,17 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
         d.start()
         print("  dmsnapd up", file=sys.stderr, flush=True)
         pools = [POOL_NV] + ([] if args.no_ram else [POOL_RAM])
-        nvols = 2 if args.no_ram else 3
+        nvols = 2 if args.no_ram else 4
         d.call(
             "pool.create", name=POOL_NV, size=2 * vsize + 256 * MiB, journal=jdev.path,
             journal_mode="nv",
         )  # fmt: skip
         if not args.no_ram:
             d.call(
-                "pool.create", name=POOL_RAM, size=vsize + 256 * MiB,
+                "pool.create", name=POOL_RAM, size=2 * vsize + 256 * MiB,
                 journal_size=args.journal_mib * MiB, journal_mode="ram",
             )  # fmt: skip
-        for pool, vol in [(POOL_NV, "l"), (POOL_NV, "i"), (POOL_RAM, "l")][:nvols]:
+        for pool, vol in [(POOL_NV, "l"), (POOL_NV, "i"), (POOL_RAM, "l"), (POOL_RAM, "i")][:nvols]:
             d.call("volume.create", pool=pool, vol=vol, size=vsize)
         cfgs = [
             Config("dmsnap-loop", "dmsnap NV, tcm_loop", "dmsnap", "loop", pool=POOL_NV,
@@ -489,10 +556,12 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
             Config("iblock-iscsi", "iblock, iSCSI", "iblock", "iscsi"),
         ]  # fmt: skip
         if not args.no_ram:
-            cfgs.append(
+            cfgs += [
                 Config("dmsnap-ram-loop", "dmsnap RAM, tcm_loop", "dmsnap", "loop",
-                       pool=POOL_RAM, ref=f"{POOL_RAM}/l")
-            )  # fmt: skip
+                       pool=POOL_RAM, ref=f"{POOL_RAM}/l"),
+                Config("dmsnap-ram-iscsi", "dmsnap RAM, iSCSI", "dmsnap", "iscsi",
+                       pool=POOL_RAM, ref=f"{POOL_RAM}/i"),
+            ]  # fmt: skip
         by = {c.key: c for c in cfgs}
 
         # dmsnap exports, through the daemon
@@ -506,12 +575,13 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
                 if not c.disk.startswith("/dev/sd"):
                     raise RuntimeError(f"{c.ref}: no local disk ({c.disk})")
             else:
+                iqn = IQN + ("dmsnap" if pool == POOL_NV else "dmsnapram")
                 ex = d.call(
-                    "export.create", pool=pool, vol=vol, kind="iscsi", iqn=IQN + "dmsnap",
+                    "export.create", pool=pool, vol=vol, kind="iscsi", iqn=iqn,
                     portal=f"{PORTAL[0]}:{PORTAL[1]}",
                 )  # fmt: skip
                 iscsi = iscsi or OpenIscsi()
-                c.disk = iscsi.login(IQN + "dmsnap", ex["serial"])
+                c.disk = iscsi.login(iqn, ex["serial"])
             c.info["serial"] = ex["serial"]
         # iblock on the same dm devices: one per volume (LIO holds it O_EXCL)
         for c, vol in ((by["iblock-loop"], "l"), (by["iblock-iscsi"], "i")):
@@ -537,6 +607,9 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
         out["journal_nv"] = {"path": jdev.path, "capacity": nv["capacity"],
                              "direct_io": nv["direct_io"]}  # fmt: skip
         print("  exports up: " + ", ".join(f"{c.key} {c.disk}" for c in cfgs), file=sys.stderr)
+        out["iscsi_threads"] = iscsi_thread_cpus()
+        if args.pin_away:
+            pin_away(d, out)
 
         t0 = time.monotonic()
         for c in cfgs:
@@ -587,6 +660,79 @@ def unit(x: dict[str, Any], bs: int) -> str:
     return f"{x['bw'] / MiB:.0f} MiB/s" if bs >= MiB else f"{x['iops']:.0f}"
 
 
+def print_trace(res: dict[str, Any], cfgs: dict[str, Any]) -> None:
+    kinds = ("tcmu-worker", "kworker", "iscsi_trx", "iscsi_ttx", "fio")
+    print(
+        "\nWhere the latency goes (--trace; medians over the rounds of each run's p50, µs): "
+        "backend residency is LIO's sequencer start to the backstore's completion; "
+        "wake-up is a thread's sched_wakeup to running\n"
+    )
+    print("| configuration | case | fio clat p50 | to target p50 | backend residency p50 / p90 "
+          "| from target p50 | " + " | ".join(f"wake-up {k}" for k in kinds) + " |")  # fmt: skip
+    print("|---|---|---|---|---|---|" + "---|" * len(kinds))
+    for key, c in cfgs.items():
+        for label, xs in res[key].items():
+            ts = [x["trace"] for x in xs if "trace" in x]
+            if not ts:
+                continue
+
+            def m(f: Any, ts: list[dict[str, Any]] = ts) -> float:
+                return med([f(t) for t in ts])
+
+            wk = [f"{m(lambda t, k=k: t['wakeup'].get(k, {}).get('p50_us', 0)):.0f}" for k in kinds]
+            print(
+                f"| {c['title']} | {label} | {med([x['p50_us'] for x in xs]):.0f} | "
+                f"{m(lambda t: t.get('to_target', {}).get('p50_us', 0)):.0f} | "
+                f"{m(lambda t: t['residency']['p50_us']):.0f} / "
+                f"{m(lambda t: t['residency']['p90_us']):.0f} | "
+                f"{m(lambda t: t.get('from_target', {}).get('p50_us', 0)):.0f} | "
+                + " | ".join(wk)
+                + " |"
+            )
+
+
+def print_graph(res: dict[str, Any], cfgs: dict[str, Any]) -> None:
+    print(
+        "\nThe workers' kernel time per command (--graph: function_graph on the tcmu-worker "
+        "threads, sleeping excluded; µs per command, summed over the rounds; indented: "
+        "called from the line above's level)\n"
+    )
+    for key, c in cfgs.items():
+        for label, xs in res[key].items():
+            gs = [x for x in xs if "graph" in x]
+            if not gs:
+                continue
+            cmds = sum(x.get("ring", {}).get("fetched", 0) for x in gs) or 1
+            tot: dict[str, list[float]] = {}
+            for x in gs:
+                for fn, e in x["graph"].items():
+                    t = tot.setdefault(fn, [0.0, 0.0])
+                    t[0] += e["calls"]
+                    t[1] += e["us"]
+            top = sorted(tot.items(), key=lambda kv: -kv[1][1])[:14]
+            body = ", ".join(
+                f"{fn.strip()}{'' if fn == fn.strip() else ' (in)'} "
+                f"{us / cmds:.0f} µs ({calls / cmds:.1f}x)"
+                for fn, (calls, us) in top
+            )
+            print(f"* {c['title']}, {label}: {body}")
+
+
+def per_cpu(xs: list[dict[str, Any]]) -> str:
+    each = [x["cpu_each_busy"] for x in xs if x.get("cpu_each_busy")]
+    if not each:
+        return "-"
+    return " / ".join(f"{med([e[i] for e in each]) * 100:.0f}" for i in range(len(each[0])))
+
+
+def ksh(xs: list[dict[str, Any]]) -> str:
+    """The share of the workers' CPU spent in the kernel (system calls:
+    the dm device's I/O, LIO's completion on the kick, the UIO device)."""
+    w = sum(dig(x, "dmsnapd_cpu.tcmu-worker") for x in xs)
+    k = sum(dig(x, "dmsnapd_cpu.tcmu-worker:sys") for x in xs)
+    return f"{k / w * 100:.0f}%" if w else "-"
+
+
 def report(out: dict[str, Any], args: argparse.Namespace) -> None:
     res, cfgs = out["results"], out["configs"]
     jn = out["journal_nv"]
@@ -614,7 +760,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
     ram = "dmsnap-ram-loop" in res
     hdr = (
         "| case | dmsnap NV tcm_loop | iblock tcm_loop | ratio | dmsnap NV iSCSI | iblock iSCSI "
-        "| ratio |" + (" dmsnap RAM tcm_loop | ratio to iblock |" if ram else "")
+        "| ratio |" + (" dmsnap RAM tcm_loop | ratio | dmsnap RAM iSCSI | ratio |" if ram else "")
     )
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
@@ -628,8 +774,9 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
             rtext("dmsnap-iscsi", "iblock-iscsi", label),
         ]
         if ram:
-            row.append(cell("dmsnap-ram-loop", label, bs))
-            row.append(rtext("dmsnap-ram-loop", "iblock-loop", label))
+            for fab in ("loop", "iscsi"):
+                row.append(cell(f"dmsnap-ram-{fab}", label, bs))
+                row.append(rtext(f"dmsnap-ram-{fab}", f"iblock-{fab}", label))
         print(f"| {label} | " + " | ".join(row) + " |")
     print(
         "\n4 KiB cells in IOPS, 1 MiB cells in MiB/s; medians over the rounds. Ratio: dmsnap / "
@@ -638,11 +785,12 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
         "written to the dm device later by the flusher); iblock writes the dm device only."
     )
     print(
-        "\n| configuration | case | clat p50 / p99 µs | system CPU busy | dmsnapd CPUs "
+        "\n| configuration | case | clat p50 / p99 µs | system CPU busy (each CPU) | dmsnapd CPUs "
         "(workers / commit / flush / python) | dmsnapd µs CPU per command "
+        "| workers' CPU in the kernel "
         "| busiest thread | appends per commit | full waits | BUSY | kicks per command |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, c in cfgs.items():
         for label, *_ in CASES:
             xs = res[key].get(label, [])
@@ -654,14 +802,15 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
 
             line = (
                 f"| {c['title']} | {label} | {m('p50_us'):.0f} / {m('p99_us'):.0f} | "
-                f"{m('system_busy') * 100:.0f}% | "
+                f"{m('system_busy') * 100:.0f}% ({per_cpu(xs)}) | "
             )
             if c["title"].startswith("dmsnap"):
                 line += (
                     f"{m('dmsnapd_cpu.total'):.2f} ("
                     f"{m('dmsnapd_cpu.tcmu-worker'):.2f} / {m('dmsnapd_cpu.jr-commit'):.2f} / "
                     f"{m('dmsnapd_cpu.jr-flush'):.2f} / {m('dmsnapd_cpu.python'):.2f}) | "
-                    f"{m('dmsnapd_us_per_cmd'):.0f} | {m('dmsnapd_cpu.top_thread') * 100:.0f}% | "
+                    f"{m('dmsnapd_us_per_cmd'):.0f} | "
+                    f"{ksh(xs)} | {m('dmsnapd_cpu.top_thread') * 100:.0f}% | "
                 )
                 j = [x.get("journal") for x in xs if x.get("journal")]
                 line += (
@@ -675,7 +824,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
                 cmds = sum(x.get("ring", {}).get("fetched", 0) for x in xs)
                 line += f"{kicks / max(1, cmds):.2f} |"
             else:
-                line += "- | - | - | - | - | - | - |"
+                line += "- | - | - | - | - | - | - | - |"
             print(line)
     print("\nWhere the CPUs go (CPUs busy per task, mean over the rounds, the six busiest):\n")
     print("| configuration | case | tasks |")
@@ -689,6 +838,10 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
                     tot[k] = tot.get(k, 0.0) + v / len(xs)
             top = sorted(tot.items(), key=lambda kv: -kv[1])[:6]
             print(f"| {c['title']} | {label} | " + ", ".join(f"{k} {v:.2f}" for k, v in top) + " |")
+    if any("trace" in x for r in res.values() for xs in r.values() for x in xs):
+        print_trace(res, cfgs)
+    if any("graph" in x for r in res.values() for xs in r.values() for x in xs):
+        print_graph(res, cfgs)
     print("\nLUNs as the initiator sees them:\n")
     print("| configuration | disk | max_sectors_kb | queue_depth | nr_requests | scheduler "
           "| write_cache |")  # fmt: skip
@@ -712,6 +865,18 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the backing files go (/tmp)")
     ap.add_argument("--json", help="also write the raw figures here")
     ap.add_argument(
+        "--pin-away", action="store_true",
+        help="experiment: dmsnapd off the CPU LIO bound dmsnap NV's iSCSI connection to",
+    )  # fmt: skip
+    ap.add_argument(
+        "--graph", action="store_true",
+        help="the workers' kernel time per system call (function_graph); costs CPU",
+    )  # fmt: skip
+    ap.add_argument(
+        "--trace", action="store_true",
+        help="split latency with kernel tracepoints (backend residency, wake-ups); costs CPU",
+    )  # fmt: skip
+    ap.add_argument(
         "--cases", default="",
         help="only the cases whose label contains this (e.g. QD32; default: all)",
     )  # fmt: skip
@@ -729,6 +894,8 @@ def main() -> None:
         args.volume_mib = 64 if args.quick else 128
     if (why := lio.available()) is not None:
         sys.exit(f"scsi bench: {why}")
+    if (args.trace or args.graph) and (why := ktrace.available()) is not None:
+        sys.exit(f"scsi bench: --trace: {why}")
     for tool in ("fio", "iscsiadm", "iscsid"):
         if shutil.which(tool) is None:
             sys.exit(f"scsi bench: {tool} is not installed (tools/setup installs it)")

@@ -1,0 +1,221 @@
+"""Where a SCSI command's latency goes, from the kernel's own tracepoints.
+
+Used by ``scsi_bench.py --trace``. Two measurements per fio run:
+
+* **backend residency**: from ``target:target_sequencer_start`` (LIO hands
+  the command to the backstore: iblock submits a bio, TCMU posts it to the
+  ring) to ``target:target_cmd_complete`` (the backstore completed it). What
+  an initiator waits beyond that is the fabric's (iSCSI, tcm_loop) and the
+  initiator's own time.
+* **wake-up latency** per thread kind: from ``sched:sched_wakeup`` of a
+  thread to the ``sched:sched_switch`` that runs it. Under software
+  emulation a wake-up is costly, and a command's path is a chain of them.
+
+Tracing costs CPU too, so these runs are for the split, not for IOPS.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+from typing import Any
+
+TRACEFS = "/sys/kernel/tracing"
+# thread kinds whose wake-ups are timed (sched_switch's next_comm)
+KINDS = ("tcmu-worker", "iscsi_ttx", "iscsi_trx", "kworker", "jr-commit", "jr-flush", "fio")
+
+# "<task>-<pid> [cpu] <flags> <secs>.<usecs>: <event>: <fields>"
+_LINE = re.compile(
+    r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+\[\d+\]\s+\S+\s+(?P<ts>\d+\.\d+): (?P<ev>\w+): (?P<rest>.*)$"
+)
+_TAG = re.compile(r"tag (0x[0-9a-f]+|\d+)")
+_CDB = re.compile(r"CDB ((?:[0-9a-f]{2} ?){16})")
+_RQ = re.compile(r"^(?P<dev>\d+,\d+) \S+ (?:\d+ )?\(.*?\) (?P<sector>\d+) \+ \d+")
+_WAKEUP = re.compile(r"comm=(?P<comm>.+?) pid=(?P<pid>\d+) ")
+_SWITCH = re.compile(r"==> next_comm=(?P<comm>.+?) next_pid=(?P<pid>\d+) ")
+
+
+def _w(path: str, value: str) -> None:
+    with open(os.path.join(TRACEFS, path), "w") as f:
+        f.write(value)
+
+
+def available() -> str | None:
+    """None if tracing works here, else why not."""
+    if not os.path.isdir(os.path.join(TRACEFS, "events")):
+        mount = ["mount", "-t", "tracefs", "nodev", TRACEFS]
+        subprocess.run(mount, check=False, capture_output=True)
+    for ev in ("target/target_sequencer_start", "target/target_cmd_complete", "sched/sched_switch"):
+        if not os.path.isdir(os.path.join(TRACEFS, "events", ev)):
+            return f"no tracepoint {ev} under {TRACEFS}"
+    return None
+
+
+def start() -> None:
+    """Trace the target's command events, wake-ups, and the initiator's
+    block requests (to split a command's life into phases)."""
+    _w("tracing_on", "0")
+    _w("trace", "")  # clears the buffer
+    _w("buffer_size_kb", "65536")
+    for ev in ("target/target_sequencer_start", "target/target_cmd_complete"):
+        _w(f"events/{ev}/enable", "1")
+    _w("events/sched/sched_wakeup/enable", "1")
+    _w("events/sched/sched_switch/enable", "1")
+    _w("events/block/block_rq_issue/enable", "1")
+    _w("events/block/block_rq_complete/enable", "1")
+    _w("tracing_on", "1")
+
+
+def stop(disk: str) -> dict[str, Any]:
+    """Stop tracing; the split of the run on ``disk`` (the initiator's
+    /dev/sdX), in microseconds (p50, p90)."""
+    _w("tracing_on", "0")
+    for ev in ("target", "sched/sched_wakeup", "sched/sched_switch", "block"):
+        _w(f"events/{ev}/enable", "0")
+    with open(os.path.join(TRACEFS, "trace")) as f:
+        text = f.read()
+    _w("trace", "")
+    rdev = os.stat(disk).st_rdev
+    return summarize(text.splitlines(), f"{os.major(rdev)},{os.minor(rdev)}")
+
+
+def kind_of(comm: str) -> str | None:
+    for k in KINDS:
+        if comm.startswith(k):
+            return k
+    return None
+
+
+def _lba(rest: str) -> int | None:
+    """The LBA of a READ/WRITE 10/16 in a target event's CDB."""
+    m = _CDB.search(rest)
+    if not m:
+        return None
+    b = bytes.fromhex(m[1].replace(" ", ""))
+    if b[0] in (0x28, 0x2A):
+        return int.from_bytes(b[2:6], "big")
+    if b[0] in (0x88, 0x8A):
+        return int.from_bytes(b[2:10], "big")
+    return None
+
+
+def summarize(lines: list[str], dev: str = "") -> dict[str, Any]:
+    """Phases of a command, matched by LBA (512-byte blocks on both sides):
+    ``to_target`` from the initiator's block_rq_issue to LIO's sequencer
+    start (initiator's transport, network, target receive), ``residency``
+    in the backstore, ``from_target`` from the backstore's completion to the
+    initiator's block_rq_complete (response send, network, initiator)."""
+    started: dict[str, float] = {}
+    residency: list[float] = []
+    issued: dict[int, float] = {}
+    done: dict[int, float] = {}
+    to_target: list[float] = []
+    from_target: list[float] = []
+    woken: dict[str, tuple[float, str]] = {}  # pid -> (time, kind)
+    wake: dict[str, list[float]] = {}
+    lost = 0
+    for ln in lines:
+        if ln.startswith("#"):
+            continue
+        if "LOST" in ln and "EVENTS" in ln:
+            lost += 1
+            continue
+        m = _LINE.match(ln)
+        if not m:
+            continue
+        ts, ev, rest = float(m["ts"]), m["ev"], m["rest"]
+        if ev == "target_sequencer_start":
+            t = _TAG.search(rest)
+            if t:
+                started[t[1]] = ts
+            lba = _lba(rest)
+            if lba is not None and lba in issued:
+                to_target.append(ts - issued.pop(lba))
+        elif ev == "target_cmd_complete":
+            t = _TAG.search(rest)
+            if t and t[1] in started:
+                residency.append(ts - started.pop(t[1]))
+            lba = _lba(rest)
+            if lba is not None:
+                done[lba] = ts
+        elif ev in ("block_rq_issue", "block_rq_complete"):
+            r = _RQ.match(rest)
+            if not r or r["dev"] != dev:
+                continue
+            sector = int(r["sector"])
+            if ev == "block_rq_issue":
+                issued[sector] = ts
+            elif sector in done:
+                from_target.append(ts - done.pop(sector))
+        elif ev == "sched_wakeup":
+            w = _WAKEUP.search(rest + " ")
+            if w and (k := kind_of(w["comm"])):
+                woken[w["pid"]] = (ts, k)
+        elif ev == "sched_switch":
+            s = _SWITCH.search(rest + " ")
+            if s and s["pid"] in woken:
+                t0, k = woken.pop(s["pid"])
+                wake.setdefault(k, []).append(ts - t0)
+
+    def pct(xs: list[float]) -> dict[str, float]:
+        if not xs:
+            return {"n": 0, "p50_us": 0.0, "p90_us": 0.0}
+        q = statistics.quantiles(xs, n=10) if len(xs) > 1 else [xs[0]] * 9
+        return {"n": len(xs), "p50_us": statistics.median(xs) * 1e6, "p90_us": q[8] * 1e6}
+
+    return {
+        "lost_buffers": lost,
+        "to_target": pct(to_target),
+        "residency": pct(residency),
+        "from_target": pct(from_target),
+        "wakeup": {k: pct(v) for k, v in sorted(wake.items())},
+    }
+
+
+# ------------------------------------------------------------ function graph
+
+_GRAPH = re.compile(
+    r"^\s*\d+\)\s+(?:[!#*@+$&-]\s*)?(?P<dur>[\d.]+) us\s+\|\s+(?P<ind>\s*)(?P<fn>[\w.]+)\(\);"
+)
+_CLOSE = re.compile(
+    r"^\s*\d+\)\s+(?:[!#*@+$&-]\s*)?(?P<dur>[\d.]+) us\s+\|\s+(?P<ind>\s*)\}\s*"
+    r"(?:/\* (?P<fn>[\w.]+) \*/)?"
+)
+
+
+def graph_start(tids: list[int], depth: int = 2) -> None:
+    """Kernel time of these threads per function, ``depth`` calls deep from
+    the kernel entry (2: each system call's handler), sleeping excluded."""
+    _w("tracing_on", "0")
+    _w("current_tracer", "nop")
+    _w("trace", "")
+    _w("buffer_size_kb", "65536")
+    _w("set_ftrace_pid", " ".join(str(t) for t in tids))
+    _w("max_graph_depth", str(depth))
+    _w("options/sleep-time", "0")
+    _w("options/funcgraph-tail", "1")  # closing braces name their function
+    _w("current_tracer", "function_graph")
+    _w("tracing_on", "1")
+
+
+def graph_stop() -> dict[str, dict[str, float]]:
+    """{function: {"calls": n, "us": total}} at the depth below the entry."""
+    _w("tracing_on", "0")
+    with open(os.path.join(TRACEFS, "trace")) as f:
+        lines = f.read().splitlines()
+    _w("current_tracer", "nop")
+    _w("set_ftrace_pid", "")
+    _w("trace", "")
+    out: dict[str, dict[str, float]] = {}
+    for ln in lines:
+        m = _GRAPH.match(ln) or _CLOSE.match(ln)
+        if not m or not m["fn"]:
+            continue
+        level = len(m["ind"]) // 2
+        key = f"{'  ' * level}{m['fn']}"
+        e = out.setdefault(key, {"calls": 0, "us": 0.0})
+        e["calls"] += 1
+        e["us"] += float(m["dur"])
+    return out
