@@ -32,6 +32,8 @@ _LINE = re.compile(
 )
 _TAG = re.compile(r"tag (0x[0-9a-f]+|\d+)")
 _CDB = re.compile(r"CDB ((?:[0-9a-f]{2} ?){16})")
+_WQ_QUEUE = re.compile(r"work struct=(?P<w>\S+) function=(?P<fn>\S+) ")
+_WQ_START = re.compile(r"work struct (?P<w>\S+): function (?P<fn>\S+)")
 _RQ = re.compile(r"^(?P<dev>\d+,\d+) \S+ (?:\d+ )?\(.*?\) (?P<sector>\d+) \+ \d+")
 _WAKEUP = re.compile(r"comm=(?P<comm>.+?) pid=(?P<pid>\d+) ")
 _SWITCH = re.compile(r"==> next_comm=(?P<comm>.+?) next_pid=(?P<pid>\d+) ")
@@ -58,13 +60,15 @@ def start() -> None:
     block requests (to split a command's life into phases)."""
     _w("tracing_on", "0")
     _w("trace", "")  # clears the buffer
-    _w("buffer_size_kb", "65536")
+    _w("buffer_size_kb", "16384")  # the newest 16 MiB per CPU: enough, and quick to parse
     for ev in ("target/target_sequencer_start", "target/target_cmd_complete"):
         _w(f"events/{ev}/enable", "1")
     _w("events/sched/sched_wakeup/enable", "1")
     _w("events/sched/sched_switch/enable", "1")
     _w("events/block/block_rq_issue/enable", "1")
     _w("events/block/block_rq_complete/enable", "1")
+    _w("events/workqueue/workqueue_queue_work/enable", "1")
+    _w("events/workqueue/workqueue_execute_start/enable", "1")
     _w("tracing_on", "1")
 
 
@@ -72,7 +76,7 @@ def stop(disk: str) -> dict[str, Any]:
     """Stop tracing; the split of the run on ``disk`` (the initiator's
     /dev/sdX), in microseconds (p50, p90)."""
     _w("tracing_on", "0")
-    for ev in ("target", "sched/sched_wakeup", "sched/sched_switch", "block"):
+    for ev in ("target", "sched/sched_wakeup", "sched/sched_switch", "block", "workqueue"):
         _w(f"events/{ev}/enable", "0")
     with open(os.path.join(TRACEFS, "trace")) as f:
         text = f.read()
@@ -113,6 +117,8 @@ def summarize(lines: list[str], dev: str = "") -> dict[str, Any]:
     done: dict[int, float] = {}
     to_target: list[float] = []
     from_target: list[float] = []
+    queued: dict[str, float] = {}  # work struct -> queued at
+    work: dict[str, list[float]] = {}  # function -> queue-to-start delays
     woken: dict[str, tuple[float, str]] = {}  # pid -> (time, kind)
     wake: dict[str, list[float]] = {}
     lost = 0
@@ -140,6 +146,14 @@ def summarize(lines: list[str], dev: str = "") -> dict[str, Any]:
             lba = _lba(rest)
             if lba is not None:
                 done[lba] = ts
+        elif ev == "workqueue_queue_work":
+            q = _WQ_QUEUE.search(rest + " ")
+            if q:
+                queued[q["w"]] = ts
+        elif ev == "workqueue_execute_start":
+            q = _WQ_START.search(rest)
+            if q and q["w"] in queued:
+                work.setdefault(q["fn"], []).append(ts - queued.pop(q["w"]))
         elif ev in ("block_rq_issue", "block_rq_complete"):
             r = _RQ.match(rest)
             if not r or r["dev"] != dev:
@@ -171,29 +185,33 @@ def summarize(lines: list[str], dev: str = "") -> dict[str, Any]:
         "residency": pct(residency),
         "from_target": pct(from_target),
         "wakeup": {k: pct(v) for k, v in sorted(wake.items())},
+        # work items' wait from queueing to running, the busiest functions
+        "work": {k: pct(v) for k, v in sorted(work.items(), key=lambda kv: -len(kv[1]))[:8]},
     }
 
 
 # ------------------------------------------------------------ function graph
 
 _GRAPH = re.compile(
-    r"^\s*\d+\)\s+(?:[!#*@+$&-]\s*)?(?P<dur>[\d.]+) us\s+\|\s+(?P<ind>\s*)(?P<fn>[\w.]+)\(\);"
+    r"^\s*\d+\)\s+(?:[!#*@+$&-]\s*)?(?P<dur>[\d.]+) us\s+\|\s(?P<ind>\s*)(?P<fn>[\w.]+)\(\);"
 )
 _CLOSE = re.compile(
-    r"^\s*\d+\)\s+(?:[!#*@+$&-]\s*)?(?P<dur>[\d.]+) us\s+\|\s+(?P<ind>\s*)\}\s*"
+    r"^\s*\d+\)\s+(?:[!#*@+$&-]\s*)?(?P<dur>[\d.]+) us\s+\|\s(?P<ind>\s*)\}\s*"
     r"(?:/\* (?P<fn>[\w.]+) \*/)?"
 )
 
 
-def graph_start(tids: list[int], depth: int = 2) -> None:
+def graph_start(tids: list[int], depth: int = 2, fn: str = "") -> None:
     """Kernel time of these threads per function, ``depth`` calls deep from
-    the kernel entry (2: each system call's handler), sleeping excluded."""
+    the kernel entry (2: each system call's handler), sleeping excluded;
+    with ``fn`` (e.g. __x64_sys_pread64), only inside that function."""
     _w("tracing_on", "0")
     _w("current_tracer", "nop")
     _w("trace", "")
-    _w("buffer_size_kb", "65536")
+    _w("buffer_size_kb", "16384")  # the newest 16 MiB per CPU: enough, and quick to parse
     _w("set_ftrace_pid", " ".join(str(t) for t in tids))
     _w("max_graph_depth", str(depth))
+    _w("set_graph_function", fn)
     _w("options/sleep-time", "0")
     _w("options/funcgraph-tail", "1")  # closing braces name their function
     _w("current_tracer", "function_graph")
@@ -207,6 +225,7 @@ def graph_stop() -> dict[str, dict[str, float]]:
         lines = f.read().splitlines()
     _w("current_tracer", "nop")
     _w("set_ftrace_pid", "")
+    _w("set_graph_function", "")
     _w("trace", "")
     out: dict[str, dict[str, float]] = {}
     for ln in lines:

@@ -489,7 +489,8 @@ def measure(
         ktrace.start()
     graph = args.graph and cfg.kind == "dmsnap"
     if graph:
-        ktrace.graph_start([int(k.split("/")[1]) for k in c0 if k.startswith("tcmu-worker/")])
+        tids = [int(k.split("/")[1]) for k in c0 if k.startswith("tcmu-worker/")]
+        ktrace.graph_start(tids, 5 if args.graph_fn else 2, args.graph_fn)
     t0 = time.monotonic()
     res = fio(
         cfg.disk, rw=rw, bs=bs, qd=qd, size=args.volume_mib * MiB, runtime=args.seconds,
@@ -689,13 +690,25 @@ def print_trace(res: dict[str, Any], cfgs: dict[str, Any]) -> None:
                 + " | ".join(wk)
                 + " |"
             )
+    print("\nWork items, queued to running (p50 / p90 µs, count), the busiest functions:\n")
+    for key, c in cfgs.items():
+        for label, xs in res[key].items():
+            ts = [x["trace"] for x in xs if "trace" in x and x["trace"].get("work")]
+            if not ts:
+                continue
+            t = ts[0]  # the first round's: functions differ between rounds
+            items = ", ".join(
+                f"{fn} {w['p50_us']:.0f} / {w['p90_us']:.0f} ({w['n']})"
+                for fn, w in t["work"].items()
+            )
+            print(f"* {c['title']}, {label}: {items}")
 
 
 def print_graph(res: dict[str, Any], cfgs: dict[str, Any]) -> None:
     print(
         "\nThe workers' kernel time per command (--graph: function_graph on the tcmu-worker "
-        "threads, sleeping excluded; µs per command, summed over the rounds; indented: "
-        "called from the line above's level)\n"
+        "threads, sleeping excluded; µs per command over the rounds, calls per command; "
+        "[n]: call depth below the traced entry)\n"
     )
     for key, c in cfgs.items():
         for label, xs in res[key].items():
@@ -709,9 +722,9 @@ def print_graph(res: dict[str, Any], cfgs: dict[str, Any]) -> None:
                     t = tot.setdefault(fn, [0.0, 0.0])
                     t[0] += e["calls"]
                     t[1] += e["us"]
-            top = sorted(tot.items(), key=lambda kv: -kv[1][1])[:14]
+            top = sorted(tot.items(), key=lambda kv: -kv[1][1])[:24]
             body = ", ".join(
-                f"{fn.strip()}{'' if fn == fn.strip() else ' (in)'} "
+                f"{fn.strip()}[{(len(fn) - len(fn.lstrip())) // 2}] "
                 f"{us / cmds:.0f} µs ({calls / cmds:.1f}x)"
                 for fn, (calls, us) in top
             )
@@ -871,6 +884,10 @@ def main() -> None:
     ap.add_argument(
         "--graph", action="store_true",
         help="the workers' kernel time per system call (function_graph); costs CPU",
+    )  # fmt: skip
+    ap.add_argument(
+        "--graph-fn", default="", metavar="FUNCTION",
+        help="with --graph: only inside this kernel function, 5 calls deep",
     )  # fmt: skip
     ap.add_argument(
         "--trace", action="store_true",
