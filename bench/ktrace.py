@@ -69,6 +69,8 @@ def start() -> None:
     _w("events/block/block_rq_complete/enable", "1")
     _w("events/workqueue/workqueue_queue_work/enable", "1")
     _w("events/workqueue/workqueue_execute_start/enable", "1")
+    if os.path.isdir(os.path.join(TRACEFS, "events/lock/contention_begin")):  # 5.19+
+        _w("events/lock/contention_begin/enable", "1")
     _w("tracing_on", "1")
 
 
@@ -78,6 +80,8 @@ def stop(disk: str) -> dict[str, Any]:
     _w("tracing_on", "0")
     for ev in ("target", "sched/sched_wakeup", "sched/sched_switch", "block", "workqueue"):
         _w(f"events/{ev}/enable", "0")
+    if os.path.isdir(os.path.join(TRACEFS, "events/lock/contention_begin")):
+        _w("events/lock/contention_begin/enable", "0")
     with open(os.path.join(TRACEFS, "trace")) as f:
         text = f.read()
     _w("trace", "")
@@ -117,6 +121,7 @@ def summarize(lines: list[str], dev: str = "") -> dict[str, Any]:
     done: dict[int, float] = {}
     to_target: list[float] = []
     from_target: list[float] = []
+    contended: dict[str, int] = {}  # thread kind -> lock contentions
     queued: dict[str, float] = {}  # work struct -> queued at
     work: dict[str, list[float]] = {}  # function -> queue-to-start delays
     woken: dict[str, tuple[float, str]] = {}  # pid -> (time, kind)
@@ -146,6 +151,9 @@ def summarize(lines: list[str], dev: str = "") -> dict[str, Any]:
             lba = _lba(rest)
             if lba is not None:
                 done[lba] = ts
+        elif ev == "contention_begin":
+            k = kind_of(m["task"].strip()) or "other"
+            contended[k] = contended.get(k, 0) + 1
         elif ev == "workqueue_queue_work":
             q = _WQ_QUEUE.search(rest + " ")
             if q:
@@ -185,6 +193,7 @@ def summarize(lines: list[str], dev: str = "") -> dict[str, Any]:
         "residency": pct(residency),
         "from_target": pct(from_target),
         "wakeup": {k: pct(v) for k, v in sorted(wake.items())},
+        "lock_contentions": contended,
         # work items' wait from queueing to running, the busiest functions
         "work": {k: pct(v) for k, v in sorted(work.items(), key=lambda kv: -len(kv[1]))[:8]},
     }

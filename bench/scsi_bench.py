@@ -702,6 +702,18 @@ def print_trace(res: dict[str, Any], cfgs: dict[str, Any]) -> None:
                 for fn, w in t["work"].items()
             )
             print(f"* {c['title']}, {label}: {items}")
+    print("\nLock contentions (lock:contention_begin) per thread kind, per command:\n")
+    for key, c in cfgs.items():
+        for label, xs in res[key].items():
+            tr = [(x["trace"], x["ios"]) for x in xs if "trace" in x]
+            if not tr or not any(t.get("lock_contentions") for t, _ in tr):
+                continue
+            t, ios = tr[0]
+            per = ", ".join(
+                f"{k} {n / max(1, ios):.2f}"
+                for k, n in sorted(t["lock_contentions"].items(), key=lambda kv: -kv[1])
+            )
+            print(f"* {c['title']}, {label}: {per}")
 
 
 def print_graph(res: dict[str, Any], cfgs: dict[str, Any]) -> None:
