@@ -1,6 +1,7 @@
 """Where a SCSI command's latency goes, from the kernel's own tracepoints.
 
-Used by ``scsi_bench.py --trace``. Two measurements per fio run:
+Used by ``scsi_bench.py --trace`` (and ``--graph``, the function_graph
+helpers at the end). Per fio run:
 
 * **backend residency**: from ``target:target_sequencer_start`` (LIO hands
   the command to the backstore: iblock submits a bio, TCMU posts it to the
@@ -10,6 +11,9 @@ Used by ``scsi_bench.py --trace``. Two measurements per fio run:
 * **wake-up latency** per thread kind: from ``sched:sched_wakeup`` of a
   thread to the ``sched:sched_switch`` that runs it. Under software
   emulation a wake-up is costly, and a command's path is a chain of them.
+* the **phases** around the backstore, matched by LBA with the initiator's
+  ``block_rq_issue`` and ``block_rq_complete``; **work items** from
+  queueing to running; **lock contentions** per thread kind.
 
 Tracing costs CPU too, so these runs are for the split, not for IOPS.
 """
@@ -55,22 +59,35 @@ def available() -> str | None:
     return None
 
 
+# every tracepoint start() enables and stop() disables (lock: 5.19+ only)
+EVENTS = (
+    "target/target_sequencer_start",
+    "target/target_cmd_complete",
+    "sched/sched_wakeup",
+    "sched/sched_switch",
+    "block/block_rq_issue",
+    "block/block_rq_complete",
+    "workqueue/workqueue_queue_work",
+    "workqueue/workqueue_execute_start",
+    "lock/contention_begin",
+)
+BUFFER_KB = "16384"  # the newest 16 MiB per CPU: enough, and quick to parse
+
+
+def _events(on: bool) -> None:
+    for ev in EVENTS:
+        if os.path.isdir(os.path.join(TRACEFS, "events", ev)):
+            _w(f"events/{ev}/enable", "1" if on else "0")
+
+
 def start() -> None:
-    """Trace the target's command events, wake-ups, and the initiator's
-    block requests (to split a command's life into phases)."""
+    """Trace the target's command events, wake-ups, the initiator's block
+    requests (to split a command's life into phases), work items and lock
+    contentions."""
     _w("tracing_on", "0")
     _w("trace", "")  # clears the buffer
-    _w("buffer_size_kb", "16384")  # the newest 16 MiB per CPU: enough, and quick to parse
-    for ev in ("target/target_sequencer_start", "target/target_cmd_complete"):
-        _w(f"events/{ev}/enable", "1")
-    _w("events/sched/sched_wakeup/enable", "1")
-    _w("events/sched/sched_switch/enable", "1")
-    _w("events/block/block_rq_issue/enable", "1")
-    _w("events/block/block_rq_complete/enable", "1")
-    _w("events/workqueue/workqueue_queue_work/enable", "1")
-    _w("events/workqueue/workqueue_execute_start/enable", "1")
-    if os.path.isdir(os.path.join(TRACEFS, "events/lock/contention_begin")):  # 5.19+
-        _w("events/lock/contention_begin/enable", "1")
+    _w("buffer_size_kb", BUFFER_KB)
+    _events(True)
     _w("tracing_on", "1")
 
 
@@ -78,10 +95,7 @@ def stop(disk: str) -> dict[str, Any]:
     """Stop tracing; the split of the run on ``disk`` (the initiator's
     /dev/sdX), in microseconds (p50, p90)."""
     _w("tracing_on", "0")
-    for ev in ("target", "sched/sched_wakeup", "sched/sched_switch", "block", "workqueue"):
-        _w(f"events/{ev}/enable", "0")
-    if os.path.isdir(os.path.join(TRACEFS, "events/lock/contention_begin")):
-        _w("events/lock/contention_begin/enable", "0")
+    _events(False)
     with open(os.path.join(TRACEFS, "trace")) as f:
         text = f.read()
     _w("trace", "")
@@ -217,7 +231,7 @@ def graph_start(tids: list[int], depth: int = 2, fn: str = "") -> None:
     _w("tracing_on", "0")
     _w("current_tracer", "nop")
     _w("trace", "")
-    _w("buffer_size_kb", "16384")  # the newest 16 MiB per CPU: enough, and quick to parse
+    _w("buffer_size_kb", BUFFER_KB)
     _w("set_ftrace_pid", " ".join(str(t) for t in tids))
     _w("max_graph_depth", str(depth))
     _w("set_graph_function", fn)

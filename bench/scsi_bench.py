@@ -220,7 +220,9 @@ def group_cpu(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     top = 0.0
     for k, v in after.items():
         d = v - before.get(k, 0.0)
-        kind, sys_part = k.split("/")[0].removesuffix(":sys"), k.split("/")[0].endswith(":sys")
+        name = k.split("/")[0]
+        sys_part = name.endswith(":sys")
+        kind = name.removesuffix(":sys")
         kind = kind if kind.startswith(("tcmu-", "jr-")) else "python"
         if sys_part:
             by[kind + ":sys"] = by.get(kind + ":sys", 0.0) + d
@@ -505,8 +507,6 @@ def measure(
     res["cpu_each_busy"] = [
         (x[0] - y[0]) / max(1, x[1] - y[1]) for x, y in zip(e1, e0, strict=True)
     ]
-    if cfg.fabric == "iscsi":
-        res["iscsi_threads"] = iscsi_thread_cpus()
     res["drain_s"] = drained
     res["tasks"] = top_tasks(a0, a1, wall)
     res["system_busy"] = (b1[0] - b0[0]) / max(1, b1[1] - b0[1])

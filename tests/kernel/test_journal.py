@@ -110,13 +110,15 @@ def test_snapshots_under_concurrent_writers_equal_the_model(mgr, backend, mode):
     snaps: list[tuple[str, int, int]] = []  # name, marker id, marker seq
     taken = threading.Condition()
     writes, checkpoints = 300, 4
+    # write index -> k: writes 60, 120, 180, 240
+    at = {k * writes // (checkpoints + 1): k for k in range(1, checkpoints + 1)}
 
     def gate(i: int) -> None:
         # At checkpoint k a writer waits until k snapshots exist, so fast
         # writers (RAM journal) cannot finish before snapshots interleave;
         # between checkpoints writers and snapshots run freely.
-        k = i * (checkpoints + 1) // writes
-        if k and i == -(-k * writes // (checkpoints + 1)):
+        k = at.get(i)
+        if k:
             with taken:
                 taken.wait_for(lambda: len(snaps) >= k, timeout=60)
 
