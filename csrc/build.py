@@ -111,7 +111,6 @@ struct tc_slow {
 struct tc_stats {
     uint64_t fetched;
     uint64_t fast_reads;
-    uint64_t async_reads;
     uint64_t fast_writes;
     uint64_t slow;
     uint64_t errors;

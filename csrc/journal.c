@@ -2291,67 +2291,6 @@ int jr_read(jr_t *j, uint32_t vol, uint64_t offset, void *buf, uint32_t len)
     return rc;
 }
 
-/* Whether any sector of [offset, offset+len) is in the overlay index or in
- * an unflushed discard; the caller holds mu. */
-static int overlay_touches(const jr_t *j, uint32_t vol, uint64_t offset, uint32_t len)
-{
-    if (j->ixcount) {
-        uint64_t s0 = offset / 512, s1 = (offset + len) / 512;
-        for (uint64_t blk = s0 / IX_SECT; blk * IX_SECT < s1; blk++) {
-            struct ixnode *n = ix_find(j, vol, blk);
-            if (!n)
-                continue;
-            for (unsigned k = 0; k < IX_SECT; k++) {
-                uint64_t s = blk * IX_SECT + k;
-                if (s >= s0 && s < s1 && (n->mask & (1u << k)))
-                    return 1;
-            }
-        }
-    }
-    for (const struct dnode *d = j->dhead; d; d = d->next)
-        if (d->vol == vol && d->off < offset + len && d->off + d->len > offset)
-            return 1;
-    return 0;
-}
-
-int jr_read_begin(jr_t *j, uint32_t vol, uint64_t offset, uint32_t len, int *fd)
-{
-    if (!vol || !fd || !len || len % 512 || offset % 512 || len > JR_MAX_IO)
-        return -EINVAL;
-    int rc = enter(j);
-    if (rc < 0)
-        return rc;
-    struct vol *v = vol_find(j, vol);
-    rc = 1;
-    if (!v || !v->attached || v->detaching)
-        rc = -ENXIO;
-    else if (offset > v->size || len > v->size - offset)
-        rc = -EINVAL;
-    else if (!v->use_direct || v->dfd < 0 || overlay_touches(j, vol, offset, len))
-        rc = 0; /* jr_read copies the overlay's part */
-    if (rc <= 0) {
-        leave(j);
-        return rc;
-    }
-    /* held as jr_read holds it across its pread: the fd stays open and the
-     * journal does not stop until jr_read_done */
-    v->busy++;
-    *fd = v->dfd;
-    pthread_mutex_unlock(&j->mu);
-    return 1;
-}
-
-void jr_read_done(jr_t *j, uint32_t vol, uint32_t n)
-{
-    pthread_mutex_lock(&j->mu);
-    struct vol *v = vol_find(j, vol);
-    if (v)
-        v->busy -= (int)n;
-    j->users -= (int)n - 1; /* leave() takes the last one */
-    pthread_cond_broadcast(&j->cv_progress);
-    leave(j);
-}
-
 /* ------------------------------------------------------------ markers */
 
 int jr_next_marker(jr_t *j, uint32_t timeout_ms, uint64_t *marker_id, uint64_t *seq,

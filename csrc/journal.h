@@ -171,15 +171,6 @@ int64_t jr_discard(jr_t *j, uint32_t vol, uint64_t offset, uint64_t length, uint
  * dm device, partial overlaps at 512-byte granularity. */
 int jr_read(jr_t *j, uint32_t vol, uint64_t offset, void *buf, uint32_t len);
 
-/* Asynchronous reads. If no sector of the range is in the overlay, the
- * range is current on the dm device: returns 1 and the O_DIRECT fd to read
- * it from, with the volume (and the journal) held until jr_read_done. 0:
- * part of it is in the overlay (or the volume has no O_DIRECT fd), use
- * jr_read. Negative: jr_read's errors. jr_read_done ends n such reads of
- * one volume at once. */
-int jr_read_begin(jr_t *j, uint32_t vol, uint64_t offset, uint32_t len, int *fd);
-void jr_read_done(jr_t *j, uint32_t vol, uint32_t n);
-
 /* Append a marker (marker_id != 0, chosen by the controller) carrying an
  * opaque payload (<= JR_MAX_PAYLOAD). Returns its seq once durable (NV) /
  * appended (RAM), or -errno. */

@@ -8,9 +8,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -19,7 +17,6 @@
 #include <sys/uio.h>
 #define __LINUX_UIO_H
 #include <linux/target_core_user.h>
-#include <linux/aio_abi.h>
 
 #define ST_GOOD 0x00
 #define ST_CHECK 0x02
@@ -31,10 +28,6 @@
  * bounce buffer's one copy. */
 #define DIRECT_READ_PIECES 8
 #define MAX_WORKERS 64
-/* Reads in flight in the kernel at once (Linux AIO); more wait their turn
- * in a worker as synchronous reads. */
-#define AIO_DEPTH 256
-#define AIO_REAP 64
 
 struct tc_cmd {
     uint16_t cmd_id;
@@ -44,7 +37,6 @@ struct tc_cmd {
     struct iovec *iov; /* pointers into the mapping */
     uint64_t data_len;
     struct tc_cmd *next;
-    struct iocb cb; /* an asynchronous read */
 };
 
 struct tc_dev {
@@ -69,9 +61,6 @@ struct tc_dev {
     int polling;        /* a worker sleeps in poll() on the UIO device */
     int idle;           /* workers waiting on cv_work */
     int no_direct_read; /* reads into the data area failed with EFAULT: bounce */
-    aio_context_t aio;  /* 0: every read is synchronous */
-    int efd;            /* eventfd the AIO completions signal, or -1 */
-    uint32_t aio_pending;
     pthread_t workers[MAX_WORKERS];
     int nworkers;
     struct tc_stats st;
@@ -263,42 +252,7 @@ static int64_t read_bounced(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce, uint
     return rc;
 }
 
-/* Start a read as one Linux AIO preadv from the dm device straight into
- * the data area, when the device holds all of it (nothing in the journal's
- * overlay) and the pieces suit O_DIRECT. The worker is free at once; the
- * poller reaps completions in batches, with one kick for all of them. 0:
- * read it synchronously (errors are reported by that path). */
-static int read_async(tc_dev_t *d, struct tc_cmd *c, uint64_t off, uint32_t len)
-{
-    if (!d->aio || __atomic_load_n(&d->no_direct_read, __ATOMIC_RELAXED) ||
-        __atomic_load_n(&d->aio_pending, __ATOMIC_RELAXED) >= AIO_DEPTH)
-        return 0;
-    for (uint32_t i = 0; i < c->iov_cnt; i++)
-        if ((uintptr_t)c->iov[i].iov_base % 512 || c->iov[i].iov_len % 512)
-            return 0;
-    int fd;
-    if (jr_read_begin(d->j, d->cfg.vol, off, len, &fd) != 1)
-        return 0;
-    memset(&c->cb, 0, sizeof c->cb);
-    c->cb.aio_data = (uintptr_t)c;
-    c->cb.aio_lio_opcode = IOCB_CMD_PREADV;
-    c->cb.aio_fildes = (uint32_t)fd;
-    c->cb.aio_buf = (uintptr_t)c->iov;
-    c->cb.aio_nbytes = c->iov_cnt;
-    c->cb.aio_offset = (int64_t)off;
-    c->cb.aio_flags = IOCB_FLAG_RESFD;
-    c->cb.aio_resfd = (uint32_t)d->efd;
-    struct iocb *cbp = &c->cb;
-    __atomic_add_fetch(&d->aio_pending, 1, __ATOMIC_SEQ_CST);
-    if (syscall(SYS_io_submit, d->aio, 1L, &cbp) != 1) {
-        __atomic_sub_fetch(&d->aio_pending, 1, __ATOMIC_SEQ_CST);
-        jr_read_done(d->j, d->cfg.vol, 1);
-        return 0;
-    }
-    return 1;
-}
-
-static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce, int may_async)
+static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
 {
     int w, fua;
     uint64_t lba;
@@ -314,10 +268,6 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce, int may_asy
         rc = jr_writev(d->j, d->cfg.vol, off, c->iov, (int)c->iov_cnt, fua ? JR_FUA : 0,
                        d->cfg.timeout_ms);
         __atomic_add_fetch(&d->st.fast_writes, 1, __ATOMIC_RELAXED);
-    } else if (may_async && read_async(d, c, off, len)) {
-        __atomic_add_fetch(&d->st.fast_reads, 1, __ATOMIC_RELAXED);
-        __atomic_add_fetch(&d->st.async_reads, 1, __ATOMIC_RELAXED);
-        return;
     } else if (c->iov_cnt <= DIRECT_READ_PIECES &&
                !__atomic_load_n(&d->no_direct_read, __ATOMIC_RELAXED)) {
         /* a few pieces of the data area: read each straight into it
@@ -359,49 +309,6 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce, int may_asy
     else /* UNRECOVERED READ ERROR */
         sl = make_sense(d->desc_sense, 0x03, 0x11, 0x00, sense);
     finish(d, c, ST_CHECK, sense, sl, -1);
-}
-
-/* Complete the reads whose AIO has finished: one lock and one kick for the
- * batch. A read that failed or came up short is done again synchronously,
- * which reports its error or, for EFAULT (the kernel cannot pin the data
- * area's pages), reads through the bounce buffer from then on. */
-static void reap(tc_dev_t *d, uint8_t *bounce)
-{
-    struct io_event ev[AIO_REAP];
-    struct tc_cmd *ok[AIO_REAP];
-    struct timespec zero = {0, 0};
-    long n;
-    do {
-        n = syscall(SYS_io_getevents, d->aio, 0L, (long)AIO_REAP, ev, &zero);
-        if (n <= 0)
-            return;
-        jr_read_done(d->j, d->cfg.vol, (uint32_t)n);
-        __atomic_sub_fetch(&d->aio_pending, (uint32_t)n, __ATOMIC_SEQ_CST);
-        int nok = 0;
-        for (long i = 0; i < n; i++) {
-            struct tc_cmd *c = (struct tc_cmd *)(uintptr_t)ev[i].data;
-            if (ev[i].res == (int64_t)c->data_len) {
-                ok[nok++] = c;
-                continue;
-            }
-            if (ev[i].res == -EFAULT)
-                __atomic_store_n(&d->no_direct_read, 1, __ATOMIC_RELAXED);
-            __atomic_sub_fetch(&d->st.fast_reads, 1, __ATOMIC_RELAXED); /* counted again */
-            __atomic_sub_fetch(&d->st.async_reads, 1, __ATOMIC_RELAXED);
-            run_fast(d, c, bounce, 0);
-        }
-        if (!nok)
-            continue;
-        pthread_mutex_lock(&d->mu);
-        for (int i = 0; i < nok; i++)
-            respond(d, ok[i], ST_GOOD, NULL, 0, -1);
-        pthread_mutex_unlock(&d->mu);
-        kick(d);
-        for (int i = 0; i < nok; i++) {
-            free(ok[i]->iov);
-            free(ok[i]);
-        }
-    } while (n == AIO_REAP);
 }
 
 /* -- fetching ----------------------------------------------------------------- */
@@ -496,7 +403,7 @@ static void *worker_main(void *arg)
     uint8_t *bounce = NULL;
     if (d->j && posix_memalign((void **)&bounce, 4096, JR_MAX_IO))
         return NULL;
-    struct pollfd p[2] = {{.fd = d->fd, .events = POLLIN}, {.fd = d->efd, .events = POLLIN}};
+    struct pollfd p = {.fd = d->fd, .events = POLLIN};
     pthread_mutex_lock(&d->mu);
     for (;;) {
         if (!d->stop)
@@ -509,30 +416,20 @@ static void *worker_main(void *arg)
             if ((d->work_head || !d->polling) && d->idle)
                 pthread_cond_signal(&d->cv_work);
             pthread_mutex_unlock(&d->mu);
-            run_fast(d, c, bounce, 1);
+            run_fast(d, c, bounce);
             pthread_mutex_lock(&d->mu);
             continue;
         }
-        if (d->stop && !__atomic_load_n(&d->aio_pending, __ATOMIC_SEQ_CST)) {
-            pthread_cond_broadcast(&d->cv_work); /* the others may wait on reads no more */
+        if (d->stop)
             break;
-        }
         if (!d->polling) {
             d->polling = 1;
             pthread_mutex_unlock(&d->mu);
-            /* the poller also waits for AIO completions; it reaps them
-             * before it looks at the ring again */
-            int r = poll(p, d->efd >= 0 ? 2 : 1, 100);
-            if (r > 0 && (p[0].revents & POLLIN)) {
+            int r = poll(&p, 1, 100);
+            if (r > 0 && (p.revents & POLLIN)) {
                 uint32_t cnt;
                 ssize_t n = read(d->fd, &cnt, sizeof cnt); /* consumes the UIO event */
                 (void)n;
-            }
-            if (r > 0 && d->efd >= 0 && (p[1].revents & POLLIN)) {
-                uint64_t cnt;
-                ssize_t n = read(d->efd, &cnt, sizeof cnt); /* before reaping: none is missed */
-                (void)n;
-                reap(d, bounce);
             }
             pthread_mutex_lock(&d->mu);
             d->polling = 0;
@@ -632,23 +529,12 @@ void tc_get_stats(tc_dev_t *d, struct tc_stats *st)
     *st = d->st;
     st->fast_reads = __atomic_load_n(&d->st.fast_reads, __ATOMIC_RELAXED);
     st->fast_writes = __atomic_load_n(&d->st.fast_writes, __ATOMIC_RELAXED);
-    st->async_reads = __atomic_load_n(&d->st.async_reads, __ATOMIC_RELAXED);
     st->flags = d->mb->flags;
     st->kicks = __atomic_load_n(&d->st.kicks, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&d->mu);
 }
 
 /* -- life cycle -------------------------------------------------------------- */
-
-static void stop_aio(tc_dev_t *d)
-{
-    if (d->aio)
-        syscall(SYS_io_destroy, d->aio);
-    if (d->efd >= 0)
-        close(d->efd);
-    d->aio = 0;
-    d->efd = -1;
-}
 
 int tc_open(const char *uio_path, uint64_t map_size, jr_t *j, const struct tc_config *cfg,
             tc_dev_t **out)
@@ -682,16 +568,6 @@ int tc_open(const char *uio_path, uint64_t map_size, jr_t *j, const struct tc_co
     }
     d->j = j;
     d->cfg = *cfg;
-    d->efd = -1;
-    /* Without AIO (io_setup refused: aio-max-nr reached) every read is
-     * synchronous in a worker, which is slower but the same. */
-    if (j && syscall(SYS_io_setup, (long)AIO_DEPTH, &d->aio) == 0) {
-        d->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        if (d->efd < 0) {
-            syscall(SYS_io_destroy, d->aio);
-            d->aio = 0;
-        }
-    }
     if (!d->cfg.timeout_ms)
         d->cfg.timeout_ms = 10000;
     d->nworkers = cfg->workers > 0 ? cfg->workers : DEFAULT_WORKERS;
@@ -718,7 +594,6 @@ int tc_open(const char *uio_path, uint64_t map_size, jr_t *j, const struct tc_co
     }
     d->nworkers = started;
     if (!started) {
-        stop_aio(d);
         munmap(d->map, map_size);
         close(d->fd);
         free(d);
@@ -736,8 +611,7 @@ void tc_close(tc_dev_t *d)
     pthread_cond_broadcast(&d->cv_slow);
     pthread_mutex_unlock(&d->mu);
     for (int i = 0; i < d->nworkers; i++)
-        pthread_join(d->workers[i], NULL); /* they finish the queue and the reads first */
-    stop_aio(d);
+        pthread_join(d->workers[i], NULL); /* they finish the queue first */
     /* What the controller never completed, and what was posted meanwhile:
      * BUSY, so initiators retry. */
     pthread_mutex_lock(&d->mu);

@@ -53,7 +53,6 @@ struct tc_slow {
 struct tc_stats {
     uint64_t fetched;    /* commands taken from the ring */
     uint64_t fast_reads;
-    uint64_t async_reads; /* of fast_reads: done by Linux AIO, reaped in batches */
     uint64_t fast_writes;
     uint64_t slow;       /* handed to the controller */
     uint64_t errors;     /* fast-path commands completed with an error status */

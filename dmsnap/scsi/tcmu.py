@@ -141,8 +141,8 @@ class TcmuDevice:
         return {
             k: int(getattr(st, k))
             for k in (
-                *("fetched", "fast_reads", "async_reads", "fast_writes", "slow", "errors"),
-                *("busy", "inflight", "kicks"),
+                *("fetched", "fast_reads", "fast_writes", "slow", "errors", "busy", "inflight"),
+                "kicks",
             )
         }
 

@@ -113,7 +113,6 @@ def test_disk_attaches_and_data_round_trips_through_the_journal(ring):
     assert read_direct(disk, 4 * MiB, MiB) == data  # back through the ring
     st = dev.stats()
     assert st["fast_writes"] >= 1 and st["fast_reads"] >= 1 and st["slow"] >= 3, st
-    assert st["async_reads"] >= 1, st  # the read above went by Linux AIO
 
 
 def test_many_commands_in_flight_complete_out_of_order(ring):
