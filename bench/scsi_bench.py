@@ -60,6 +60,8 @@ from dmsnap.client import Client
 from dmsnap.dm import DeviceMapper
 from dmsnap.dm.udev import Role, role_of
 from dmsnap.scsi import lio
+from dmsnap.scsi.emulation import Emulator, naa_from_serial
+from dmsnap.scsi.tcmu import Command, Reply, TcmuDevice, uio_for
 from dmsnap.storage import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +72,7 @@ POOL_NV, POOL_RAM = "sbn", "sbr"  # dmsnap-sb* dm devices are ours (leftovers re
 PORTAL = ("127.0.0.1", 3260)
 IQN = "iqn.2026-11.org.dmsnap.bench:"  # + dmsnap / iblock
 IBLOCK = "sbench-"  # iblock backstore names
+NULL_BS = "sbench-null-"  # --null: user backstore names
 TICK = os.sysconf("SC_CLK_TCK")
 
 # (label, fio rw, block size, queue depth)
@@ -87,7 +90,7 @@ CASES = [
 class Config:
     key: str
     title: str
-    kind: str  # dmsnap | iblock
+    kind: str  # dmsnap | iblock | null
     fabric: str  # loop | iscsi
     disk: str = ""
     pool: str = ""  # dmsnap: its pool (journal stats)
@@ -445,6 +448,7 @@ def leftovers() -> list[str]:
     out += [lo.path for lo in loop.attached() if "/sbench-" in lo.backing_file]
     out += glob.glob(f"{lio.CONFIGFS}/core/iblock_*/{IBLOCK}*")
     out += glob.glob(f"{lio.CONFIGFS}/core/user_*/dmsnap-dmsnap*")
+    out += glob.glob(f"{lio.CONFIGFS}/core/user_*/{NULL_BS}*")
     out += glob.glob(f"{lio.CONFIGFS}/iscsi/{IQN}*")
     return out
 
@@ -455,6 +459,10 @@ def cleanup_leftovers() -> None:
         bs = lio.BlockBackstore(os.path.basename(path), hba, "", "")
         lio.remove_fabrics(bs)
         lio.delete_iblock(bs)
+    for path in glob.glob(f"{lio.CONFIGFS}/core/user_*/{NULL_BS}*"):
+        if (ubs := lio.find_backstore(os.path.basename(path))) is not None:
+            lio.remove_fabrics(ubs)
+            lio.delete_backstore(ubs)
     dms = sh("dmsetup", "ls", check=False).stdout
     names = [ln.split()[0] for ln in dms.splitlines() if ln.startswith("dmsnap-sb")]
     for n in sorted(names, key=lambda n: "-_" in n):  # volumes first, then pool layers
@@ -463,6 +471,63 @@ def cleanup_leftovers() -> None:
         if "/sbench-" in lo.backing_file:
             with contextlib.suppress(OSError):
                 loop.detach(lo)
+
+
+# --------------------------------------------------------------------- --null
+
+
+@dataclass
+class NullLun:
+    """What the emulator needs of a volume, for a LUN with no storage."""
+
+    serial: str
+    size: int
+    block_size: int = 512
+    wce: bool = False
+    read_only: bool = False
+    naa: bytes = b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    def write(self, offset: int, data: bytes, *, fua: bool) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def unmap(self, offset: int, length: int) -> None:
+        pass
+
+
+class NullTarget:
+    """A TCMU backstore served from this process by the same C ring handler
+    as dmsnapd's, with READ/WRITE answered GOOD at once and no I/O (the
+    handler's null_io): what the TCMU path itself costs and allows, the
+    ceiling for any backstore built on it. The SPC emulator answers the
+    rest, so the kernel attaches it like a dmsnap LUN."""
+
+    def __init__(self, fabric: str, size: int) -> None:
+        self.serial = f"sbenchnull{fabric}"
+        self.bs = lio.create_backstore(NULL_BS + fabric, f"bench/null-{fabric}", size, self.serial)
+        lun = NullLun(self.serial, size, naa=naa_from_serial(self.serial))
+        emu = Emulator(lun, None, snapshot_allowed=lambda _initiator: False)
+
+        def handle(cmd: Command) -> Reply:
+            r = emu.execute(cmd.cdb, cmd.data_out or None, data_in_len=cmd.data_len)
+            return Reply(r.status, r.data, r.sense)
+
+        try:
+            uio, msize = uio_for(self.bs.hba, self.bs.name)
+            self.dev = TcmuDevice(uio, msize, handle, journal=None, vol=0, size=size, null_io=True)
+        except Exception:
+            lio.delete_backstore(self.bs)
+            raise
+
+    def close(self) -> None:
+        lio.remove_fabrics(self.bs)
+        self.dev.close()
+        lio.delete_backstore(self.bs)
 
 
 # --------------------------------------------------------------------- the run
@@ -532,6 +597,7 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
     d = Daemon(work)
     iscsi: OpenIscsi | None = None
     iblocks: list[lio.BlockBackstore] = []
+    nulls: list[NullTarget] = []
     try:
         d.start()
         print("  dmsnapd up", file=sys.stderr, flush=True)
@@ -563,6 +629,11 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
                 Config("dmsnap-ram-iscsi", "dmsnap RAM, iSCSI", "dmsnap", "iscsi",
                        pool=POOL_RAM, ref=f"{POOL_RAM}/i"),
             ]  # fmt: skip
+        if args.null:
+            cfgs += [
+                Config("null-loop", "TCMU null, tcm_loop", "null", "loop"),
+                Config("null-iscsi", "TCMU null, iSCSI", "null", "iscsi"),
+            ]
         by = {c.key: c for c in cfgs}
 
         # dmsnap exports, through the daemon
@@ -602,6 +673,22 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
                 c.disk = iscsi.login(IQN + "iblock", serial)
             c.info.update(dm_device=dev, serial=serial)
         for c in cfgs:
+            if c.kind != "null":
+                continue
+            nt = NullTarget(c.fabric, vsize)
+            nulls.append(nt)
+            if c.fabric == "loop":
+                lio.export_local(nt.bs)
+                disk = lio.scsi_disk_for(nt.serial, timeout=30)
+                if disk is None:
+                    raise RuntimeError("no tcm_loop disk for the null TCMU backstore")
+                c.disk = disk
+            else:
+                lio.export_iscsi(nt.bs, IQN + "null", PORTAL, [], None)
+                iscsi = iscsi or OpenIscsi()
+                c.disk = iscsi.login(IQN + "null", nt.serial)
+            c.info["serial"] = nt.serial
+        for c in cfgs:
             c.info.update(queue_info(c.disk))
         out["configs"] = {c.key: {"title": c.title, **c.info} for c in cfgs}
         nv = d.call("pool.show", name=POOL_NV)["journal"]
@@ -634,6 +721,8 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
         for bs in iblocks:
             lio.remove_fabrics(bs)
             lio.delete_iblock(bs)
+        for nt in nulls:
+            nt.close()
         if d.proc is not None and d.proc.poll() is None:
             for p in (POOL_NV, POOL_RAM):
                 with contextlib.suppress(Exception):
@@ -782,10 +871,12 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
         m, lo, hi = ratio(a, b, label)
         return f"**{m:.2f}x** ({lo:.2f}-{hi:.2f})"
 
-    ram = "dmsnap-ram-loop" in res
+    ram, null = "dmsnap-ram-loop" in res, "null-loop" in res
     hdr = (
         "| case | dmsnap NV tcm_loop | iblock tcm_loop | ratio | dmsnap NV iSCSI | iblock iSCSI "
-        "| ratio |" + (" dmsnap RAM tcm_loop | ratio | dmsnap RAM iSCSI | ratio |" if ram else "")
+        "| ratio |"
+        + (" dmsnap RAM tcm_loop | ratio | dmsnap RAM iSCSI | ratio |" if ram else "")
+        + (" TCMU null tcm_loop | ratio | TCMU null iSCSI | ratio |" if null else "")
     )
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
@@ -798,16 +889,22 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
             cell("iblock-iscsi", label, bs),
             rtext("dmsnap-iscsi", "iblock-iscsi", label),
         ]
-        if ram:
-            for fab in ("loop", "iscsi"):
-                row.append(cell(f"dmsnap-ram-{fab}", label, bs))
-                row.append(rtext(f"dmsnap-ram-{fab}", f"iblock-{fab}", label))
+        for on, key in ((ram, "dmsnap-ram"), (null, "null")):
+            for fab in ("loop", "iscsi") if on else ():
+                row.append(cell(f"{key}-{fab}", label, bs))
+                row.append(rtext(f"{key}-{fab}", f"iblock-{fab}", label))
         print(f"| {label} | " + " | ".join(row) + " |")
     print(
         "\n4 KiB cells in IOPS, 1 MiB cells in MiB/s; medians over the rounds. Ratio: dmsnap / "
         "iblock of the same round, median and range over the rounds. A dmsnap NV write is "
         "acknowledged once its journal record is durable on the journal device (and is "
         "written to the dm device later by the flusher); iblock writes the dm device only."
+        + (
+            " TCMU null: the same ring handler answering READ/WRITE with no I/O at all, "
+            "the ceiling of any TCMU backstore on this machine."
+            if null
+            else ""
+        )
     )
     print(
         "\n| configuration | case | clat p50 / p99 µs | system CPU busy (each CPU) | dmsnapd CPUs "
@@ -904,6 +1001,10 @@ def main() -> None:
     ap.add_argument(
         "--trace", action="store_true",
         help="split latency with kernel tracepoints (backend residency, wake-ups); costs CPU",
+    )  # fmt: skip
+    ap.add_argument(
+        "--null", action="store_true",
+        help="also a TCMU backstore that answers READ/WRITE with no I/O (TCMU's own ceiling)",
     )  # fmt: skip
     ap.add_argument(
         "--cases", default="",

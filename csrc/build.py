@@ -101,6 +101,7 @@ struct tc_config {
     int32_t read_only;
     int32_t workers;
     uint32_t timeout_ms;
+    int32_t null_io;
 };
 struct tc_slow {
     uint16_t cmd_id;

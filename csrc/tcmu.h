@@ -39,6 +39,7 @@ struct tc_config {
     int32_t read_only;   /* writes go to the slow path (DATA PROTECT there) */
     int32_t workers;     /* fast-path threads (0: a default) */
     uint32_t timeout_ms; /* journal wait bound before BUSY */
+    int32_t null_io;     /* bench only (j NULL): READ/WRITE answered GOOD with no I/O */
 };
 
 /* A command for the controller. data_len is the total length of the

@@ -74,7 +74,10 @@ class TcmuDevice:
         block_size: int = 512,
         read_only: bool = False,
         workers: int = 16,
+        null_io: bool = False,
     ) -> None:
+        """``null_io`` (bench only, no journal): READ/WRITE are answered GOOD
+        at once with no I/O, so a benchmark sees what the ring itself costs."""
         self.uio = uio
         self._handler = handler
         cfg = ffi.new(
@@ -86,6 +89,7 @@ class TcmuDevice:
                 "read_only": int(read_only),
                 "workers": workers,
                 "timeout_ms": 10000,
+                "null_io": int(null_io),
             },
         )
         out = ffi.new("tc_dev_t **")
