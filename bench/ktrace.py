@@ -59,6 +59,35 @@ def available() -> str | None:
     return None
 
 
+# Address-space switches: x86's tlb_flush tracepoint with reason 0 ("flush
+# on task switch") fires each time a CPU loads another process's page
+# tables. Counted in the kernel (a hist trigger), so it costs next to
+# nothing and needs no trace buffer. Software emulation (QEMU TCG) throws
+# away its whole emulated TLB on every one; see bench/ctxswitch.c.
+_MM_HIST = "hist:keys=reason:vals=hitcount"
+_MM_EVENT = "events/tlb/tlb_flush"
+
+
+def mm_switches_start() -> bool:
+    """Start counting; False where this kernel has no such tracepoint."""
+    if available() is not None or not os.path.isdir(os.path.join(TRACEFS, _MM_EVENT)):
+        return False
+    try:
+        _w(f"{_MM_EVENT}/trigger", _MM_HIST)
+    except OSError:
+        return False
+    return True
+
+
+def mm_switches_stop() -> int:
+    """Address-space switches since mm_switches_start (all CPUs)."""
+    with open(os.path.join(TRACEFS, _MM_EVENT, "hist")) as f:
+        text = f.read()
+    _w(f"{_MM_EVENT}/trigger", "!" + _MM_HIST)
+    m = re.search(r"\{ reason:\s+0 \} hitcount:\s+(\d+)", text)
+    return int(m.group(1)) if m else 0
+
+
 # every tracepoint start() enables and stop() disables (lock: 5.19+ only)
 EVENTS = (
     "target/target_sequencer_start",

@@ -554,6 +554,7 @@ def measure(
     c0, b0, a0, e0 = thread_cpu(d.proc.pid), cpu_busy(), all_tasks_cpu(), cpu_each()
     if args.trace:
         ktrace.start()
+    counting = ktrace.mm_switches_start()
     graph = args.graph and cfg.kind == "dmsnap"
     if graph:
         tids = [int(k.split("/")[1]) for k in c0 if k.startswith("tcmu-worker/")]
@@ -564,6 +565,9 @@ def measure(
         ramp=args.ramp,
     )  # fmt: skip
     wall = time.monotonic() - t0
+    if counting:  # over the ramp too: per command of the whole fio run
+        ramped = res["ios"] * (args.seconds + args.ramp) / args.seconds
+        res["mm_switches_per_cmd"] = ktrace.mm_switches_stop() / max(1.0, ramped)
     if args.trace:
         res["trace"] = ktrace.stop(cfg.disk)
     if graph:
@@ -907,12 +911,13 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
         )
     )
     print(
-        "\n| configuration | case | clat p50 / p99 µs | system CPU busy (each CPU) | dmsnapd CPUs "
+        "\n| configuration | case | clat p50 / p99 µs | system CPU busy (each CPU) "
+        "| address-space switches per command | dmsnapd CPUs "
         "(workers / commit / flush / python) | dmsnapd µs CPU per command "
         "| workers' CPU in the kernel "
         "| busiest thread | appends per commit | full waits | BUSY | kicks per command |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, c in cfgs.items():
         for label, *_ in CASES:
             xs = res[key].get(label, [])
@@ -925,6 +930,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
             line = (
                 f"| {c['title']} | {label} | {m('p50_us'):.0f} / {m('p99_us'):.0f} | "
                 f"{m('system_busy') * 100:.0f}% ({per_cpu(xs)}) | "
+                f"{m('mm_switches_per_cmd'):.2f} | "
             )
             if c["title"].startswith("dmsnap"):
                 line += (
