@@ -2,8 +2,8 @@
  * process (no address-space switch) against two processes (each switch
  * changes the page tables). On real hardware the two cost about the same;
  * under software emulation (QEMU TCG) a page-table switch also empties the
- * emulated TLB, and a user-space backstore pays that on every command.
- * Build and run: see bench/README.md ("What a switch to dmsnapd costs"). */
+ * emulated TLB. scsi_bench.py counts such switches per command.
+ * Build and run: see bench/README.md ("TCMU's own ceiling"). */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>

@@ -533,6 +533,26 @@ class NullTarget:
 # --------------------------------------------------------------------- the run
 
 
+def export_kernel(
+    bs: lio.Backstore | lio.BlockBackstore,
+    fabric: str,
+    serial: str,
+    name: str,
+    iscsi: OpenIscsi | None,
+) -> tuple[str, OpenIscsi | None]:
+    """Export a backstore made here (not by dmsnapd) through tcm_loop or
+    iSCSI (target IQN + name, logged in); its disk, and the initiator."""
+    if fabric == "loop":
+        lio.export_local(bs)
+        disk = lio.scsi_disk_for(serial, timeout=30)
+        if disk is None:
+            raise RuntimeError(f"no tcm_loop disk for {bs.name}")
+        return disk, iscsi
+    lio.export_iscsi(bs, IQN + name, PORTAL, [], None)
+    iscsi = iscsi or OpenIscsi()
+    return iscsi.login(IQN + name, serial), iscsi
+
+
 def jvol_device(d: Daemon, pool: str, vol: str) -> str:
     """The volume's own dm device under the journal (role jvol)."""
     name = d.call("volume.show", pool=pool, vol=vol)["dm_name"]
@@ -665,32 +685,14 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
             serial = f"sbenchiblk{vol}"
             bs = lio.create_iblock(f"{IBLOCK}{vol}", dev, serial)
             iblocks.append(bs)
-            if c.fabric == "loop":
-                lio.export_local(bs)
-                disk = lio.scsi_disk_for(serial, timeout=30)
-                if disk is None:
-                    raise RuntimeError(f"no tcm_loop disk for iblock on {dev}")
-                c.disk = disk
-            else:
-                lio.export_iscsi(bs, IQN + "iblock", PORTAL, [], None)
-                iscsi = iscsi or OpenIscsi()
-                c.disk = iscsi.login(IQN + "iblock", serial)
+            c.disk, iscsi = export_kernel(bs, c.fabric, serial, "iblock", iscsi)
             c.info.update(dm_device=dev, serial=serial)
         for c in cfgs:
             if c.kind != "null":
                 continue
             nt = NullTarget(c.fabric, vsize)
             nulls.append(nt)
-            if c.fabric == "loop":
-                lio.export_local(nt.bs)
-                disk = lio.scsi_disk_for(nt.serial, timeout=30)
-                if disk is None:
-                    raise RuntimeError("no tcm_loop disk for the null TCMU backstore")
-                c.disk = disk
-            else:
-                lio.export_iscsi(nt.bs, IQN + "null", PORTAL, [], None)
-                iscsi = iscsi or OpenIscsi()
-                c.disk = iscsi.login(IQN + "null", nt.serial)
+            c.disk, iscsi = export_kernel(nt.bs, c.fabric, nt.serial, "null", iscsi)
             c.info["serial"] = nt.serial
         for c in cfgs:
             c.info.update(queue_info(c.disk))
