@@ -32,15 +32,19 @@ KINDS = ("tcmu-worker", "iscsi_ttx", "iscsi_trx", "kworker", "jr-commit", "jr-fl
 
 # "<task>-<pid> [cpu] <flags> <secs>.<usecs>: <event>: <fields>"
 _LINE = re.compile(
-    r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+\[\d+\]\s+\S+\s+(?P<ts>\d+\.\d+): (?P<ev>\w+): (?P<rest>.*)$"
+    r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+\S+\s+"
+    r"(?P<ts>\d+\.\d+): (?P<ev>\w+): (?P<rest>.*)$"
 )
 _TAG = re.compile(r"tag (0x[0-9a-f]+|\d+)")
 _CDB = re.compile(r"CDB ((?:[0-9a-f]{2} ?){16})")
 _WQ_QUEUE = re.compile(r"work struct=(?P<w>\S+) function=(?P<fn>\S+) ")
 _WQ_START = re.compile(r"work struct (?P<w>\S+): function (?P<fn>\S+)")
 _RQ = re.compile(r"^(?P<dev>\d+,\d+) \S+ (?:\d+ )?\(.*?\) (?P<sector>\d+) \+ \d+")
-_WAKEUP = re.compile(r"comm=(?P<comm>.+?) pid=(?P<pid>\d+) ")
-_SWITCH = re.compile(r"==> next_comm=(?P<comm>.+?) next_pid=(?P<pid>\d+) ")
+_SCSI_LBA = re.compile(r"cmnd=\((?:READ|WRITE)_(?:10|16) lba=(\d+) ")
+_WAKEUP = re.compile(r"comm=(?P<comm>.+?) pid=(?P<pid>\d+) .*target_cpu=(?P<cpu>\d+)")
+_SWITCH = re.compile(
+    r"prev_comm=(?P<prev>.+?) prev_pid=.*==> next_comm=(?P<comm>.+?) next_pid=(?P<pid>\d+) "
+)
 
 
 def _w(path: str, value: str) -> None:
@@ -96,6 +100,7 @@ EVENTS = (
     "sched/sched_switch",
     "block/block_rq_issue",
     "block/block_rq_complete",
+    "scsi/scsi_dispatch_cmd_done",
     "workqueue/workqueue_queue_work",
     "workqueue/workqueue_execute_start",
     "lock/contention_begin",
@@ -164,11 +169,19 @@ def summarize(lines: list[str], dev: str = "") -> dict[str, Any]:
     done: dict[int, float] = {}
     to_target: list[float] = []
     from_target: list[float] = []
+    answered: dict[int, float] = {}  # lba -> the initiator's SCSI completion
+    to_initiator: list[float] = []
+    in_initiator: list[float] = []
     contended: dict[str, int] = {}  # thread kind -> lock contentions
     queued: dict[str, float] = {}  # work struct -> queued at
     work: dict[str, list[float]] = {}  # function -> queue-to-start delays
     woken: dict[str, tuple[float, str]] = {}  # pid -> (time, kind)
     wake: dict[str, list[float]] = {}
+    # what ran on iscsi_ttx's CPU between its wake-up and its running
+    ttx_wait: dict[int, tuple[str, float]] = {}  # cpu -> (pid, woken at)
+    last_switch: dict[int, float] = {}
+    ttx_blocked: dict[str, float] = {}
+    ttx_wakeups = 0
     lost = 0
     for ln in lines:
         if ln.startswith("#"):
@@ -194,6 +207,11 @@ def summarize(lines: list[str], dev: str = "") -> dict[str, Any]:
             lba = _lba(rest)
             if lba is not None:
                 done[lba] = ts
+        elif ev == "scsi_dispatch_cmd_done":
+            q = _SCSI_LBA.search(rest)
+            if q and int(q[1]) in done:
+                answered[int(q[1])] = ts
+                to_initiator.append(ts - done[int(q[1])])
         elif ev == "contention_begin":
             k = kind_of(m["task"].strip()) or "other"
             contended[k] = contended.get(k, 0) + 1
@@ -214,12 +232,26 @@ def summarize(lines: list[str], dev: str = "") -> dict[str, Any]:
                 issued[sector] = ts
             elif sector in done:
                 from_target.append(ts - done.pop(sector))
+                if sector in answered:
+                    in_initiator.append(ts - answered.pop(sector))
         elif ev == "sched_wakeup":
             w = _WAKEUP.search(rest + " ")
             if w and (k := kind_of(w["comm"])):
                 woken[w["pid"]] = (ts, k)
+                if k == "iscsi_ttx":
+                    ttx_wait[int(w["cpu"])] = (w["pid"], ts)
+                    ttx_wakeups += 1
         elif ev == "sched_switch":
             s = _SWITCH.search(rest + " ")
+            cpu = int(m["cpu"])
+            if s and cpu in ttx_wait:
+                pid, t0 = ttx_wait[cpu]
+                prev = kind_of(s["prev"]) or s["prev"].split("/")[0]
+                since = max(t0, last_switch.get(cpu, t0))
+                ttx_blocked[prev] = ttx_blocked.get(prev, 0.0) + ts - since
+                if s["pid"] == pid:
+                    del ttx_wait[cpu]
+            last_switch[cpu] = ts
             if s and s["pid"] in woken:
                 t0, k = woken.pop(s["pid"])
                 wake.setdefault(k, []).append(ts - t0)
@@ -235,8 +267,18 @@ def summarize(lines: list[str], dev: str = "") -> dict[str, Any]:
         "to_target": pct(to_target),
         "residency": pct(residency),
         "from_target": pct(from_target),
+        # from_target split at the initiator's SCSI completion (scsi_done):
+        # LIO's completion, the response's send and the network; then the
+        # initiator's block completion on the submitting CPU
+        "to_initiator": pct(to_initiator),
+        "in_initiator": pct(in_initiator),
         "wakeup": {k: pct(v) for k, v in sorted(wake.items())},
         "lock_contentions": contended,
+        # µs per ttx wake-up that each kind of task ran on its CPU first
+        "ttx_blocked_by": {
+            k: v * 1e6 / max(1, ttx_wakeups)
+            for k, v in sorted(ttx_blocked.items(), key=lambda kv: -kv[1])[:6]
+        },
         # work items' wait from queueing to running, the busiest functions
         "work": {k: pct(v) for k, v in sorted(work.items(), key=lambda kv: -len(kv[1]))[:8]},
     }

@@ -169,6 +169,29 @@ def pin_away(d: Daemon, out: dict[str, Any]) -> None:
     print(f"  --pin-away: dmsnapd on CPUs {sorted(away)}, off {sorted(used)}", file=sys.stderr)
 
 
+def workers_sched(how: str, out: dict[str, Any]) -> None:
+    """Experiment (--workers-sched): change the scheduling of every
+    ``tcmu-worker`` thread (dmsnapd's and the null backstore's): ``nice:N``
+    or ``batch`` (SCHED_BATCH: a woken worker does not preempt the running
+    task, such as LIO's pinned iSCSI threads)."""
+    n = 0
+    for comm in glob.glob("/proc/[0-9]*/task/[0-9]*/comm"):
+        with contextlib.suppress(OSError), open(comm) as f:
+            if not f.read().startswith("tcmu-worker"):
+                continue
+        tid = int(comm.split("/")[4])
+        with contextlib.suppress(OSError):
+            if how == "batch":
+                os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+            elif how.startswith("nice:"):
+                os.setpriority(os.PRIO_PROCESS, tid, int(how[5:]))
+            else:
+                sys.exit(f"scsi bench: --workers-sched {how!r}: nice:N or batch")
+            n += 1
+    out["workers_sched"] = {"how": how, "threads": n}
+    print(f"  --workers-sched {how}: {n} tcmu-worker threads", file=sys.stderr)
+
+
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of each thread of ``pid``, by
     ``name/tid`` (the C threads name themselves: tcmu-worker,
@@ -704,6 +727,8 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
         out["iscsi_threads"] = iscsi_thread_cpus()
         if args.pin_away:
             pin_away(d, out)
+        if args.workers_sched:
+            workers_sched(args.workers_sched, out)
 
         t0 = time.monotonic()
         for c in cfgs:
@@ -764,7 +789,8 @@ def print_trace(res: dict[str, Any], cfgs: dict[str, Any]) -> None:
         "wake-up is a thread's sched_wakeup to running\n"
     )
     print("| configuration | case | fio clat p50 | to target p50 | backend residency p50 / p90 "
-          "| from target p50 | " + " | ".join(f"wake-up {k}" for k in kinds) + " |")  # fmt: skip
+          "| from target p50 (to the initiator's SCSI done / then to block done) | "
+          + " | ".join(f"wake-up {k}" for k in kinds) + " |")  # fmt: skip
     print("|---|---|---|---|---|---|" + "---|" * len(kinds))
     for key, c in cfgs.items():
         for label, xs in res[key].items():
@@ -781,7 +807,9 @@ def print_trace(res: dict[str, Any], cfgs: dict[str, Any]) -> None:
                 f"{m(lambda t: t.get('to_target', {}).get('p50_us', 0)):.0f} | "
                 f"{m(lambda t: t['residency']['p50_us']):.0f} / "
                 f"{m(lambda t: t['residency']['p90_us']):.0f} | "
-                f"{m(lambda t: t.get('from_target', {}).get('p50_us', 0)):.0f} | "
+                f"{m(lambda t: t.get('from_target', {}).get('p50_us', 0)):.0f} "
+                f"({m(lambda t: t.get('to_initiator', {}).get('p50_us', 0)):.0f} / "
+                f"{m(lambda t: t.get('in_initiator', {}).get('p50_us', 0)):.0f}) | "
                 + " | ".join(wk)
                 + " |"
             )
@@ -797,6 +825,13 @@ def print_trace(res: dict[str, Any], cfgs: dict[str, Any]) -> None:
                 for fn, w in t["work"].items()
             )
             print(f"* {c['title']}, {label}: {items}")
+    print("\nWhat ran on iscsi_ttx's CPU while it waited to run (µs per wake-up, first round):\n")
+    for key, c in cfgs.items():
+        for label, xs in res[key].items():
+            ts = [x["trace"] for x in xs if x.get("trace", {}).get("ttx_blocked_by")]
+            if ts:
+                by = ", ".join(f"{k} {v:.0f}" for k, v in ts[0]["ttx_blocked_by"].items())
+                print(f"* {c['title']}, {label}: {by}")
     print("\nLock contentions (lock:contention_begin) per thread kind, per command:\n")
     for key, c in cfgs.items():
         for label, xs in res[key].items():
@@ -997,6 +1032,10 @@ def main() -> None:
     ap.add_argument(
         "--pin-away", action="store_true",
         help="experiment: dmsnapd off the CPU LIO bound dmsnap NV's iSCSI connection to",
+    )  # fmt: skip
+    ap.add_argument(
+        "--workers-sched", default="", metavar="nice:N|batch",
+        help="experiment: scheduling of the tcmu-worker threads",
     )  # fmt: skip
     ap.add_argument(
         "--graph", action="store_true",
