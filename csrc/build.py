@@ -102,6 +102,7 @@ struct tc_config {
     int32_t workers;
     uint32_t timeout_ms;
     int32_t null_io;
+    int32_t worker_nice;
 };
 struct tc_slow {
     uint16_t cmd_id;

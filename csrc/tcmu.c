@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -407,6 +408,19 @@ static void *worker_main(void *arg)
 {
     tc_dev_t *d = arg;
     pthread_setname_np(pthread_self(), "tcmu-worker"); /* for top -H, /proc/PID/task */
+    if (d->cfg.worker_nice) {
+        /* Linux keeps a nice value per thread (who 0: this one). When the
+         * CPUs are short, the kernel threads that feed and drain the ring
+         * (LIO's iSCSI receive/transmit threads, bound to one CPU each, and
+         * its completion work) then win against a worker taking more work,
+         * and commands already answered reach the initiator sooner. */
+        errno = 0;
+        int cur = getpriority(PRIO_PROCESS, 0);
+        if (!errno) {
+            int n = cur + d->cfg.worker_nice;
+            (void)setpriority(PRIO_PROCESS, 0, n > 19 ? 19 : n < -20 ? -20 : n);
+        }
+    }
     uint8_t *bounce = NULL;
     if (d->j && posix_memalign((void **)&bounce, 4096, JR_MAX_IO))
         return NULL;

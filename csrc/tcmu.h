@@ -40,6 +40,7 @@ struct tc_config {
     int32_t workers;     /* fast-path threads (0: a default) */
     uint32_t timeout_ms; /* journal wait bound before BUSY */
     int32_t null_io;     /* bench only (j NULL): READ/WRITE answered GOOD with no I/O */
+    int32_t worker_nice; /* fast-path threads this much nicer than their creator (0: same) */
 };
 
 /* A command for the controller. data_len is the total length of the

@@ -13,6 +13,7 @@ idempotently); only ``dmsnap daemon stop --teardown`` deactivates them.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from dmsnap.daemon.lock import acquire_state_lock
 from dmsnap.daemon.notify import Notifier
 from dmsnap.daemon.server import DEFAULT_SOCKET, PeerPolicy, Server, serving_status
 from dmsnap.errors import UserError
+from dmsnap.scsi import DEFAULT_WORKER_NICE
 
 log = logging.getLogger("dmsnapd")
 
@@ -80,12 +82,12 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
 
 
-def _real_manager(state_dir: str) -> Any:
+def _real_manager(state_dir: str, worker_nice: int = DEFAULT_WORKER_NICE) -> Any:
     # Imported here: the lock and socket checks must not depend on the
     # storage stack (or its kernel bindings) even loading.
     from dmsnap.storage.manager import Manager
 
-    return Manager(state_dir)
+    return Manager(state_dir, worker_nice=worker_nice)
 
 
 def run_daemon(
@@ -205,6 +207,16 @@ def _short(summary: Any) -> str:
     return "done" if summary is None else str(summary)
 
 
+def _worker_nice(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 19:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number from 0 to 19")
+    return n
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="dmsnapd",
@@ -231,6 +243,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="accepted for clarity: dmsnapd always runs in the foreground (systemd Type=notify)",
     )
+    p.add_argument(
+        "--worker-nice",
+        type=_worker_nice,
+        default=os.environ.get("DMSNAP_WORKER_NICE") or str(DEFAULT_WORKER_NICE),
+        metavar="0..19",
+        help="run exports' fast-path I/O threads this much nicer than dmsnapd, so that "
+        "the kernel's SCSI fabric threads win a short CPU (0: same; "
+        "env DMSNAP_WORKER_NICE; default %(default)s)",
+    )
     p.add_argument("--version", action="version", version=f"dmsnapd {__version__}")
     return p.parse_args(argv)
 
@@ -242,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Children (none today) must not talk to systemd on our behalf.
     for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(var, None)
-    sys.exit(run_daemon(args.state_dir, args.socket, notifier=notifier))
+    factory = functools.partial(_real_manager, worker_nice=args.worker_nice)
+    sys.exit(run_daemon(args.state_dir, args.socket, notifier=notifier, manager_factory=factory))
 
 
 if __name__ == "__main__":

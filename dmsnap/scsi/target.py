@@ -15,7 +15,7 @@ from itertools import islice
 from typing import Any
 
 from dmsnap import errors as E
-from dmsnap.scsi import lio
+from dmsnap.scsi import DEFAULT_WORKER_NICE, lio
 from dmsnap.scsi import snapcmd as SC
 from dmsnap.scsi.emulation import Emulator, Limits, Lun, naa_from_serial
 from dmsnap.scsi.tcmu import Command, Reply, TcmuDevice, uio_for
@@ -254,6 +254,7 @@ def start_device(
     snapshot_allowed: Callable[[str], bool],
     initiator: str,
     unmap_granularity: int = Limits.unmap_granularity,
+    worker_nice: int = DEFAULT_WORKER_NICE,
 ) -> tuple[TcmuDevice, Emulator]:
     # 1 MiB: what the ring accepts per command (lio.MAX_SECTORS). UNMAP runs
     # here (a journal DISCARD per descriptor, one slow-path thread): at most
@@ -299,6 +300,7 @@ def start_device(
         vol=vol_id,
         size=lun.size,
         read_only=lun.read_only,
+        worker_nice=worker_nice,
     )
     holder["dev"] = dev
     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dmsnap._hotpath import ffi, lib
+from dmsnap.scsi import DEFAULT_WORKER_NICE
 
 log = logging.getLogger("dmsnap.scsi")
 
@@ -74,10 +75,15 @@ class TcmuDevice:
         block_size: int = 512,
         read_only: bool = False,
         workers: int = 16,
+        worker_nice: int = DEFAULT_WORKER_NICE,
         null_io: bool = False,
     ) -> None:
-        """``null_io`` (bench only, no journal): READ/WRITE are answered GOOD
+        """``worker_nice``: the fast-path threads run this much nicer than
+        the thread that opens the device (see DEFAULT_WORKER_NICE).
+        ``null_io`` (bench only, no journal): READ/WRITE are answered GOOD
         at once with no I/O, so a benchmark sees what the ring itself costs."""
+        if not 0 <= worker_nice <= 19:
+            raise ValueError(f"worker_nice {worker_nice}: must be 0..19")
         self.uio = uio
         self._handler = handler
         cfg = ffi.new(
@@ -90,6 +96,7 @@ class TcmuDevice:
                 "workers": workers,
                 "timeout_ms": 10000,
                 "null_io": int(null_io),
+                "worker_nice": worker_nice,
             },
         )
         out = ffi.new("tc_dev_t **")

@@ -271,6 +271,7 @@ class ExportsMixin:
                     snapshot_allowed=(lambda _i, may=may: may),
                     initiator=ex.ref,
                     unmap_granularity=unmap_gran,
+                    worker_nice=self.worker_nice,
                 )
                 paths.append(target.LunPath(bs, device, emu, may))
             for pa in paths:

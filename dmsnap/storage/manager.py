@@ -31,6 +31,7 @@ from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
 from dmsnap.journal.journal import Journal, JournalError
 from dmsnap.journal.service import PoolJournal, status_json
+from dmsnap.scsi import DEFAULT_WORKER_NICE
 from dmsnap.storage import loop, names
 from dmsnap.storage._common import LINK_DIR, Json, _errors_to_user, _journal_error, _user_errors
 from dmsnap.storage.backend import Backend, Base, journal_mode, planned_dev_ids
@@ -96,8 +97,15 @@ def _zero(path: str, length: int, offset: int = 0) -> None:
 
 
 class Manager(ExportsMixin):
-    def __init__(self, state_dir: str, dm: DeviceMapper | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: str,
+        dm: DeviceMapper | None = None,
+        *,
+        worker_nice: int = DEFAULT_WORKER_NICE,
+    ) -> None:
         self.state_dir = os.path.abspath(state_dir)
+        self.worker_nice = worker_nice  # exports' fast-path threads (dmsnapd --worker-nice)
         os.makedirs(os.path.join(self.state_dir, "pools"), exist_ok=True)
         self.catalog = Catalog(os.path.join(self.state_dir, "catalog.db"))
         try:

@@ -950,3 +950,22 @@ def test_notifier_without_socket_is_a_no_op() -> None:
 def test_watchdog_pid_for_someone_else_is_ignored() -> None:
     n = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
     assert n.watchdog_usec == (1000 if os.getpid() == 1 else 0)
+
+
+def test_worker_nice_option_validates_and_reads_the_environment(monkeypatch, capsys):
+    from dmsnap.daemon.main import parse_args
+
+    monkeypatch.delenv("DMSNAP_WORKER_NICE", raising=False)
+    assert parse_args([]).worker_nice == 5
+    assert parse_args(["--worker-nice", "0"]).worker_nice == 0
+    monkeypatch.setenv("DMSNAP_WORKER_NICE", "12")
+    assert parse_args([]).worker_nice == 12
+    for bad in ("20", "-1", "five"):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--worker-nice", bad])
+        assert e.value.code == 2
+        assert "--worker-nice" in capsys.readouterr().err
+    monkeypatch.setenv("DMSNAP_WORKER_NICE", "x")
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert "from 0 to 19" in capsys.readouterr().err

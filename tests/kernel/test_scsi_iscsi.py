@@ -444,6 +444,35 @@ def _broken_rings(log: str) -> int:
     return len(re.findall(r"ring is broken", log))
 
 
+def _worker_nices(pid: int) -> list[int]:
+    """The nice value of each of ``pid``'s tcmu-worker threads."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/stat") as f:
+            stat = f.read()
+        if "(tcmu-worker)" in stat:
+            out.append(int(stat.rsplit(")", 1)[1].split()[16]))  # field 19: nice
+    return out
+
+
+def test_worker_threads_run_nicer_than_dmsnapd(daemon_export, monkeypatch):
+    """The export's fast-path threads run 5 nicer than dmsnapd by default
+    (so LIO's fabric threads win a short CPU); --worker-nice /
+    DMSNAP_WORKER_NICE sets it, and an export restored at start gets it."""
+    d, disk = daemon_export
+    assert d.proc is not None
+    base = os.getpriority(os.PRIO_PROCESS, d.proc.pid)
+    nices = _worker_nices(d.proc.pid)
+    assert nices and set(nices) == {min(19, base + 5)}, nices
+    d.stop()
+    monkeypatch.setenv("DMSNAP_WORKER_NICE", "0")
+    d.start()
+    assert d.json("export", "list")[0]["running"]
+    nices = _worker_nices(d.proc.pid)
+    assert nices and set(nices) == {os.getpriority(os.PRIO_PROCESS, d.proc.pid)}, nices
+    assert pread_direct(disk, 0, 4096) == bytes(4096)  # and it serves I/O
+
+
 def test_daemon_restart_under_io(daemon_export):
     """`dmsnap daemon stop` while fio writes: the export stays, LIO holds new
     commands (block_dev) and the stopping daemon answers what it holds BUSY;
