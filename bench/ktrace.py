@@ -20,6 +20,7 @@ Tracing costs CPU too, so these runs are for the split, not for IOPS.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import statistics
@@ -72,8 +73,9 @@ _MM_HIST = "hist:keys=reason:vals=hitcount"
 _MM_EVENT = "events/tlb/tlb_flush"
 
 
-def mm_switches_start() -> bool:
-    """Start counting; False where this kernel has no such tracepoint."""
+def mm_switches_arm() -> bool:
+    """Start counting, once per run; False where this kernel has no such
+    tracepoint. See arm() for why not once per measurement."""
     if available() is not None or not os.path.isdir(os.path.join(TRACEFS, _MM_EVENT)):
         return False
     try:
@@ -83,13 +85,18 @@ def mm_switches_start() -> bool:
     return True
 
 
-def mm_switches_stop() -> int:
-    """Address-space switches since mm_switches_start (all CPUs)."""
+def mm_switches() -> int:
+    """Address-space switches since mm_switches_arm (all CPUs): take the
+    difference of two readings."""
     with open(os.path.join(TRACEFS, _MM_EVENT, "hist")) as f:
         text = f.read()
-    _w(f"{_MM_EVENT}/trigger", "!" + _MM_HIST)
     m = re.search(r"\{ reason:\s+0 \} hitcount:\s+(\d+)", text)
     return int(m.group(1)) if m else 0
+
+
+def mm_switches_disarm() -> None:
+    with contextlib.suppress(OSError):
+        _w(f"{_MM_EVENT}/trigger", "!" + _MM_HIST)
 
 
 # every tracepoint start() enables and stop() disables (lock: 5.19+ only)
@@ -114,14 +121,32 @@ def _events(on: bool) -> None:
             _w(f"events/{ev}/enable", "1" if on else "0")
 
 
+def arm() -> None:
+    """Enable the tracepoints, once per run, with tracing off. Enabling or
+    disabling a tracepoint rewrites kernel code on live CPUs (a jump label,
+    patched through int3 breakpoints; enabling any event also hooks
+    sched_switch to record task names, a site inside __schedule). Under QEMU
+    TCG that wedged the guest now and then (both vCPUs stuck with
+    interrupts off: one taking the int3 in __schedule over and over, the
+    other spinning on a lock; tools/vm-monitor), so start() and stop() only
+    switch tracing_on."""
+    _w("tracing_on", "0")
+    _w("buffer_size_kb", BUFFER_KB)
+    _events(True)
+
+
+def disarm() -> None:
+    _w("tracing_on", "0")
+    _events(False)
+    _w("trace", "")
+
+
 def start() -> None:
     """Trace the target's command events, wake-ups, the initiator's block
     requests (to split a command's life into phases), work items and lock
-    contentions."""
+    contentions (after arm())."""
     _w("tracing_on", "0")
     _w("trace", "")  # clears the buffer
-    _w("buffer_size_kb", BUFFER_KB)
-    _events(True)
     _w("tracing_on", "1")
 
 
@@ -129,7 +154,6 @@ def stop(disk: str) -> dict[str, Any]:
     """Stop tracing; the split of the run on ``disk`` (the initiator's
     /dev/sdX), in microseconds (p50, p90)."""
     _w("tracing_on", "0")
-    _events(False)
     with open(os.path.join(TRACEFS, "trace")) as f:
         text = f.read()
     _w("trace", "")
@@ -298,7 +322,9 @@ _CLOSE = re.compile(
 def graph_start(tids: list[int], depth: int = 2, fn: str = "") -> None:
     """Kernel time of these threads per function, ``depth`` calls deep from
     the kernel entry (2: each system call's handler), sleeping excluded;
-    with ``fn`` (e.g. __x64_sys_pread64), only inside that function."""
+    with ``fn`` (e.g. __x64_sys_pread64), only inside that function.
+    Switching the tracer patches every function's entry on live CPUs, which
+    can wedge a TCG guest (see arm()): a diagnostic, not for long runs."""
     _w("tracing_on", "0")
     _w("current_tracer", "nop")
     _w("trace", "")

@@ -597,7 +597,7 @@ def measure(
     c0, b0, a0, e0 = thread_cpu(d.proc.pid), cpu_busy(), all_tasks_cpu(), cpu_each()
     if args.trace:
         ktrace.start()
-    counting = ktrace.mm_switches_start()
+    mm0 = ktrace.mm_switches() if args.mm_armed else None
     graph = args.graph and cfg.kind == "dmsnap"
     if graph:
         tids = [int(k.split("/")[1]) for k in c0 if k.startswith("tcmu-worker/")]
@@ -608,9 +608,9 @@ def measure(
         ramp=args.ramp,
     )  # fmt: skip
     wall = time.monotonic() - t0
-    if counting:  # over the ramp too: per command of the whole fio run
+    if mm0 is not None:  # over the ramp too: per command of the whole fio run
         ramped = res["ios"] * (args.seconds + args.ramp) / args.seconds
-        res["mm_switches_per_cmd"] = ktrace.mm_switches_stop() / max(1.0, ramped)
+        res["mm_switches_per_cmd"] = (ktrace.mm_switches() - mm0) / max(1.0, ramped)
     if args.trace:
         res["trace"] = ktrace.stop(cfg.disk)
     if graph:
@@ -739,6 +739,10 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
 
         res: dict[str, dict[str, list[dict[str, Any]]]] = {c.key: {} for c in cfgs}
         out["results"] = res
+        # kernel code is patched here and at the end only (ktrace.arm)
+        args.mm_armed = ktrace.mm_switches_arm()
+        if args.trace:
+            ktrace.arm()
         for rnd in range(args.rounds):
             order = cfgs[rnd % len(cfgs) :] + cfgs[: rnd % len(cfgs)]
             for case in CASES:
@@ -747,6 +751,11 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
             print(f"  round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         out["daemon_log_tail"] = d.tail()[-1500:]
     finally:
+        if getattr(args, "mm_armed", False):
+            ktrace.mm_switches_disarm()
+        if args.trace:
+            with contextlib.suppress(OSError):
+                ktrace.disarm()
         if iscsi is not None:
             iscsi.close()
         for bs in iblocks:
