@@ -123,6 +123,15 @@ def cpu_busy() -> tuple[int, int]:
     return sum(v) - idle, sum(v)
 
 
+def context_switches() -> int:
+    """The machine's context switches since boot (/proc/stat ctxt)."""
+    with open("/proc/stat") as f:
+        for ln in f:
+            if ln.startswith("ctxt "):
+                return int(ln.split()[1])
+    return 0
+
+
 def cpu_each() -> list[tuple[int, int]]:
     """(busy, total) ticks of each CPU."""
     out = []
@@ -585,6 +594,15 @@ def jvol_device(d: Daemon, pool: str, vol: str) -> str:
     return f"/dev/mapper/{name}"
 
 
+def cell_log(args: argparse.Namespace, what: str) -> None:
+    """One line per measurement cell's start ("-" at its end) for a sampler
+    outside the guest (tools/vm-monitor --profile), which reads the file
+    through the shared repo: no clock has to agree with the guest's."""
+    if args.cell_log:
+        with open(args.cell_log, "a") as f:
+            f.write(what + "\n")
+
+
 def measure(
     d: Daemon, cfg: Config, case: tuple[str, str, int, int], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -598,18 +616,24 @@ def measure(
     if args.trace:
         ktrace.start()
     mm0 = ktrace.mm_switches() if args.mm_armed else None
+    cs0 = context_switches()
     graph = args.graph and cfg.kind == "dmsnap"
     if graph:
         tids = [int(k.split("/")[1]) for k in c0 if k.startswith("tcmu-worker/")]
         ktrace.graph_start(tids, 5 if args.graph_fn else 2, args.graph_fn)
+    cell_log(args, f"{cfg.title} | {case[0]}")
     t0 = time.monotonic()
     res = fio(
         cfg.disk, rw=rw, bs=bs, qd=qd, size=args.volume_mib * MiB, runtime=args.seconds,
         ramp=args.ramp,
     )  # fmt: skip
     wall = time.monotonic() - t0
-    if mm0 is not None:  # over the ramp too: per command of the whole fio run
-        ramped = res["ios"] * (args.seconds + args.ramp) / args.seconds
+    cs1 = context_switches()
+    cell_log(args, "-")
+    # over the ramp too: per command of the whole fio run
+    ramped = max(1.0, res["ios"] * (args.seconds + args.ramp) / args.seconds)
+    res["ctxt_per_cmd"] = (cs1 - cs0) / ramped
+    if mm0 is not None:
         res["mm_switches_per_cmd"] = (ktrace.mm_switches() - mm0) / max(1.0, ramped)
     if args.trace:
         res["trace"] = ktrace.stop(cfg.disk)
@@ -622,6 +646,9 @@ def measure(
     res["drain_s"] = drained
     res["tasks"] = top_tasks(a0, a1, wall)
     res["system_busy"] = (b1[0] - b0[0]) / max(1, b1[1] - b0[1])
+    # all CPUs' busy time per command: what the whole stack (fio, initiator,
+    # fabric, target, dm) spends on one, comparable across configurations
+    res["machine_us_per_cmd"] = res["system_busy"] * len(e0) * wall / ramped * 1e6
     cpu = group_cpu(c0, c1)
     res["dmsnapd_cpu"] = {k: v / wall for k, v in cpu.items()}  # CPUs busy, by thread kind
     if cfg.ref:
@@ -958,12 +985,13 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
     )
     print(
         "\n| configuration | case | clat p50 / p99 µs | system CPU busy (each CPU) "
+        "| machine CPU µs per command | context switches per command "
         "| address-space switches per command | dmsnapd CPUs "
         "(workers / commit / flush / python) | dmsnapd µs CPU per command "
         "| workers' CPU in the kernel "
         "| busiest thread | appends per commit | full waits | BUSY | kicks per command |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, c in cfgs.items():
         for label, *_ in CASES:
             xs = res[key].get(label, [])
@@ -976,6 +1004,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
             line = (
                 f"| {c['title']} | {label} | {m('p50_us'):.0f} / {m('p99_us'):.0f} | "
                 f"{m('system_busy') * 100:.0f}% ({per_cpu(xs)}) | "
+                f"{m('machine_us_per_cmd'):.0f} | {m('ctxt_per_cmd'):.1f} | "
                 f"{m('mm_switches_per_cmd'):.2f} | "
             )
             if c["title"].startswith("dmsnap"):
@@ -1061,6 +1090,10 @@ def main() -> None:
     ap.add_argument(
         "--null", action="store_true",
         help="also a TCMU backstore that answers READ/WRITE with no I/O (TCMU's own ceiling)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--cell-log", metavar="FILE",
+        help="append each cell's name as it starts (for tools/vm-monitor --profile)",
     )  # fmt: skip
     ap.add_argument(
         "--cases", default="",
