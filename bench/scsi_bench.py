@@ -116,6 +116,19 @@ def make_loop(path: str, size: int) -> loop.LoopDevice:
     return loop.attach(path, direct_io=False)
 
 
+def loop_schedulers() -> dict[str, str]:
+    """Every attached loop device's I/O scheduler (the pool's data and
+    metadata and the journal are loop devices here), for the record."""
+    got = {}
+    for q in sorted(glob.glob("/sys/block/loop*/queue/scheduler")):
+        dev = q.split("/")[3]
+        with open(q) as f:
+            text = f.read()
+        if "[" in text:  # a loop device that is attached
+            got[dev] = text.split("[", 1)[1].split("]", 1)[0]
+    return got
+
+
 def cpu_busy() -> tuple[int, int]:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -756,6 +769,7 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
             pin_away(d, out)
         if args.workers_sched:
             workers_sched(args.workers_sched, out)
+        out["loop_schedulers"] = loop_schedulers()
 
         t0 = time.monotonic()
         for c in cfgs:
