@@ -246,6 +246,40 @@ def all_tasks_cpu() -> dict[int, tuple[str, float]]:
     return out
 
 
+def all_tasks_runs() -> dict[int, tuple[str, int]]:
+    """How many times each task has been switched in (schedstat's third
+    field), with its name: who the context switches per command are."""
+    out: dict[int, tuple[str, int]] = {}
+    for st in glob.glob("/proc/[0-9]*/task/*/schedstat"):
+        try:
+            with open(st) as f:
+                runs = int(f.read().split()[2])
+            with open(st[: -len("schedstat")] + "comm") as f:
+                name = f.read().strip()
+        except (OSError, IndexError, ValueError):
+            continue
+        out[int(st.split("/")[4])] = (name, runs)
+    return out
+
+
+def task_kind(name: str) -> str:
+    """Kernel workers count together as "kworkers" (a kworker's name shows
+    the work item it runs at the moment it is read); digits are dropped
+    from other names (ksoftirqd/0 and /1 together)."""
+    return "kworkers" if name.startswith("kworker") else name.rstrip("0123456789")
+
+
+def runs_per_cmd(
+    before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], cmds: float
+) -> dict[str, float]:
+    """Switches-in per command by kind of task, the eight most."""
+    by: dict[str, float] = {}
+    for tid, (name, v) in after.items():
+        k = task_kind(name)
+        by[k] = by.get(k, 0.0) + (v - before.get(tid, (name, 0))[1]) / cmds
+    return dict(sorted(by.items(), key=lambda kv: -kv[1])[:8])
+
+
 def top_tasks(
     before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall: float
 ) -> dict[str, float]:
@@ -256,7 +290,7 @@ def top_tasks(
     by: dict[str, float] = {}
     for tid, (name, v) in after.items():
         d = v - before.get(tid, (name, 0.0))[1]
-        kind = "kworkers" if name.startswith("kworker") else name.rstrip("0123456789")
+        kind = task_kind(name)
         by[kind] = by.get(kind, 0.0) + d / wall
     return dict(sorted(by.items(), key=lambda kv: -kv[1])[:10])
 
@@ -629,7 +663,7 @@ def measure(
     if args.trace:
         ktrace.start()
     mm0 = ktrace.mm_switches() if args.mm_armed else None
-    cs0 = context_switches()
+    cs0, rn0 = context_switches(), all_tasks_runs()
     graph = args.graph and cfg.kind == "dmsnap"
     if graph:
         tids = [int(k.split("/")[1]) for k in c0 if k.startswith("tcmu-worker/")]
@@ -641,11 +675,12 @@ def measure(
         ramp=args.ramp,
     )  # fmt: skip
     wall = time.monotonic() - t0
-    cs1 = context_switches()
+    cs1, rn1 = context_switches(), all_tasks_runs()
     cell_log(args, "-")
     # over the ramp too: per command of the whole fio run
     ramped = max(1.0, res["ios"] * (args.seconds + args.ramp) / args.seconds)
     res["ctxt_per_cmd"] = (cs1 - cs0) / ramped
+    res["runs_per_cmd"] = runs_per_cmd(rn0, rn1, ramped)
     if mm0 is not None:
         res["mm_switches_per_cmd"] = (ktrace.mm_switches() - mm0) / max(1.0, ramped)
     if args.trace:
@@ -1055,6 +1090,23 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
                     tot[k] = tot.get(k, 0.0) + v / len(xs)
             top = sorted(tot.items(), key=lambda kv: -kv[1])[:6]
             print(f"| {c['title']} | {label} | " + ", ".join(f"{k} {v:.2f}" for k, v in top) + " |")
+    print("\nWho is switched in (times per command, mean over the rounds, the six most):\n")
+    print("| configuration | case | tasks |")
+    print("|---|---|---|")
+    for key, c in cfgs.items():
+        for label in ("4k randwrite QD32", "4k randread QD32"):
+            xs = res[key].get(label, [])
+            tot = {}
+            for x in xs:
+                for k, v in x.get("runs_per_cmd", {}).items():
+                    tot[k] = tot.get(k, 0.0) + v / len(xs)
+            top = sorted(tot.items(), key=lambda kv: -kv[1])[:6]
+            if top:
+                print(
+                    f"| {c['title']} | {label} | "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in top)
+                    + " |"
+                )
     if any("trace" in x for r in res.values() for xs in r.values() for x in xs):
         print_trace(res, cfgs)
     if any("graph" in x for r in res.values() for xs in r.values() for x in xs):
