@@ -3,6 +3,9 @@
 #   provision.sh setup   install everything (tools/setup, without the VM tooling)
 #   provision.sh test    run the whole suite natively: the box's kernel has
 #                        device-mapper and LIO, so no nested VM.
+#   provision.sh bench   the SCSI bench (dmsnap vs LIO iblock) natively, with
+#                        $DMSNAP_BENCH_ARGS; on a KVM host with more CPUs
+#                        this is the figure the emulated test VM cannot give.
 # The braces make bash read the whole script before running any of it, so
 # editing this file cannot derail a copy that is already running.
 {
@@ -24,8 +27,12 @@ case ${1:-setup} in
     test)
         make test
         ;;
+    bench)
+        mkdir -p bench/results
+        make bench-scsi ARGS="${DMSNAP_BENCH_ARGS:-}"
+        ;;
     *)
-        echo "usage: $0 setup|test" >&2
+        echo "usage: $0 setup|test|bench" >&2
         exit 2
         ;;
 esac
