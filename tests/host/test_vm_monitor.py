@@ -88,3 +88,21 @@ def test_stack_scan_names_callers_outward(vmmon: types.ModuleType, tmp_path: Pat
     chain = vmmon.callers(addrs, names, words, "native_queued_spin_lock_slowpath")
     # the function itself, lock wrappers, repeats and data words are skipped
     assert chain == "try_to_wake_up < __queue_work < tcmu_handle_completions < vfs_write"
+
+
+@pytest.mark.parametrize(
+    ("fn", "want"),
+    [
+        ("try_to_wake_up", "scheduler, wake-ups"),
+        ("native_queued_spin_lock_slowpath", "futex, locks"),
+        ("tcmu_handle_completions", "LIO (iSCSI target, target core, TCMU)"),
+        ("iscsit_xmit_pdu", "LIO (iSCSI target, target core, TCMU)"),
+        ("thin_endio", "dm / dm-thin"),
+        ("blk_mq_submit_bio", "block layer, SCSI"),
+        ("tcp_sendmsg_locked", "TCP, network"),
+        ("read_hpet", "clock reads"),
+        ("xas_load", "other kernel functions"),
+    ],
+)
+def test_profile_layers(vmmon: types.ModuleType, fn: str, want: str) -> None:
+    assert vmmon.layer(fn) == want
