@@ -218,6 +218,7 @@ class DeviceMapper:
                     name=name,
                     dev=r.dev,
                     generated=bool(r.flags & lib.DM_UEVENT_GENERATED_FLAG),
+                    uuid=before.uuid,
                 )
         return info
 
@@ -255,6 +256,7 @@ class DeviceMapper:
                     name=name,
                     dev=info.dev,
                     generated=bool(r.flags & lib.DM_UEVENT_GENERATED_FLAG),
+                    uuid=info.uuid,
                 )
             except DmError as e:
                 # The kernel device is gone; a backlogged udev only delays
@@ -273,7 +275,13 @@ class DeviceMapper:
             )
             generated = bool(r.flags & lib.DM_UEVENT_GENERATED_FLAG)
             if self.udev.use_udev:
-                exp.settled(action="change", name=new_name, dev=info.dev, generated=generated)
+                exp.settled(
+                    action="change",
+                    name=new_name,
+                    dev=info.dev,
+                    generated=generated,
+                    uuid=info.uuid,
+                )
             else:
                 exp.settled(action="remove", name=name, dev=info.dev, generated=False)
                 exp.settled(action="change", name=new_name, dev=info.dev, generated=False)

@@ -112,6 +112,38 @@ def mapper_path(name: str) -> str:
     return os.path.join(MAPPER_DIR, name)
 
 
+RULES_NAME = "61-dmsnap.rules"
+RULES_DIRS = (
+    "/etc/udev/rules.d",
+    "/run/udev/rules.d",
+    "/usr/lib/udev/rules.d",
+    "/lib/udev/rules.d",
+)
+
+
+def link_for(uuid: str | None) -> str | None:
+    """The /dev link udev/61-dmsnap.rules gives a device: volumes and
+    snapshots get /dev/dmsnap/POOL/VOL[@SNAP], computed from the UUID
+    ``DMSNAP-ROLE-ID-POOL:OBJ`` exactly as the rule's helper
+    (udev/dmsnap-udev-name) does; None for every other device."""
+    if role_of(uuid) not in (Role.VOLUME, Role.SNAPSHOT):
+        return None
+    assert uuid is not None
+    parts = uuid[len(UUID_PREFIX) :].split("-", 2)  # ROLE, ID, POOL:OBJ
+    if len(parts) < 3 or not parts[1] or ":" not in parts[2]:
+        return None
+    pool, obj = parts[2].split(":", 1)
+    if not pool or not obj or "/" in pool + obj or ".." in pool + obj:
+        return None
+    return f"/dev/dmsnap/{pool}/{obj}"
+
+
+def rules_installed() -> bool:
+    """Whether dmsnap's udev rules are installed (tools/setup): only then
+    does a volume or snapshot get its /dev/dmsnap link."""
+    return any(os.path.exists(os.path.join(d, RULES_NAME)) for d in RULES_DIRS)
+
+
 class UdevSync:
     """Waits for udev to finish the uevent an ioctl generated.
 
@@ -146,25 +178,34 @@ class _Expectation:
     def close(self) -> None:
         self._monitor = None  # the socket closes with the object
 
-    def settled(self, *, action: str, name: str, dev: int, generated: bool) -> None:
+    def settled(
+        self, *, action: str, name: str, dev: int, generated: bool, uuid: str | None = None
+    ) -> None:
         """Block until the uevent for ``dev`` (``action``: change/remove) was
-        processed, then check /dev/mapper agrees; without udev, do udev's job."""
+        processed, then check that /dev/mapper and, where our rules give the
+        device one (``uuid``), its /dev/dmsnap link agree; without udev, do
+        udev's job for /dev/mapper."""
         path = mapper_path(name)
         if self._monitor is None:
             _fallback_node(action, path, dev)
             return
         if generated:
             self._wait(action, f"dm-{os.minor(dev)}", name)
+        link = link_for(uuid)
+        paths = [path] + ([link] if link and rules_installed() else [])
         deadline = time.monotonic() + self._sync.timeout
-        # The event has been processed, so the link is normally already
-        # there; the loop only covers rules that run asynchronously.
+        # The event has been processed, so the links are normally already
+        # there. The loop covers rules that run asynchronously, and a return
+        # from _wait that came too early: once seen under load, the
+        # /dev/mapper node was there and the /dev/dmsnap link not yet.
+        want = action != "remove"
         while True:
-            present = os.path.lexists(path)
-            if present == (action != "remove"):
+            wrong = [p for p in paths if os.path.lexists(p) != want]
+            if not wrong:
                 return
             if time.monotonic() > deadline:
-                state = "still exists" if present else "did not appear"
-                raise DmError("udev", name, errno.ETIMEDOUT, f"{path} {state}")
+                state = "did not appear" if want else "still exists"
+                raise DmError("udev", name, errno.ETIMEDOUT, f"{wrong[0]} {state}")
             time.sleep(0.01)
 
     def _wait(self, action: str, kernel_name: str, name: str) -> None:
