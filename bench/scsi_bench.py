@@ -682,7 +682,7 @@ def measure(
     res["ctxt_per_cmd"] = (cs1 - cs0) / ramped
     res["runs_per_cmd"] = runs_per_cmd(rn0, rn1, ramped)
     if mm0 is not None:
-        res["mm_switches_per_cmd"] = (ktrace.mm_switches() - mm0) / max(1.0, ramped)
+        res["mm_switches_per_cmd"] = (ktrace.mm_switches() - mm0) / ramped
     if args.trace:
         res["trace"] = ktrace.stop(cfg.disk)
     if graph:
@@ -973,6 +973,30 @@ def ksh(xs: list[dict[str, Any]]) -> str:
     return f"{k / w * 100:.0f}%" if w else "-"
 
 
+def task_table(
+    res: dict[str, Any], cfgs: dict[str, Any], key: str, labels: tuple[str, ...], heading: str
+) -> None:
+    """One row per configuration and case: the six largest of a per-task
+    figure (measure()'s ``key``, by kind of task), averaged over the rounds."""
+    print(f"\n{heading}:\n")
+    print("| configuration | case | tasks |")
+    print("|---|---|---|")
+    for k, c in cfgs.items():
+        for label in labels:
+            xs = res[k].get(label, [])
+            tot: dict[str, float] = {}
+            for x in xs:
+                for kind, v in x.get(key, {}).items():
+                    tot[kind] = tot.get(kind, 0.0) + v / len(xs)
+            top = sorted(tot.items(), key=lambda kv: -kv[1])[:6]
+            if top:
+                print(
+                    f"| {c['title']} | {label} | "
+                    + ", ".join(f"{n} {v:.2f}" for n, v in top)
+                    + " |"
+                )
+
+
 def report(out: dict[str, Any], args: argparse.Namespace) -> None:
     res, cfgs = out["results"], out["configs"]
     jn = out["journal_nv"]
@@ -1078,35 +1102,14 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
             else:
                 line += "- | - | - | - | - | - | - | - |"
             print(line)
-    print("\nWhere the CPUs go (CPUs busy per task, mean over the rounds, the six busiest):\n")
-    print("| configuration | case | tasks |")
-    print("|---|---|---|")
-    for key, c in cfgs.items():
-        for label in ("4k randwrite QD32", "4k randread QD32", "1M write QD8"):
-            xs = res[key].get(label, [])
-            tot: dict[str, float] = {}
-            for x in xs:
-                for k, v in x.get("tasks", {}).items():
-                    tot[k] = tot.get(k, 0.0) + v / len(xs)
-            top = sorted(tot.items(), key=lambda kv: -kv[1])[:6]
-            print(f"| {c['title']} | {label} | " + ", ".join(f"{k} {v:.2f}" for k, v in top) + " |")
-    print("\nWho is switched in (times per command, mean over the rounds, the six most):\n")
-    print("| configuration | case | tasks |")
-    print("|---|---|---|")
-    for key, c in cfgs.items():
-        for label in ("4k randwrite QD32", "4k randread QD32"):
-            xs = res[key].get(label, [])
-            tot = {}
-            for x in xs:
-                for k, v in x.get("runs_per_cmd", {}).items():
-                    tot[k] = tot.get(k, 0.0) + v / len(xs)
-            top = sorted(tot.items(), key=lambda kv: -kv[1])[:6]
-            if top:
-                print(
-                    f"| {c['title']} | {label} | "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in top)
-                    + " |"
-                )
+    task_table(
+        res, cfgs, "tasks", ("4k randwrite QD32", "4k randread QD32", "1M write QD8"),
+        "Where the CPUs go (CPUs busy per task, mean over the rounds, the six busiest)",
+    )  # fmt: skip
+    task_table(
+        res, cfgs, "runs_per_cmd", ("4k randwrite QD32", "4k randread QD32"),
+        "Who is switched in (times per command, mean over the rounds, the six most)",
+    )  # fmt: skip
     if any("trace" in x for r in res.values() for xs in r.values() for x in xs):
         print_trace(res, cfgs)
     if any("graph" in x for r in res.values() for xs in r.values() for x in xs):

@@ -30,6 +30,8 @@ import pyudev
 from dmsnap.dm.errors import DmError
 
 MAPPER_DIR = "/dev/mapper"
+# Where udev/61-dmsnap.rules links volumes and snapshots (see link_for).
+LINK_DIR = "/dev/dmsnap"
 UDEV_CONTROL = "/run/udev/control"
 UUID_PREFIX = "DMSNAP-"
 
@@ -135,7 +137,7 @@ def link_for(uuid: str | None) -> str | None:
     pool, obj = parts[2].split(":", 1)
     if not pool or not obj or "/" in pool + obj or ".." in pool + obj:
         return None
-    return f"/dev/dmsnap/{pool}/{obj}"
+    return os.path.join(LINK_DIR, pool, obj)
 
 
 def rules_installed() -> bool:

@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # for the annotation only: importing it at run time would be 
     from dmsnap.storage.manager import Manager
 
 Json = dict[str, Any]
-LINK_DIR = "/dev/dmsnap"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 

@@ -17,8 +17,9 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from dmsnap import errors as E
+from dmsnap.dm.udev import LINK_DIR
 from dmsnap.storage import names
-from dmsnap.storage._common import LINK_DIR, Json, _user_errors
+from dmsnap.storage._common import Json, _user_errors
 from dmsnap.storage.catalog import Catalog, Pool
 from dmsnap.storage.layers import SECTOR
 from dmsnap.storage.thin import BLOCK_SECTORS as THIN_BLOCK_SECTORS

@@ -29,11 +29,12 @@ from dmsnap.dm import DeviceMapper, DmError, DmUnavailable
 from dmsnap.dm import status as st
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
+from dmsnap.dm.udev import LINK_DIR
 from dmsnap.journal.journal import Journal, JournalError
 from dmsnap.journal.service import PoolJournal, status_json
 from dmsnap.scsi import DEFAULT_WORKER_NICE
 from dmsnap.storage import loop, names
-from dmsnap.storage._common import LINK_DIR, Json, _errors_to_user, _journal_error, _user_errors
+from dmsnap.storage._common import Json, _errors_to_user, _journal_error, _user_errors
 from dmsnap.storage.backend import Backend, Base, journal_mode, planned_dev_ids
 from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
 from dmsnap.storage.catalog import Exists as CatExists
