@@ -20,10 +20,10 @@ import os
 import sqlite3
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 SCHEMA_VERSION = 4  # 2: markers, 3: exports, 4: exports.snapshot_allow
 
@@ -314,16 +314,16 @@ class Catalog:
         row = self.db.execute("SELECT * FROM pools WHERE name=?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"no pool {name!r}")
-        return _pool(row)
+        return _from_row(Pool, row)
 
     def pool_by_id(self, pool_id: int) -> Pool:
         row = self.db.execute("SELECT * FROM pools WHERE id=?", (pool_id,)).fetchone()
         if row is None:
             raise NotFound(f"no pool with id {pool_id}")
-        return _pool(row)
+        return _from_row(Pool, row)
 
     def pools(self) -> list[Pool]:
-        return [_pool(r) for r in self.db.execute("SELECT * FROM pools ORDER BY name")]
+        return [_from_row(Pool, r) for r in self.db.execute("SELECT * FROM pools ORDER BY name")]
 
     def update_pool(self, pool_id: int, **fields: Any) -> None:
         allowed = {"transaction_id", "next_dev_id", "config", "data_dev", "cache_dev"}
@@ -380,7 +380,7 @@ class Catalog:
         if row is None:
             self.pool(pool)  # a missing pool is the clearer error
             raise NotFound(f"no volume {pool}/{name}")
-        return _volume(row)
+        return _from_row(Volume, row)
 
     def volumes(self, pool: str | None = None) -> list[Volume]:
         q = "SELECT v.*, p.name AS pool FROM volumes v JOIN pools p ON p.id = v.pool_id"
@@ -389,7 +389,7 @@ class Catalog:
             self.pool(pool)
             q += " WHERE p.name=?"
             args = (pool,)
-        return [_volume(r) for r in self.db.execute(q + " ORDER BY p.name, v.name", args)]
+        return [_from_row(Volume, r) for r in self.db.execute(q + " ORDER BY p.name, v.name", args)]
 
     def set_volume_dev(self, volume_id: int, dev_id: int) -> None:
         with self.tx() as db:
@@ -456,7 +456,7 @@ class Catalog:
         if row is None:
             self.volume(pool, vol)
             raise NotFound(f"no snapshot {pool}/{vol}@{name}")
-        return _snapshot(row)
+        return _from_row(Snapshot, row)
 
     def snapshots(self, pool: str | None = None, vol: str | None = None) -> list[Snapshot]:
         q, args = self._SNAP_Q, []
@@ -473,7 +473,7 @@ class Catalog:
         if conds:
             q += " WHERE " + " AND ".join(conds)
         q += " ORDER BY p.name, v.name, s.created, s.id"
-        return [_snapshot(r) for r in self.db.execute(q, args)]
+        return [_from_row(Snapshot, r) for r in self.db.execute(q, args)]
 
     def set_snapshot_active(self, snap_id: int, active: bool) -> None:
         with self.tx() as db:
@@ -504,21 +504,21 @@ class Catalog:
 
     def marker(self, marker_id: int) -> Marker | None:
         row = self.db.execute("SELECT * FROM markers WHERE id=?", (marker_id,)).fetchone()
-        return None if row is None else _marker(row)
+        return None if row is None else _from_row(Marker, row)
 
     def markers(self, pool_id: int, state: str | None = None) -> list[Marker]:
         q, args = "SELECT * FROM markers WHERE pool_id=?", [pool_id]
         if state is not None:
             q += " AND state=?"
             args.append(state)
-        return [_marker(r) for r in self.db.execute(q + " ORDER BY id", args)]
+        return [_from_row(Marker, r) for r in self.db.execute(q + " ORDER BY id", args)]
 
     def marker_by_token(self, pool_id: int, token: str) -> Marker | None:
         row = self.db.execute(
             "SELECT * FROM markers WHERE pool_id=? AND token=? ORDER BY id DESC LIMIT 1",
             (pool_id, token),
         ).fetchone()
-        return None if row is None else _marker(row)
+        return None if row is None else _from_row(Marker, row)
 
     def finish_marker(
         self, marker_id: int, *, group_id: int | None = None, error: str | None = None
@@ -572,7 +572,7 @@ class Catalog:
         if pool is not None:
             q += " WHERE p.name=?"
             args.append(pool)
-        return [_export(r) for r in self.db.execute(q + " ORDER BY e.id", args)]
+        return [_from_row(Export, r) for r in self.db.execute(q + " ORDER BY e.id", args)]
 
     def remove_export(self, export_id: int) -> None:
         with self.tx() as db:
@@ -594,10 +594,7 @@ class Catalog:
             db.execute("DELETE FROM pending WHERE id=?", (pending_id,))
 
     def pending(self) -> list[Pending]:
-        return [
-            Pending(r["id"], r["pool_id"], r["kind"], json.loads(r["payload"]), r["created"])
-            for r in self.db.execute("SELECT * FROM pending ORDER BY id")
-        ]
+        return [_from_row(Pending, r) for r in self.db.execute("SELECT * FROM pending ORDER BY id")]
 
     def counts(self) -> dict[str, int]:
         return {
@@ -614,81 +611,29 @@ class Catalog:
         }
 
 
-def _pool(r: sqlite3.Row) -> Pool:
-    return Pool(
-        id=r["id"],
-        name=r["name"],
-        uuid=r["uuid"],
-        backend=r["backend"],
-        data_dev=r["data_dev"],
-        cache_dev=r["cache_dev"],
-        embedded=bool(r["embedded"]),
-        size=r["size"],
-        cache_size=r["cache_size"],
-        config=json.loads(r["config"]),
-        transaction_id=r["transaction_id"],
-        next_dev_id=r["next_dev_id"],
-        created=r["created"],
-    )
+def _json_tuple(a: str | None) -> tuple[str, ...] | None:
+    return None if a is None else tuple(json.loads(a))
 
 
-def _marker(r: sqlite3.Row) -> Marker:
-    return Marker(
-        id=r["id"],
-        pool_id=r["pool_id"],
-        name=r["name"],
-        token=r["token"],
-        request=json.loads(r["request"]),
-        state=r["state"],
-        group_id=r["group_id"],
-        error=r["error"],
-        created=r["created"],
-        finished=r["finished"],
-    )
+# How a column is stored when it is not the Python value itself; the same
+# column name means the same encoding in every table.
+_DECODE: dict[str, Callable[[Any], Any]] = {
+    "config": json.loads,
+    "request": json.loads,
+    "payload": json.loads,
+    "labels": lambda s: json.loads(s or "{}"),
+    "embedded": bool,
+    "active": bool,
+    "snapshot_allow": _json_tuple,
+}
+
+_Row = TypeVar("_Row")
 
 
-def _export(r: sqlite3.Row) -> Export:
-    return Export(
-        id=r["id"],
-        pool_id=r["pool_id"],
-        pool=r["pool"],
-        volume_id=r["volume_id"],
-        volume=r["volume"],
-        snapshot_id=r["snapshot_id"],
-        snapshot=r["snapshot"],
-        kind=r["kind"],
-        serial=r["serial"],
-        config=json.loads(r["config"]),
-        created=r["created"],
-        snapshot_allow=None if (a := r["snapshot_allow"]) is None else tuple(json.loads(a)),
-    )
-
-
-def _volume(r: sqlite3.Row) -> Volume:
-    return Volume(
-        id=r["id"],
-        pool_id=r["pool_id"],
-        pool=r["pool"],
-        name=r["name"],
-        size=r["size"],
-        dev_id=r["dev_id"],
-        extent_start=r["extent_start"],
-        created=r["created"],
-    )
-
-
-def _snapshot(r: sqlite3.Row) -> Snapshot:
-    return Snapshot(
-        id=r["id"],
-        volume_id=r["volume_id"],
-        group_id=r["group_id"],
-        pool=r["pool"],
-        volume=r["volume"],
-        name=r["name"],
-        dev_id=r["dev_id"],
-        cow_start=r["cow_start"],
-        cow_size=r["cow_size"],
-        active=bool(r["active"]),
-        created=r["created"],
-        labels=json.loads(r["labels"] or "{}"),
-    )
+def _from_row(cls: type[_Row], r: sqlite3.Row) -> _Row:
+    """A catalog row as its dataclass: every field from the column of its name."""
+    values = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        decode = _DECODE.get(f.name)
+        values[f.name] = decode(r[f.name]) if decode else r[f.name]
+    return cls(**values)
