@@ -926,13 +926,21 @@ def export(
     no_snapshot: Annotated[
         bool, typer.Option("--no-snapshot", help="No initiator may send the snapshot command.")
     ] = False,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Change a running export live: --allow (the new list) and/or the snapshot rights.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Serve a journaled volume over SCSI: --local (a disk here, linked as
     /dev/dmsnap/POOL/VOL) or --iscsi; `dmsnap export list` lists exports.
     By default every initiator that reaches the LUN may request snapshots
     in-band; --snapshot-allow IQN (iSCSI with --allow) names the ones that
-    may, --no-snapshot lets none."""
+    may, --no-snapshot lets none. --update changes a running export's
+    --allow list and snapshot rights without dropping other sessions."""
     if ref == "list":
         rows = _call("export.list")
         if json_out:
@@ -955,10 +963,33 @@ def export(
                 ],
             )
         return
-    if local == iscsi:
-        raise InvalidArgument("say --local or --iscsi")
     if no_snapshot and snapshot_allow:
         raise InvalidArgument("--no-snapshot or --snapshot-allow, not both")
+    if update:
+        if local or iscsi or iqn or portal or chap:
+            raise InvalidArgument(
+                "--update changes --allow and the snapshot rights only "
+                "(the kind, IQN, portal and CHAP stay: unexport and export again)"
+            )
+        pool, vol, snap = _ref(ref, snapshot=None)
+        r = _call(
+            "export.update",
+            pool=pool,
+            vol=vol,
+            snap=snap,
+            allow=allow or None,
+            snapshot_allow=[] if no_snapshot else snapshot_allow or None,
+        )
+        if json_out:
+            print_json(r)
+            return
+        typer.echo(
+            f"updated {ref}: snapshot command from {_rights_text(r.get('snapshot_allow'))}"
+            + (f"; initiators {', '.join(r['allow'])}" if r.get("allow") else "")
+        )
+        return
+    if local == iscsi:
+        raise InvalidArgument("say --local or --iscsi")
     pool, vol, snap = _ref(ref, snapshot=None)
     r = _call(
         "export.create",

@@ -295,6 +295,7 @@ OPS: dict[str, Op] = {
     "export.create": _op(
         "export_create", "pool vol", "snap kind iqn portal allow chap snapshot_allow", "pool vol"
     ),
+    "export.update": _op("export_update", "pool vol", "snap allow snapshot_allow", "pool vol"),
     "export.list": _op("export_list", "pool", ro=True),
     "export.delete": _op("export_delete", "pool vol", "snap", "pool vol"),
     "status": _op("status", ro=True),

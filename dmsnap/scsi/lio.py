@@ -200,6 +200,57 @@ def export_iscsi(
         raise
 
 
+def _tpg(iqn: str):
+    rts = _rtslib()
+    return rts.TPG(rts.Target(rts.FabricModule("iscsi"), iqn, mode="lookup"), 1, mode="lookup")
+
+
+def iscsi_acls(iqn: str) -> dict[str, tuple[int, bool]]:
+    """The initiators an iSCSI export's ACLs admit: for each, the TPG LUN
+    its LUN 0 maps to (0 takes the snapshot command, 1 refuses it) and
+    whether it is logged in now."""
+    out = {}
+    for acl in _tpg(iqn).node_acls:
+        mapped = [m for m in acl.mapped_luns if m.mapped_lun == 0]
+        tpg_lun = mapped[0].tpg_lun.lun if mapped else -1
+        out[acl.node_wwn] = (tpg_lun, acl.session is not None)
+    return out
+
+
+def update_iscsi_acls(
+    iqn: str,
+    allow: list[str],
+    chap: tuple[str, str] | None,
+    may_snapshot: Collection[str] = (),
+) -> None:
+    """Make an export's ACLs admit exactly ``allow`` (not empty: a target in
+    demo mode has no ACLs to edit), each initiator's LUN 0 mapped as
+    :func:`export_iscsi` maps it. An ACL that goes takes its initiator's
+    session with it (LIO logs it out); one whose mapping changes is
+    recreated, so the caller makes sure its initiator is not logged in."""
+    rts = _rtslib()
+    tpg = _tpg(iqn)
+    luns = {lun.lun: lun for lun in tpg.luns}
+    acls = {acl.node_wwn: acl for acl in tpg.node_acls}
+    for name, acl in acls.items():
+        if name not in allow:
+            acl.delete()
+    for initiator in allow:
+        want = luns[0] if 1 not in luns or initiator in may_snapshot else luns[1]
+        acl = acls.get(initiator)
+        if acl is not None:
+            mapped = [m for m in acl.mapped_luns if m.mapped_lun == 0]
+            if mapped and mapped[0].tpg_lun.lun == want.lun:
+                continue
+            for m in mapped:
+                m.delete()
+        else:
+            acl = rts.NodeACL(tpg, initiator)
+            if chap:
+                acl.chap_userid, acl.chap_password = chap
+        rts.MappedLUN(acl, 0, want)
+
+
 def unexport_iscsi(iqn: str) -> None:
     rts = _rtslib()
     with contextlib.suppress(Exception):

@@ -574,6 +574,20 @@ class Catalog:
             args.append(pool)
         return [_from_row(Export, r) for r in self.db.execute(q + " ORDER BY e.id", args)]
 
+    def update_export(
+        self,
+        export_id: int,
+        config: dict[str, Any],
+        snapshot_allow: list[str] | tuple[str, ...] | None,
+    ) -> Export:
+        allow = None if snapshot_allow is None else json.dumps(list(snapshot_allow))
+        with self.tx() as db:
+            db.execute(
+                "UPDATE exports SET config=?, snapshot_allow=? WHERE id=?",
+                (json.dumps(config, sort_keys=True), allow, export_id),
+            )
+        return next(e for e in self.exports() if e.id == export_id)
+
     def remove_export(self, export_id: int) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM exports WHERE id=?", (export_id,))

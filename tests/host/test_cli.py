@@ -138,6 +138,12 @@ class FakeManager:
             return {"path": f"/dev/dmsnap/{args[0]}/{args[1]}@{args[2]}"}
         if name == "export_list":
             return EXPORTS
+        if name == "export_update":
+            return {
+                "ref": f"{args[0]}/{args[1]}",
+                "allow": kwargs.get("allow") or [],
+                "snapshot_allow": "all" if kwargs.get("snapshot_allow") == ["all"] else [],
+            }
         if name == "export_create":
             return {"ref": f"{args[0]}/{args[1]}", "iqn": kwargs.get("iqn") or "iqn.x"}
         if name == "status":
@@ -223,6 +229,14 @@ def one_line(err: str) -> str:
         (["pool", "create"], "Missing argument 'NAME'"),
         (
             ["export", "p/v", "--iscsi", "--no-snapshot", "--snapshot-allow", "all"],
+            "--no-snapshot or --snapshot-allow, not both",
+        ),
+        (
+            ["export", "p/v", "--update", "--iscsi", "--allow", "iqn.2026-11.x:a"],
+            "--update changes --allow and the snapshot rights only",
+        ),
+        (
+            ["export", "p/v", "--update", "--no-snapshot", "--snapshot-allow", "all"],
             "--no-snapshot or --snapshot-allow, not both",
         ),
     ],
@@ -346,6 +360,20 @@ def test_export_snapshot_rights(capsys, daemon) -> None:
     rows = [line.split() for line in out.splitlines()]
     assert rows[0] == ["REF", "KIND", "SERIAL", "TARGET", "SNAPSHOT-ALLOW", "RUNNING"]
     assert rows[1][4] == f"{a},{b}" and rows[2][4] == "all" and rows[3][4] == "none"
+
+
+def test_export_update(capsys, daemon) -> None:
+    _, fake = daemon
+    a = "iqn.2026-11.org.example:a"
+    rc, out, err = run(capsys, "export", "fast/db", "--update", "--allow", a, "--no-snapshot")
+    assert rc == 0, err
+    name, args, kwargs = fake.calls[-1]
+    assert (name, args) == ("export_update", ("fast", "db"))
+    assert kwargs == {"allow": [a], "snapshot_allow": []}
+    assert out.strip() == f"updated fast/db: snapshot command from none; initiators {a}"
+    rc, _, err = run(capsys, "export", "fast/db", "--update", "--snapshot-allow", "all")
+    assert rc == 0, err
+    assert fake.calls[-1][2] == {"snapshot_allow": ["all"]}
 
 
 def test_human_output(capsys, daemon) -> None:

@@ -184,6 +184,12 @@ class FakeManager:
         )
         return {"ref": f"{pool}/{vol}", "kind": kind}
 
+    def export_update(self, pool, vol, *, snap=None, allow=None, snapshot_allow=None):
+        self._record(
+            "export_update", pool, vol, snap=snap, allow=allow, snapshot_allow=snapshot_allow
+        )
+        return {"ref": f"{pool}/{vol}"}
+
     def export_list(self, pool=None):
         self._record("export_list", pool)
         return []
@@ -376,6 +382,11 @@ ROUND_TRIPS = [
         "export.create",
         {"pool": "p", "vol": "v", "kind": "iscsi", "snapshot_allow": []},
         ("export_create", ("p", "v"), {"kind": "iscsi", "snapshot_allow": []}),
+    ),
+    (
+        "export.update",
+        {"pool": "p", "vol": "v", "snapshot_allow": []},
+        ("export_update", ("p", "v"), {"snapshot_allow": []}),
     ),
     ("export.list", {}, ("export_list", (None,), {})),
     (

@@ -239,7 +239,8 @@ def iscsi_sessions_as(
     """One open-iscsi session to ``iqn`` per initiator name (an iface each,
     with its ``iface.initiatorname``); yields initiator IQN -> /dev/sdX.
     Logs out and removes the node records and ifaces after."""
-    ifaces = [f"dmsnap-t{i}" for i in range(len(initiators))]
+    # an iface per initiator name, so that sessions can be nested
+    ifaces = [f"dmsnap-{re.sub(r'[^A-Za-z0-9]', '-', n)[-40:]}" for n in initiators]
     try:
         for iface, name in zip(ifaces, initiators, strict=True):
             run("iscsiadm", "-m", "iface", "-I", iface, "-o", "new")
@@ -249,10 +250,10 @@ def iscsi_sessions_as(
             run("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-I", iface, "--login",
                 timeout=60)  # fmt: skip
         deadline = time.monotonic() + 60
-        while len(disks := _disks_with_serial(serial)) < len(initiators):
+        while not set(initiators) <= set(disks := _disks_with_serial(serial)):
             assert time.monotonic() < deadline, f"disks after the iSCSI logins: {disks}"
             time.sleep(0.2)
-        yield disks
+        yield {name: disks[name] for name in initiators}
     finally:
         for iface in ifaces:
             run("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-I", iface, "--logout",

@@ -648,3 +648,107 @@ def test_snapshot_rights_per_initiator(tmp_path):
             d.start()
         d.cli("pool", "destroy", "r", "--force", "--yes", check=False)
         d.stop(teardown=True)
+
+
+THIRD = "iqn.2026-11.org.dmsnap.test:third"
+
+
+def test_export_update_live(tmp_path):
+    """`dmsnap export --update` changes a running export's initiators and
+    snapshot rights while an initiator stays logged in and keeps working:
+    a third initiator is admitted and given the right; a change that would
+    move the logged-in initiator to the other backstore, or that changes how
+    many backstores the export needs, is refused and changes nothing; an
+    initiator taken off the list can no longer log in. A local export's
+    right is switched off and on, as the initiator sees it; the rights
+    survive a daemon restart."""
+    _needs_lio()
+    from scsi_util import iscsi_sessions_as
+    from test_cli_e2e import Daemon
+
+    d = Daemon(tmp_path)
+    d.start()
+
+    def update(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        return d.cli("export", "r/v", "--update", *args, check=ok)
+
+    def rights() -> tuple[list[str], object]:
+        (ex,) = [e for e in d.json("export", "list") if e["ref"] == "r/v"]
+        assert ex["running"], ex
+        return ex["allow"], ex["snapshot_allow"]
+
+    try:
+        d.cli("pool", "create", "r", "--size", "256M")
+        d.cli("volume", "create", "r/v", "--size", "32M")
+        d.cli("volume", "create", "r/l", "--size", "16M")
+        d.cli("export", "r/v", "--iscsi", "--iqn", RIGHTS_IQN, "--portal", PORTAL,
+              "--allow", MAY, "--allow", MAY_NOT, "--snapshot-allow", MAY)  # fmt: skip
+        serial = d.json("export", "list")[0]["serial"]
+        with open_iscsi(), iscsi_sessions_as(RIGHTS_IQN, PORTAL, serial, [MAY]) as disks:
+            may = disks[MAY]
+            a = os.urandom(4096)
+            pwrite_direct(may, 0, a)
+
+            # admit a third initiator: the logged-in one is not disturbed
+            r = update("--allow", MAY, "--allow", MAY_NOT, "--allow", THIRD)
+            assert "updated r/v" in r.stdout, r
+            assert rights() == ([MAY, MAY_NOT, THIRD], [MAY])
+            assert set(lio.iscsi_acls(RIGHTS_IQN)) == {MAY, MAY_NOT, THIRD}
+            assert pread_direct(may, 0, 4096) == a
+
+            # refused, nothing changed: MAY would change backstore while logged in
+            r = update("--snapshot-allow", MAY_NOT, ok=False)
+            assert r.returncode == 5, r
+            assert f"{MAY} would change backstore" in r.stderr and "log it out first" in r.stderr
+            # refused: every initiator alike needs one backstore, not two
+            r = update("--snapshot-allow", "all", ok=False)
+            assert r.returncode == 2 and "unexport and export again" in r.stderr, r
+            # refused: the kind, IQN and portal are not changed live
+            r = update("--portal", "127.0.0.1:3261", ok=False)
+            assert r.returncode == 2 and "--update changes --allow" in r.stderr, r
+            assert rights() == ([MAY, MAY_NOT, THIRD], [MAY])
+
+            # the third (not logged in) may snapshot from now on
+            update("--snapshot-allow", MAY, "--snapshot-allow", THIRD)
+            assert rights() == ([MAY, MAY_NOT, THIRD], [MAY, THIRD])
+            with iscsi_sessions_as(RIGHTS_IQN, PORTAL, serial, [THIRD]) as more:
+                third = more[THIRD]
+                assert pread_direct(third, 0, 4096) == a
+                d.cli("initiator", "snapshot", third, "by-third", "--wait")
+            assert [s["name"] for s in d.json("snapshot", "list", "r/v")] == ["by-third"]
+            d.cli("initiator", "snapshot", may, "by-may", "--wait")
+
+            # MAY_NOT goes from the list (its rights with it) and cannot log in
+            update("--allow", MAY, "--allow", THIRD)
+            assert rights() == ([MAY, THIRD], [MAY, THIRD])
+            with (
+                pytest.raises(AssertionError, match="--login"),
+                iscsi_sessions_as(RIGHTS_IQN, PORTAL, serial, [MAY_NOT]),
+            ):
+                pass
+            assert pread_direct(may, 0, 4096) == a
+
+            d.stop()
+            d.start()  # kept in the catalog
+            assert rights() == ([MAY, THIRD], [MAY, THIRD])
+            assert pread_direct(may, 0, 4096) == a
+
+        # a local export: the snapshot right off, then on again
+        d.cli("export", "r/l", "--local")
+        disk = "/dev/dmsnap/r/l"
+        r = d.cli("export", "r/l", "--update", "--no-snapshot")
+        assert "snapshot command from none" in r.stdout, r
+        r = d.cli("initiator", "snapshot", disk, "nope", check=False)
+        assert r.returncode == 8 and "not allowed to request snapshots" in r.stderr, r
+        r = d.cli("export", "r/l", "--update", "--allow", MAY, check=False)
+        assert r.returncode == 2 and "--allow is for iSCSI exports" in r.stderr, r
+        d.cli("export", "r/l", "--update", "--snapshot-allow", "all")
+        d.cli("initiator", "snapshot", disk, "yes", "--wait")
+        assert [s["name"] for s in d.json("snapshot", "list", "r/l")] == ["yes"]
+        r = d.cli("export", "r/nope", "--update", "--no-snapshot", check=False)
+        assert r.returncode == 3 and "r/nope is not exported" in r.stderr, r
+    finally:
+        if d.proc is None or d.proc.poll() is not None:
+            d.start()
+        d.cli("pool", "destroy", "r", "--force", "--yes", check=False)
+        d.stop(teardown=True)
