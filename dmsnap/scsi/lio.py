@@ -221,11 +221,12 @@ def update_iscsi_acls(
     iqn: str,
     allow: list[str],
     chap: tuple[str, str] | None,
-    may_snapshot: Collection[str] = (),
+    refusing_for: Collection[str] = (),
 ) -> None:
     """Make an export's ACLs admit exactly ``allow`` (not empty: a target in
-    demo mode has no ACLs to edit), each initiator's LUN 0 mapped as
-    :func:`export_iscsi` maps it. An ACL that goes takes its initiator's
+    demo mode has no ACLs to edit), each initiator's LUN 0 mapped to TPG
+    LUN 0, or to LUN 1 (the backstore refusing the snapshot command) for
+    those in ``refusing_for``. An ACL that goes takes its initiator's
     session with it (LIO logs it out); one whose mapping changes is
     recreated, so the caller makes sure its initiator is not logged in."""
     rts = _rtslib()
@@ -236,7 +237,7 @@ def update_iscsi_acls(
         if name not in allow:
             acl.delete()
     for initiator in allow:
-        want = luns[0] if 1 not in luns or initiator in may_snapshot else luns[1]
+        want = luns[1 if initiator in refusing_for else 0]
         acl = acls.get(initiator)
         if acl is not None:
             mapped = [m for m in acl.mapped_luns if m.mapped_lun == 0]
@@ -249,6 +250,18 @@ def update_iscsi_acls(
             if chap:
                 acl.chap_userid, acl.chap_password = chap
         rts.MappedLUN(acl, 0, want)
+
+
+def add_iscsi_lun(iqn: str, index: int, bs: Backstore) -> None:
+    """A TPG LUN serving ``bs`` (no initiator sees it until an ACL maps it)."""
+    _rtslib().LUN(_tpg(iqn), index, _storage_object(bs))
+
+
+def remove_iscsi_lun(iqn: str, index: int) -> None:
+    """Drop a TPG LUN (and any ACL mapping of it)."""
+    for lun in _tpg(iqn).luns:
+        if lun.lun == index:
+            lun.delete()
 
 
 def unexport_iscsi(iqn: str) -> None:

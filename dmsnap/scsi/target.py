@@ -227,6 +227,7 @@ class Running:
 
     paths: list[LunPath]
     fabric_id: str  # tcm_loop WWN or iSCSI IQN
+    source: Any = None  # what the paths serve (storage.exports.PathSource)
 
     @property
     def backstore(self) -> lio.Backstore:

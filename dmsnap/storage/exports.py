@@ -100,6 +100,21 @@ def export_paths(ex: Any) -> list[bool]:
     return [True, False]
 
 
+@dataclasses.dataclass(frozen=True)
+class PathSource:
+    """What every backstore of one export serves, built once per start: a
+    path added later (rights that come to differ between initiators) serves
+    the same LUN object."""
+
+    config: str  # the backstore's dev_config: POOL/VOL[@SNAP]
+    size: int
+    lun: Any  # target.VolumeLun or SnapshotDeviceLun
+    service: Any  # target.InbandSnapshots, or None for a snapshot
+    journal: Any
+    vol_id: int
+    unmap_gran: int
+
+
 def _check_portal(portal: str) -> str:
     host, sep, port = portal.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -230,52 +245,59 @@ class ExportsMixin:
         # second: the one refusing the snapshot command when rights are mixed
         return f"dmsnap-{ex.serial}" + ("-nosnap" if second else "")
 
-    def _start_export(self, ex: Any) -> None:
-        from dmsnap.scsi import lio, target
+    def _path_source(self, ex: Any) -> PathSource:
+        from dmsnap.scsi import target
 
         p = self.catalog.pool_by_id(ex.pool_id)
         v = self.catalog.volume(ex.pool, ex.volume)
         config = f"{ex.pool}/{ex.volume}" + (f"@{ex.snapshot}" if ex.snapshot else "")
-        if ex.snapshot is None:
-            pj = self._journal(p)
-            assert pj is not None
-            io = self.open_volume(ex.pool, ex.volume)
-            # one LUN object for every path: the same identity (serial, NAA
-            # from the volume), the same journal (writes from any path are
-            # ordered in it, so a marker follows every completed write)
-            lun: Any = target.VolumeLun(io, wce=pj.mode == "ram", serial=ex.serial)
-            service = target.InbandSnapshots(self, ex.pool, ex.volume)
-            journal, vol_id = pj.journal, v.id
-            # UNMAP gives space back in whole thin blocks; a classic volume
-            # gets zeros at any granularity
-            if p.backend == "thin":
-                unmap_gran = int(p.config.get("block_sectors", THIN_BLOCK_SECTORS)) * SECTOR
-            else:
-                unmap_gran = target.Limits.optimal_granularity
-        else:
+        if ex.snapshot is not None:
             path = f"/dev/mapper/{names.dm_snapshot(ex.pool, ex.volume, ex.snapshot)}"
             lun = target.SnapshotDeviceLun(path, v.size, ex.serial)
-            service, journal, vol_id = None, None, 0
-            unmap_gran = target.Limits.unmap_granularity
+            return PathSource(config, v.size, lun, None, None, 0, target.Limits.unmap_granularity)
+        pj = self._journal(p)
+        assert pj is not None
+        io = self.open_volume(ex.pool, ex.volume)
+        # one LUN object for every path: the same identity (serial, NAA from
+        # the volume), the same journal (writes from any path are ordered in
+        # it, so a marker follows every completed write)
+        lun = target.VolumeLun(io, wce=pj.mode == "ram", serial=ex.serial)
+        service = target.InbandSnapshots(self, ex.pool, ex.volume)
+        # UNMAP gives space back in whole thin blocks; a classic volume gets
+        # zeros at any granularity
+        if p.backend == "thin":
+            unmap_gran = int(p.config.get("block_sectors", THIN_BLOCK_SECTORS)) * SECTOR
+        else:
+            unmap_gran = target.Limits.optimal_granularity
+        return PathSource(config, v.size, lun, service, pj.journal, v.id, unmap_gran)
+
+    def _open_path(self, ex: Any, src: PathSource, second: bool, may: bool) -> Any:
+        """One backstore of the export with its ring served (target.LunPath)."""
+        from dmsnap.scsi import lio, target
+
+        name = self._backstore_name(ex, second=second)
+        bs = lio.find_backstore(name) or lio.create_backstore(name, src.config, src.size, ex.serial)
+        device, emu = target.start_device(
+            bs,
+            src.lun,
+            journal=src.journal,
+            vol_id=src.vol_id,
+            snapshots=src.service,
+            snapshot_allowed=(lambda _i, may=may: may),
+            initiator=ex.ref,
+            unmap_granularity=src.unmap_gran,
+            worker_nice=self.worker_nice,
+        )
+        return target.LunPath(bs, device, emu, may)
+
+    def _start_export(self, ex: Any) -> None:
+        from dmsnap.scsi import lio, target
+
+        src = self._path_source(ex)
         paths: list[target.LunPath] = []
         try:
             for i, may in enumerate(export_paths(ex)):
-                name = self._backstore_name(ex, second=i > 0)
-                bs = lio.find_backstore(name) or lio.create_backstore(
-                    name, config, v.size, ex.serial
-                )
-                device, emu = target.start_device(
-                    bs,
-                    lun,
-                    journal=journal,
-                    vol_id=vol_id,
-                    snapshots=service,
-                    snapshot_allowed=(lambda _i, may=may: may),
-                    initiator=ex.ref,
-                    unmap_granularity=unmap_gran,
-                    worker_nice=self.worker_nice,
-                )
-                paths.append(target.LunPath(bs, device, emu, may))
+                paths.append(self._open_path(ex, src, i > 0, may))
             for pa in paths:
                 with contextlib.suppress(OSError):  # let commands held over a restart through
                     lio.control(pa.backstore, "block_dev", 0)
@@ -300,7 +322,7 @@ class ExportsMixin:
             for pa in paths:
                 pa.device.close()
             raise
-        self._exports[ex.id] = target.Running(paths, fabric)
+        self._exports[ex.id] = target.Running(paths, fabric, source=src)
         self.export_errors.pop(ex.id, None)
         if ex.kind == "local" and ex.snapshot is None:
             disk = lio.scsi_disk_for(ex.serial, timeout=30)
@@ -360,10 +382,11 @@ class ExportsMixin:
         are no longer allowed). Sessions of initiators that stay, with the
         same rights, go on untouched; an initiator taken off the list is
         logged out. Refused, changing nothing, where LIO cannot follow live:
-        opening a target to every initiator or closing one that was, going
-        between one backstore and two (rights that differ between
-        initiators, see :func:`export_paths`), or moving a logged-in
-        initiator between the two."""
+        opening a target to every initiator or closing one that was, or
+        moving a logged-in initiator between the two backstores of an
+        export whose initiators' rights differ (see :func:`export_paths`).
+        A second backstore is added or taken away as the rights come to
+        differ between initiators or stop differing."""
         from dmsnap.scsi import lio
 
         names.check_name("pool", pool)
@@ -404,43 +427,78 @@ class ExportsMixin:
             rights = snapshot_rights(ex.kind, ex.snapshot, config.get("allow", []), snapshot_allow)
         new = dataclasses.replace(ex, config=config, snapshot_allow=rights)
         paths = export_paths(new)
-        if len(paths) != len(run.paths):
-            raise E.InvalidArgument(
-                f"{ref}: the new rights "
-                + ("differ between" if len(paths) > 1 else "are the same for all")
-                + " initiators, which changes the backstores the export needs:"
-                " unexport and export again"
-            )
+        gone = None
         if ex.kind == "iscsi" and config.get("allow"):
-            iqn = ex.config["iqn"]
-            two = len(paths) > 1
-            moving = sorted(
-                name
-                for name, (tpg_lun, logged_in) in lio.iscsi_acls(iqn).items()
-                if logged_in
-                and name in config["allow"]
-                and tpg_lun != (1 if two and name not in (rights or ()) else 0)
-            )
-            if moving:
-                raise E.Busy(
-                    f"{ref}: {', '.join(moving)} would change backstore (its snapshot right) "
-                    "while logged in; log it out first"
-                )
-            chap = tuple(config["chap"]) if config.get("chap") else None
-            try:
-                lio.update_iscsi_acls(iqn, config["allow"], chap, rights or ())
-            except Exception:
-                # put back what the catalog still says, then report
-                with contextlib.suppress(Exception):
-                    lio.update_iscsi_acls(iqn, ex.config["allow"], chap, ex.snapshot_allow or ())
-                raise
+            gone = self._relayout_iscsi(ex, run, config, rights, paths)
         for pa, may in zip(run.paths, paths, strict=True):
             # the emulator asks this on every snapshot command: live
             pa.may_snapshot = may
             pa.emulator.snapshot_allowed = lambda _i, may=may: may
         ex = self.catalog.update_export(ex.id, config, rights)
+        if gone is not None:
+            # no ACL maps it any more: the export works without it whatever
+            # happens here
+            try:
+                gone.device.close()
+                lio.delete_backstore(gone.backstore)
+            except Exception as e:  # reported; the update stands
+                log.warning("%s: removing the unused backstore %s: %s", ref, gone.backstore.name, e)
         log.info("export %s updated", ex.ref)
         return self._export_json(ex)
+
+    def _relayout_iscsi(
+        self, ex: Any, run: Any, config: Json, rights: tuple[str, ...] | None, paths: list[bool]
+    ) -> Any:
+        """An iSCSI export's ACLs and backstores for new rights: a second
+        backstore (refusing the snapshot command) added or taken away as
+        :func:`export_paths` now says, each initiator's LUN 0 mapped to its
+        backstore. Returns the path taken away (for the caller to close once
+        the catalog says so) or None."""
+        from dmsnap.scsi import lio
+
+        iqn = ex.config["iqn"]
+        two = len(paths) > 1
+
+        def refusing(allow: list[str], rights: tuple[str, ...] | None, two: bool) -> list[str]:
+            return [i for i in allow if two and i not in (rights or ())]
+
+        now = refusing(config["allow"], rights, two)
+        moving = sorted(
+            name
+            for name, (tpg_lun, logged_in) in lio.iscsi_acls(iqn).items()
+            if logged_in and name in config["allow"] and tpg_lun != (1 if name in now else 0)
+        )
+        if moving:
+            raise E.Busy(
+                f"{ex.ref}: {', '.join(moving)} would change backstore (its snapshot right) "
+                "while logged in; log it out first"
+            )
+        chap = tuple(config["chap"]) if config.get("chap") else None
+        before = refusing(ex.config["allow"], ex.snapshot_allow, len(run.paths) > 1)
+        added = None
+        try:
+            if two and len(run.paths) == 1:
+                added = self._open_path(ex, run.source, True, False)
+                lio.add_iscsi_lun(iqn, 1, added.backstore)
+            lio.update_iscsi_acls(iqn, config["allow"], chap, now)
+        except Exception:
+            # put back what the catalog still says, then report
+            with contextlib.suppress(Exception):
+                lio.update_iscsi_acls(iqn, ex.config["allow"], chap, before)
+            if added is not None:
+                with contextlib.suppress(Exception):
+                    lio.remove_iscsi_lun(iqn, 1)
+                added.device.close()
+                with contextlib.suppress(Exception):
+                    lio.delete_backstore(added.backstore)
+            raise
+        if added is not None:
+            run.paths.append(added)
+        if not two and len(run.paths) > 1:
+            gone = run.paths.pop()
+            lio.remove_iscsi_lun(iqn, 1)
+            return gone
+        return None
 
     @_user_errors
     def export_list(self, pool: str | None = None) -> list[Json]:
