@@ -9,6 +9,10 @@
    snapshots in the pool, and daemon start (reassembly) time with 100
    active snapshots, after a "reboot" (all devices removed).
 
+The pools have no journal (``journal_mode="none"``): this measures the
+device-mapper stack, which fio writes directly; the journal has its own
+benchmark (bench/journal_bench.py).
+
 Prints a Markdown table; bench/README.md records results and the command.
 """
 
@@ -58,7 +62,7 @@ def fio_write(path: str, offset: int, size: int) -> float:
 def snapshot_write_cost(state: str, backend: str, counts: list[int], region: int) -> dict:
     m = Manager(state)
     vol_size = region * (len(counts) + 1)
-    m.pool_create("b", backend=backend, size=vol_size * 8 + 256 * MiB)
+    m.pool_create("b", backend=backend, size=vol_size * 8 + 256 * MiB, journal_mode="none")
     path = m.volume_create("b", "v", vol_size)["path"]
     # Populate everything once so 0 snapshots measures overwrite, not allocation.
     subprocess.run(
@@ -90,7 +94,7 @@ def snapshot_write_cost(state: str, backend: str, counts: list[int], region: int
 
 def control_latency(state: str, sizes: list[int]) -> dict:
     m = Manager(state)
-    m.pool_create("c", size=512 * MiB)
+    m.pool_create("c", size=512 * MiB, journal_mode="none")
     m.volume_create("c", "v", 16 * MiB)
     out = {}
     have = 0
@@ -118,7 +122,7 @@ def control_latency(state: str, sizes: list[int]) -> dict:
 
 def reassembly(state: str, n: int) -> dict:
     m = Manager(state)
-    m.pool_create("r", size=512 * MiB)
+    m.pool_create("r", size=512 * MiB, journal_mode="none")
     m.volume_create("r", "v", 16 * MiB)
     for i in range(n):
         m.snapshot_create([["r", "v"]], f"s{i}")
