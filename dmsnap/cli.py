@@ -965,21 +965,23 @@ def export(
         return
     if no_snapshot and snapshot_allow:
         raise InvalidArgument("--no-snapshot or --snapshot-allow, not both")
-    if update:
-        if local or iscsi or iqn or portal or chap:
-            raise InvalidArgument(
-                "--update changes --allow and the snapshot rights only "
-                "(the kind, IQN, portal and CHAP stay: unexport and export again)"
-            )
-        pool, vol, snap = _ref(ref, snapshot=None)
-        r = _call(
-            "export.update",
-            pool=pool,
-            vol=vol,
-            snap=snap,
-            allow=allow or None,
-            snapshot_allow=[] if no_snapshot else snapshot_allow or None,
+    if update and (local or iscsi or iqn or portal or chap):
+        raise InvalidArgument(
+            "--update changes --allow and the snapshot rights only "
+            "(the kind, IQN, portal and CHAP stay: unexport and export again)"
         )
+    if not update and local == iscsi:
+        raise InvalidArgument("say --local or --iscsi")
+    pool, vol, snap = _ref(ref, snapshot=None)
+    args: dict[str, Any] = {
+        "pool": pool,
+        "vol": vol,
+        "snap": snap,
+        "allow": allow or None,
+        "snapshot_allow": [] if no_snapshot else snapshot_allow or None,
+    }
+    if update:
+        r = _call("export.update", **args)
         if json_out:
             print_json(r)
             return
@@ -988,21 +990,8 @@ def export(
             + (f"; initiators {', '.join(r['allow'])}" if r.get("allow") else "")
         )
         return
-    if local == iscsi:
-        raise InvalidArgument("say --local or --iscsi")
-    pool, vol, snap = _ref(ref, snapshot=None)
-    r = _call(
-        "export.create",
-        pool=pool,
-        vol=vol,
-        snap=snap,
-        kind="local" if local else "iscsi",
-        iqn=iqn,
-        portal=portal,
-        allow=allow or None,
-        chap=chap,
-        snapshot_allow=[] if no_snapshot else snapshot_allow or None,
-    )
+    kind = "local" if local else "iscsi"
+    r = _call("export.create", **args, kind=kind, iqn=iqn, portal=portal, chap=chap)
     if json_out:
         print_json(r)
         return
