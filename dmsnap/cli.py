@@ -148,6 +148,17 @@ def _call(op: str, **args: Any) -> Any:
         return c.call(op, **args)
 
 
+def _confirm(question: str, yes: bool, refusal: str) -> None:
+    """Ask on a terminal unless --yes; without a terminal (a script) refuse,
+    so nothing destructive happens by accident."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise CliError(f"{refusal} without --yes (no terminal to ask)")
+    if not typer.confirm(question, default=False):
+        raise CliError(refusal)
+
+
 # ------------------------------------------------------------ local checks
 
 
@@ -605,12 +616,8 @@ def pool_destroy(
 ) -> None:
     """Destroy a pool (refused while it has volumes, unless --force)."""
     _name("pool", name)
-    if not yes:
-        if not sys.stdin.isatty():
-            raise CliError(f"not destroying pool {name} without --yes (no terminal to ask)")
-        what = " and every volume and snapshot in it" if force else ""
-        if not typer.confirm(f"Destroy pool {name}{what}?", default=False):
-            raise CliError(f"pool {name} not destroyed")
+    what = " and every volume and snapshot in it" if force else ""
+    _confirm(f"Destroy pool {name}{what}?", yes, f"not destroying pool {name}")
     _call("pool.destroy", name=name, force=force or None)
     typer.echo(f"destroyed pool {name}")
 
@@ -755,6 +762,30 @@ def volume_read(
             r = c.call("volume.read", pool=pool, vol=vol, offset=at + done, length=step)
             sink.write(base64.b64decode(r["content"]))
             done += step
+
+
+@volume_app.command("discard")
+def volume_discard(
+    ref: VolumeArg,
+    offset: Annotated[
+        str, typer.Option("--offset", metavar="SIZE", help="From where (512-aligned).")
+    ] = "0",
+    length: Annotated[
+        str | None,
+        typer.Option("--length", metavar="SIZE", help="How much (default: to the end)."),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Discard (zero) a range of a journaled volume through dmsnapd: it reads
+    zeros from now on, ordered with the writes and snapshots around it, and
+    a thin pool gets the space back. Snapshots keep their data."""
+    pool, vol, _ = _ref(ref, snapshot=False)
+    at = parse_size(offset, what="--offset", allow_zero=True)
+    n = parse_size(length, what="--length") if length is not None else None
+    what = f"{n} bytes" if n is not None else "everything"
+    _confirm(f"Discard {what} of {pool}/{vol} from {at}?", yes, f"not discarding {pool}/{vol}")
+    r = _call("volume.discard", pool=pool, vol=vol, offset=at, size=n)
+    typer.echo(f"discarded {r['discarded']} bytes of {pool}/{vol} at {at}")
 
 
 # ---------------------------------------------------------------- snapshot

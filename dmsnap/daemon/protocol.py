@@ -292,6 +292,7 @@ OPS: dict[str, Op] = {
         "volume_read", "pool vol offset length", req="pool vol offset length", data=True
     ),
     "volume.flush": _op("volume_flush", "pool vol", req="pool vol", data=True),
+    "volume.discard": _op("volume_discard", "pool vol offset size", req="pool vol", data=True),
     "export.create": _op(
         "export_create", "pool vol", "snap kind iqn portal allow chap snapshot_allow", "pool vol"
     ),

@@ -1269,6 +1269,21 @@ class Manager(ExportsMixin):
         return self.open_volume(pool, vol).read(offset, length)
 
     @_errors_to_user
+    def volume_discard(self, pool: str, vol: str, offset: int = 0, size: int | None = None) -> Json:
+        """The range (default: from offset to the end) reads zeros from now
+        on, in order with the writes and snapshots around it; thin space
+        goes back once the flusher gets there (docs/journal.md)."""
+        io = self.open_volume(pool, vol)
+        if size is None:
+            if offset >= io.size:
+                raise E.InvalidArgument(
+                    f"{io.ref}: offset {offset} is not inside the volume ({io.size} bytes)"
+                )
+            size = io.size - offset
+        seq = io.discard(offset, size)
+        return {"discarded": size, "offset": offset, "seq": seq}
+
+    @_errors_to_user
     def volume_flush(self, pool: str, vol: str) -> None:
         self.open_volume(pool, vol).flush()
 

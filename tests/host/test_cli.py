@@ -138,6 +138,8 @@ class FakeManager:
             return {"path": f"/dev/dmsnap/{args[0]}/{args[1]}@{args[2]}"}
         if name == "export_list":
             return EXPORTS
+        if name == "volume_discard":
+            return {"discarded": args[3] if len(args) > 3 else 1 << 20}
         if name == "export_update":
             return {
                 "ref": f"{args[0]}/{args[1]}",
@@ -374,6 +376,21 @@ def test_export_update(capsys, daemon) -> None:
     rc, _, err = run(capsys, "export", "fast/db", "--update", "--snapshot-allow", "all")
     assert rc == 0, err
     assert fake.calls[-1][2] == {"snapshot_allow": ["all"]}
+
+
+def test_volume_discard_asks_unless_yes(capsys, daemon, monkeypatch) -> None:
+    _, fake = daemon
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    rc, _, err = run(capsys, "volume", "discard", "fast/db", "--length", "1M")
+    assert rc == 1 and "not discarding fast/db without --yes" in one_line(err)
+    assert not [c for c in fake.calls if c[0] == "volume_discard"]
+    rc, out, err = run(capsys, "volume", "discard", "fast/db", "--offset", "4K", "--yes")
+    assert rc == 0, err
+    assert out.strip() == "discarded 1048576 bytes of fast/db at 4096"
+    assert fake.calls[-1][:2] == ("volume_discard", ("fast", "db", 4096))
+    rc, _, err = run(capsys, "volume", "discard", "fast/db", "--length", "1M", "-y")
+    assert rc == 0, err
+    assert fake.calls[-1][:2] == ("volume_discard", ("fast", "db", 0, 1 << 20))
 
 
 def test_human_output(capsys, daemon) -> None:

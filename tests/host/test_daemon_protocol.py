@@ -157,6 +157,10 @@ class FakeManager:
     def volume_flush(self, pool, vol):
         self._record("volume_flush", pool, vol)
 
+    def volume_discard(self, pool, vol, offset=0, size=None):
+        self._record("volume_discard", pool, vol, offset, size)
+        return {"discarded": size, "offset": offset, "seq": 1}
+
     def export_create(
         self,
         pool,
@@ -373,6 +377,11 @@ ROUND_TRIPS = [
         ("volume_read", ("p", "v", 0, 512), {}),
     ),
     ("volume.flush", {"pool": "p", "vol": "v"}, ("volume_flush", ("p", "v"), {})),
+    (
+        "volume.discard",
+        {"pool": "p", "vol": "v", "offset": 4096, "size": 8192},
+        ("volume_discard", ("p", "v", 4096, 8192), {}),
+    ),
     (
         "export.create",
         {"pool": "p", "vol": "v", "kind": "iscsi", "allow": ["iqn.2026-11.x:a"], "chap": "u:s"},

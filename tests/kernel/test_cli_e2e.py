@@ -348,3 +348,20 @@ def test_journaled_pool_end_to_end(daemon, tmp_path):
     assert out.read_bytes() == a.read_bytes()
     names = sorted(s["name"] for s in d.json("snapshot", "list", "j/v"))
     assert names == ["s1", "s2"]
+
+    # a discard reads zeros at once; the snapshots keep their data
+    half = MiB // 2
+    r = d.cli("volume", "discard", "j/v", "--offset", "1M", "--length", "512K", "--yes")
+    assert r.stdout.strip() == f"discarded {half} bytes of j/v at {MiB}"
+    d.cli("volume", "read", "j/v", "--offset", "1M", "--length", "1M", "-o", str(out))
+    assert out.read_bytes() == bytes(half) + a.read_bytes()[half:]
+    path = d.json("snapshot", "activate", "j/v@s2")["path"]
+    assert read(path, MiB, MiB) == b.read_bytes()
+    d.cli("snapshot", "deactivate", "j/v@s2")
+    bad = d.cli("volume", "discard", "j/v", "--offset", "8M", "--yes", check=False)
+    assert bad.returncode == 2 and "offset 8388608 is not inside the volume" in bad.stderr, bad
+    bad = d.cli("volume", "discard", "j/v", "--offset", "7M", "--length", "2M", "-y", check=False)
+    assert bad.returncode == 2 and "beyond the volume" in bad.stderr, bad
+    d.cli("volume", "discard", "j/v", "--offset", "4M", "--yes")  # to the end
+    d.cli("volume", "read", "j/v", "--offset", "4M", "--length", "4M", "-o", str(out))
+    assert out.read_bytes() == bytes(4 * MiB)
