@@ -911,7 +911,15 @@ def snapshot_restore(ref: SnapshotArg) -> None:
 
 # ---------------------------------------------------------------- exports
 
-EXPORT_HEADERS = ["REF", "KIND", "SERIAL", "TARGET", "SNAPSHOT-ALLOW", "RUNNING"]
+EXPORT_HEADERS = ["REF", "KIND", "SERIAL", "TARGET", "ALLOW", "SNAPSHOT-ALLOW", "RUNNING"]
+
+
+def _allow_text(row: dict[str, Any]) -> str:
+    """Who may log in to an export, in a table cell: a local disk has no
+    login; an iSCSI target without --allow takes any initiator."""
+    if row.get("kind") != "iscsi":
+        return "-"
+    return ",".join(row.get("allow") or []) or "all"
 
 
 def _rights_text(value: Any) -> str:
@@ -987,6 +995,7 @@ def export(
                         r.get("kind"),
                         r.get("serial"),
                         r.get("iqn") or r.get("disk") or "-",
+                        _allow_text(r),
                         _rights_text(r.get("snapshot_allow")),
                         _yesno(r.get("running")),
                     ]

@@ -89,6 +89,7 @@ SNAPSHOTS = [
 ]
 EXPORTS = [
     {"ref": "fast/db", "kind": "iscsi", "serial": "s1", "iqn": "iqn.t:db", "running": True,
+     "allow": ["iqn.2026-11.org.example:a", "iqn.2026-11.org.example:b"],
      "snapshot_allow": ["iqn.2026-11.org.example:a", "iqn.2026-11.org.example:b"]},
     {"ref": "fast/logs", "kind": "local", "serial": "s2", "running": True,
      "snapshot_allow": "all"},
@@ -360,8 +361,9 @@ def test_export_snapshot_rights(capsys, daemon) -> None:
     assert "snapshot_allow" not in fake.calls[-1][2]  # the daemon's default: every initiator
     rc, out, _ = run(capsys, "export", "list")
     rows = [line.split() for line in out.splitlines()]
-    assert rows[0] == ["REF", "KIND", "SERIAL", "TARGET", "SNAPSHOT-ALLOW", "RUNNING"]
-    assert rows[1][4] == f"{a},{b}" and rows[2][4] == "all" and rows[3][4] == "none"
+    assert rows[0] == ["REF", "KIND", "SERIAL", "TARGET", "ALLOW", "SNAPSHOT-ALLOW", "RUNNING"]
+    assert [r[4] for r in rows[1:]] == [f"{a},{b}", "-", "-"]  # local disks have no login
+    assert rows[1][5] == f"{a},{b}" and rows[2][5] == "all" and rows[3][5] == "none"
 
 
 def test_export_update(capsys, daemon) -> None:

@@ -599,7 +599,7 @@ def test_snapshot_rights_per_initiator(tmp_path):
         assert lio.find_backstore(f"dmsnap-{serial}") is not None
         assert lio.find_backstore(f"dmsnap-{serial}-nosnap") is not None
         row = d.cli("export", "list").stdout.splitlines()[1].split()
-        assert row[0] == "r/v" and row[4] == MAY, row
+        assert row[0] == "r/v" and row[4] == f"{MAY},{MAY_NOT}" and row[5] == MAY, row
 
         with open_iscsi(), iscsi_sessions_as(RIGHTS_IQN, PORTAL, serial, [MAY, MAY_NOT]) as disks:
             may, may_not = disks[MAY], disks[MAY_NOT]
@@ -722,6 +722,8 @@ def test_export_update_live(tmp_path):
             # MAY_NOT goes: everyone left may snapshot, one backstore is enough
             update("--allow", MAY, "--allow", THIRD)
             assert rights() == ([MAY, THIRD], [MAY, THIRD])
+            row = d.cli("export", "list").stdout.splitlines()[1].split()
+            assert row[4] == row[5] == f"{MAY},{THIRD}", row
             assert lio.find_backstore(nosnap) is None
             assert set(lio.iscsi_acls(RIGHTS_IQN)) == {MAY, THIRD}
             with (
