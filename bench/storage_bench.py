@@ -64,6 +64,8 @@ def snapshot_write_cost(state: str, backend: str, counts: list[int], region: int
     vol_size = region * (len(counts) + 1)
     m.pool_create("b", backend=backend, size=vol_size * 8 + 256 * MiB, journal_mode="none")
     path = m.volume_create("b", "v", vol_size)["path"]
+    # a journaled volume has no path: fio would write a file named "None" here
+    assert path, "the bench volume has no block device"
     # Populate everything once so 0 snapshots measures overwrite, not allocation.
     subprocess.run(
         [
