@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("dmsnap.scsi")
 
@@ -162,30 +163,25 @@ def export_iscsi(
     chap: tuple[str, str] | None,
     *,
     refusing: Backstore | None = None,
-    may_snapshot: Collection[str] = (),
+    refusing_for: Collection[str] = (),
 ) -> None:
     """An iSCSI target serving ``bs`` as LUN 0 to the ``allow`` initiators
     (every initiator when empty). ``refusing``: the volume's backstore that
-    refuses the snapshot command; it becomes the TPG's LUN 1 and each
-    initiator not in ``may_snapshot`` sees it, not ``bs``, as its LUN 0."""
+    refuses the snapshot command; it becomes the TPG's LUN 1 and the
+    initiators in ``refusing_for`` see it, not ``bs``, as their LUN 0."""
     rts = _rtslib()
     fm = rts.FabricModule("iscsi")
     target = rts.Target(fm, iqn)
     try:
         tpg = rts.TPG(target, 1)
-        lun = rts.LUN(tpg, 0, _storage_object(bs))
+        rts.LUN(tpg, 0, _storage_object(bs))
         other = rts.LUN(tpg, 1, _storage_object(refusing)) if refusing is not None else None
         if other is not None and not allow:  # demo mode would show both LUNs to everyone
             raise LioError("per-initiator snapshot rights need an ACL per initiator")
         rts.NetworkPortal(tpg, portal[0], portal[1])
         if allow:
             tpg.set_attribute("generate_node_acls", "0")
-            for initiator in allow:
-                acl = rts.NodeACL(tpg, initiator)
-                mine = lun if other is None or initiator in may_snapshot else other
-                rts.MappedLUN(acl, 0, mine)
-                if chap:
-                    acl.chap_userid, acl.chap_password = chap
+            _map_acls(tpg, allow, chap, refusing_for)
         else:  # demo mode: any initiator may log in
             tpg.set_attribute("generate_node_acls", "1")
             tpg.set_attribute("demo_mode_write_protect", "0")
@@ -205,32 +201,31 @@ def _tpg(iqn: str):
     return rts.TPG(rts.Target(rts.FabricModule("iscsi"), iqn, mode="lookup"), 1, mode="lookup")
 
 
+def _lun0(acl) -> Any:
+    """The ACL's mapping of its LUN 0, or None."""
+    return next((m for m in acl.mapped_luns if m.mapped_lun == 0), None)
+
+
 def iscsi_acls(iqn: str) -> dict[str, tuple[int, bool]]:
     """The initiators an iSCSI export's ACLs admit: for each, the TPG LUN
-    its LUN 0 maps to (0 takes the snapshot command, 1 refuses it) and
-    whether it is logged in now."""
+    its LUN 0 maps to (0 takes the snapshot command, 1 refuses it; -1 none)
+    and whether it is logged in now."""
     out = {}
     for acl in _tpg(iqn).node_acls:
-        mapped = [m for m in acl.mapped_luns if m.mapped_lun == 0]
-        tpg_lun = mapped[0].tpg_lun.lun if mapped else -1
-        out[acl.node_wwn] = (tpg_lun, acl.session is not None)
+        m = _lun0(acl)
+        out[acl.node_wwn] = (m.tpg_lun.lun if m is not None else -1, acl.session is not None)
     return out
 
 
-def update_iscsi_acls(
-    iqn: str,
-    allow: list[str],
-    chap: tuple[str, str] | None,
-    refusing_for: Collection[str] = (),
+def _map_acls(
+    tpg: Any, allow: list[str], chap: tuple[str, str] | None, refusing_for: Collection[str]
 ) -> None:
-    """Make an export's ACLs admit exactly ``allow`` (not empty: a target in
-    demo mode has no ACLs to edit), each initiator's LUN 0 mapped to TPG
-    LUN 0, or to LUN 1 (the backstore refusing the snapshot command) for
-    those in ``refusing_for``. An ACL that goes takes its initiator's
-    session with it (LIO logs it out); one whose mapping changes is
-    recreated, so the caller makes sure its initiator is not logged in."""
+    """The TPG's ACLs admit exactly ``allow``, each initiator's LUN 0 mapped
+    to TPG LUN 0, or to LUN 1 (the backstore refusing the snapshot command)
+    for those in ``refusing_for``. An ACL that goes takes its initiator's
+    session with it (LIO logs it out); a mapping that changes is made anew,
+    so the caller makes sure its initiator is not logged in."""
     rts = _rtslib()
-    tpg = _tpg(iqn)
     luns = {lun.lun: lun for lun in tpg.luns}
     acls = {acl.node_wwn: acl for acl in tpg.node_acls}
     for name, acl in acls.items():
@@ -239,17 +234,26 @@ def update_iscsi_acls(
     for initiator in allow:
         want = luns[1 if initiator in refusing_for else 0]
         acl = acls.get(initiator)
-        if acl is not None:
-            mapped = [m for m in acl.mapped_luns if m.mapped_lun == 0]
-            if mapped and mapped[0].tpg_lun.lun == want.lun:
-                continue
-            for m in mapped:
-                m.delete()
-        else:
+        if acl is None:
             acl = rts.NodeACL(tpg, initiator)
             if chap:
                 acl.chap_userid, acl.chap_password = chap
+        elif (m := _lun0(acl)) is not None:
+            if m.tpg_lun.lun == want.lun:
+                continue
+            m.delete()
         rts.MappedLUN(acl, 0, want)
+
+
+def update_iscsi_acls(
+    iqn: str,
+    allow: list[str],
+    chap: tuple[str, str] | None,
+    refusing_for: Collection[str] = (),
+) -> None:
+    """A running export's ACLs for a new ``allow`` list (not empty: a target
+    in demo mode has no ACLs to edit), mapped as :func:`_map_acls` says."""
+    _map_acls(_tpg(iqn), allow, chap, refusing_for)
 
 
 def add_iscsi_lun(iqn: str, index: int, bs: Backstore) -> None:

@@ -100,6 +100,15 @@ def export_paths(ex: Any) -> list[bool]:
     return [True, False]
 
 
+def refusing_initiators(ex: Any) -> list[str]:
+    """The allowed initiators whose LUN 0 is the backstore refusing the
+    snapshot command: those without the right, where the export has that
+    second backstore at all (:func:`export_paths`)."""
+    if len(export_paths(ex)) < 2:
+        return []
+    return [i for i in ex.config.get("allow", []) if i not in (ex.snapshot_allow or ())]
+
+
 @dataclasses.dataclass(frozen=True)
 class PathSource:
     """What every backstore of one export serves, built once per start: a
@@ -316,7 +325,7 @@ class ExportsMixin:
                         ex.config["allow"],
                         chap,
                         refusing=paths[1].backstore if len(paths) > 1 else None,
-                        may_snapshot=ex.snapshot_allow or (),
+                        refusing_for=refusing_initiators(ex),
                     )
         except BaseException:
             for pa in paths:
@@ -429,7 +438,7 @@ class ExportsMixin:
         paths = export_paths(new)
         gone = None
         if ex.kind == "iscsi" and config.get("allow"):
-            gone = self._relayout_iscsi(ex, run, config, rights, paths)
+            gone = self._relayout_iscsi(ex, new, run)
         for pa, may in zip(run.paths, paths, strict=True):
             # the emulator asks this on every snapshot command: live
             pa.may_snapshot = may
@@ -446,45 +455,40 @@ class ExportsMixin:
         log.info("export %s updated", ex.ref)
         return self._export_json(ex)
 
-    def _relayout_iscsi(
-        self, ex: Any, run: Any, config: Json, rights: tuple[str, ...] | None, paths: list[bool]
-    ) -> Any:
-        """An iSCSI export's ACLs and backstores for new rights: a second
-        backstore (refusing the snapshot command) added or taken away as
+    def _relayout_iscsi(self, ex: Any, new: Any, run: Any) -> Any:
+        """An iSCSI export's ACLs and backstores going from ``ex`` to ``new``
+        (the same export with new allow list and rights): a second backstore
+        (refusing the snapshot command) added or taken away as
         :func:`export_paths` now says, each initiator's LUN 0 mapped to its
         backstore. Returns the path taken away (for the caller to close once
         the catalog says so) or None."""
         from dmsnap.scsi import lio
 
         iqn = ex.config["iqn"]
-        two = len(paths) > 1
-
-        def refusing(allow: list[str], rights: tuple[str, ...] | None, two: bool) -> list[str]:
-            return [i for i in allow if two and i not in (rights or ())]
-
-        now = refusing(config["allow"], rights, two)
+        allow = new.config["allow"]
+        two = len(export_paths(new)) > 1
+        now = refusing_initiators(new)
         moving = sorted(
             name
             for name, (tpg_lun, logged_in) in lio.iscsi_acls(iqn).items()
-            if logged_in and name in config["allow"] and tpg_lun != (1 if name in now else 0)
+            if logged_in and name in allow and tpg_lun != (1 if name in now else 0)
         )
         if moving:
             raise E.Busy(
                 f"{ex.ref}: {', '.join(moving)} would change backstore (its snapshot right) "
                 "while logged in; log it out first"
             )
-        chap = tuple(config["chap"]) if config.get("chap") else None
-        before = refusing(ex.config["allow"], ex.snapshot_allow, len(run.paths) > 1)
+        chap = tuple(ex.config["chap"]) if ex.config.get("chap") else None
         added = None
         try:
             if two and len(run.paths) == 1:
                 added = self._open_path(ex, run.source, True, False)
                 lio.add_iscsi_lun(iqn, 1, added.backstore)
-            lio.update_iscsi_acls(iqn, config["allow"], chap, now)
+            lio.update_iscsi_acls(iqn, allow, chap, now)
         except Exception:
             # put back what the catalog still says, then report
             with contextlib.suppress(Exception):
-                lio.update_iscsi_acls(iqn, ex.config["allow"], chap, before)
+                lio.update_iscsi_acls(iqn, ex.config["allow"], chap, refusing_initiators(ex))
             if added is not None:
                 with contextlib.suppress(Exception):
                     lio.remove_iscsi_lun(iqn, 1)
