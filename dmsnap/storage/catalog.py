@@ -25,13 +25,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-SCHEMA_VERSION = 4  # 2: markers, 3: exports, 4: exports.snapshot_allow
+SCHEMA_VERSION = 5  # 2: markers, 3: exports, 4: exports.snapshot_allow, 5: AUTOINCREMENT
+
+# Ids are never handed out twice (AUTOINCREMENT: SQLite keeps the largest id
+# ever used in sqlite_sequence). The journal keys records by volume id and a
+# SCSI serial is made of ids: a reused id could replay a deleted volume's data
+# into its successor, or show an initiator a new disk under an old identity.
+_NEVER_REUSED = ("pools", "volumes", "snap_groups", "snapshots", "exports", "pending")
 
 # Statements are split on ';', so comments in here must not contain one.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pools (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL UNIQUE,
     uuid TEXT NOT NULL UNIQUE,
     backend TEXT NOT NULL CHECK (backend IN ('thin', 'classic')),
@@ -46,7 +52,7 @@ CREATE TABLE IF NOT EXISTS pools (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS volumes (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     pool_id INTEGER NOT NULL REFERENCES pools (id) ON DELETE CASCADE,
     name TEXT NOT NULL,
     size INTEGER NOT NULL,    -- bytes
@@ -56,7 +62,7 @@ CREATE TABLE IF NOT EXISTS volumes (
     UNIQUE (pool_id, name)
 );
 CREATE TABLE IF NOT EXISTS snap_groups (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     pool_id INTEGER NOT NULL REFERENCES pools (id) ON DELETE CASCADE,
     name TEXT NOT NULL,
     token TEXT,               -- initiator's request token (in-band requests)
@@ -65,7 +71,7 @@ CREATE TABLE IF NOT EXISTS snap_groups (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS snapshots (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     volume_id INTEGER NOT NULL REFERENCES volumes (id) ON DELETE CASCADE,
     group_id INTEGER NOT NULL REFERENCES snap_groups (id),
     name TEXT NOT NULL,
@@ -99,7 +105,7 @@ CREATE INDEX IF NOT EXISTS markers_state ON markers (pool_id, state);
 -- serial is the LUN's unit serial and the seed of its NAA id, stable for
 -- as long as the export exists (initiators' multipath keys on it).
 CREATE TABLE IF NOT EXISTS exports (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     pool_id INTEGER NOT NULL REFERENCES pools (id) ON DELETE CASCADE,
     volume_id INTEGER NOT NULL REFERENCES volumes (id) ON DELETE CASCADE,
     snapshot_id INTEGER REFERENCES snapshots (id) ON DELETE CASCADE,
@@ -113,7 +119,7 @@ CREATE TABLE IF NOT EXISTS exports (
     snapshot_allow TEXT
 );
 CREATE TABLE IF NOT EXISTS pending (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     pool_id INTEGER,
     kind TEXT NOT NULL,
     payload TEXT NOT NULL,
@@ -238,6 +244,7 @@ class Catalog:
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = FULL")
+        self._rebuild_for_autoincrement()
         with self.tx():
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
@@ -252,13 +259,53 @@ class Catalog:
                 )
             elif int(row[0]) < SCHEMA_VERSION:
                 # 2 added the markers table, 3 the exports table (created above),
-                # 4 the exports' snapshot_allow column (NULL: every initiator, as before).
+                # 4 the exports' snapshot_allow column (NULL: every initiator, as
+                # before), 5 AUTOINCREMENT ids (_rebuild_for_autoincrement).
                 cols = {r[1] for r in self.db.execute("PRAGMA table_info(exports)")}
                 if "snapshot_allow" not in cols:
                     self.db.execute("ALTER TABLE exports ADD COLUMN snapshot_allow TEXT")
                 self.db.execute(
                     "UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),)
                 )
+
+    def _rebuild_for_autoincrement(self) -> None:
+        """Schema 5: catalogs made before it have plain ``INTEGER PRIMARY KEY``
+        ids, which SQLite reuses after a delete. SQLite cannot add
+        AUTOINCREMENT to a table, so each table is rebuilt (SQLite's documented
+        12-step procedure: foreign keys off, copy, drop, rename, check). The
+        copied rows seed sqlite_sequence with the largest id in use."""
+        db = self.db
+        have = {
+            r[0]: r[1] or ""
+            for r in db.execute("SELECT name, sql FROM sqlite_master WHERE type='table'")
+        }
+        old = [t for t in _NEVER_REUSED if t in have and "AUTOINCREMENT" not in have[t].upper()]
+        if not old:
+            return
+        creates = {}
+        for stmt in SCHEMA.split(";"):
+            body = "\n".join(ln for ln in stmt.splitlines() if not ln.startswith("--")).strip()
+            if body.startswith("CREATE TABLE"):
+                creates[body.split("EXISTS", 1)[1].split("(", 1)[0].strip()] = body
+        db.execute("PRAGMA foreign_keys = OFF")  # no effect inside a transaction
+        try:
+            with self.tx():
+                for t in old:
+                    cols = [r[1] for r in db.execute(f"PRAGMA table_info({t})")]
+                    db.execute(creates[t].replace(f"EXISTS {t} (", f"EXISTS {t}__new (", 1))
+                    keep = [c for c in cols if c in _columns(db, f"{t}__new")]
+                    names_ = ", ".join(keep)
+                    db.execute(f"INSERT INTO {t}__new ({names_}) SELECT {names_} FROM {t}")
+                    db.execute(f"DROP TABLE {t}")
+                    db.execute(f"ALTER TABLE {t}__new RENAME TO {t}")
+                bad = db.execute("PRAGMA foreign_key_check").fetchall()
+                if bad:
+                    raise CatalogError(
+                        f"catalog {self.path}: {len(bad)} broken references found while "
+                        "upgrading to schema 5; nothing was changed"
+                    )
+        finally:
+            db.execute("PRAGMA foreign_keys = ON")
 
     def close(self) -> None:
         self.db.close()
@@ -623,6 +670,10 @@ class Catalog:
                 "pending",
             )
         }
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
 
 
 def _json_tuple(a: str | None) -> tuple[str, ...] | None:
