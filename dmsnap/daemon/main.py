@@ -172,7 +172,7 @@ def _run_manager(
             on_serving(server)
         watcher = None
         if callable(getattr(manager, "health", None)):
-            watcher = HealthWatcher(lambda: server.manager_call(manager.health))
+            watcher = HealthWatcher(manager.health)
             watcher.start()
         try:
             teardown = server.serve(manager)
@@ -184,7 +184,7 @@ def _run_manager(
         if teardown:
             notifier.status("tearing down")
             log.info("tearing down every device (daemon.stop with teardown)")
-            server.manager_call(manager.teardown)
+            manager.teardown()
         return 0
     except Exception:
         log.exception("dmsnapd failed")
@@ -193,7 +193,7 @@ def _run_manager(
     finally:
         notifier.stop_watchdog()
         try:
-            server.manager_call(manager.close)
+            manager.close()
         except Exception:
             log.exception("closing the manager failed")
         log.info("stopped")

@@ -236,7 +236,6 @@ class Op:
     keyword: tuple[str, ...] = ()
     required: frozenset[str] = frozenset()
     mutating: bool = True  # logged at INFO; read-only ops at DEBUG
-    locked: bool = True  # False: the data path, which never waits for control ops
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -258,7 +257,6 @@ def _op(
         tuple(kw.split()),
         frozenset(req.split()),
         mutating=not ro and not data,
-        locked=not data,
     )
 
 

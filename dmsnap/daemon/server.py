@@ -149,7 +149,6 @@ class Server:
         self._wake_w.setblocking(False)
         self._stop_requested = False
         self._teardown = False
-        self._manager_lock = threading.Lock()
         self._cond = threading.Condition()
         self._stopping = False
         self._inflight = 0
@@ -238,6 +237,11 @@ class Server:
         if teardown:
             self._teardown = True
         self._stop_requested = True
+        # Requests waiting for a snapshot answer now (the Event is lock-free,
+        # so this is safe in a signal handler too).
+        interrupt = getattr(self.manager, "interrupt_waits", None)
+        if interrupt is not None:
+            interrupt()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
@@ -450,18 +454,14 @@ class Server:
             # in-flight requests, and this one is in flight until sent.
             self.request_stop(teardown=teardown)
             return {"stopping": True, "teardown": teardown}
-        if not proto.OPS[req.op].locked:  # the data path runs beside control ops
-            return proto.call_manager(self.manager, req.op, req.args)
-        with self._manager_lock:
-            result = proto.call_manager(self.manager, req.op, req.args)
-            if req.op in ("pool.create", "pool.destroy"):
-                self.notifier.status(serving_status(self.manager))
+        # No lock here: the Manager's one control lock is taken by each of its
+        # operations, for as long as they change state and never while they
+        # wait for I/O (a --wait snapshot waits outside it). A second lock
+        # here would hold every other client behind such a wait.
+        result = proto.call_manager(self.manager, req.op, req.args)
+        if req.op in ("pool.create", "pool.destroy"):
+            self.notifier.status(serving_status(self.manager))
         return result
-
-    def manager_call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn`` under the Manager lock (for the daemon's own calls)."""
-        with self._manager_lock:
-            return fn(*args, **kwargs)
 
 
 def serving_status(manager: Any) -> str:

@@ -79,11 +79,15 @@ class PoolJournal:
         )
         self._thread.start()
 
-    def close(self, *, drain: bool = True, timeout: float = 60.0) -> None:
+    def close(
+        self, *, drain: bool = True, timeout: float = 60.0, stall: float | None = None
+    ) -> None:
         """Stop taking writes, let the ones inside finish, (with drain) put
         every record onto its dm device, stop the threads, free the journal.
         Without drain an NV journal keeps its records for the next start; a
-        RAM journal loses them, so the Manager always drains those."""
+        RAM journal loses them, so the Manager always drains those. With
+        ``stall``, the drain gives up once the flusher has made no progress
+        for that long (a failing disk), however much of ``timeout`` is left."""
         with self._gate:
             self._closing = True
         deadline = time.monotonic() + timeout
@@ -96,7 +100,7 @@ class PoolJournal:
         err: JournalError | TimeoutError | None = None
         if drain:
             try:
-                self.sync(max(1.0, deadline - time.monotonic()))
+                self._drain(deadline, stall)
             except (JournalError, TimeoutError) as e:
                 err = e
         self._stop.set()
@@ -107,6 +111,26 @@ class PoolJournal:
             self._cond.notify_all()
         if err is not None:
             raise err
+
+    def _drain(self, deadline: float, stall: float | None) -> None:
+        if stall is None:
+            self.sync(max(1.0, deadline - time.monotonic()))
+            return
+        last, since = self.journal.stats().flushed_seq, time.monotonic()
+        while True:
+            try:
+                self.sync(max(0.1, min(1.0, deadline - time.monotonic())))
+                return
+            except TimeoutError:
+                now, seen = time.monotonic(), self.journal.stats().flushed_seq
+                if seen != last:
+                    last, since = seen, now
+                elif now - since >= stall:
+                    raise TimeoutError(
+                        f"pool {self.pool}: the flusher made no progress for {stall:.0f} s"
+                    ) from None
+                if now >= deadline:
+                    raise
 
     @contextmanager
     def _entry(self) -> Iterator[None]:
@@ -176,8 +200,11 @@ class PoolJournal:
         with self._entry():
             return self.journal.marker(marker_id, payload, timeout=timeout)
 
-    def wait(self, marker_id: int, timeout: float) -> Json:
-        """The result of a marker's materialisation (lock held by the caller)."""
+    def wait(
+        self, marker_id: int, timeout: float, *, cancel: threading.Event | None = None
+    ) -> Json:
+        """The result of a marker's materialisation. InterruptedError once
+        ``cancel`` is set or the journal stops, TimeoutError after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
@@ -186,6 +213,8 @@ class PoolJournal:
                     if isinstance(res, Exception):
                         raise res
                     return res
+            if (cancel is not None and cancel.is_set()) or self._stop.is_set():
+                raise InterruptedError(f"marker {marker_id}: waiting interrupted")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"marker {marker_id} not reached within {timeout:.0f} s")
             if not self.serve_markers(0.05):

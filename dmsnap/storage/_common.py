@@ -54,6 +54,19 @@ def _errors_to_user(fn: _F) -> _F:
     return cast(_F, wrapper)
 
 
+def _locked(fn: _F) -> _F:
+    """Under the Manager's control lock (the daemon's own calls: assemble,
+    health, teardown), errors as they are."""
+
+    def wrapper(self: Manager, *a: Any, **kw: Any) -> Any:
+        with self.lock:
+            return fn(self, *a, **kw)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return cast(_F, wrapper)
+
+
 def _user_errors(fn: _F) -> _F:
     """A control operation: under the Manager's lock, user errors mapped."""
     inner = _errors_to_user(fn)

@@ -22,6 +22,7 @@ import shutil
 import stat
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from dmsnap import errors as E
@@ -34,7 +35,13 @@ from dmsnap.journal.journal import Journal, JournalError
 from dmsnap.journal.service import PoolJournal, status_json
 from dmsnap.scsi import DEFAULT_WORKER_NICE
 from dmsnap.storage import loop, names
-from dmsnap.storage._common import Json, _errors_to_user, _journal_error, _user_errors
+from dmsnap.storage._common import (
+    Json,
+    _errors_to_user,
+    _journal_error,
+    _locked,
+    _user_errors,
+)
 from dmsnap.storage.backend import Backend, Base, journal_mode, planned_dev_ids
 from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
 from dmsnap.storage.catalog import Exists as CatExists
@@ -55,6 +62,10 @@ WRITECACHE_BLOCK = 4096
 JOURNAL_MODES = ("nv", "ram", "none")
 DEFAULT_JOURNAL_SIZE = 64 * MiB
 MIN_JOURNAL_SIZE = 4 * MiB
+# A stop drains an NV journal while its flusher makes progress, and gives up
+# after this long without any (a failing disk): what is left stays durable in
+# the journal. A RAM journal always drains: its records are nowhere else.
+NV_STOP_STALL_S = 10.0
 BACKENDS: dict[str, type[Backend]] = {"thin": ThinBackend, "classic": ClassicBackend}
 
 
@@ -118,21 +129,36 @@ class Manager(ExportsMixin):
         self._exports: dict[int, Any] = {}  # export id -> dmsnap.scsi.target.Running
         self.pool_errors: dict[str, str] = {}
         self.export_errors: dict[int, str] = {}
-        # Every control operation and every marker's snapshot runs under this
-        # lock (the catalog and the dm control fd are not for two threads at
-        # once). Re-entrant: a thread that holds it and waits for the flusher
-        # serves markers itself. The data path (read/write) never takes it.
+        # The one control lock (docs/design-locking in docs/journal.md): every
+        # public operation takes it itself, for as long as it reads or changes
+        # the catalog, the dm control fd or LIO, and every marker's snapshot
+        # is made under it. Callers (server, SCSI target) never wrap calls in
+        # it. Nothing waits for a snapshot under it: a --wait snapshot
+        # releases it first. Re-entrant: a thread that holds it and must wait
+        # for the flusher (a delete, a restore, a drain) serves markers
+        # itself. The data path (read/write) never takes it.
         self.lock = threading.RLock()
+        # Set when the daemon stops: requests waiting for a snapshot answer.
+        self._interrupted = threading.Event()
+
+    def interrupt_waits(self) -> None:
+        """Make every request waiting for a snapshot answer now (daemon stop).
+        Takes no lock: safe from a signal handler."""
+        self._interrupted.set()
 
     def close(self, *, drain: bool = True) -> None:
         """Stop the journals (with drain: every record onto its dm device
         first), then let go of the catalog and the control device."""
-        for eid in list(self._exports):
-            self._stop_export(eid, keep=True)
-        for pid in list(self._journals):
-            self._stop_journal(pid, drain=drain)
-        self.catalog.close()
-        self.dm.close()
+        self.interrupt_waits()
+        with self.lock:
+            for eid in list(self._exports):
+                self._stop_export(eid, keep=True)
+            for pid in list(self._journals):
+                # A stalled NV pool must not hold the stop: its records are
+                # durable in the journal and replayed at the next start.
+                self._stop_journal(pid, drain=drain, stall=NV_STOP_STALL_S)
+            self.catalog.close()
+            self.dm.close()
 
     # -- pool plumbing -----------------------------------------------------------------
 
@@ -316,14 +342,20 @@ class Manager(ExportsMixin):
 
             pj.when_replayed(settle)
 
-    def _stop_journal(self, pool_id: int, *, drain: bool = True) -> None:
+    def _stop_journal(
+        self, pool_id: int, *, drain: bool = True, stall: float | None = None
+    ) -> None:
         pj = self._journals.pop(pool_id, None)
         if pj is None:
             return
+        # A RAM journal's records exist nowhere else: it always drains, for
+        # as long as it takes (up to the journal's own bound).
+        stall = None if pj.mode == "ram" else stall
         try:
-            pj.close(drain=drain or pj.mode == "ram")
+            pj.close(drain=drain or pj.mode == "ram", stall=stall)
         except (JournalError, TimeoutError) as e:
-            log.error("pool %s: journal did not drain: %s", pj.pool, e)
+            kept = " (its records stay in the journal for the next start)" * (pj.mode == "nv")
+            log.error("pool %s: journal did not drain: %s%s", pj.pool, e, kept)
 
     def _journal(self, pool: Pool) -> PoolJournal | None:
         if journal_mode(pool) == "none":
@@ -495,6 +527,7 @@ class Manager(ExportsMixin):
 
     # -- assembly -----------------------------------------------------------------------------
 
+    @_locked
     def assemble(self) -> Json:
         """Bring every pool, volume and active snapshot up as the catalog says.
         Idempotent: existing devices are checked and kept."""
@@ -977,7 +1010,7 @@ class Manager(ExportsMixin):
             "labels": s.labels,
         }
 
-    @_user_errors
+    @_errors_to_user
     def snapshot_create(
         self,
         refs: list[list[str]] | list[tuple[str, str]],
@@ -993,7 +1026,25 @@ class Manager(ExportsMixin):
         Journaled pool: a MARKER goes into the journal and this returns once
         it is durable (state "pending"); the flusher makes the snapshot when
         it gets there. With ``wait`` (always, for a RAM journal) it returns
-        once the snapshot exists. Direct pool: suspend, snapshot, resume."""
+        once the snapshot exists, having waited without the control lock.
+        Direct pool: suspend, snapshot, resume."""
+        with self.lock:
+            r = self._snapshot_submit(refs, name, labels=labels, token=token, wait=wait)
+        if not isinstance(r, _WaitFor):
+            return r
+        return {**self._wait_marker(r.pj, r.marker, timeout), **r.extra}
+
+    def _snapshot_submit(
+        self,
+        refs: list[list[str]] | list[tuple[str, str]],
+        name: str,
+        *,
+        labels: dict[str, str] | None,
+        token: str | None,
+        wait: bool,
+    ) -> Json | _WaitFor:
+        """The part of snapshot_create under the lock: checks, the catalog,
+        the marker appended. Returns the answer, or what to wait for."""
         names.check_name("snapshot", name)
         if not refs:
             raise E.InvalidArgument("name at least one POOL/VOLUME to snapshot")
@@ -1019,7 +1070,7 @@ class Manager(ExportsMixin):
             mk = self.catalog.marker_by_token(p.id, token)
             if pj is not None and mk is not None and mk.state == "pending":
                 if wait:
-                    return {**self._wait_marker(pj, mk.id, timeout), "retried": True}
+                    return _WaitFor(pj, mk.id, {"retried": True})
                 return {**self._marker_json(mk), "retried": True}
         members = [self.catalog.volume(pool_name, v) for _, v in pairs]
         for m in members:
@@ -1058,7 +1109,7 @@ class Manager(ExportsMixin):
         )
         # seq: the marker's place in the journal (tests build their model on it)
         if wait or pj.mode == "ram":
-            return {**self._wait_marker(pj, mid, timeout), "seq": seq}
+            return _WaitFor(pj, mid, {"seq": seq})
         mk2 = self.catalog.marker(mid)
         assert mk2 is not None
         return {**self._marker_json(mk2), "seq": seq}
@@ -1111,14 +1162,29 @@ class Manager(ExportsMixin):
         return out
 
     def _wait_marker(self, pj: PoolJournal, marker_id: int, timeout: float) -> Json:
+        """Wait for a marker's snapshot WITHOUT the control lock (the marker
+        thread needs it to make the snapshot; other clients need it too)."""
+        durable = "is durable" if pj.mode == "nv" else "is in the RAM journal"
         try:
-            res = pj.wait(marker_id, timeout)
+            res = pj.wait(marker_id, timeout, cancel=self._interrupted)
         except TimeoutError:
             raise E.Unavailable(
-                f"snapshot requested (marker {marker_id} is durable) but not made within "
+                f"snapshot requested (marker {marker_id} {durable}) but not made within "
                 f"{timeout:.0f} s: the flusher is behind or stalled; see `dmsnap status`"
             ) from None
-        mk = self.catalog.marker(marker_id)
+        except InterruptedError:
+            later = (
+                "it is made when the flusher reaches it after the next start"
+                if pj.mode == "nv"
+                else "a RAM journal keeps it only if it drains before the stop"
+            )
+            raise E.Unavailable(
+                f"dmsnapd is stopping: snapshot requested (marker {marker_id} {durable}) "
+                f"but not made yet; {later}; see `dmsnap snapshot request {pj.pool} "
+                f"--marker {marker_id}`"
+            ) from None
+        with self.lock:
+            mk = self.catalog.marker(marker_id)
         return {**res, "marker": marker_id, "token": mk.token if mk else None}
 
     @_user_errors
@@ -1300,6 +1366,7 @@ class Manager(ExportsMixin):
             "health": [f"pool {p['name']}: {h}" for p in pools for h in p["health"]],
         }
 
+    @_locked
     def health(self) -> list[str]:
         """One line per problem, naming its pool (what the daemon logs on dm
         events; the same lines as ``status()["health"]``, without the cost
@@ -1307,6 +1374,7 @@ class Manager(ExportsMixin):
         pools = [self._pool_json(p) for p in self.catalog.pools()]
         return [f"pool {p['name']}: {h}" for p in pools for h in p["health"]]
 
+    @_locked
     def teardown(self) -> None:
         """Deactivate every device of every pool (not done on a plain stop);
         exports are taken down, journals drained onto their volumes first."""
@@ -1318,6 +1386,15 @@ class Manager(ExportsMixin):
             self._teardown_devices(self._pool_devices(pool.name, pool.uuid[:8]))
             self._detach_loops(pool.name)
         self._backends.clear()
+
+
+@dataclass(frozen=True)
+class _WaitFor:
+    """snapshot_create's answer is a marker's snapshot: wait (unlocked)."""
+
+    pj: PoolJournal
+    marker: int
+    extra: Json
 
 
 class VolumeIO:

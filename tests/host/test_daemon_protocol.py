@@ -592,8 +592,11 @@ def test_refused_connection_is_unavailable(short_dir: Path) -> None:
 # ------------------------------------------------------------ concurrency
 
 
-def test_concurrent_clients_are_serialised(daemon: Daemon) -> None:
-    daemon.fake.delay = 0.02
+def test_concurrent_clients_are_not_held_behind_each_other(daemon: Daemon) -> None:
+    """The server adds no lock of its own: the Manager's one control lock,
+    taken inside each operation, serialises what must be (and is released
+    while a --wait snapshot waits; tests/kernel/test_control_lock.py)."""
+    daemon.fake.delay = 0.2
     errors: list[BaseException] = []
     results: list[Any] = []
 
@@ -608,14 +611,13 @@ def test_concurrent_clients_are_serialised(daemon: Daemon) -> None:
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    # Pings do not take the Manager lock: they answer while others wait.
     with daemon.client() as c:
         assert c.call("daemon.ping")
     for t in threads:
         t.join(timeout=30)
     assert not errors
     assert len(results) == 24 and len(daemon.fake.calls) == 24
-    assert daemon.fake.max_active == 1
+    assert daemon.fake.max_active > 1
 
 
 # ------------------------------------------------------------------ access
