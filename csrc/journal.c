@@ -8,7 +8,8 @@
  *
  * Superblock (first 80 bytes of a slot, rest zero):
  *     0 u64 magic        "DMSNJSB1" (JR_SB_MAGIC)
- *     8 u32 version      2 (1: before DISCARD records; opened and rewritten as 2)
+ *     8 u32 version      3 (1: before DISCARD records, 2: before FORGET records;
+ *                        both opened and rewritten as 3)
  *    12 u32 align        512 or the device's logical block size (<= 4096)
  *    16 u64 journal_id
  *    24 u64 generation   bumped and written at every jr_open
@@ -34,23 +35,25 @@
  *     8 u64 journal_id
  *    16 u64 generation   of the jr_open that wrote it
  *    24 u64 seq
- *    32 u64 offset       WRITE, DISCARD: byte offset in the volume
+ *    32 u64 offset       WRITE, DISCARD: byte offset in the volume;
+ *                        FORGET: the bound (records of vol with a lower seq are dropped)
  *    40 u64 marker_id    MARKER; DISCARD: bytes discarded (> 0, multiple of 512)
- *    48 u32 type         1 WRITE, 2 MARKER, 3 PAD, 4 DISCARD
- *    52 u32 vol          WRITE, DISCARD: volume id (> 0)
+ *    48 u32 type         1 WRITE, 2 MARKER, 3 PAD, 4 DISCARD, 5 FORGET
+ *    52 u32 vol          WRITE, DISCARD, FORGET: volume id (> 0)
  *    56 u32 len          WRITE: data bytes; MARKER: payload bytes; PAD: record bytes;
- *                        DISCARD: 0
- *    60 u32 data_crc     crc32c of the data / payload (0 for PAD and DISCARD)
+ *                        DISCARD, FORGET: 0
+ *    60 u32 data_crc     crc32c of the data / payload (0 for PAD, DISCARD, FORGET)
  *    64 u32 flags        0
  *    68 u32 hdr_crc      crc32c of bytes 0..67
  *    72..511             zero
  *   size(WRITE/MARKER/DISCARD) = roundup(512 + roundup(len, 512), align)
  *
- * Version 2 only adds DISCARD. A version-1 journal is read as it is (its
- * records are valid version-2 records) and its superblock is rewritten as
- * version 2 at open; an older program refuses a version-2 superblock
- * (-EBADMSG) instead of ending its recovery at the first DISCARD and
- * dropping the acknowledged records after it.
+ * Version 2 added DISCARD, version 3 FORGET (jr_forget: a deleted
+ * volume's end, honoured by recovery). An earlier journal is read as it is
+ * (its records are valid version-3 records) and its superblock is
+ * rewritten as version 3 at open; an older program refuses a later
+ * superblock instead of ending its recovery at the first record type it
+ * does not know and dropping the acknowledged records after it.
  *
  * Recovery starts at (ckpt_seq, ckpt_pos) of the valid superblock with the
  * highest sb_seq and accepts records while: magic and journal_id match,
@@ -129,7 +132,7 @@
 
 #define JR_SB_MAGIC 0x3142534a4e534d44ULL  /* "DMSNJSB1" */
 #define JR_REC_MAGIC 0x3143524a4e534d44ULL /* "DMSNJRC1" */
-#define JR_VERSION 2
+#define JR_VERSION 3
 #define JR_VERSION_MIN 1 /* oldest on-disk version opened (and rewritten as JR_VERSION) */
 #define JR_SB_SLOT 4096
 #define JR_RING_START 8192
@@ -140,11 +143,13 @@
 #define REC_MARKER 2
 #define REC_PAD 3
 #define REC_DISCARD 4
+#define REC_FORGET 5
 
 #define BATCH_BYTES (4u << 20) /* coalesce dm writes up to this size */
 #define ZERO_BYTES (1u << 20)  /* zero writes of a discard, per pwrite */
 #define BATCH_IOV 256
 #define IDLE_CKPT_MS 50
+#define FORGET_RESERVE 8 /* ring blocks only FORGET records may take (NV) */
 #define RETRY_MS 1000
 
 struct sb_disk {
@@ -1046,77 +1051,116 @@ static int journal_direct_fallback(jr_t *j, const char *path)
     return j->fd < 0 ? -errno : 0;
 }
 
+/* Drop vol's unflushed records below bound (locked): they leave the
+ * overlay and the flusher skips them. Every indexed record of vol is below
+ * bound when called (at jr_forget: bound is the head; at recovery the
+ * records at or after it are indexed later). */
+static void forget_vol(jr_t *j, struct vol *v, uint64_t bound)
+{
+    if (bound > v->forget_seq)
+        v->forget_seq = bound;
+    ix_drop_vol(j, v->id);
+    dl_drop_vol(j, v->id);
+    j->unflushed_records -= v->unflushed;
+    j->unflushed_bytes -= v->unflushed_bytes;
+    v->unflushed = v->unflushed_bytes = 0;
+}
+
+/* The size of the record at lpos if it continues the log there (see the
+ * recovery rules at the top), else 0. start: the walk's first position. */
+static uint64_t rec_check(const jr_t *j, uint64_t lpos, uint64_t seq, uint64_t prev_gen,
+                          uint64_t start)
+{
+    if (lpos - start >= j->cap)
+        return 0;
+    const struct rec_disk *h = hdr_at(j, lpos);
+    uint64_t phys = lpos % j->cap, room = j->cap - phys, size;
+    if (h->magic != JR_REC_MAGIC || h->journal_id != j->journal_id || h->seq != seq)
+        return 0;
+    if (h->hdr_crc != crc32c(h, offsetof(struct rec_disk, hdr_crc)))
+        return 0;
+    if (h->generation < prev_gen || h->generation >= j->generation)
+        return 0;
+    if (h->type == REC_PAD) {
+        if (h->len != room)
+            return 0;
+        size = room;
+    } else if (h->type == REC_WRITE || h->type == REC_MARKER) {
+        if (h->type == REC_WRITE &&
+            (!h->vol || !h->len || h->len % 512 || h->len > JR_MAX_IO || h->offset % 512))
+            return 0;
+        if (h->type == REC_MARKER && (h->len > JR_MAX_PAYLOAD || !h->marker_id))
+            return 0;
+        size = rec_size(j, h->len);
+        if (size > room)
+            return 0;
+        if (crc32c((const unsigned char *)h + JR_HDR, h->len) != h->data_crc)
+            return 0;
+    } else if (h->type == REC_DISCARD) {
+        if (!h->vol || h->len || h->data_crc || !h->marker_id || h->marker_id % 512 ||
+            h->offset % 512 || h->offset + h->marker_id < h->offset)
+            return 0;
+        size = rec_size(j, 0);
+    } else if (h->type == REC_FORGET) {
+        if (!h->vol || h->len || h->data_crc || h->marker_id || h->offset > h->seq)
+            return 0;
+        size = rec_size(j, 0);
+    } else {
+        return 0;
+    }
+    if (size > room || lpos + size - start > j->cap)
+        return 0;
+    return size;
+}
+
 static int recover(jr_t *j)
 {
-    uint64_t lpos = j->ckpt_lpos, seq = j->ckpt_seq, prev_gen = j->min_gen;
-    for (;;) {
-        if (lpos - j->ckpt_lpos >= j->cap)
-            break;
+    uint64_t start = j->ckpt_lpos, lpos = start, seq = j->ckpt_seq, prev_gen = j->min_gen, size;
+    /* first pass: the extent of the log, and where each forgotten volume
+     * ends (a FORGET drops its volume's records before its bound, also
+     * those earlier in this walk) */
+    while ((size = rec_check(j, lpos, seq, prev_gen, start))) {
         const struct rec_disk *h = hdr_at(j, lpos);
-        uint64_t phys = lpos % j->cap, room = j->cap - phys;
-        if (h->magic != JR_REC_MAGIC || h->journal_id != j->journal_id || h->seq != seq)
-            break;
-        if (h->hdr_crc != crc32c(h, offsetof(struct rec_disk, hdr_crc)))
-            break;
-        if (h->generation < prev_gen || h->generation >= j->generation)
-            break;
-        uint64_t size;
-        if (h->type == REC_PAD) {
-            if (h->len != room)
-                break;
-            size = room;
-        } else if (h->type == REC_WRITE || h->type == REC_MARKER) {
-            if (h->type == REC_WRITE &&
-                (!h->vol || !h->len || h->len % 512 || h->len > JR_MAX_IO || h->offset % 512))
-                break;
-            if (h->type == REC_MARKER && (h->len > JR_MAX_PAYLOAD || !h->marker_id))
-                break;
-            size = rec_size(j, h->len);
-            if (size > room)
-                break;
-            if (crc32c((const unsigned char *)h + JR_HDR, h->len) != h->data_crc)
-                break;
-        } else if (h->type == REC_DISCARD) {
-            if (!h->vol || h->len || h->data_crc || !h->marker_id || h->marker_id % 512 ||
-                h->offset % 512 || h->offset + h->marker_id < h->offset)
-                break;
-            size = rec_size(j, 0);
-            if (size > room)
-                break;
-        } else {
-            break;
-        }
-        if (lpos + size - j->ckpt_lpos > j->cap)
-            break;
-        if (h->type == REC_WRITE) {
+        if (h->type == REC_FORGET) {
             struct vol *v = vol_get(j, h->vol);
             if (!v)
                 return -ENOMEM;
-            int rc = ix_insert(j, h->vol, h->offset, h->len, h->seq, lpos + JR_HDR);
-            if (rc < 0)
-                return rc;
-            v->unflushed++;
-            v->unflushed_bytes += h->len;
-            j->unflushed_records++;
-            j->unflushed_bytes += h->len;
-        } else if (h->type == REC_DISCARD) {
-            struct vol *v = vol_get(j, h->vol);
-            if (!v)
-                return -ENOMEM;
-            int rc = dl_add(j, h->vol, h->offset, h->marker_id, h->seq);
-            if (rc < 0)
-                return rc;
-            v->unflushed++;
-            j->unflushed_records++;
-        } else if (h->type == REC_MARKER) {
-            j->markers_pending++;
+            if (h->offset > v->forget_seq)
+                v->forget_seq = h->offset;
         }
         j->recovered_records++;
         prev_gen = h->generation;
         lpos += size;
         seq++;
     }
-    j->head_lpos = j->durable_lpos = j->submit_lpos = lpos;
+    uint64_t end = lpos;
+    /* second pass: index what the flusher will replay */
+    for (lpos = start; lpos < end; lpos += hdr_size(j, hdr_at(j, lpos))) {
+        const struct rec_disk *h = hdr_at(j, lpos);
+        if (h->type == REC_MARKER) {
+            j->markers_pending++;
+            continue;
+        }
+        if (h->type != REC_WRITE && h->type != REC_DISCARD)
+            continue;
+        struct vol *v = vol_get(j, h->vol);
+        if (!v)
+            return -ENOMEM;
+        if (h->seq < v->forget_seq)
+            continue; /* the volume was deleted after this record */
+        int rc = h->type == REC_WRITE
+                     ? ix_insert(j, h->vol, h->offset, h->len, h->seq, lpos + JR_HDR)
+                     : dl_add(j, h->vol, h->offset, h->marker_id, h->seq);
+        if (rc < 0)
+            return rc;
+        v->unflushed++;
+        j->unflushed_records++;
+        if (h->type == REC_WRITE) {
+            v->unflushed_bytes += h->len;
+            j->unflushed_bytes += h->len;
+        }
+    }
+    j->head_lpos = j->durable_lpos = j->submit_lpos = end;
     j->head_seq = j->durable_seq = seq;
     return 0;
 }
@@ -1412,28 +1456,6 @@ int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms)
     }
     leave(j);
     return rc;
-}
-
-int jr_forget(jr_t *j, uint32_t vol)
-{
-    int rc = enter(j);
-    if (rc < 0)
-        return rc;
-    struct vol *v = vol ? vol_get(j, vol) : NULL;
-    if (!v) {
-        leave(j);
-        return vol ? -ENOMEM : -EINVAL;
-    }
-    v->forget_seq = j->head_seq;
-    ix_drop_vol(j, vol);
-    dl_drop_vol(j, vol);
-    j->unflushed_records -= v->unflushed;
-    j->unflushed_bytes -= v->unflushed_bytes;
-    v->unflushed = v->unflushed_bytes = 0;
-    pthread_cond_signal(&j->cv_flush);
-    pthread_cond_broadcast(&j->cv_progress);
-    leave(j);
-    return 0;
 }
 
 /* ------------------------------------------------------------ committer */
@@ -1820,6 +1842,10 @@ static void *flusher_main(void *arg)
                 flush_advance(j, j->flush_seq + 1, j->flush_lpos + h->len);
                 continue;
             }
+            if (h->type == REC_FORGET) { /* applied when appended */
+                flush_advance(j, j->flush_seq + 1, j->flush_lpos + rec_size(j, 0));
+                continue;
+            }
             if (h->type == REC_MARKER) {
                 flush_marker(j, h);
                 continue;
@@ -1977,15 +2003,19 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
 {
     uint64_t size = rec_size(j, len);
     uint64_t ext = type == REC_DISCARD ? marker_id : len; /* bytes of the volume touched */
+    /* room kept for FORGET records: a volume delete must be able to record
+     * its end while writers have filled the ring behind a stuck flusher */
+    uint64_t reserve = j->mode == JR_NV && type != REC_FORGET ? FORGET_RESERVE * j->align : 0;
     struct vol *v = NULL;
     int waited = 0, rc;
-    if (size > j->cap)
+    if (size + reserve > j->cap)
         return -EINVAL;
     for (;;) {
         rc = append_ok(j, type, vol, off, ext, &v);
         if (rc)
             return rc;
-        uint64_t avail = j->cap - (j->head_lpos - j->tail_lpos);
+        uint64_t used = j->head_lpos - j->tail_lpos + reserve;
+        uint64_t avail = used < j->cap ? j->cap - used : 0;
         uint64_t to_end = j->cap - j->head_lpos % j->cap;
         if (size > to_end) {
             if (to_end <= avail) {
@@ -2007,7 +2037,8 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
         j->full_waiters--;
         if (rc == ETIMEDOUT) {
             /* one last look: the space may have come with the timeout */
-            avail = j->cap - (j->head_lpos - j->tail_lpos);
+            used = j->head_lpos - j->tail_lpos + reserve;
+            avail = used < j->cap ? j->cap - used : 0;
             to_end = j->cap - j->head_lpos % j->cap;
             if (append_ok(j, type, vol, off, ext, &v) || size > to_end || size > avail)
                 return -ETIMEDOUT;
@@ -2034,7 +2065,7 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
         v->unflushed++;
         j->unflushed_records++;
         j->discards++;
-    } else {
+    } else if (type == REC_MARKER) {
         j->markers_pending++;
     }
     put_record(j, type, vol, off, marker_id, src, nsrc, len, data_crc, size);
@@ -2065,6 +2096,52 @@ static int wait_durable(jr_t *j, int64_t seq, const struct timespec *dl)
             return -ETIMEDOUT;
     }
     return 0;
+}
+
+/* Before jr_start (no committer yet): append the FORGET record and write
+ * it at once, as a commit would. */
+static int forget_record_unstarted(jr_t *j, uint32_t vol, uint64_t bound)
+{
+    uint64_t size = rec_size(j, 0); /* == align: always fits before the ring's end */
+    if (j->journal_error)
+        return j->journal_error;
+    if (size > j->cap - (j->head_lpos - j->tail_lpos))
+        return -ENOSPC;
+    put_record(j, REC_FORGET, vol, bound, 0, NULL, 0, 0, 0, size);
+    commit_batch(j);
+    return j->journal_error;
+}
+
+int jr_forget(jr_t *j, uint32_t vol, uint32_t timeout_ms)
+{
+    if (!vol)
+        return -EINVAL;
+    struct timespec dl;
+    deadline_in(&dl, timeout_ms);
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    struct vol *v = vol_get(j, vol);
+    if (!v) {
+        leave(j);
+        return -ENOMEM;
+    }
+    uint64_t bound = j->head_seq;
+    forget_vol(j, v, bound);
+    pthread_cond_signal(&j->cv_flush);
+    pthread_cond_broadcast(&j->cv_progress);
+    /* NV: the volume's end goes into the log, so that recovery after a
+     * crash drops the same records (a RAM journal has nothing to recover) */
+    if (j->mode == JR_NV) {
+        if (!j->started) {
+            rc = forget_record_unstarted(j, vol, bound);
+        } else {
+            int64_t seq = append(j, REC_FORGET, vol, bound, 0, NULL, 0, 0, 0, &dl);
+            rc = seq < 0 ? (int)seq : wait_durable(j, seq, &dl);
+        }
+    }
+    leave(j);
+    return rc;
 }
 
 /* Wait until every record < target is on the dm devices and synced. */

@@ -129,11 +129,17 @@ int jr_attach(jr_t *j, uint32_t vol, const char *dm_path, uint64_t size);
  * a marker held by the controller holds the volume's later records too. */
 int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms);
 /* Drop every unflushed record of vol (a volume that was deleted); the
- * flusher skips them and they leave the overlay. Records appended after
- * the call are kept (the id may be reused). Not journalled: after a
- * restart the records come back (jr_pending_volumes), so the controller
- * forgets them again before jr_start. Works on attached volumes too. */
-int jr_forget(jr_t *j, uint32_t vol);
+ * flusher skips them and they leave the overlay at once. Records appended
+ * after the call are kept. NV: the volume's end is recorded in the journal
+ * (a FORGET record naming vol and the bound: the head seq at the call) and
+ * the call returns once that record is durable, so recovery after a crash
+ * drops the same records. Works before jr_start (the controller forgets
+ * recovered records of volumes deleted meanwhile; written at once) and on
+ * attached volumes. The in-memory part always happens; the return says
+ * whether the end is durable: 0, or -ETIMEDOUT (no room or not durable in
+ * timeout_ms; FORGET records have a reserve of ring space writers cannot
+ * take), -ENOSPC (before jr_start: a full ring), or the journal error. */
+int jr_forget(jr_t *j, uint32_t vol, uint32_t timeout_ms);
 
 int jr_start(jr_t *j);
 

@@ -280,13 +280,21 @@ class Journal:
         finally:
             self._leave()
 
-    def forget(self, vol: int) -> None:
-        """Drop every unflushed record of ``vol`` (the volume was deleted)."""
+    def forget(self, vol: int, timeout: float = 30.0) -> None:
+        """Drop every unflushed record of ``vol`` (the volume was deleted).
+        NV: returns once the volume's end is durable in the journal, so a
+        replay after a crash drops the same records. The records are dropped
+        from memory even when this raises (the end is then not recorded)."""
         j = self._enter()
         try:
-            _check(lib.jr_forget(j, vol), f"forget volume {vol}")
+            rc = lib.jr_forget(j, vol, _ms(timeout))
         finally:
             self._leave()
+        reason = {
+            _errno.ETIMEDOUT: f"no room in the journal or not durable within {timeout:g} s",
+            _errno.ENOSPC: "the journal is full",
+        }.get(-rc)
+        _check(rc, f"record the end of volume {vol} in the journal", reason)
 
     # ------------------------------------------------------------ data path
 

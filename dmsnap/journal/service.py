@@ -70,7 +70,7 @@ class PoolJournal:
         dropped, loudly."""
         for vid in sorted(self.journal.pending_volumes() - volumes.keys()):
             log.warning("pool %s: dropping journal records of deleted volume id %d", self.pool, vid)
-            self.journal.forget(vid)
+            self.forget(vid)
         for vid, (path, size) in volumes.items():
             self.attach(vid, path, size)
         self.journal.start()
@@ -135,7 +135,16 @@ class PoolJournal:
         self.volumes.pop(vol, None)
 
     def forget(self, vol: int) -> None:
-        self.journal.forget(vol)
+        """Drop a deleted volume's unflushed records, its end recorded in the
+        journal. If that record cannot be written (journal full behind a
+        stuck flusher, journal device error), the records are still dropped
+        now; a replay after a crash brings them back and :meth:`start` drops
+        them again (their volume is no longer in the catalog, and ids are
+        never reused), so say so rather than fail the delete."""
+        try:
+            self.journal.forget(vol)
+        except JournalError as e:
+            log.warning("pool %s: volume id %d: %s", self.pool, vol, e)
         self.volumes.pop(vol, None)
 
     def sync(self, timeout: float = 120.0) -> None:

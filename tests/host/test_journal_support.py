@@ -28,7 +28,7 @@ REC_MAGIC = 0x3143524A4E534D44
 RING_START = 8192
 VOL = 16 << 20  # the unit tests' volume file (fixture vol1 in conftest.py)
 HDR = 512
-WRITE, MARKER, PAD, DISCARD = 1, 2, 3, 4
+WRITE, MARKER, PAD, DISCARD, FORGET = 1, 2, 3, 4, 5
 
 assert struct.calcsize(SB_FMT) == 80 and struct.calcsize(REC_FMT) == 72
 
@@ -154,6 +154,10 @@ def parse_journal(path: Path, generation_now: int | None = None) -> tuple[Super,
             size, data = ln, b""
         elif typ == DISCARD:  # no data; the length is in marker_id
             if ln or dcrc or not vol or not mid or mid % 512 or off % 512:
+                break
+            size, data = rec_size(0, sb.align), b""
+        elif typ == FORGET:  # no data; the bound (first seq kept) is in offset
+            if ln or dcrc or not vol or mid or off > rseq:
                 break
             size, data = rec_size(0, sb.align), b""
         elif typ in (WRITE, MARKER):
