@@ -43,7 +43,9 @@
  *    56 u32 len          WRITE: data bytes; MARKER: payload bytes; PAD: record bytes;
  *                        DISCARD, FORGET: 0
  *    60 u32 data_crc     crc32c of the data / payload (0 for PAD, DISCARD, FORGET)
- *    64 u32 flags        0
+ *    64 u32 ack_lag      seq - (the journal's durable seq when the record was appended)
+ *                        + 1: every record below seq + 1 - ack_lag was durable before
+ *                        this one existed. 0 in records of versions 1 and 2 (unknown).
  *    68 u32 hdr_crc      crc32c of bytes 0..67
  *    72..511             zero
  *   size(WRITE/MARKER/DISCARD) = roundup(512 + roundup(len, 512), align)
@@ -180,7 +182,7 @@ struct rec_disk {
     uint32_t vol;
     uint32_t len;
     uint32_t data_crc;
-    uint32_t flags;
+    uint32_t ack_lag;
     uint32_t hdr_crc;
 };
 _Static_assert(sizeof(struct rec_disk) == 72, "record header layout");
@@ -431,6 +433,10 @@ struct jr {
     unsigned char m_payload[JR_MAX_PAYLOAD];
 
     uint64_t unflushed_records, unflushed_bytes, markers_pending, recovered_records;
+    /* recovery: where the log ended, the generation of its last record, and
+     * what was found after it (struct jr_recovery) */
+    uint64_t rec_end_lpos, rec_prev_gen;
+    struct jr_recovery rec;
     uint64_t appends, commits, dm_writes, full_waits, flush_errors;
     int journal_error, flush_error;
     uint32_t flush_error_volume, waiting_volume;
@@ -1113,13 +1119,14 @@ static uint64_t rec_check(const jr_t *j, uint64_t lpos, uint64_t seq, uint64_t p
     return size;
 }
 
-static int recover(jr_t *j)
+static int recover(jr_t *j, uint64_t discard_from)
 {
     uint64_t start = j->ckpt_lpos, lpos = start, seq = j->ckpt_seq, prev_gen = j->min_gen, size;
     /* first pass: the extent of the log, and where each forgotten volume
      * ends (a FORGET drops its volume's records before its bound, also
      * those earlier in this walk) */
-    while ((size = rec_check(j, lpos, seq, prev_gen, start))) {
+    while ((!discard_from || seq < discard_from) &&
+           (size = rec_check(j, lpos, seq, prev_gen, start))) {
         const struct rec_disk *h = hdr_at(j, lpos);
         if (h->type == REC_FORGET) {
             struct vol *v = vol_get(j, h->vol);
@@ -1134,6 +1141,9 @@ static int recover(jr_t *j)
         seq++;
     }
     uint64_t end = lpos;
+    j->rec_end_lpos = end;
+    j->rec_prev_gen = prev_gen;
+    j->rec.end_seq = seq;
     /* second pass: index what the flusher will replay */
     for (lpos = start; lpos < end; lpos += hdr_size(j, hdr_at(j, lpos))) {
         const struct rec_disk *h = hdr_at(j, lpos);
@@ -1163,6 +1173,41 @@ static int recover(jr_t *j)
     j->head_lpos = j->durable_lpos = j->submit_lpos = end;
     j->head_seq = j->durable_seq = seq;
     return 0;
+}
+
+/* After recovery: the records of this journal after the log's end (same
+ * journal id, header crc right, a known type, generation in range, a seq at
+ * or after the end that the ring could hold). Counted in j->rec; one that
+ * was appended when the end's record was durable already means that record
+ * was acknowledged and is damaged: returns 1 (corruption in the middle of
+ * the log), else 0 (a torn tail: records of commits in flight at a crash).
+ * With zap, their headers are zeroed on disk so they never count again. */
+static int scan_after_end(jr_t *j, int zap)
+{
+    uint64_t start = j->ckpt_lpos, end_seq = j->rec.end_seq, max_recs = j->cap / j->align;
+    int corrupt = 0;
+    j->rec.dropped = j->rec.last_seq = 0;
+    for (uint64_t p = j->rec_end_lpos; p < start + j->cap; p += j->align) {
+        struct rec_disk *h = hdr_at(j, p);
+        if (h->magic != JR_REC_MAGIC || h->journal_id != j->journal_id || h->seq < end_seq ||
+            h->seq - end_seq >= max_recs || h->generation < j->rec_prev_gen ||
+            h->generation >= j->generation || h->type < REC_WRITE || h->type > REC_FORGET ||
+            h->hdr_crc != crc32c(h, offsetof(struct rec_disk, hdr_crc)))
+            continue;
+        j->rec.dropped++;
+        if (h->seq > j->rec.last_seq)
+            j->rec.last_seq = h->seq;
+        if (h->ack_lag && h->seq + 1 - h->ack_lag > end_seq)
+            corrupt = 1;
+        if (zap) {
+            uint64_t phys = p % j->cap;
+            memset(j->ring + phys, 0, j->align);
+            int rc = pwrite_all(j->fd, j->ring + phys, j->align, JR_RING_START + phys);
+            if (rc < 0)
+                return rc;
+        }
+    }
+    return corrupt;
 }
 
 static jr_t *jr_alloc(void)
@@ -1196,9 +1241,17 @@ static jr_t *jr_alloc(void)
 
 int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out)
 {
-    if (!out || (mode != JR_NV && mode != JR_RAM))
+    return jr_open_ex(path, mode, ram_size, 0, NULL, out);
+}
+
+int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_from,
+               struct jr_recovery *info, jr_t **out)
+{
+    if (!out || (mode != JR_NV && mode != JR_RAM) || (discard_from && mode != JR_NV))
         return -EINVAL;
     *out = NULL;
+    if (info)
+        memset(info, 0, sizeof *info);
     pthread_once(&crc_once, crc_init);
     if (mode == JR_RAM) {
         uint64_t cap = ram_size / 512 * 512;
@@ -1277,7 +1330,32 @@ int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out)
     rc = pread_all(j->fd, j->ring, j->cap, JR_RING_START);
     if (rc < 0)
         goto fail;
-    rc = recover(j);
+    rc = -EINVAL;
+    if (discard_from && discard_from < j->ckpt_seq) {
+        if (info) /* the records before the checkpoint are on the volumes already */
+            info->end_seq = j->ckpt_seq;
+        goto fail;
+    }
+    rc = recover(j, discard_from);
+    if (rc < 0)
+        goto fail;
+    int cut = discard_from && j->rec.end_seq == discard_from;
+    rc = scan_after_end(j, 0);
+    if (rc == 1 && !cut) {
+        /* acknowledged records follow a damaged one: never drop them
+         * silently; jr_open_ex with discard_from drops them on request */
+        j->rec.bad_seq = j->rec.end_seq;
+        rc = discard_from ? -ERANGE : -EUCLEAN;
+    } else if (rc >= 0 && discard_from) {
+        rc = scan_after_end(j, 1);
+        if (rc == -EINVAL && j->direct) {
+            rc = journal_direct_fallback(j, path);
+            if (rc == 0)
+                rc = scan_after_end(j, 1);
+        }
+    }
+    if (info)
+        *info = j->rec;
     if (rc < 0)
         goto fail;
     /* the new generation is durable before any record carries it */
@@ -1938,6 +2016,10 @@ static void put_record(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint6
         .vol = vol,
         .len = type == REC_PAD ? (uint32_t)size : len,
         .data_crc = data_crc,
+        /* lets recovery tell a torn tail from a damaged acknowledged record */
+        .ack_lag = j->head_seq - j->durable_seq + 1 < UINT32_MAX
+                       ? (uint32_t)(j->head_seq - j->durable_seq + 1)
+                       : UINT32_MAX,
     };
     h.hdr_crc = crc32c(&h, offsetof(struct rec_disk, hdr_crc));
     memcpy(p, &h, sizeof h);
@@ -2448,6 +2530,8 @@ void jr_get_stats(jr_t *j, struct jr_stats *st)
     st->marker_waiting = j->marker_ready ? 1 : 0;
     st->discards = j->discards;
     st->dm_discards = j->dm_discards;
+    st->recovery_end_seq = j->rec.end_seq;
+    st->recovery_dropped = j->rec.dropped;
     pthread_mutex_unlock(&j->mu);
 }
 

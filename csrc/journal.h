@@ -35,7 +35,10 @@
  * the space left at the end of the ring before wrapping. Recovery walks the
  * ring from the checkpoint and accepts records while magic, journal_id,
  * seq (exactly the next), generation (non-decreasing, <= current) and both
- * checksums are right; the first bad record ends the log.
+ * checksums are right; the first bad record ends the log. Each record also
+ * says how far the journal was durable when it was appended, so that
+ * recovery can tell a torn tail (dropped, counted) from a damaged record
+ * that was acknowledged (jr_open refuses; see jr_open_ex).
  *
  * The checkpoint only moves past records that are durable on the dm device
  * (written, then fdatasync()ed). Ring space is reclaimed only behind the
@@ -50,6 +53,7 @@
  *   -EIO      (or the device's errno) the journal device failed; sticky;
  *   -ESHUTDOWN the journal is closing;
  *   -EBADMSG  jr_open: no valid superblock (not a journal / wrong size);
+ *   -EUCLEAN  jr_open: a damaged record in the middle of the log (jr_open_ex);
  *   -EPROTONOSUPPORT jr_open: a journal of a later on-disk format;
  *   -EAGAIN   jr_write/jr_marker/jr_sync before jr_start;
  *   -EBUSY    jr_attach of an attached volume, jr_start twice.
@@ -103,6 +107,17 @@ struct jr_stats {
     int32_t marker_waiting;     /* 1 while the flusher stands at a marker (jr_next_marker) */
     uint64_t discards;          /* discard records appended since open */
     uint64_t dm_discards;       /* discard records applied by the flusher */
+    uint64_t recovery_end_seq;  /* NV: the first seq after the log recovered at open */
+    uint64_t recovery_dropped;  /* NV: records found after it at open, not replayed */
+};
+
+/* What recovery found after the end of the log (jr_open_ex). */
+struct jr_recovery {
+    uint64_t end_seq;  /* the first seq not replayed: the log's end */
+    uint64_t bad_seq;  /* != 0: the record at end_seq is damaged although it was
+                          durable (records appended after it say so) */
+    uint64_t dropped;  /* records of this journal found after the end, not replayed */
+    uint64_t last_seq; /* the highest seq among them (0: none) */
 };
 
 /* Create a fresh, empty journal on path (NV). size: bytes to use (a
@@ -115,6 +130,22 @@ int jr_format(const char *path, uint64_t size, uint32_t align, uint64_t journal_
  * RAM: path NULL, ring of ram_size bytes. Threads are not started yet:
  * attach volumes first (recovered records name them), then jr_start. */
 int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out);
+
+/* jr_open, saying what recovery found after the log's end (info may be
+ * NULL). The log ends at the first record that is not a valid continuation.
+ * Records of this journal found after it are normally the torn tail of a
+ * crash (commits that were in flight, never acknowledged): dropped,
+ * counted in info->dropped. But if one of them was appended when the
+ * record at the end was durable already, that record was acknowledged and
+ * is damaged: jr_open refuses with -EUCLEAN (info->bad_seq names it) and
+ * changes nothing. discard_from (NV, != 0): the repair; the log is cut
+ * before seq discard_from (>= the checkpoint, else -EINVAL with
+ * info->end_seq = the checkpoint) and every record of this journal from
+ * there on is dropped, its header zeroed on disk, counted in
+ * info->dropped; -ERANGE (info->bad_seq) if the log is damaged before
+ * discard_from (the records after the damage cannot be replayed). */
+int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_from,
+               struct jr_recovery *info, jr_t **out);
 
 /* Volume ids (> 0) with records after the checkpoint; returns the number
  * found (at most max written to vols). */

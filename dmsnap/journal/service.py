@@ -67,7 +67,17 @@ class PoolJournal:
         """Attach the pool's volumes (id -> dm path, size) and start the
         flusher and the marker thread. Records of volumes that no longer
         exist (deleted while records were in flight, then a crash) are
-        dropped, loudly."""
+        dropped, loudly, as are records found after a torn tail."""
+        rec = self.journal.recovery
+        if rec.dropped:
+            log.warning(
+                "pool %s: journal recovery: the log ends before record %d (a torn tail); "
+                "%d record(s) after it, up to %d, were never acknowledged and are dropped",
+                self.pool,
+                rec.end_seq,
+                rec.dropped,
+                rec.last_seq,
+            )
         for vid in sorted(self.journal.pending_volumes() - volumes.keys()):
             log.warning("pool %s: dropping journal records of deleted volume id %d", self.pool, vid)
             self.forget(vid)
@@ -347,6 +357,10 @@ def status_json(pj: PoolJournal) -> Json:
         "commits": st.commits,
         "full_waits": st.full_waits,
         "dm_writes": st.dm_writes,
+        # what the last open found: the log's end and the torn-tail records
+        # after it that were dropped (never acknowledged)
+        "recovery_end_seq": st.recovery_end_seq,
+        "recovery_dropped": st.recovery_dropped,
     }
 
 
