@@ -74,8 +74,10 @@
  * JR_COMMIT_DEPTH of them in flight with durability acknowledged in order, and the
  * flusher and overlay reads never touch the journal device. Positions are
  * logical byte counters (lpos) that only grow; phys = lpos % capacity.
- *     tail_lpos <= ckpt_lpos <= flush_lpos <= durable_lpos <= head_lpos
- * (RAM mode: tail = flush, no checkpoint). Appends reserve space and copy
+ *     tail_lpos <= ckpt_lpos <= synced_lpos <= flush_lpos <= durable_lpos <= head_lpos
+ * (RAM mode: tail = synced, no checkpoint). The records in [synced, flush)
+ * are on their dm devices but not fdatasync()ed yet: kept, since a failed
+ * sync has them written again (rewind_flush). Appends reserve space and copy
  * under j->mu. The overlay index is a hash keyed by (vol, 4 KiB block)
  * whose node holds, per 512-byte sector, the seq and data lpos of the
  * newest unflushed record covering it; an entry leaves when that record's
@@ -354,6 +356,8 @@ struct vol {
     int use_direct; /* writes/reads through dfd */
     uint64_t size;
     uint64_t forget_seq; /* records of this volume below it are dropped */
+    int redo;     /* an fdatasync failed: rewrite its records before redo_end */
+    int redo_new; /* it failed just now: rewind_flush() re-indexes all of them */
     uint64_t unflushed;
     uint64_t unflushed_bytes;
     int dirty; /* written since its last fdatasync */
@@ -424,6 +428,13 @@ struct jr {
     uint64_t flush_seq, flush_lpos; /* next record for the flusher */
     uint64_t tail_lpos;             /* space before it is free */
     uint64_t synced_seq;            /* records < this are fdatasync()ed on dm */
+    uint64_t synced_lpos;           /* ...and its position */
+    /* After a failed fdatasync the flusher goes back to synced_seq and
+     * writes the records before redo_end again, those of the volumes whose
+     * sync failed (v->redo); the others are on their devices already. */
+    uint64_t redo_end;
+    uint64_t rewinds;
+    int sync_now; /* jr_detach: sync what is flushed, wherever the flusher stands */
     uint64_t ckpt_seq, ckpt_lpos;
     uint64_t sync_req;
 
@@ -760,9 +771,27 @@ static uint32_t ix_mask(uint64_t blk, uint64_t s0, uint64_t e0)
     return ((1u << (b - a)) - 1) << (a - blk * IX_SECT);
 }
 
+/* Drop the entries of vol in [off, off+len) older than seq (below). */
+static void ix_clear_below(jr_t *j, uint32_t vol, uint64_t off, uint64_t len, uint64_t below);
+
 /* A discard of [off, off+len) of vol is being appended: every entry in the
  * range is older than it, so drop them (the discard list answers there). */
 static void ix_clear(jr_t *j, uint32_t vol, uint64_t off, uint64_t len)
+{
+    ix_clear_below(j, vol, off, len, UINT64_MAX);
+}
+
+/* The entries of node n in mask older than below, as a mask. */
+static uint32_t ix_older(const struct ixnode *n, uint32_t mask, uint64_t below)
+{
+    uint32_t out = 0;
+    for (unsigned i = 0; i < IX_SECT; i++)
+        if ((mask & (1u << i)) && n->seq[i] < below)
+            out |= 1u << i;
+    return out;
+}
+
+static void ix_clear_below(jr_t *j, uint32_t vol, uint64_t off, uint64_t len, uint64_t below)
 {
     if (!j->ixcount)
         return;
@@ -774,7 +803,7 @@ static void ix_clear(jr_t *j, uint32_t vol, uint64_t off, uint64_t len)
             while (*pp) {
                 struct ixnode *n = *pp;
                 if (n->vol == vol)
-                    n->mask &= ~ix_mask(n->blk, s0, e0);
+                    n->mask &= ~ix_older(n, n->mask & ix_mask(n->blk, s0, e0), below);
                 if (!n->mask) {
                     *pp = n->next;
                     free(n);
@@ -790,7 +819,7 @@ static void ix_clear(jr_t *j, uint32_t vol, uint64_t off, uint64_t len)
         struct ixnode *n = ix_find(j, vol, b);
         if (!n)
             continue;
-        n->mask &= ~ix_mask(b, s0, e0);
+        n->mask &= ~ix_older(n, n->mask & ix_mask(b, s0, e0), below);
         if (!n->mask)
             ix_unlink(j, n);
     }
@@ -1065,6 +1094,9 @@ static void forget_vol(jr_t *j, struct vol *v, uint64_t bound)
 {
     if (bound > v->forget_seq)
         v->forget_seq = bound;
+    /* its writes so far need not reach the device: no sync (jr_detach)
+     * or rewrite waits for them */
+    v->dirty = v->redo = v->redo_new = 0;
     ix_drop_vol(j, v->id);
     dl_drop_vol(j, v->id);
     j->unflushed_records -= v->unflushed;
@@ -1323,7 +1355,7 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_f
     j->sb_seq = sb->sb_seq;
     j->min_gen = sb->min_gen;
     j->ckpt_seq = j->synced_seq = j->flush_seq = sb->ckpt_seq;
-    j->ckpt_lpos = j->tail_lpos = j->flush_lpos = sb->ckpt_pos;
+    j->ckpt_lpos = j->tail_lpos = j->flush_lpos = j->synced_lpos = sb->ckpt_pos;
     rc = ring_alloc(j);
     if (rc < 0)
         goto fail;
@@ -1505,26 +1537,24 @@ int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms)
     struct timespec dl;
     deadline_in(&dl, timeout_ms);
     v->detaching = 1; /* new writes: -ENXIO */
-    while ((v->unflushed || v->busy) && !j->stopping) {
+    /* every record of vol on its device, and the device synced by the
+     * flusher (not here: a failed fdatasync must make the flusher rewrite
+     * the records, see rewind_flush; a failing device keeps us waiting) */
+    while ((v->unflushed || v->busy || (v->dirty && j->started)) && !j->stopping) {
+        if (!v->unflushed && !v->busy && !j->sync_now) {
+            j->sync_now = 1;
+            pthread_cond_signal(&j->cv_flush);
+        }
         if (wait_until(&j->cv_progress, &j->mu, &dl) == ETIMEDOUT &&
-            (v->unflushed || v->busy)) {
+            (v->unflushed || v->busy || v->dirty)) {
             rc = -ETIMEDOUT;
             break;
         }
     }
     if (!rc && j->stopping)
         rc = -ESHUTDOWN;
-    if (!rc && v->dirty) {
-        v->busy++;
-        int fd = v->bfd;
-        pthread_mutex_unlock(&j->mu);
-        if (fdatasync(fd) < 0 && errno != EINVAL && errno != EROFS)
-            rc = -errno;
-        pthread_mutex_lock(&j->mu);
-        v->busy--;
-        if (!rc)
-            v->dirty = 0;
-    }
+    if (!rc)
+        v->redo = 0; /* its records are on the device and synced */
     if (rc) {
         v->detaching = 0; /* still attached; the caller may retry */
     } else {
@@ -1622,8 +1652,6 @@ static void flush_advance(jr_t *j, uint64_t seq, uint64_t lpos)
     j->flush_seq = seq;
     j->flush_lpos = lpos;
     j->waiting_volume = 0;
-    if (j->mode == JR_RAM)
-        j->tail_lpos = lpos;
     pthread_cond_broadcast(&j->cv_progress);
 }
 
@@ -1661,15 +1689,113 @@ static int want_sync(const jr_t *j)
         return 0;
     if (j->sync_req > j->synced_seq && j->flush_seq >= j->sync_req)
         return 1;
+    if (j->sync_now)
+        return 1;
     if (j->drain_req && j->flush_seq == j->head_seq)
         return 1;
-    if (j->mode == JR_NV) {
-        if (j->full_waiters && j->flush_lpos != j->tail_lpos)
-            return 1;
-        if (j->flush_lpos - j->tail_lpos >= j->cap / 8)
-            return 1;
+    /* space is reclaimed only behind synced records (both modes: a failed
+     * sync rewrites them from the ring) */
+    if (j->full_waiters && j->flush_lpos != j->tail_lpos)
+        return 1;
+    if (j->flush_lpos - j->tail_lpos >= j->cap / 8)
+        return 1;
+    return 0;
+}
+
+/* A completed WRITE of vol goes back into the overlay (a failed sync):
+ * the sectors of [off, off+len) where nothing newer answers, neither a
+ * newer write nor a listed discard (see IN MEMORY above). */
+static int ix_reinsert(jr_t *j, uint32_t vol, uint64_t off, uint32_t len, uint64_t seq,
+                       uint64_t data_lpos)
+{
+    for (uint64_t s = off / 512, e = (off + len) / 512; s < e; s++) {
+        struct ixnode *n = ix_find(j, vol, s / IX_SECT);
+        unsigned i = (unsigned)(s % IX_SECT);
+        if (n && (n->mask & (1u << i)) && n->seq[i] > seq)
+            continue;
+        int newer_discard = 0;
+        for (const struct dnode *d = j->dhead; d && !newer_discard; d = d->next)
+            newer_discard = d->vol == vol && d->seq > seq && d->off <= s * 512 &&
+                            s * 512 < d->off + d->len;
+        if (newer_discard)
+            continue;
+        int rc = ix_insert(j, vol, s * 512, 512, seq, data_lpos + (s * 512 - off));
+        if (rc < 0)
+            return rc;
     }
     return 0;
+}
+
+/* A completed DISCARD goes back into the list, in seq order. */
+static int dl_reinsert(jr_t *j, uint32_t vol, uint64_t off, uint64_t len, uint64_t seq)
+{
+    struct dnode *d = calloc(1, sizeof *d);
+    if (!d)
+        return -ENOMEM;
+    d->vol = vol;
+    d->off = off;
+    d->len = len;
+    d->seq = seq;
+    ix_clear_below(j, vol, off, len, seq);
+    struct dnode **pp = &j->dhead;
+    while (*pp && (*pp)->seq < seq)
+        pp = &(*pp)->next;
+    d->next = *pp;
+    *pp = d;
+    if (j->dtail == pp)
+        j->dtail = &d->next;
+    return 0;
+}
+
+/* An fdatasync failed (the volumes marked redo_new). Linux reports a
+ * writeback error once and leaves the pages clean, so a second fdatasync
+ * would succeed over data that never reached the device: instead the
+ * flusher goes back to the last good sync and writes those volumes'
+ * records again from the ring (space is reclaimed only behind synced
+ * records, so they are all there); the other volumes' records in between
+ * are on their devices already and are passed. Until rewritten, the
+ * records answer reads from the overlay again. Flusher thread, locked. */
+static void rewind_flush(jr_t *j)
+{
+    uint64_t end = j->redo_end > j->flush_seq ? j->redo_end : j->flush_seq;
+    uint64_t lpos = j->synced_lpos;
+    for (uint64_t seq = j->synced_seq; seq < end; seq++) {
+        const struct rec_disk *h = hdr_at(j, lpos);
+        uint64_t size = hdr_size(j, h);
+        struct vol *v = h->type == REC_WRITE || h->type == REC_DISCARD ? vol_find(j, h->vol) : NULL;
+        /* a volume that failed before has its records after flush_seq
+         * still in the overlay; one failing now has none there */
+        if (v && h->seq >= v->forget_seq && (v->redo_new || (v->redo && seq < j->flush_seq))) {
+            int rc = h->type == REC_WRITE
+                         ? ix_reinsert(j, h->vol, h->offset, h->len, h->seq, lpos + JR_HDR)
+                         : dl_reinsert(j, h->vol, h->offset, h->marker_id, h->seq);
+            if (rc < 0) { /* never serve a half-indexed volume: stop the journal */
+                ix_drop_vol(j, h->vol);
+                j->journal_error = rc;
+                wake_durable_all(j);
+                break;
+            }
+            v->unflushed++;
+            j->unflushed_records++;
+            if (h->type == REC_WRITE) {
+                v->unflushed_bytes += h->len;
+                j->unflushed_bytes += h->len;
+            }
+        }
+        lpos += size;
+    }
+    for (int i = 0; i < j->nvols; i++) {
+        struct vol *v = j->vols[i];
+        if (v->redo_new) {
+            v->redo = 1;
+            v->redo_new = 0;
+        }
+    }
+    j->redo_end = end;
+    j->rewinds++;
+    j->flush_seq = j->synced_seq;
+    j->flush_lpos = j->synced_lpos;
+    pthread_cond_broadcast(&j->cv_progress);
 }
 
 /* Every record before flush_seq has completed on dm: fdatasync the dm
@@ -1680,6 +1806,7 @@ static int sync_ckpt(jr_t *j)
     int n = 0, rc = 0;
     uint32_t bad = 0;
     struct vol **list = NULL;
+    j->sync_now = 0;
     if (j->nvols) {
         list = malloc((size_t)j->nvols * sizeof *list);
         if (!list)
@@ -1717,6 +1844,7 @@ static int sync_ckpt(jr_t *j)
             list[i]->busy--;
             if (res[i]) {
                 list[i]->dirty = 1;
+                list[i]->redo_new = 1;
                 rc = res[i];
                 bad = list[i]->id;
             }
@@ -1728,10 +1856,22 @@ static int sync_ckpt(jr_t *j)
     free(list);
     if (rc) {
         flush_failed(j, rc, bad);
+        rewind_flush(j);
         return rc;
     }
-    if (tseq > j->synced_seq)
+    if (tseq > j->synced_seq) {
         j->synced_seq = tseq;
+        j->synced_lpos = tlpos;
+        if (j->mode == JR_RAM)
+            j->tail_lpos = tlpos;
+    }
+    if (j->redo_end && tseq >= j->redo_end) { /* every rewritten record is synced */
+        for (int i = 0; i < j->nvols; i++)
+            j->vols[i]->redo = 0;
+        j->redo_end = 0;
+        j->flush_error = 0;
+        j->flush_error_volume = 0;
+    }
     if (j->mode == JR_NV && tlpos != j->ckpt_lpos) {
         rc = sb_write(j, tseq, tlpos, 1);
         if (rc < 0)
@@ -1765,6 +1905,9 @@ static void flush_marker(jr_t *j, const struct rec_disk *h)
     j->markers_pending--;
     flush_advance(j, seq + 1, lpos + size);
     j->synced_seq = seq + 1; /* no dm write since the sync above */
+    j->synced_lpos = lpos + size;
+    if (j->mode == JR_RAM)
+        j->tail_lpos = lpos + size;
     if (j->mode == JR_NV && !j->journal_error && sb_write(j, seq + 1, lpos + size, 1) == 0) {
         j->ckpt_seq = seq + 1;
         j->ckpt_lpos = j->tail_lpos = lpos + size;
@@ -1827,8 +1970,10 @@ static void flush_writes(jr_t *j, struct vol *v)
     }
     v->dirty = 1;
     j->dm_writes++;
-    j->flush_error = 0;
-    j->flush_error_volume = 0;
+    if (!j->redo_end) { /* else the failed sync's error stands until the redo is synced */
+        j->flush_error = 0;
+        j->flush_error_volume = 0;
+    }
     flush_advance(j, s, lp);
 }
 
@@ -1898,8 +2043,10 @@ static void flush_discard(jr_t *j, struct vol *v, const struct rec_disk *h)
     }
     v->dirty = 1;
     j->dm_discards++;
-    j->flush_error = 0;
-    j->flush_error_volume = 0;
+    if (!j->redo_end) {
+        j->flush_error = 0;
+        j->flush_error_volume = 0;
+    }
     flush_advance(j, seq + 1, next);
 }
 
@@ -1929,7 +2076,8 @@ static void *flusher_main(void *arg)
                 continue;
             }
             struct vol *v = vol_find(j, h->vol);
-            if (v && h->seq < v->forget_seq) {
+            if ((v && h->seq < v->forget_seq) || (h->seq < j->redo_end && (!v || !v->redo))) {
+                /* deleted; or (rewriting after a failed sync) on its device already */
                 flush_advance(j, j->flush_seq + 1, j->flush_lpos + rec_size(j, h->len));
                 continue;
             }
@@ -2531,6 +2679,7 @@ void jr_get_stats(jr_t *j, struct jr_stats *st)
     st->discards = j->discards;
     st->dm_discards = j->dm_discards;
     st->recovery_end_seq = j->rec.end_seq;
+    st->sync_rewinds = j->rewinds;
     st->recovery_dropped = j->rec.dropped;
     pthread_mutex_unlock(&j->mu);
 }

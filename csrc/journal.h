@@ -42,8 +42,13 @@
  *
  * The checkpoint only moves past records that are durable on the dm device
  * (written, then fdatasync()ed). Ring space is reclaimed only behind the
- * checkpoint (NV) or behind flushed records (RAM). When the ring is full,
+ * checkpoint (NV) or behind synced records (RAM). When the ring is full,
  * writers wait (up to their timeout) and never overwrite unflushed records.
+ * A failed fdatasync is never retried over the same pages (Linux marks
+ * them clean after a writeback error, so the retry would succeed over data
+ * that never reached the device): the flusher goes back to the last good
+ * sync and writes the failed volumes' records again from the ring, serving
+ * reads of them from the overlay meanwhile; flush_error reports it.
  *
  * All functions are thread-safe and may block; they never call back into
  * Python (cffi releases the GIL around them). Errors are negative errnos:
@@ -109,6 +114,7 @@ struct jr_stats {
     uint64_t dm_discards;       /* discard records applied by the flusher */
     uint64_t recovery_end_seq;  /* NV: the first seq after the log recovered at open */
     uint64_t recovery_dropped;  /* NV: records found after it at open, not replayed */
+    uint64_t sync_rewinds;      /* failed fdatasyncs whose records were written again */
 };
 
 /* What recovery found after the end of the log (jr_open_ex). */
@@ -154,8 +160,10 @@ int jr_pending_volumes(jr_t *j, uint32_t *vols, int max);
 /* Attach a volume: dm_path is opened O_DIRECT (buffered if refused),
  * size in bytes bounds writes and reads. */
 int jr_attach(jr_t *j, uint32_t vol, const char *dm_path, uint64_t size);
-/* Wait (up to timeout_ms) until no record of vol is unflushed, then close
- * its device. New writes to vol fail with -ENXIO from the call on. On
+/* Wait (up to timeout_ms) until no record of vol is unflushed and the
+ * flusher has fdatasync()ed its device (a failing sync keeps it waiting:
+ * the records are written again), then close the device. New writes to
+ * vol fail with -ENXIO from the call on. On
  * -ETIMEDOUT the volume stays attached (writes work again; retry later):
  * a marker held by the controller holds the volume's later records too. */
 int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms);

@@ -96,6 +96,7 @@ class JournalStats:
     dm_discards: int
     recovery_end_seq: int
     recovery_dropped: int
+    sync_rewinds: int
 
     @property
     def fill(self) -> float:

@@ -349,6 +349,9 @@ def status_json(pj: PoolJournal) -> Json:
         "crc32c": crc32c_impl(),
         "journal_error": _errname(st.journal_error),
         "flush_error": _errname(st.flush_error),
+        "flush_error_volume": st.flush_error_volume or None,
+        # failed fdatasyncs whose records were written again from the journal
+        "sync_rewinds": st.sync_rewinds,
         "flusher_waiting_volume": st.waiting_volume or None,
         "last_marker_error": pj.last_error,
         # cumulative since the journal opened: appends/commits is the group

@@ -138,3 +138,57 @@ def test_journal_device_error_fails_writes_clearly_and_loses_nothing(tmp_path, d
             m.pool_destroy(p.name, force=True)
         m.close()
         fl.remove()
+
+
+def test_failed_fdatasync_is_rewritten_not_checkpointed_past(tmp_path, dm):
+    """Issue 17, item 4. After a writeback error Linux marks the pages
+    clean and reports the error to one fdatasync only: a retried fdatasync
+    succeeds although the data never reached the disk. The data device has
+    4 KiB logical blocks (a 4Kn disk), so the flusher's 512-byte writes go
+    through the page cache; its writes fail underneath (dm-flakey), so the
+    fdatasync after them fails. Once the device works again the records
+    must be written again from the journal before the checkpoint passes
+    them: on the device (read around the page cache) is the acknowledged
+    data, and meanwhile readers see it from the journal."""
+    from dmsnap.storage import loop
+
+    img = str(tmp_path / "data4k.img")
+    loop.make_sparse(img, 192 * MiB)
+    dev = loop.attach(img, block_size=4096)
+    fl = Flakey(dm, dev, "dmsnap-test-esync")
+    m = Manager(str(tmp_path / "state"))
+    try:
+        m.pool_create("s", data=fl.path, backend="classic", journal_size=16 * MiB)
+        m.volume_create("s", "v", 8 * MiB)
+        io = m.open_volume("s", "v")
+        pj = next(iter(m._journals.values()))
+        io.write(16384, pattern(3, 4096))  # on the disk before the fault
+        pj.sync()
+
+        fl.fail_writes(True)
+        io.write(512, pattern(1, 512))  # a part of a 4 KiB block: buffered
+        io.write(8192, pattern(2, 4096))
+        health = wait_for(
+            lambda: [h for h in m.pool_show("s")["health"] if "flush error" in h],
+            "the failed fdatasync is not reported",
+        )
+        assert "EIO" in health[0]
+        time.sleep(2.5)  # a few retries while the device still fails
+        st = pj.stats()
+        assert st.checkpoint_seq < st.head_seq, "checkpoint passed a failed sync"
+        assert io.read(512, 512) == pattern(1, 512)  # readers: from the journal
+        assert io.read(8192, 4096) == pattern(2, 4096)
+
+        fl.fail_writes(False)
+        wait_for(lambda: pj.stats().checkpoint_seq == pj.stats().head_seq, "never checkpointed")
+        disk = read_direct(Manager._dm_path("s", "v"), 0, 5 * 4096)
+        assert disk[512:1024] == pattern(1, 512), "acknowledged write lost below the journal"
+        assert disk[8192:12288] == pattern(2, 4096), "acknowledged write lost below the journal"
+        assert disk[16384:20480] == pattern(3, 4096)
+        assert not [h for h in m.pool_show("s")["health"] if "flush error" in h]
+    finally:
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()
+        fl.remove()
+        loop.detach(dev)
