@@ -192,3 +192,66 @@ def test_failed_fdatasync_is_rewritten_not_checkpointed_past(tmp_path, dm):
         m.close()
         fl.remove()
         loop.detach(dev)
+
+
+def test_damaged_journal_refuses_the_pool_until_repaired(tmp_path):
+    """Issue 17, item 5, through the Manager: a journal whose acknowledged
+    record in the middle is damaged keeps its pool down with a one-line
+    message naming the record and the way forward; `pool repair` drops
+    that record and the later ones and brings the pool up."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "host"))
+    from test_journal_support import WRITE, current_super, make_record, rec_size, write_ring
+
+    state = str(tmp_path / "state")
+    m = Manager(state)
+    try:
+        m.pool_create("r", size=128 * MiB, journal_size=16 * MiB)
+        m.volume_create("r", "v", 8 * MiB)
+        vid = m.catalog.volume("r", "v").id
+        jpath = Path(m.pool_show("r")["journal"]["path"])
+        m.close()  # drained: the log is empty after the checkpoint
+
+        # three acknowledged writes after the checkpoint, the middle one damaged
+        sb = current_super(jpath)
+        seq, pos, size = sb.ckpt_seq, sb.ckpt_pos, rec_size(4096, sb.align)
+        assert pos + 3 * size <= sb.capacity
+        for k in range(3):
+            rec = make_record(
+                journal_id=sb.journal_id,
+                generation=sb.generation,
+                seq=seq + k,
+                type=WRITE,
+                vol=vid,
+                offset=k * 4096,
+                data=pattern(10 + k, 4096),
+                align=sb.align,
+                ack_lag=1,  # every earlier record was durable when it was appended
+            )
+            write_ring(jpath, pos + k * size, rec)
+        write_ring(jpath, pos + size + 1024, b"\xff" * 512)
+
+        m = Manager(state)
+        msg = m.assemble()["pools"]["r"]
+        assert f"record {seq + 1} is damaged" in msg and "\n" not in msg, msg
+        assert f"dmsnap pool repair r --discard-after {seq + 1}" in msg, msg
+        assert msg in m.pool_show("r")["health"]
+        with pytest.raises(E.UserError):
+            m.open_volume("r", "v")
+
+        with pytest.raises(E.InvalidArgument):  # past the damage: refused
+            m.pool_repair("r", seq + 2)
+        r = m.pool_repair("r", seq + 1)
+        assert r == {"pool": "r", "dropped": 2, "state": "ok"}
+        io = m.open_volume("r", "v")
+        assert io.read(0, 4096) == pattern(10, 4096)  # replayed
+        assert io.read(4096, 8192) == bytes(8192)  # dropped, as asked
+        io.write(4096, pattern(20, 4096))
+        assert io.read(4096, 4096) == pattern(20, 4096)
+        assert not m.pool_show("r")["health"]
+    finally:
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()
