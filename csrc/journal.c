@@ -8,7 +8,8 @@
  *
  * Superblock (first 80 bytes of a slot, rest zero):
  *     0 u64 magic        "DMSNJSB1" (JR_SB_MAGIC)
- *     8 u32 version      2 (1: before DISCARD records; opened and rewritten as 2)
+ *     8 u32 version      3 (1: before DISCARD records, 2: before FORGET records;
+ *                        both opened and rewritten as 3)
  *    12 u32 align        512 or the device's logical block size (<= 4096)
  *    16 u64 journal_id
  *    24 u64 generation   bumped and written at every jr_open
@@ -34,23 +35,27 @@
  *     8 u64 journal_id
  *    16 u64 generation   of the jr_open that wrote it
  *    24 u64 seq
- *    32 u64 offset       WRITE, DISCARD: byte offset in the volume
+ *    32 u64 offset       WRITE, DISCARD: byte offset in the volume;
+ *                        FORGET: the bound (records of vol with a lower seq are dropped)
  *    40 u64 marker_id    MARKER; DISCARD: bytes discarded (> 0, multiple of 512)
- *    48 u32 type         1 WRITE, 2 MARKER, 3 PAD, 4 DISCARD
- *    52 u32 vol          WRITE, DISCARD: volume id (> 0)
+ *    48 u32 type         1 WRITE, 2 MARKER, 3 PAD, 4 DISCARD, 5 FORGET
+ *    52 u32 vol          WRITE, DISCARD, FORGET: volume id (> 0)
  *    56 u32 len          WRITE: data bytes; MARKER: payload bytes; PAD: record bytes;
- *                        DISCARD: 0
- *    60 u32 data_crc     crc32c of the data / payload (0 for PAD and DISCARD)
- *    64 u32 flags        0
+ *                        DISCARD, FORGET: 0
+ *    60 u32 data_crc     crc32c of the data / payload (0 for PAD, DISCARD, FORGET)
+ *    64 u32 ack_lag      seq - (the journal's durable seq when the record was appended)
+ *                        + 1: every record below seq + 1 - ack_lag was durable before
+ *                        this one existed. 0 in records of versions 1 and 2 (unknown).
  *    68 u32 hdr_crc      crc32c of bytes 0..67
  *    72..511             zero
  *   size(WRITE/MARKER/DISCARD) = roundup(512 + roundup(len, 512), align)
  *
- * Version 2 only adds DISCARD. A version-1 journal is read as it is (its
- * records are valid version-2 records) and its superblock is rewritten as
- * version 2 at open; an older program refuses a version-2 superblock
- * (-EBADMSG) instead of ending its recovery at the first DISCARD and
- * dropping the acknowledged records after it.
+ * Version 2 added DISCARD, version 3 FORGET (jr_forget: a deleted
+ * volume's end, honoured by recovery). An earlier journal is read as it is
+ * (its records are valid version-3 records) and its superblock is
+ * rewritten as version 3 at open; an older program refuses a later
+ * superblock instead of ending its recovery at the first record type it
+ * does not know and dropping the acknowledged records after it.
  *
  * Recovery starts at (ckpt_seq, ckpt_pos) of the valid superblock with the
  * highest sb_seq and accepts records while: magic and journal_id match,
@@ -69,8 +74,10 @@
  * JR_COMMIT_DEPTH of them in flight with durability acknowledged in order, and the
  * flusher and overlay reads never touch the journal device. Positions are
  * logical byte counters (lpos) that only grow; phys = lpos % capacity.
- *     tail_lpos <= ckpt_lpos <= flush_lpos <= durable_lpos <= head_lpos
- * (RAM mode: tail = flush, no checkpoint). Appends reserve space and copy
+ *     tail_lpos <= ckpt_lpos <= synced_lpos <= flush_lpos <= durable_lpos <= head_lpos
+ * (RAM mode: tail = synced, no checkpoint). The records in [synced, flush)
+ * are on their dm devices but not fdatasync()ed yet: kept, since a failed
+ * sync has them written again (rewind_flush). Appends reserve space and copy
  * under j->mu. The overlay index is a hash keyed by (vol, 4 KiB block)
  * whose node holds, per 512-byte sector, the seq and data lpos of the
  * newest unflushed record covering it; an entry leaves when that record's
@@ -129,7 +136,7 @@
 
 #define JR_SB_MAGIC 0x3142534a4e534d44ULL  /* "DMSNJSB1" */
 #define JR_REC_MAGIC 0x3143524a4e534d44ULL /* "DMSNJRC1" */
-#define JR_VERSION 2
+#define JR_VERSION 3
 #define JR_VERSION_MIN 1 /* oldest on-disk version opened (and rewritten as JR_VERSION) */
 #define JR_SB_SLOT 4096
 #define JR_RING_START 8192
@@ -140,11 +147,13 @@
 #define REC_MARKER 2
 #define REC_PAD 3
 #define REC_DISCARD 4
+#define REC_FORGET 5
 
 #define BATCH_BYTES (4u << 20) /* coalesce dm writes up to this size */
 #define ZERO_BYTES (1u << 20)  /* zero writes of a discard, per pwrite */
 #define BATCH_IOV 256
 #define IDLE_CKPT_MS 50
+#define FORGET_RESERVE 8 /* ring blocks only FORGET records may take (NV) */
 #define RETRY_MS 1000
 
 struct sb_disk {
@@ -175,7 +184,7 @@ struct rec_disk {
     uint32_t vol;
     uint32_t len;
     uint32_t data_crc;
-    uint32_t flags;
+    uint32_t ack_lag;
     uint32_t hdr_crc;
 };
 _Static_assert(sizeof(struct rec_disk) == 72, "record header layout");
@@ -347,6 +356,8 @@ struct vol {
     int use_direct; /* writes/reads through dfd */
     uint64_t size;
     uint64_t forget_seq; /* records of this volume below it are dropped */
+    int redo;     /* an fdatasync failed: rewrite its records before redo_end */
+    int redo_new; /* it failed just now: rewind_flush() re-indexes all of them */
     uint64_t unflushed;
     uint64_t unflushed_bytes;
     int dirty; /* written since its last fdatasync */
@@ -417,6 +428,13 @@ struct jr {
     uint64_t flush_seq, flush_lpos; /* next record for the flusher */
     uint64_t tail_lpos;             /* space before it is free */
     uint64_t synced_seq;            /* records < this are fdatasync()ed on dm */
+    uint64_t synced_lpos;           /* ...and its position */
+    /* After a failed fdatasync the flusher goes back to synced_seq and
+     * writes the records before redo_end again, those of the volumes whose
+     * sync failed (v->redo); the others are on their devices already. */
+    uint64_t redo_end;
+    uint64_t rewinds;
+    int sync_now; /* jr_detach: sync what is flushed, wherever the flusher stands */
     uint64_t ckpt_seq, ckpt_lpos;
     uint64_t sync_req;
 
@@ -426,6 +444,10 @@ struct jr {
     unsigned char m_payload[JR_MAX_PAYLOAD];
 
     uint64_t unflushed_records, unflushed_bytes, markers_pending, recovered_records;
+    /* recovery: where the log ended, the generation of its last record, and
+     * what was found after it (struct jr_recovery) */
+    uint64_t rec_end_lpos, rec_prev_gen;
+    struct jr_recovery rec;
     uint64_t appends, commits, dm_writes, full_waits, flush_errors;
     int journal_error, flush_error;
     uint32_t flush_error_volume, waiting_volume;
@@ -749,9 +771,27 @@ static uint32_t ix_mask(uint64_t blk, uint64_t s0, uint64_t e0)
     return ((1u << (b - a)) - 1) << (a - blk * IX_SECT);
 }
 
+/* Drop the entries of vol in [off, off+len) older than seq (below). */
+static void ix_clear_below(jr_t *j, uint32_t vol, uint64_t off, uint64_t len, uint64_t below);
+
 /* A discard of [off, off+len) of vol is being appended: every entry in the
  * range is older than it, so drop them (the discard list answers there). */
 static void ix_clear(jr_t *j, uint32_t vol, uint64_t off, uint64_t len)
+{
+    ix_clear_below(j, vol, off, len, UINT64_MAX);
+}
+
+/* The entries of node n in mask older than below, as a mask. */
+static uint32_t ix_older(const struct ixnode *n, uint32_t mask, uint64_t below)
+{
+    uint32_t out = 0;
+    for (unsigned i = 0; i < IX_SECT; i++)
+        if ((mask & (1u << i)) && n->seq[i] < below)
+            out |= 1u << i;
+    return out;
+}
+
+static void ix_clear_below(jr_t *j, uint32_t vol, uint64_t off, uint64_t len, uint64_t below)
 {
     if (!j->ixcount)
         return;
@@ -763,7 +803,7 @@ static void ix_clear(jr_t *j, uint32_t vol, uint64_t off, uint64_t len)
             while (*pp) {
                 struct ixnode *n = *pp;
                 if (n->vol == vol)
-                    n->mask &= ~ix_mask(n->blk, s0, e0);
+                    n->mask &= ~ix_older(n, n->mask & ix_mask(n->blk, s0, e0), below);
                 if (!n->mask) {
                     *pp = n->next;
                     free(n);
@@ -779,7 +819,7 @@ static void ix_clear(jr_t *j, uint32_t vol, uint64_t off, uint64_t len)
         struct ixnode *n = ix_find(j, vol, b);
         if (!n)
             continue;
-        n->mask &= ~ix_mask(b, s0, e0);
+        n->mask &= ~ix_older(n, n->mask & ix_mask(b, s0, e0), below);
         if (!n->mask)
             ix_unlink(j, n);
     }
@@ -1046,79 +1086,160 @@ static int journal_direct_fallback(jr_t *j, const char *path)
     return j->fd < 0 ? -errno : 0;
 }
 
-static int recover(jr_t *j)
+/* Drop vol's unflushed records below bound (locked): they leave the
+ * overlay and the flusher skips them. Every indexed record of vol is below
+ * bound when called (at jr_forget: bound is the head; at recovery the
+ * records at or after it are indexed later). */
+static void forget_vol(jr_t *j, struct vol *v, uint64_t bound)
 {
-    uint64_t lpos = j->ckpt_lpos, seq = j->ckpt_seq, prev_gen = j->min_gen;
-    for (;;) {
-        if (lpos - j->ckpt_lpos >= j->cap)
-            break;
+    if (bound > v->forget_seq)
+        v->forget_seq = bound;
+    /* its writes so far need not reach the device: no sync (jr_detach)
+     * or rewrite waits for them */
+    v->dirty = v->redo = v->redo_new = 0;
+    ix_drop_vol(j, v->id);
+    dl_drop_vol(j, v->id);
+    j->unflushed_records -= v->unflushed;
+    j->unflushed_bytes -= v->unflushed_bytes;
+    v->unflushed = v->unflushed_bytes = 0;
+}
+
+/* The size of the record at lpos if it continues the log there (see the
+ * recovery rules at the top), else 0. start: the walk's first position. */
+static uint64_t rec_check(const jr_t *j, uint64_t lpos, uint64_t seq, uint64_t prev_gen,
+                          uint64_t start)
+{
+    if (lpos - start >= j->cap)
+        return 0;
+    const struct rec_disk *h = hdr_at(j, lpos);
+    uint64_t phys = lpos % j->cap, room = j->cap - phys, size;
+    if (h->magic != JR_REC_MAGIC || h->journal_id != j->journal_id || h->seq != seq)
+        return 0;
+    if (h->hdr_crc != crc32c(h, offsetof(struct rec_disk, hdr_crc)))
+        return 0;
+    if (h->generation < prev_gen || h->generation >= j->generation)
+        return 0;
+    if (h->type == REC_PAD) {
+        if (h->len != room)
+            return 0;
+        size = room;
+    } else if (h->type == REC_WRITE || h->type == REC_MARKER) {
+        if (h->type == REC_WRITE &&
+            (!h->vol || !h->len || h->len % 512 || h->len > JR_MAX_IO || h->offset % 512))
+            return 0;
+        if (h->type == REC_MARKER && (h->len > JR_MAX_PAYLOAD || !h->marker_id))
+            return 0;
+        size = rec_size(j, h->len);
+        if (size > room)
+            return 0;
+        if (crc32c((const unsigned char *)h + JR_HDR, h->len) != h->data_crc)
+            return 0;
+    } else if (h->type == REC_DISCARD) {
+        if (!h->vol || h->len || h->data_crc || !h->marker_id || h->marker_id % 512 ||
+            h->offset % 512 || h->offset + h->marker_id < h->offset)
+            return 0;
+        size = rec_size(j, 0);
+    } else if (h->type == REC_FORGET) {
+        if (!h->vol || h->len || h->data_crc || h->marker_id || h->offset > h->seq)
+            return 0;
+        size = rec_size(j, 0);
+    } else {
+        return 0;
+    }
+    if (size > room || lpos + size - start > j->cap)
+        return 0;
+    return size;
+}
+
+static int recover(jr_t *j, uint64_t discard_from)
+{
+    uint64_t start = j->ckpt_lpos, lpos = start, seq = j->ckpt_seq, prev_gen = j->min_gen, size;
+    /* first pass: the extent of the log, and where each forgotten volume
+     * ends (a FORGET drops its volume's records before its bound, also
+     * those earlier in this walk) */
+    while ((!discard_from || seq < discard_from) &&
+           (size = rec_check(j, lpos, seq, prev_gen, start))) {
         const struct rec_disk *h = hdr_at(j, lpos);
-        uint64_t phys = lpos % j->cap, room = j->cap - phys;
-        if (h->magic != JR_REC_MAGIC || h->journal_id != j->journal_id || h->seq != seq)
-            break;
-        if (h->hdr_crc != crc32c(h, offsetof(struct rec_disk, hdr_crc)))
-            break;
-        if (h->generation < prev_gen || h->generation >= j->generation)
-            break;
-        uint64_t size;
-        if (h->type == REC_PAD) {
-            if (h->len != room)
-                break;
-            size = room;
-        } else if (h->type == REC_WRITE || h->type == REC_MARKER) {
-            if (h->type == REC_WRITE &&
-                (!h->vol || !h->len || h->len % 512 || h->len > JR_MAX_IO || h->offset % 512))
-                break;
-            if (h->type == REC_MARKER && (h->len > JR_MAX_PAYLOAD || !h->marker_id))
-                break;
-            size = rec_size(j, h->len);
-            if (size > room)
-                break;
-            if (crc32c((const unsigned char *)h + JR_HDR, h->len) != h->data_crc)
-                break;
-        } else if (h->type == REC_DISCARD) {
-            if (!h->vol || h->len || h->data_crc || !h->marker_id || h->marker_id % 512 ||
-                h->offset % 512 || h->offset + h->marker_id < h->offset)
-                break;
-            size = rec_size(j, 0);
-            if (size > room)
-                break;
-        } else {
-            break;
-        }
-        if (lpos + size - j->ckpt_lpos > j->cap)
-            break;
-        if (h->type == REC_WRITE) {
+        if (h->type == REC_FORGET) {
             struct vol *v = vol_get(j, h->vol);
             if (!v)
                 return -ENOMEM;
-            int rc = ix_insert(j, h->vol, h->offset, h->len, h->seq, lpos + JR_HDR);
-            if (rc < 0)
-                return rc;
-            v->unflushed++;
-            v->unflushed_bytes += h->len;
-            j->unflushed_records++;
-            j->unflushed_bytes += h->len;
-        } else if (h->type == REC_DISCARD) {
-            struct vol *v = vol_get(j, h->vol);
-            if (!v)
-                return -ENOMEM;
-            int rc = dl_add(j, h->vol, h->offset, h->marker_id, h->seq);
-            if (rc < 0)
-                return rc;
-            v->unflushed++;
-            j->unflushed_records++;
-        } else if (h->type == REC_MARKER) {
-            j->markers_pending++;
+            if (h->offset > v->forget_seq)
+                v->forget_seq = h->offset;
         }
         j->recovered_records++;
         prev_gen = h->generation;
         lpos += size;
         seq++;
     }
-    j->head_lpos = j->durable_lpos = j->submit_lpos = lpos;
+    uint64_t end = lpos;
+    j->rec_end_lpos = end;
+    j->rec_prev_gen = prev_gen;
+    j->rec.end_seq = seq;
+    /* second pass: index what the flusher will replay */
+    for (lpos = start; lpos < end; lpos += hdr_size(j, hdr_at(j, lpos))) {
+        const struct rec_disk *h = hdr_at(j, lpos);
+        if (h->type == REC_MARKER) {
+            j->markers_pending++;
+            continue;
+        }
+        if (h->type != REC_WRITE && h->type != REC_DISCARD)
+            continue;
+        struct vol *v = vol_get(j, h->vol);
+        if (!v)
+            return -ENOMEM;
+        if (h->seq < v->forget_seq)
+            continue; /* the volume was deleted after this record */
+        int rc = h->type == REC_WRITE
+                     ? ix_insert(j, h->vol, h->offset, h->len, h->seq, lpos + JR_HDR)
+                     : dl_add(j, h->vol, h->offset, h->marker_id, h->seq);
+        if (rc < 0)
+            return rc;
+        v->unflushed++;
+        j->unflushed_records++;
+        if (h->type == REC_WRITE) {
+            v->unflushed_bytes += h->len;
+            j->unflushed_bytes += h->len;
+        }
+    }
+    j->head_lpos = j->durable_lpos = j->submit_lpos = end;
     j->head_seq = j->durable_seq = seq;
     return 0;
+}
+
+/* After recovery: the records of this journal after the log's end (same
+ * journal id, header crc right, a known type, generation in range, a seq at
+ * or after the end that the ring could hold). Counted in j->rec; one that
+ * was appended when the end's record was durable already means that record
+ * was acknowledged and is damaged: returns 1 (corruption in the middle of
+ * the log), else 0 (a torn tail: records of commits in flight at a crash).
+ * With zap, their headers are zeroed on disk so they never count again. */
+static int scan_after_end(jr_t *j, int zap)
+{
+    uint64_t start = j->ckpt_lpos, end_seq = j->rec.end_seq, max_recs = j->cap / j->align;
+    int corrupt = 0;
+    j->rec.dropped = j->rec.last_seq = 0;
+    for (uint64_t p = j->rec_end_lpos; p < start + j->cap; p += j->align) {
+        struct rec_disk *h = hdr_at(j, p);
+        if (h->magic != JR_REC_MAGIC || h->journal_id != j->journal_id || h->seq < end_seq ||
+            h->seq - end_seq >= max_recs || h->generation < j->rec_prev_gen ||
+            h->generation >= j->generation || h->type < REC_WRITE || h->type > REC_FORGET ||
+            h->hdr_crc != crc32c(h, offsetof(struct rec_disk, hdr_crc)))
+            continue;
+        j->rec.dropped++;
+        if (h->seq > j->rec.last_seq)
+            j->rec.last_seq = h->seq;
+        if (h->ack_lag && h->seq + 1 - h->ack_lag > end_seq)
+            corrupt = 1;
+        if (zap) {
+            uint64_t phys = p % j->cap;
+            memset(j->ring + phys, 0, j->align);
+            int rc = pwrite_all(j->fd, j->ring + phys, j->align, JR_RING_START + phys);
+            if (rc < 0)
+                return rc;
+        }
+    }
+    return corrupt;
 }
 
 static jr_t *jr_alloc(void)
@@ -1152,9 +1273,17 @@ static jr_t *jr_alloc(void)
 
 int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out)
 {
-    if (!out || (mode != JR_NV && mode != JR_RAM))
+    return jr_open_ex(path, mode, ram_size, 0, NULL, out);
+}
+
+int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_from,
+               struct jr_recovery *info, jr_t **out)
+{
+    if (!out || (mode != JR_NV && mode != JR_RAM) || (discard_from && mode != JR_NV))
         return -EINVAL;
     *out = NULL;
+    if (info)
+        memset(info, 0, sizeof *info);
     pthread_once(&crc_once, crc_init);
     if (mode == JR_RAM) {
         uint64_t cap = ram_size / 512 * 512;
@@ -1226,14 +1355,39 @@ int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out)
     j->sb_seq = sb->sb_seq;
     j->min_gen = sb->min_gen;
     j->ckpt_seq = j->synced_seq = j->flush_seq = sb->ckpt_seq;
-    j->ckpt_lpos = j->tail_lpos = j->flush_lpos = sb->ckpt_pos;
+    j->ckpt_lpos = j->tail_lpos = j->flush_lpos = j->synced_lpos = sb->ckpt_pos;
     rc = ring_alloc(j);
     if (rc < 0)
         goto fail;
     rc = pread_all(j->fd, j->ring, j->cap, JR_RING_START);
     if (rc < 0)
         goto fail;
-    rc = recover(j);
+    rc = -EINVAL;
+    if (discard_from && discard_from < j->ckpt_seq) {
+        if (info) /* the records before the checkpoint are on the volumes already */
+            info->end_seq = j->ckpt_seq;
+        goto fail;
+    }
+    rc = recover(j, discard_from);
+    if (rc < 0)
+        goto fail;
+    int cut = discard_from && j->rec.end_seq == discard_from;
+    rc = scan_after_end(j, 0);
+    if (rc == 1 && !cut) {
+        /* acknowledged records follow a damaged one: never drop them
+         * silently; jr_open_ex with discard_from drops them on request */
+        j->rec.bad_seq = j->rec.end_seq;
+        rc = discard_from ? -ERANGE : -EUCLEAN;
+    } else if (rc >= 0 && discard_from) {
+        rc = scan_after_end(j, 1);
+        if (rc == -EINVAL && j->direct) {
+            rc = journal_direct_fallback(j, path);
+            if (rc == 0)
+                rc = scan_after_end(j, 1);
+        }
+    }
+    if (info)
+        *info = j->rec;
     if (rc < 0)
         goto fail;
     /* the new generation is durable before any record carries it */
@@ -1383,26 +1537,24 @@ int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms)
     struct timespec dl;
     deadline_in(&dl, timeout_ms);
     v->detaching = 1; /* new writes: -ENXIO */
-    while ((v->unflushed || v->busy) && !j->stopping) {
+    /* every record of vol on its device, and the device synced by the
+     * flusher (not here: a failed fdatasync must make the flusher rewrite
+     * the records, see rewind_flush; a failing device keeps us waiting) */
+    while ((v->unflushed || v->busy || (v->dirty && j->started)) && !j->stopping) {
+        if (!v->unflushed && !v->busy && !j->sync_now) {
+            j->sync_now = 1;
+            pthread_cond_signal(&j->cv_flush);
+        }
         if (wait_until(&j->cv_progress, &j->mu, &dl) == ETIMEDOUT &&
-            (v->unflushed || v->busy)) {
+            (v->unflushed || v->busy || v->dirty)) {
             rc = -ETIMEDOUT;
             break;
         }
     }
     if (!rc && j->stopping)
         rc = -ESHUTDOWN;
-    if (!rc && v->dirty) {
-        v->busy++;
-        int fd = v->bfd;
-        pthread_mutex_unlock(&j->mu);
-        if (fdatasync(fd) < 0 && errno != EINVAL && errno != EROFS)
-            rc = -errno;
-        pthread_mutex_lock(&j->mu);
-        v->busy--;
-        if (!rc)
-            v->dirty = 0;
-    }
+    if (!rc)
+        v->redo = 0; /* its records are on the device and synced */
     if (rc) {
         v->detaching = 0; /* still attached; the caller may retry */
     } else {
@@ -1412,28 +1564,6 @@ int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms)
     }
     leave(j);
     return rc;
-}
-
-int jr_forget(jr_t *j, uint32_t vol)
-{
-    int rc = enter(j);
-    if (rc < 0)
-        return rc;
-    struct vol *v = vol ? vol_get(j, vol) : NULL;
-    if (!v) {
-        leave(j);
-        return vol ? -ENOMEM : -EINVAL;
-    }
-    v->forget_seq = j->head_seq;
-    ix_drop_vol(j, vol);
-    dl_drop_vol(j, vol);
-    j->unflushed_records -= v->unflushed;
-    j->unflushed_bytes -= v->unflushed_bytes;
-    v->unflushed = v->unflushed_bytes = 0;
-    pthread_cond_signal(&j->cv_flush);
-    pthread_cond_broadcast(&j->cv_progress);
-    leave(j);
-    return 0;
 }
 
 /* ------------------------------------------------------------ committer */
@@ -1522,8 +1652,6 @@ static void flush_advance(jr_t *j, uint64_t seq, uint64_t lpos)
     j->flush_seq = seq;
     j->flush_lpos = lpos;
     j->waiting_volume = 0;
-    if (j->mode == JR_RAM)
-        j->tail_lpos = lpos;
     pthread_cond_broadcast(&j->cv_progress);
 }
 
@@ -1561,15 +1689,113 @@ static int want_sync(const jr_t *j)
         return 0;
     if (j->sync_req > j->synced_seq && j->flush_seq >= j->sync_req)
         return 1;
+    if (j->sync_now)
+        return 1;
     if (j->drain_req && j->flush_seq == j->head_seq)
         return 1;
-    if (j->mode == JR_NV) {
-        if (j->full_waiters && j->flush_lpos != j->tail_lpos)
-            return 1;
-        if (j->flush_lpos - j->tail_lpos >= j->cap / 8)
-            return 1;
+    /* space is reclaimed only behind synced records (both modes: a failed
+     * sync rewrites them from the ring) */
+    if (j->full_waiters && j->flush_lpos != j->tail_lpos)
+        return 1;
+    if (j->flush_lpos - j->tail_lpos >= j->cap / 8)
+        return 1;
+    return 0;
+}
+
+/* A completed WRITE of vol goes back into the overlay (a failed sync):
+ * the sectors of [off, off+len) where nothing newer answers, neither a
+ * newer write nor a listed discard (see IN MEMORY above). */
+static int ix_reinsert(jr_t *j, uint32_t vol, uint64_t off, uint32_t len, uint64_t seq,
+                       uint64_t data_lpos)
+{
+    for (uint64_t s = off / 512, e = (off + len) / 512; s < e; s++) {
+        struct ixnode *n = ix_find(j, vol, s / IX_SECT);
+        unsigned i = (unsigned)(s % IX_SECT);
+        if (n && (n->mask & (1u << i)) && n->seq[i] > seq)
+            continue;
+        int newer_discard = 0;
+        for (const struct dnode *d = j->dhead; d && !newer_discard; d = d->next)
+            newer_discard = d->vol == vol && d->seq > seq && d->off <= s * 512 &&
+                            s * 512 < d->off + d->len;
+        if (newer_discard)
+            continue;
+        int rc = ix_insert(j, vol, s * 512, 512, seq, data_lpos + (s * 512 - off));
+        if (rc < 0)
+            return rc;
     }
     return 0;
+}
+
+/* A completed DISCARD goes back into the list, in seq order. */
+static int dl_reinsert(jr_t *j, uint32_t vol, uint64_t off, uint64_t len, uint64_t seq)
+{
+    struct dnode *d = calloc(1, sizeof *d);
+    if (!d)
+        return -ENOMEM;
+    d->vol = vol;
+    d->off = off;
+    d->len = len;
+    d->seq = seq;
+    ix_clear_below(j, vol, off, len, seq);
+    struct dnode **pp = &j->dhead;
+    while (*pp && (*pp)->seq < seq)
+        pp = &(*pp)->next;
+    d->next = *pp;
+    *pp = d;
+    if (j->dtail == pp)
+        j->dtail = &d->next;
+    return 0;
+}
+
+/* An fdatasync failed (the volumes marked redo_new). Linux reports a
+ * writeback error once and leaves the pages clean, so a second fdatasync
+ * would succeed over data that never reached the device: instead the
+ * flusher goes back to the last good sync and writes those volumes'
+ * records again from the ring (space is reclaimed only behind synced
+ * records, so they are all there); the other volumes' records in between
+ * are on their devices already and are passed. Until rewritten, the
+ * records answer reads from the overlay again. Flusher thread, locked. */
+static void rewind_flush(jr_t *j)
+{
+    uint64_t end = j->redo_end > j->flush_seq ? j->redo_end : j->flush_seq;
+    uint64_t lpos = j->synced_lpos;
+    for (uint64_t seq = j->synced_seq; seq < end; seq++) {
+        const struct rec_disk *h = hdr_at(j, lpos);
+        uint64_t size = hdr_size(j, h);
+        struct vol *v = h->type == REC_WRITE || h->type == REC_DISCARD ? vol_find(j, h->vol) : NULL;
+        /* a volume that failed before has its records after flush_seq
+         * still in the overlay; one failing now has none there */
+        if (v && h->seq >= v->forget_seq && (v->redo_new || (v->redo && seq < j->flush_seq))) {
+            int rc = h->type == REC_WRITE
+                         ? ix_reinsert(j, h->vol, h->offset, h->len, h->seq, lpos + JR_HDR)
+                         : dl_reinsert(j, h->vol, h->offset, h->marker_id, h->seq);
+            if (rc < 0) { /* never serve a half-indexed volume: stop the journal */
+                ix_drop_vol(j, h->vol);
+                j->journal_error = rc;
+                wake_durable_all(j);
+                break;
+            }
+            v->unflushed++;
+            j->unflushed_records++;
+            if (h->type == REC_WRITE) {
+                v->unflushed_bytes += h->len;
+                j->unflushed_bytes += h->len;
+            }
+        }
+        lpos += size;
+    }
+    for (int i = 0; i < j->nvols; i++) {
+        struct vol *v = j->vols[i];
+        if (v->redo_new) {
+            v->redo = 1;
+            v->redo_new = 0;
+        }
+    }
+    j->redo_end = end;
+    j->rewinds++;
+    j->flush_seq = j->synced_seq;
+    j->flush_lpos = j->synced_lpos;
+    pthread_cond_broadcast(&j->cv_progress);
 }
 
 /* Every record before flush_seq has completed on dm: fdatasync the dm
@@ -1580,6 +1806,7 @@ static int sync_ckpt(jr_t *j)
     int n = 0, rc = 0;
     uint32_t bad = 0;
     struct vol **list = NULL;
+    j->sync_now = 0;
     if (j->nvols) {
         list = malloc((size_t)j->nvols * sizeof *list);
         if (!list)
@@ -1617,6 +1844,7 @@ static int sync_ckpt(jr_t *j)
             list[i]->busy--;
             if (res[i]) {
                 list[i]->dirty = 1;
+                list[i]->redo_new = 1;
                 rc = res[i];
                 bad = list[i]->id;
             }
@@ -1628,10 +1856,22 @@ static int sync_ckpt(jr_t *j)
     free(list);
     if (rc) {
         flush_failed(j, rc, bad);
+        rewind_flush(j);
         return rc;
     }
-    if (tseq > j->synced_seq)
+    if (tseq > j->synced_seq) {
         j->synced_seq = tseq;
+        j->synced_lpos = tlpos;
+        if (j->mode == JR_RAM)
+            j->tail_lpos = tlpos;
+    }
+    if (j->redo_end && tseq >= j->redo_end) { /* every rewritten record is synced */
+        for (int i = 0; i < j->nvols; i++)
+            j->vols[i]->redo = 0;
+        j->redo_end = 0;
+        j->flush_error = 0;
+        j->flush_error_volume = 0;
+    }
     if (j->mode == JR_NV && tlpos != j->ckpt_lpos) {
         rc = sb_write(j, tseq, tlpos, 1);
         if (rc < 0)
@@ -1665,6 +1905,9 @@ static void flush_marker(jr_t *j, const struct rec_disk *h)
     j->markers_pending--;
     flush_advance(j, seq + 1, lpos + size);
     j->synced_seq = seq + 1; /* no dm write since the sync above */
+    j->synced_lpos = lpos + size;
+    if (j->mode == JR_RAM)
+        j->tail_lpos = lpos + size;
     if (j->mode == JR_NV && !j->journal_error && sb_write(j, seq + 1, lpos + size, 1) == 0) {
         j->ckpt_seq = seq + 1;
         j->ckpt_lpos = j->tail_lpos = lpos + size;
@@ -1727,8 +1970,10 @@ static void flush_writes(jr_t *j, struct vol *v)
     }
     v->dirty = 1;
     j->dm_writes++;
-    j->flush_error = 0;
-    j->flush_error_volume = 0;
+    if (!j->redo_end) { /* else the failed sync's error stands until the redo is synced */
+        j->flush_error = 0;
+        j->flush_error_volume = 0;
+    }
     flush_advance(j, s, lp);
 }
 
@@ -1798,8 +2043,10 @@ static void flush_discard(jr_t *j, struct vol *v, const struct rec_disk *h)
     }
     v->dirty = 1;
     j->dm_discards++;
-    j->flush_error = 0;
-    j->flush_error_volume = 0;
+    if (!j->redo_end) {
+        j->flush_error = 0;
+        j->flush_error_volume = 0;
+    }
     flush_advance(j, seq + 1, next);
 }
 
@@ -1820,12 +2067,17 @@ static void *flusher_main(void *arg)
                 flush_advance(j, j->flush_seq + 1, j->flush_lpos + h->len);
                 continue;
             }
+            if (h->type == REC_FORGET) { /* applied when appended */
+                flush_advance(j, j->flush_seq + 1, j->flush_lpos + rec_size(j, 0));
+                continue;
+            }
             if (h->type == REC_MARKER) {
                 flush_marker(j, h);
                 continue;
             }
             struct vol *v = vol_find(j, h->vol);
-            if (v && h->seq < v->forget_seq) {
+            if ((v && h->seq < v->forget_seq) || (h->seq < j->redo_end && (!v || !v->redo))) {
+                /* deleted; or (rewriting after a failed sync) on its device already */
                 flush_advance(j, j->flush_seq + 1, j->flush_lpos + rec_size(j, h->len));
                 continue;
             }
@@ -1912,6 +2164,10 @@ static void put_record(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint6
         .vol = vol,
         .len = type == REC_PAD ? (uint32_t)size : len,
         .data_crc = data_crc,
+        /* lets recovery tell a torn tail from a damaged acknowledged record */
+        .ack_lag = j->head_seq - j->durable_seq + 1 < UINT32_MAX
+                       ? (uint32_t)(j->head_seq - j->durable_seq + 1)
+                       : UINT32_MAX,
     };
     h.hdr_crc = crc32c(&h, offsetof(struct rec_disk, hdr_crc));
     memcpy(p, &h, sizeof h);
@@ -1977,15 +2233,19 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
 {
     uint64_t size = rec_size(j, len);
     uint64_t ext = type == REC_DISCARD ? marker_id : len; /* bytes of the volume touched */
+    /* room kept for FORGET records: a volume delete must be able to record
+     * its end while writers have filled the ring behind a stuck flusher */
+    uint64_t reserve = j->mode == JR_NV && type != REC_FORGET ? FORGET_RESERVE * j->align : 0;
     struct vol *v = NULL;
     int waited = 0, rc;
-    if (size > j->cap)
+    if (size + reserve > j->cap)
         return -EINVAL;
     for (;;) {
         rc = append_ok(j, type, vol, off, ext, &v);
         if (rc)
             return rc;
-        uint64_t avail = j->cap - (j->head_lpos - j->tail_lpos);
+        uint64_t used = j->head_lpos - j->tail_lpos + reserve;
+        uint64_t avail = used < j->cap ? j->cap - used : 0;
         uint64_t to_end = j->cap - j->head_lpos % j->cap;
         if (size > to_end) {
             if (to_end <= avail) {
@@ -2007,7 +2267,8 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
         j->full_waiters--;
         if (rc == ETIMEDOUT) {
             /* one last look: the space may have come with the timeout */
-            avail = j->cap - (j->head_lpos - j->tail_lpos);
+            used = j->head_lpos - j->tail_lpos + reserve;
+            avail = used < j->cap ? j->cap - used : 0;
             to_end = j->cap - j->head_lpos % j->cap;
             if (append_ok(j, type, vol, off, ext, &v) || size > to_end || size > avail)
                 return -ETIMEDOUT;
@@ -2034,7 +2295,7 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
         v->unflushed++;
         j->unflushed_records++;
         j->discards++;
-    } else {
+    } else if (type == REC_MARKER) {
         j->markers_pending++;
     }
     put_record(j, type, vol, off, marker_id, src, nsrc, len, data_crc, size);
@@ -2065,6 +2326,52 @@ static int wait_durable(jr_t *j, int64_t seq, const struct timespec *dl)
             return -ETIMEDOUT;
     }
     return 0;
+}
+
+/* Before jr_start (no committer yet): append the FORGET record and write
+ * it at once, as a commit would. */
+static int forget_record_unstarted(jr_t *j, uint32_t vol, uint64_t bound)
+{
+    uint64_t size = rec_size(j, 0); /* == align: always fits before the ring's end */
+    if (j->journal_error)
+        return j->journal_error;
+    if (size > j->cap - (j->head_lpos - j->tail_lpos))
+        return -ENOSPC;
+    put_record(j, REC_FORGET, vol, bound, 0, NULL, 0, 0, 0, size);
+    commit_batch(j);
+    return j->journal_error;
+}
+
+int jr_forget(jr_t *j, uint32_t vol, uint32_t timeout_ms)
+{
+    if (!vol)
+        return -EINVAL;
+    struct timespec dl;
+    deadline_in(&dl, timeout_ms);
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    struct vol *v = vol_get(j, vol);
+    if (!v) {
+        leave(j);
+        return -ENOMEM;
+    }
+    uint64_t bound = j->head_seq;
+    forget_vol(j, v, bound);
+    pthread_cond_signal(&j->cv_flush);
+    pthread_cond_broadcast(&j->cv_progress);
+    /* NV: the volume's end goes into the log, so that recovery after a
+     * crash drops the same records (a RAM journal has nothing to recover) */
+    if (j->mode == JR_NV) {
+        if (!j->started) {
+            rc = forget_record_unstarted(j, vol, bound);
+        } else {
+            int64_t seq = append(j, REC_FORGET, vol, bound, 0, NULL, 0, 0, 0, &dl);
+            rc = seq < 0 ? (int)seq : wait_durable(j, seq, &dl);
+        }
+    }
+    leave(j);
+    return rc;
 }
 
 /* Wait until every record < target is on the dm devices and synced. */
@@ -2371,6 +2678,9 @@ void jr_get_stats(jr_t *j, struct jr_stats *st)
     st->marker_waiting = j->marker_ready ? 1 : 0;
     st->discards = j->discards;
     st->dm_discards = j->dm_discards;
+    st->recovery_end_seq = j->rec.end_seq;
+    st->sync_rewinds = j->rewinds;
+    st->recovery_dropped = j->rec.dropped;
     pthread_mutex_unlock(&j->mu);
 }
 

@@ -35,12 +35,20 @@
  * the space left at the end of the ring before wrapping. Recovery walks the
  * ring from the checkpoint and accepts records while magic, journal_id,
  * seq (exactly the next), generation (non-decreasing, <= current) and both
- * checksums are right; the first bad record ends the log.
+ * checksums are right; the first bad record ends the log. Each record also
+ * says how far the journal was durable when it was appended, so that
+ * recovery can tell a torn tail (dropped, counted) from a damaged record
+ * that was acknowledged (jr_open refuses; see jr_open_ex).
  *
  * The checkpoint only moves past records that are durable on the dm device
  * (written, then fdatasync()ed). Ring space is reclaimed only behind the
- * checkpoint (NV) or behind flushed records (RAM). When the ring is full,
+ * checkpoint (NV) or behind synced records (RAM). When the ring is full,
  * writers wait (up to their timeout) and never overwrite unflushed records.
+ * A failed fdatasync is never retried over the same pages (Linux marks
+ * them clean after a writeback error, so the retry would succeed over data
+ * that never reached the device): the flusher goes back to the last good
+ * sync and writes the failed volumes' records again from the ring, serving
+ * reads of them from the overlay meanwhile; flush_error reports it.
  *
  * All functions are thread-safe and may block; they never call back into
  * Python (cffi releases the GIL around them). Errors are negative errnos:
@@ -50,6 +58,7 @@
  *   -EIO      (or the device's errno) the journal device failed; sticky;
  *   -ESHUTDOWN the journal is closing;
  *   -EBADMSG  jr_open: no valid superblock (not a journal / wrong size);
+ *   -EUCLEAN  jr_open: a damaged record in the middle of the log (jr_open_ex);
  *   -EPROTONOSUPPORT jr_open: a journal of a later on-disk format;
  *   -EAGAIN   jr_write/jr_marker/jr_sync before jr_start;
  *   -EBUSY    jr_attach of an attached volume, jr_start twice.
@@ -103,6 +112,18 @@ struct jr_stats {
     int32_t marker_waiting;     /* 1 while the flusher stands at a marker (jr_next_marker) */
     uint64_t discards;          /* discard records appended since open */
     uint64_t dm_discards;       /* discard records applied by the flusher */
+    uint64_t recovery_end_seq;  /* NV: the first seq after the log recovered at open */
+    uint64_t recovery_dropped;  /* NV: records found after it at open, not replayed */
+    uint64_t sync_rewinds;      /* failed fdatasyncs whose records were written again */
+};
+
+/* What recovery found after the end of the log (jr_open_ex). */
+struct jr_recovery {
+    uint64_t end_seq;  /* the first seq not replayed: the log's end */
+    uint64_t bad_seq;  /* != 0: the record at end_seq is damaged although it was
+                          durable (records appended after it say so) */
+    uint64_t dropped;  /* records of this journal found after the end, not replayed */
+    uint64_t last_seq; /* the highest seq among them (0: none) */
 };
 
 /* Create a fresh, empty journal on path (NV). size: bytes to use (a
@@ -116,6 +137,22 @@ int jr_format(const char *path, uint64_t size, uint32_t align, uint64_t journal_
  * attach volumes first (recovered records name them), then jr_start. */
 int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out);
 
+/* jr_open, saying what recovery found after the log's end (info may be
+ * NULL). The log ends at the first record that is not a valid continuation.
+ * Records of this journal found after it are normally the torn tail of a
+ * crash (commits that were in flight, never acknowledged): dropped,
+ * counted in info->dropped. But if one of them was appended when the
+ * record at the end was durable already, that record was acknowledged and
+ * is damaged: jr_open refuses with -EUCLEAN (info->bad_seq names it) and
+ * changes nothing. discard_from (NV, != 0): the repair; the log is cut
+ * before seq discard_from (>= the checkpoint, else -EINVAL with
+ * info->end_seq = the checkpoint) and every record of this journal from
+ * there on is dropped, its header zeroed on disk, counted in
+ * info->dropped; -ERANGE (info->bad_seq) if the log is damaged before
+ * discard_from (the records after the damage cannot be replayed). */
+int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_from,
+               struct jr_recovery *info, jr_t **out);
+
 /* Volume ids (> 0) with records after the checkpoint; returns the number
  * found (at most max written to vols). */
 int jr_pending_volumes(jr_t *j, uint32_t *vols, int max);
@@ -123,17 +160,25 @@ int jr_pending_volumes(jr_t *j, uint32_t *vols, int max);
 /* Attach a volume: dm_path is opened O_DIRECT (buffered if refused),
  * size in bytes bounds writes and reads. */
 int jr_attach(jr_t *j, uint32_t vol, const char *dm_path, uint64_t size);
-/* Wait (up to timeout_ms) until no record of vol is unflushed, then close
- * its device. New writes to vol fail with -ENXIO from the call on. On
+/* Wait (up to timeout_ms) until no record of vol is unflushed and the
+ * flusher has fdatasync()ed its device (a failing sync keeps it waiting:
+ * the records are written again), then close the device. New writes to
+ * vol fail with -ENXIO from the call on. On
  * -ETIMEDOUT the volume stays attached (writes work again; retry later):
  * a marker held by the controller holds the volume's later records too. */
 int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms);
 /* Drop every unflushed record of vol (a volume that was deleted); the
- * flusher skips them and they leave the overlay. Records appended after
- * the call are kept (the id may be reused). Not journalled: after a
- * restart the records come back (jr_pending_volumes), so the controller
- * forgets them again before jr_start. Works on attached volumes too. */
-int jr_forget(jr_t *j, uint32_t vol);
+ * flusher skips them and they leave the overlay at once. Records appended
+ * after the call are kept. NV: the volume's end is recorded in the journal
+ * (a FORGET record naming vol and the bound: the head seq at the call) and
+ * the call returns once that record is durable, so recovery after a crash
+ * drops the same records. Works before jr_start (the controller forgets
+ * recovered records of volumes deleted meanwhile; written at once) and on
+ * attached volumes. The in-memory part always happens; the return says
+ * whether the end is durable: 0, or -ETIMEDOUT (no room or not durable in
+ * timeout_ms; FORGET records have a reserve of ring space writers cannot
+ * take), -ENOSPC (before jr_start: a full ring), or the journal error. */
+int jr_forget(jr_t *j, uint32_t vol, uint32_t timeout_ms);
 
 int jr_start(jr_t *j);
 

@@ -606,6 +606,41 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
             typer.echo(f"  {label}{_device_text(d)}")
 
 
+@pool_app.command("repair")
+def pool_repair(
+    name: PoolArg,
+    discard_after: Annotated[
+        int,
+        typer.Option(
+            "--discard-after",
+            metavar="SEQ",
+            min=1,
+            help="Drop journal record SEQ and every later one (the record the refused "
+            "assembly named).",
+        ),
+    ],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Bring up a pool whose journal is damaged in the middle: the records
+    from SEQ on are dropped (acknowledged writes and snapshot requests among
+    them are lost), then the pool is assembled."""
+    _name("pool", name)
+    _confirm(
+        f"Drop journal record {discard_after} and every later one of pool {name}?",
+        yes,
+        f"not repairing pool {name}",
+    )
+    r = _call("pool.repair", name=name, discard_after=discard_after)
+    if json_out:
+        print_json(r)
+        return
+    typer.echo(
+        f"pool {name}: dropped {r['dropped']} journal record(s) from {discard_after} on; "
+        f"assembly: {r['state']}"
+    )
+
+
 @pool_app.command("destroy")
 def pool_destroy(
     name: PoolArg,

@@ -194,6 +194,12 @@ def _marker(arg: str, value: Any) -> int:
     return value
 
 
+def _seq(arg: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"{arg}: expected a journal record number (integer >= 1)")
+    return value
+
+
 def _journal_mode(arg: str, value: Any) -> str:
     if value not in JOURNAL_MODES:
         raise InvalidArgument(f"{arg} {value!r}: expected one of {', '.join(JOURNAL_MODES)}")
@@ -270,6 +276,7 @@ OPS: dict[str, Op] = {
     "pool.list": _op("pool_list", ro=True),
     "pool.show": _op("pool_show", "name", req="name", ro=True),
     "pool.destroy": _op("pool_destroy", "name", "force", "name"),
+    "pool.repair": _op("pool_repair", "name discard_after", req="name discard_after"),
     "volume.create": _op("volume_create", "pool vol size", req="pool vol size"),
     "volume.list": _op("volume_list", "pool", ro=True),
     "volume.show": _op("volume_show", "pool vol", req="pool vol", ro=True),
@@ -322,6 +329,7 @@ _CHECKS: dict[str, Check] = {
     "wait": _bool,
     "timeout": _seconds,
     "marker": _marker,
+    "discard_after": _seq,
     "offset": _offset,
     "length": _length,
     "content": _data,

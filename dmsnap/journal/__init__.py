@@ -4,6 +4,13 @@ The hot path is C (``csrc/journal.c``, cffi module ``dmsnap._hotpath``, built by
 :class:`Journal` is its thin Python face.
 """
 
-from dmsnap.journal.journal import Journal, JournalError, JournalStats, Marker
+from dmsnap.journal.journal import (
+    Journal,
+    JournalCorrupt,
+    JournalError,
+    JournalStats,
+    Marker,
+    Recovery,
+)
 
-__all__ = ["Journal", "JournalError", "JournalStats", "Marker"]
+__all__ = ["Journal", "JournalCorrupt", "JournalError", "JournalStats", "Marker", "Recovery"]

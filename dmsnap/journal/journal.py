@@ -94,6 +94,9 @@ class JournalStats:
     marker_waiting: int
     discards: int
     dm_discards: int
+    recovery_end_seq: int
+    recovery_dropped: int
+    sync_rewinds: int
 
     @property
     def fill(self) -> float:
@@ -123,6 +126,34 @@ _STAT_FIELDS = [f.name for f in fields(JournalStats)]
 
 
 @dataclass(frozen=True)
+class Recovery:
+    """What the open found after the end of the log (``struct jr_recovery``)."""
+
+    end_seq: int  # the first record not replayed
+    dropped: int  # records of this journal found after it, not replayed
+    last_seq: int  # the highest seq among them (0: none)
+
+
+class JournalCorrupt(JournalError):
+    """A record in the middle of the log is damaged although it was durable
+    (records appended after it say so): the open changes nothing. ``seq``
+    names it; :meth:`Journal.repair` with it drops it and every later record."""
+
+    def __init__(self, path: str, seq: int, later: int) -> None:
+        super().__init__(
+            _errno.EUCLEAN,
+            f"open journal {path}: record {seq} is damaged and {later} record(s) after it "
+            "were written once it was durable; nothing was replayed or changed",
+        )
+        self.seq = seq
+        self.later = later
+
+
+def _recovery(info: Any) -> Recovery:
+    return Recovery(int(info.end_seq), int(info.dropped), int(info.last_seq))
+
+
+@dataclass(frozen=True)
 class Marker:
     id: int
     seq: int
@@ -145,6 +176,7 @@ class Journal:
         self._closing = False
         self._closed = False
         self._last_stats: JournalStats | None = None
+        self.recovery = Recovery(0, 0, 0)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -161,17 +193,42 @@ class Journal:
         if mode not in ("nv", "ram"):
             raise ValueError(f"journal mode must be 'nv' or 'ram', not {mode!r}")
         out = ffi.new("jr_t **")
+        info = ffi.new("struct jr_recovery *")
         if mode == "nv":
             if not path:
                 raise ValueError("an NV journal needs a path")
-            rc = lib.jr_open(os.fsencode(path), lib.JR_NV, 0, out)
+            rc = lib.jr_open_ex(os.fsencode(path), lib.JR_NV, 0, 0, info, out)
+            if rc == -_errno.EUCLEAN:
+                raise JournalCorrupt(path, int(info.bad_seq), int(info.dropped))
             _check(rc, f"open journal {path}")
         else:
             if path:
                 raise ValueError("a RAM journal has no path")
             rc = lib.jr_open(ffi.NULL, lib.JR_RAM, ram_size, out)
             _check(rc, f"open RAM journal of {ram_size} bytes")
-        return cls(out[0], mode, path)
+        j = cls(out[0], mode, path)
+        j.recovery = _recovery(info)
+        return j
+
+    @staticmethod
+    def repair(path: str, discard_from: int) -> Recovery:
+        """Drop record ``discard_from`` and every later one from the NV
+        journal at ``path`` (their headers are zeroed on disk), so that it
+        opens again after :class:`JournalCorrupt`. Returns what was dropped.
+        Refused (``EINVAL``) below the checkpoint, whose records are on the
+        volumes already, and (``ERANGE``) past a damaged record, since the
+        records after it cannot be replayed in order."""
+        out = ffi.new("jr_t **")
+        info = ffi.new("struct jr_recovery *")
+        rc = lib.jr_open_ex(os.fsencode(path), lib.JR_NV, 0, discard_from, info, out)
+        what = f"repair journal {path} from record {discard_from}"
+        if rc == -_errno.EINVAL and info.end_seq:
+            _check(rc, what, f"records before {info.end_seq} are on the volumes already")
+        if rc == -_errno.ERANGE:
+            _check(rc, what, f"record {info.bad_seq} is damaged: drop from it or before")
+        _check(rc, what)
+        lib.jr_close(out[0], 0, 0)
+        return _recovery(info)
 
     @property
     def c_handle(self) -> Any:
@@ -280,13 +337,21 @@ class Journal:
         finally:
             self._leave()
 
-    def forget(self, vol: int) -> None:
-        """Drop every unflushed record of ``vol`` (the volume was deleted)."""
+    def forget(self, vol: int, timeout: float = 30.0) -> None:
+        """Drop every unflushed record of ``vol`` (the volume was deleted).
+        NV: returns once the volume's end is durable in the journal, so a
+        replay after a crash drops the same records. The records are dropped
+        from memory even when this raises (the end is then not recorded)."""
         j = self._enter()
         try:
-            _check(lib.jr_forget(j, vol), f"forget volume {vol}")
+            rc = lib.jr_forget(j, vol, _ms(timeout))
         finally:
             self._leave()
+        reason = {
+            _errno.ETIMEDOUT: f"no room in the journal or not durable within {timeout:g} s",
+            _errno.ENOSPC: "the journal is full",
+        }.get(-rc)
+        _check(rc, f"record the end of volume {vol} in the journal", reason)
 
     # ------------------------------------------------------------ data path
 

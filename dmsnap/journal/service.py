@@ -67,10 +67,20 @@ class PoolJournal:
         """Attach the pool's volumes (id -> dm path, size) and start the
         flusher and the marker thread. Records of volumes that no longer
         exist (deleted while records were in flight, then a crash) are
-        dropped, loudly."""
+        dropped, loudly, as are records found after a torn tail."""
+        rec = self.journal.recovery
+        if rec.dropped:
+            log.warning(
+                "pool %s: journal recovery: the log ends before record %d (a torn tail); "
+                "%d record(s) after it, up to %d, were never acknowledged and are dropped",
+                self.pool,
+                rec.end_seq,
+                rec.dropped,
+                rec.last_seq,
+            )
         for vid in sorted(self.journal.pending_volumes() - volumes.keys()):
             log.warning("pool %s: dropping journal records of deleted volume id %d", self.pool, vid)
-            self.journal.forget(vid)
+            self.forget(vid)
         for vid, (path, size) in volumes.items():
             self.attach(vid, path, size)
         self.journal.start()
@@ -159,7 +169,16 @@ class PoolJournal:
         self.volumes.pop(vol, None)
 
     def forget(self, vol: int) -> None:
-        self.journal.forget(vol)
+        """Drop a deleted volume's unflushed records, its end recorded in the
+        journal. If that record cannot be written (journal full behind a
+        stuck flusher, journal device error), the records are still dropped
+        now; a replay after a crash brings them back and :meth:`start` drops
+        them again (their volume is no longer in the catalog, and ids are
+        never reused), so say so rather than fail the delete."""
+        try:
+            self.journal.forget(vol)
+        except JournalError as e:
+            log.warning("pool %s: volume id %d: %s", self.pool, vol, e)
         self.volumes.pop(vol, None)
 
     def sync(self, timeout: float = 120.0) -> None:
@@ -359,6 +378,9 @@ def status_json(pj: PoolJournal) -> Json:
         "crc32c": crc32c_impl(),
         "journal_error": _errname(st.journal_error),
         "flush_error": _errname(st.flush_error),
+        "flush_error_volume": st.flush_error_volume or None,
+        # failed fdatasyncs whose records were written again from the journal
+        "sync_rewinds": st.sync_rewinds,
         "flusher_waiting_volume": st.waiting_volume or None,
         "last_marker_error": pj.last_error,
         # cumulative since the journal opened: appends/commits is the group
@@ -367,6 +389,10 @@ def status_json(pj: PoolJournal) -> Json:
         "commits": st.commits,
         "full_waits": st.full_waits,
         "dm_writes": st.dm_writes,
+        # what the last open found: the log's end and the torn-tail records
+        # after it that were dropped (never acknowledged)
+        "recovery_end_seq": st.recovery_end_seq,
+        "recovery_dropped": st.recovery_dropped,
     }
 
 

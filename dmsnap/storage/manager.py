@@ -31,7 +31,7 @@ from dmsnap.dm import status as st
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
 from dmsnap.dm.udev import LINK_DIR
-from dmsnap.journal.journal import Journal, JournalError
+from dmsnap.journal.journal import Journal, JournalCorrupt, JournalError
 from dmsnap.journal.service import PoolJournal, status_json
 from dmsnap.scsi import DEFAULT_WORKER_NICE
 from dmsnap.storage import loop, names
@@ -305,6 +305,11 @@ class Manager(ExportsMixin):
                 j = Journal.open(cfg["path"], mode="nv")
             else:
                 j = Journal.open(None, mode="ram", ram_size=cfg["size"])
+        except JournalCorrupt as e:
+            raise E.Unavailable(
+                f"pool {pool.name}: {e}; to drop record {e.seq} and every later one: "
+                f"dmsnap pool repair {pool.name} --discard-after {e.seq}"
+            ) from None
         except JournalError as e:
             where = cfg.get("path") or "in RAM"
             raise E.Unavailable(f"pool {pool.name}: journal {where}: {e}") from None
@@ -815,6 +820,44 @@ class Manager(ExportsMixin):
         out = self._pool_json(pool, detail=True)
         out["devices"] = sorted(self._pool_devices(pool.name, pool.uuid[:8]))
         return out
+
+    @_user_errors
+    def pool_repair(self, name: str, discard_after: int) -> Json:
+        """The way forward when a pool's journal is damaged in the middle
+        (its assembly was refused, naming the record): drop record
+        ``discard_after`` and every later one (``Journal.repair``), then
+        start the pool's journal and exports."""
+        names.check_name("pool", name)
+        pool = self.catalog.pool(name)
+        if journal_mode(pool) != "nv":
+            raise E.InvalidArgument(f"pool {name} has no NV journal: nothing to repair")
+        if pool.id in self._journals:
+            raise E.Busy(f"pool {name}: its journal opened and is running: nothing to repair")
+        try:
+            rep = Journal.repair(pool.config["journal"]["path"], discard_after)
+        except JournalError as e:
+            raise E.InvalidArgument(f"pool {name}: {e}") from None
+        log.warning(
+            "pool %s: journal repaired: %d record(s) from %d on dropped (up to %d)",
+            name,
+            rep.dropped,
+            discard_after,
+            rep.last_seq,
+        )
+        self.pool_errors.pop(name, None)
+        state = "ok"
+        try:  # as assemble() does for this pool
+            self._assemble_pool(pool)
+            self._start_journal(pool)
+        except (E.UserError, DmError, OSError) as e:
+            state = self.pool_errors[name] = getattr(e, "message", None) or str(e)
+        for ex in self.catalog.exports():
+            if state == "ok" and ex.pool == name and ex.id not in self._exports:
+                try:
+                    self._start_export(ex)
+                except Exception as e:  # the rest of the pool keeps working
+                    self.export_errors[ex.id] = getattr(e, "message", None) or str(e)
+        return {"pool": name, "dropped": rep.dropped, "state": state}
 
     @_user_errors
     def pool_destroy(self, name: str, *, force: bool = False) -> None:

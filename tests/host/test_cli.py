@@ -120,6 +120,8 @@ class FakeManager:
             raise NotFound(f"pool {args[0]!r} not found")
         if name == "pool_create":
             return {"name": args[0], "backend": kwargs.get("backend"), "size": kwargs.get("size")}
+        if name == "pool_repair":
+            return {"pool": args[0], "dropped": 5, "state": "ok"}
         if name == "pool_destroy":
             if not kwargs.get("force"):
                 raise Busy(f"pool {args[0]!r} has volumes; use --force")
@@ -433,6 +435,18 @@ def test_destroy_needs_yes_without_a_terminal(capsys, daemon, monkeypatch) -> No
     rc, out, err = run(capsys, "pool", "destroy", "fast", "--force", "--yes")
     assert rc == 0 and out.strip() == "destroyed pool fast"
     assert fake.calls[-1] == ("pool_destroy", ("fast",), {"force": True})
+
+
+def test_pool_repair_asks_and_sends_the_seq(capsys, daemon, monkeypatch) -> None:
+    _, fake = daemon
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
+    rc, _, err = run(capsys, "pool", "repair", "fast", "--discard-after", "17")
+    assert rc == 1 and "without --yes" in one_line(err)
+    assert not any(c[0] == "pool_repair" for c in fake.calls)
+    rc, out, _ = run(capsys, "pool", "repair", "fast", "--discard-after", "17", "--yes")
+    assert rc == 0
+    assert out.strip() == "pool fast: dropped 5 journal record(s) from 17 on; assembly: ok"
+    assert fake.calls[-1] == ("pool_repair", ("fast", 17), {})
 
 
 def test_daemon_stop(capsys, daemon) -> None:

@@ -121,6 +121,10 @@ class FakeManager:
     def pool_destroy(self, name, *, force=False):
         self._record("pool_destroy", name, force=force)
 
+    def pool_repair(self, name, discard_after):
+        self._record("pool_repair", name, discard_after)
+        return {"pool": name, "dropped": 3, "state": "ok"}
+
     def volume_create(self, pool, vol, size):
         self._record("volume_create", pool, vol, size)
         return {"pool": pool, "name": vol, "size": size}
@@ -315,6 +319,7 @@ ROUND_TRIPS = [
     ),
     ("pool.show", {"name": "p"}, ("pool_show", ("p",), {})),
     ("pool.destroy", {"name": "p"}, ("pool_destroy", ("p",), {"force": False})),
+    ("pool.repair", {"name": "p", "discard_after": 42}, ("pool_repair", ("p", 42), {})),
     ("pool.destroy", {"name": "p", "force": True}, ("pool_destroy", ("p",), {"force": True})),
     (
         "volume.create",
@@ -523,6 +528,8 @@ def test_oversized_line_is_refused_without_crash(daemon: Daemon) -> None:
         ("pool.create", {"name": "p", "color": "red"}, "unknown argument(s) color"),
         ("pool.show", {}, "missing argument name"),
         ("pool.destroy", {"name": "p", "force": "yes"}, "true or false"),
+        ("pool.repair", {"name": "p"}, "missing argument discard_after"),
+        ("pool.repair", {"name": "p", "discard_after": 0}, "journal record number"),
         ("volume.create", {"pool": "p", "vol": "v"}, "missing argument size"),
         ("volume.create", {"pool": "p", "vol": "a/b", "size": 1}, "volume name"),
         ("snapshot.create", {"refs": [], "name": "s"}, "non-empty list"),

@@ -151,7 +151,7 @@ static void run(int mode)
     memset(b, 0xab, sizeof b);
     CHECK(jr_write(J, 2, 0, b, sizeof b, 0, 30000) > 0);
     CHECK(jr_detach(J, 2, 50) == -ETIMEDOUT);
-    CHECK(jr_forget(J, 2) == 0);
+    CHECK(jr_forget(J, 2, 5000) == 0);
     CHECK(jr_detach(J, 2, 1000) == 0);
     CHECK(jr_write(J, 2, 0, b, sizeof b, 0, 1000) == -ENXIO);
     CHECK(jr_discard(J, 2, 0, 512, 0, 1000) == -ENXIO);
@@ -174,9 +174,9 @@ static void run(int mode)
         jr_get_stats(J, &st);
         CHECK(st.recovered_records > 0 && st.generation == 2);
         uint32_t pv[8];
-        /* jr_forget is not journalled: the controller forgets again */
-        CHECK(jr_pending_volumes(J, pv, 8) == 2);
-        CHECK(jr_forget(J, 2) == 0);
+        /* the forget is in the journal: volume 2's records stay dropped */
+        CHECK(jr_pending_volumes(J, pv, 8) == 1 && pv[0] == 1);
+        CHECK(jr_forget(J, 2, 5000) == 0); /* before jr_start: written at once */
         CHECK(jr_pending_volumes(J, pv, 8) == 1 && pv[0] == 1);
         attach_all();
         CHECK(jr_start(J) == 0);

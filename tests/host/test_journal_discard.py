@@ -191,25 +191,26 @@ def _rewrite_super(path: Path, **changes: int) -> None:
         fh.write(raw)
 
 
-def test_version_1_journal_is_read_and_upgraded(jpath: Path, vol1: Path) -> None:
+@pytest.mark.parametrize("old", [1, 2])
+def test_earlier_version_journal_is_read_and_upgraded(jpath: Path, vol1: Path, old: int) -> None:
     j = Journal.open(str(jpath))
     j.attach(1, str(vol1), VOL)
     j.start()
     hold_marker(j, 1)
     j.write(1, 0, pattern(1, 4 * KiB))
     j.close(drain=False)
-    _rewrite_super(jpath, version=1)  # as the previous release left it
+    _rewrite_super(jpath, version=old)  # as an earlier release left it
     j = Journal.open(str(jpath))
     assert j.stats().recovered_records == 2
     sb, _ = parse_journal(jpath)
-    assert sb.version == 2
+    assert sb.version == 3
     j.attach(1, str(vol1), VOL)
     assert j.read(1, 0, 4 * KiB) == pattern(1, 4 * KiB)
     j.close(drain=False)
 
 
 def test_later_format_is_refused_with_a_clear_error(jpath: Path) -> None:
-    _rewrite_super(jpath, version=3)
+    _rewrite_super(jpath, version=4)
     with pytest.raises(JournalError) as ei:
         Journal.open(str(jpath))
     assert ei.value.errno == errno.EPROTONOSUPPORT

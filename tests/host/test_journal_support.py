@@ -22,13 +22,14 @@ from dmsnap.journal import Journal, Marker
 
 SB_FMT = "<QIIQQQQQQQII"  # magic version align journal_id generation capacity ckpt_seq ckpt_pos
 # sb_seq min_gen crc zero
-REC_FMT = "<QQQQQQIIIIII"  # magic journal_id gen seq offset marker_id type vol len crc flags hcrc
+REC_FMT = "<QQQQQQIIIIII"  # magic journal_id gen seq offset marker_id type vol len crc ack_lag
+# hcrc
 SB_MAGIC = 0x3142534A4E534D44
 REC_MAGIC = 0x3143524A4E534D44
 RING_START = 8192
 VOL = 16 << 20  # the unit tests' volume file (fixture vol1 in conftest.py)
 HDR = 512
-WRITE, MARKER, PAD, DISCARD = 1, 2, 3, 4
+WRITE, MARKER, PAD, DISCARD, FORGET = 1, 2, 3, 4, 5
 
 assert struct.calcsize(SB_FMT) == 80 and struct.calcsize(REC_FMT) == 72
 
@@ -111,6 +112,7 @@ class Record:
     vol: int
     length: int
     data: bytes = field(repr=False)
+    ack_lag: int = 0
 
 
 def read_supers(path: Path) -> list[Super]:
@@ -143,7 +145,7 @@ def parse_journal(path: Path, generation_now: int | None = None) -> tuple[Super,
     recs: list[Record] = []
     while walked < cap:
         f = struct.unpack_from(REC_FMT, ring, pos)
-        magic, jid, gen, rseq, off, mid, typ, vol, ln, dcrc, _flags, hcrc = f
+        magic, jid, gen, rseq, off, mid, typ, vol, ln, dcrc, ack_lag, hcrc = f
         if magic != REC_MAGIC or jid != sb.journal_id or rseq != seq:
             break
         if hcrc != crc32c(ring[pos : pos + 68]) or not (prev_gen <= gen < gen_limit):
@@ -154,6 +156,10 @@ def parse_journal(path: Path, generation_now: int | None = None) -> tuple[Super,
             size, data = ln, b""
         elif typ == DISCARD:  # no data; the length is in marker_id
             if ln or dcrc or not vol or not mid or mid % 512 or off % 512:
+                break
+            size, data = rec_size(0, sb.align), b""
+        elif typ == FORGET:  # no data; the bound (first seq kept) is in offset
+            if ln or dcrc or not vol or mid or off > rseq:
                 break
             size, data = rec_size(0, sb.align), b""
         elif typ in (WRITE, MARKER):
@@ -167,7 +173,7 @@ def parse_journal(path: Path, generation_now: int | None = None) -> tuple[Super,
             break
         if walked + size > cap:
             break
-        recs.append(Record(pos, size, jid, gen, rseq, off, mid, typ, vol, ln, data))
+        recs.append(Record(pos, size, jid, gen, rseq, off, mid, typ, vol, ln, data, ack_lag))
         prev_gen, seq, walked = gen, seq + 1, walked + size
         pos = (pos + size) % cap
     return sb, recs
@@ -184,6 +190,7 @@ def make_record(
     marker_id: int = 0,
     data: bytes = b"",
     align: int = 512,
+    ack_lag: int = 0,
 ) -> bytes:
     """A complete record (header sector + data + padding) as on disk."""
     ln = len(data)
@@ -199,7 +206,7 @@ def make_record(
         vol,
         ln,
         crc32c(data),
-        0,
+        ack_lag,
         0,
     )[:68]
     head += struct.pack("<I", crc32c(head))
