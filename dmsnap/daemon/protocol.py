@@ -133,13 +133,13 @@ def _refs(arg: str, value: Any) -> list[list[str]]:
     return out
 
 
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")  # fullmatch: no trailing newline
 MAX_LABEL_VALUE = 256
 
 
 def check_label(key: str, value: str) -> None:
     """Labels are for people and schedulers: short keys, one-line values."""
-    if not LABEL_KEY_RE.match(key):
+    if not LABEL_KEY_RE.fullmatch(key):
         raise InvalidArgument(
             f"label key {key!r} may only contain letters, digits, '.', '_', '-', '/' "
             "(at most 63, starting with a letter or digit)"

@@ -75,7 +75,7 @@ LIST_MAX = 64  # LIST reports at most this many requests (a page of the not dele
 MAX_ERROR_BYTES = 1024
 
 # same rule as dmsnap.storage.names.check_name (kept import-light for the initiator)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")  # fullmatch: no trailing newline
 
 # offsets in the CREATE parameter list
 OFF_MAGIC = 0
@@ -212,7 +212,7 @@ def check_name(name: str) -> str | None:
         return "the snapshot name is empty"
     if len(name) > MAX_NAME:
         return f"the snapshot name is longer than {MAX_NAME} characters"
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         return (
             "a snapshot name may only contain letters, digits, '.', '_' and '-', "
             "and must not start with '-', '.' or '_'"
@@ -221,7 +221,7 @@ def check_name(name: str) -> str | None:
 
 
 def check_label(key: str, value: str) -> str | None:
-    if not LABEL_KEY_RE.match(key):
+    if not LABEL_KEY_RE.fullmatch(key):
         return f"label key {key!r} is not acceptable"
     if len(value) > MAX_LABEL_VALUE or any(c in value for c in "\n\r\0"):
         return f"label {key!r}: value must be one line of at most {MAX_LABEL_VALUE} characters"
@@ -385,7 +385,7 @@ def decode_create(buf: bytes, *, wait: bool = False, group: bool = False) -> Cre
             key = kraw.decode("ascii")
         except UnicodeDecodeError:
             raise S.bad_param(key_at, 7) from None
-        if not LABEL_KEY_RE.match(key) or key in labels:
+        if not LABEL_KEY_RE.fullmatch(key) or key in labels:
             raise S.bad_param(key_at, 7)
         try:
             value = vraw.decode("utf-8")

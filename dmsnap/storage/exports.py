@@ -33,11 +33,12 @@ if TYPE_CHECKING:  # annotations only: manager.py imports this module
 log = logging.getLogger("dmsnap.storage")
 
 
-_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?$")
+# fullmatch: ``$`` would let a trailing newline through
+_IQN_RE = re.compile(r"iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?")
 
 
 def _check_iqn(iqn: str) -> str:
-    if not _IQN_RE.match(iqn) or len(iqn) > 223:
+    if not _IQN_RE.fullmatch(iqn) or len(iqn) > 223:
         raise E.InvalidArgument(f"{iqn!r} is not an iSCSI name (iqn.YYYY-MM.domain[:name])")
     return iqn
 
