@@ -771,7 +771,7 @@ def run(work: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
             else:
                 iqn = IQN + ("dmsnap" if pool == POOL_NV else "dmsnapram")
                 ex = d.call(
-                    "export.create", pool=pool, vol=vol, kind="iscsi", iqn=iqn,
+                    "export.create", pool=pool, vol=vol, kind="iscsi", iqn=iqn, allow_any=True,
                     portal=f"{PORTAL[0]}:{PORTAL[1]}",
                 )  # fmt: skip
                 iscsi = iscsi or OpenIscsi()

@@ -916,10 +916,13 @@ EXPORT_HEADERS = ["REF", "KIND", "SERIAL", "TARGET", "ALLOW", "SNAPSHOT-ALLOW", 
 
 def _allow_text(row: dict[str, Any]) -> str:
     """Who may log in to an export, in a table cell: a local disk has no
-    login; an iSCSI target without --allow takes any initiator."""
+    login; an iSCSI target admits its --allow list, or (--allow-any, demo
+    mode) every initiator, shown loud."""
     if row.get("kind") != "iscsi":
         return "-"
-    return ",".join(row.get("allow") or []) or "all"
+    if row.get("allow_any"):
+        return "ANY(demo)"
+    return ",".join(row.get("allow") or []) or "none"
 
 
 def _rights_text(value: Any) -> str:
@@ -949,8 +952,19 @@ def export(
     ] = None,
     allow: Annotated[
         list[str] | None,
-        typer.Option("--allow", metavar="INITIATOR_IQN", help="Only these initiators (repeat)."),
+        typer.Option(
+            "--allow",
+            metavar="INITIATOR_IQN",
+            help="The initiators that may log in (repeat; iSCSI needs it or --allow-any).",
+        ),
     ] = None,
+    allow_any: Annotated[
+        bool,
+        typer.Option(
+            "--allow-any",
+            help="Demo mode: every initiator may log in, read-write, without ACLs.",
+        ),
+    ] = False,
     chap: Annotated[
         str | None, typer.Option("--chap", metavar="USER:SECRET", help="CHAP for logins.")
     ] = None,
@@ -976,6 +990,8 @@ def export(
 ) -> None:
     """Serve a journaled volume over SCSI: --local (a disk here, linked as
     /dev/dmsnap/POOL/VOL) or --iscsi; `dmsnap export list` lists exports.
+    An iSCSI export admits only the --allow initiators (an ACL each);
+    --allow-any opens it to every initiator (demo mode, with a warning).
     By default every initiator that reaches the LUN may request snapshots
     in-band; --snapshot-allow IQN (iSCSI with --allow) names the ones that
     may, --no-snapshot lets none. --update changes a running export's
@@ -1005,7 +1021,7 @@ def export(
         return
     if no_snapshot and snapshot_allow:
         raise InvalidArgument("--no-snapshot or --snapshot-allow, not both")
-    if update and (local or iscsi or iqn or portal or chap):
+    if update and (local or iscsi or iqn or portal or chap or allow_any):
         raise InvalidArgument(
             "--update changes --allow and the snapshot rights only "
             "(the kind, IQN, portal and CHAP stay: unexport and export again)"
@@ -1031,7 +1047,16 @@ def export(
         )
         return
     kind = "local" if local else "iscsi"
+    if allow_any:
+        args["allow_any"] = True
     r = _call("export.create", **args, kind=kind, iqn=iqn, portal=portal, chap=chap)
+    if allow_any:
+        typer.echo(
+            f"warning: {ref} is open to every initiator that reaches "
+            f"{r.get('portal') or 'its portal'}, read-write, without ACLs (--allow-any, "
+            "demo mode); export it with --allow INITIATOR_IQN to close it",
+            err=True,
+        )
     if json_out:
         print_json(r)
         return

@@ -294,7 +294,10 @@ OPS: dict[str, Op] = {
     "volume.flush": _op("volume_flush", "pool vol", req="pool vol", data=True),
     "volume.discard": _op("volume_discard", "pool vol offset size", req="pool vol", data=True),
     "export.create": _op(
-        "export_create", "pool vol", "snap kind iqn portal allow chap snapshot_allow", "pool vol"
+        "export_create",
+        "pool vol",
+        "snap kind iqn portal allow allow_any chap snapshot_allow",
+        "pool vol",
     ),
     "export.update": _op("export_update", "pool vol", "snap allow snapshot_allow", "pool vol"),
     "export.list": _op("export_list", "pool", ro=True),
@@ -333,6 +336,7 @@ _CHECKS: dict[str, Check] = {
     "iqn": _text,
     "portal": _text,
     "allow": _texts,
+    "allow_any": _bool,
     "snapshot_allow": _texts,
     "chap": _text,
 }

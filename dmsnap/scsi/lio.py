@@ -162,13 +162,17 @@ def export_iscsi(
     allow: list[str],
     chap: tuple[str, str] | None,
     *,
+    allow_any: bool = False,
     refusing: Backstore | None = None,
     refusing_for: Collection[str] = (),
 ) -> None:
-    """An iSCSI target serving ``bs`` as LUN 0 to the ``allow`` initiators
-    (every initiator when empty). ``refusing``: the volume's backstore that
-    refuses the snapshot command; it becomes the TPG's LUN 1 and the
-    initiators in ``refusing_for`` see it, not ``bs``, as their LUN 0."""
+    """An iSCSI target serving ``bs`` as LUN 0 to the ``allow`` initiators,
+    or to every initiator (demo mode) with ``allow_any`` and no ``allow``.
+    ``refusing``: the volume's backstore that refuses the snapshot command;
+    it becomes the TPG's LUN 1 and the initiators in ``refusing_for`` see
+    it, not ``bs``, as their LUN 0."""
+    if bool(allow) == allow_any:  # closed by default: never demo mode by omission
+        raise LioError("an iSCSI target admits the listed initiators, or any with allow_any")
     rts = _rtslib()
     fm = rts.FabricModule("iscsi")
     target = rts.Target(fm, iqn)

@@ -193,12 +193,15 @@ class ExportsMixin:
         iqn: str | None = None,
         portal: str | None = None,
         allow: list[str] | None = None,
+        allow_any: bool = False,
         chap: str | None = None,
         snapshot_allow: list[str] | None = None,
     ) -> Json:
         """Serve POOL/VOL (or a snapshot of it, read-only) over SCSI: a local
-        disk through tcm_loop, or an iSCSI target. ``snapshot_allow``: who
-        may send the in-band snapshot command (see :func:`snapshot_rights`)."""
+        disk through tcm_loop, or an iSCSI target. An iSCSI target admits
+        the ``allow`` initiators (an ACL each), or, only when ``allow_any``
+        says so, every initiator (demo mode; a warning). ``snapshot_allow``:
+        who may send the in-band snapshot command (:func:`snapshot_rights`)."""
         from dmsnap.scsi import lio
 
         names.check_name("pool", pool)
@@ -207,8 +210,20 @@ class ExportsMixin:
             names.check_name("snapshot", snap)
         if kind not in ("local", "iscsi"):
             raise E.InvalidArgument(f"export kind must be local or iscsi, not {kind!r}")
-        if kind == "local" and (iqn or portal or allow or chap):
-            raise E.InvalidArgument("--iqn, --portal, --allow and --chap are for --iscsi")
+        if kind == "local" and (iqn or portal or allow or allow_any or chap):
+            raise E.InvalidArgument(
+                "--iqn, --portal, --allow, --allow-any and --chap are for --iscsi"
+            )
+        if kind == "iscsi":
+            # closed by default, as targetcli: an ACL per initiator
+            if allow and allow_any:
+                raise E.InvalidArgument("--allow-any or --allow INITIATOR_IQN, not both")
+            if not allow and not allow_any:
+                raise E.InvalidArgument(
+                    "an iSCSI export admits only the initiators named with --allow "
+                    "INITIATOR_IQN (repeat); --allow-any opens it to every initiator "
+                    "(demo mode: read-write, no ACL)"
+                )
         p = self.catalog.pool(pool)
         v = self.catalog.volume(pool, vol)
         s = self.catalog.snapshot(pool, vol, snap) if snap is not None else None
@@ -229,6 +244,10 @@ class ExportsMixin:
             )
             config["portal"] = _check_portal(portal or "0.0.0.0:3260")
             config["allow"] = [_check_iqn(a) for a in (allow or [])]
+            if len(set(config["allow"])) != len(config["allow"]):
+                raise E.InvalidArgument("--allow names an initiator twice")
+            if allow_any:
+                config["allow_any"] = True
             if chap:
                 user, sep, secret = chap.partition(":")
                 if not sep or not user or not 12 <= len(secret) <= 16:
@@ -249,7 +268,29 @@ class ExportsMixin:
             self.catalog.remove_export(ex.id)
             raise
         log.info("exported %s (%s)", ex.ref, kind)
+        if allow_any:
+            log.warning(
+                "%s is open to every initiator on %s, read-write, without ACLs (--allow-any)",
+                ex.ref,
+                config["portal"],
+            )
         return self._export_json(ex)
+
+    def _restore_legacy_open(self, ex: Any) -> Any:
+        """An iSCSI export written before ACLs were required, with no
+        --allow, was open to every initiator. It stays so (its initiators
+        keep working after the upgrade), but as an explicit --allow-any,
+        recorded in the catalog, shown by export list and warned about."""
+        if ex.kind != "iscsi" or ex.config.get("allow") or ex.config.get("allow_any"):
+            return ex
+        config = {**ex.config, "allow_any": True}
+        ex = self.catalog.update_export(ex.id, config, ex.snapshot_allow)
+        log.warning(
+            "%s was exported to every initiator (no --allow, before ACLs were required): "
+            "kept as --allow-any; to close it, unexport it and export it again with --allow",
+            ex.ref,
+        )
+        return ex
 
     def _backstore_name(self, ex: Any, second: bool = False) -> str:
         # second: the one refusing the snapshot command when rights are mixed
@@ -303,6 +344,7 @@ class ExportsMixin:
     def _start_export(self, ex: Any) -> None:
         from dmsnap.scsi import lio, target
 
+        ex = self._restore_legacy_open(ex)
         src = self._path_source(ex)
         paths: list[target.LunPath] = []
         try:
@@ -325,6 +367,7 @@ class ExportsMixin:
                         (host, int(port)),
                         ex.config["allow"],
                         chap,
+                        allow_any=bool(ex.config.get("allow_any")),
                         refusing=paths[1].backstore if len(paths) > 1 else None,
                         refusing_for=refusing_initiators(ex),
                     )
@@ -422,11 +465,14 @@ class ExportsMixin:
             wanted = [_check_iqn(a) for a in allow]
             if len(set(wanted)) != len(wanted):
                 raise E.InvalidArgument("--allow names an initiator twice")
-            if bool(wanted) != bool(ex.config.get("allow")):
+            if ex.config.get("allow_any"):
                 raise E.InvalidArgument(
-                    f"{ref} is open to "
-                    + ("these initiators only" if ex.config.get("allow") else "every initiator")
-                    + ": LIO cannot switch that live (unexport and export again)"
+                    f"{ref} is open to every initiator (--allow-any): LIO cannot switch "
+                    "that live (unexport and export again with --allow)"
+                )
+            if not wanted:
+                raise E.InvalidArgument(
+                    f"{ref}: --allow needs at least one initiator (to admit none, unexport it)"
                 )
             config["allow"] = wanted
         if snapshot_allow is None:

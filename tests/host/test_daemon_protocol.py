@@ -171,6 +171,7 @@ class FakeManager:
         iqn=None,
         portal=None,
         allow=None,
+        allow_any=False,
         chap=None,
         snapshot_allow=None,
     ):
@@ -183,6 +184,7 @@ class FakeManager:
             iqn=iqn,
             portal=portal,
             allow=allow,
+            allow_any=allow_any,
             chap=chap,
             snapshot_allow=snapshot_allow,
         )

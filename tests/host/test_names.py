@@ -146,7 +146,7 @@ def _add(m: Manager) -> None:
         cache_dev=None,
         size=1 << 30,
         cache_size=None,
-        config={"journal": "disk"},
+        config={"journal": {"mode": "nv"}},
     )
     m.catalog.add_volume(p, VOL, 1 << 20, dev_id=1)
 

@@ -34,7 +34,7 @@ from scsi_util import (
     assert_fio_verified,
     fio,
     fio_verify_args,
-    iscsi_session,
+    iscsi_sessions_as,
     kernel_log,
     libiscsi_catalogue,
     open_iscsi,
@@ -51,6 +51,7 @@ from dmsnap.storage.manager import Manager
 IQN = "iqn.2026-11.org.dmsnap.test:iscsi"
 PORTAL = "127.0.0.1:3260"
 INITIATOR = "iqn.2026-11.org.dmsnap.test:libiscsi"
+OPEN_ISCSI = "iqn.2026-11.org.dmsnap.test:open-iscsi"
 ISCSI_VOL = 32 * MiB
 
 # The families the issue names, in groups that each take under ~2 minutes in
@@ -142,15 +143,17 @@ def _manager(state: Path):
 
 @pytest.fixture(scope="module")
 def iscsi_export(tmp_path_factory):
-    """A journaled volume exported over iSCSI on 127.0.0.1 (no ACL: demo
-    mode, any initiator), for libiscsi and then open-iscsi."""
+    """A journaled volume exported over iSCSI on 127.0.0.1 to libiscsi's
+    and open-iscsi's initiator names (an ACL each: an export is closed by
+    default)."""
     _needs_lio()
     with _manager(tmp_path_factory.mktemp("iscsi") / "state") as m:
         # its own pool name: the module's pool lives beside the tests' own
         m.pool_create("isc", size=256 * MiB, journal_size=16 * MiB)
         m.volume_create("isc", "v", ISCSI_VOL)
-        ex = m.export_create("isc", "v", kind="iscsi", iqn=IQN, portal=PORTAL)
-        assert ex["iqn"] == IQN and ex["portal"] == PORTAL and ex["allow"] == []
+        allow = [INITIATOR, OPEN_ISCSI]
+        ex = m.export_create("isc", "v", kind="iscsi", iqn=IQN, portal=PORTAL, allow=allow)
+        assert ex["iqn"] == IQN and ex["portal"] == PORTAL and ex["allow"] == allow
         yield m, ex
 
 
@@ -229,7 +232,8 @@ def test_fio_verify_through_iscsi(iscsi_export):
     (16 in flight each) then a sequential 1 MiB job all read back equal;
     SYNCHRONIZE CACHE 10 and 16 (no libiscsi suite for them) answer GOOD."""
     m, ex = iscsi_export
-    with open_iscsi(), iscsi_session(IQN, PORTAL, ex["serial"]) as disk:
+    with open_iscsi(), iscsi_sessions_as(IQN, PORTAL, ex["serial"], [OPEN_ISCSI]) as disks:
+        disk = disks[OPEN_ISCSI]
         assert "DMSNAP" in run("sg_inq", disk).stdout
         with open(f"/sys/block/{os.path.basename(disk)}/size") as f:
             assert int(f.read()) * 512 == ISCSI_VOL
@@ -577,7 +581,6 @@ def test_snapshot_rights_per_initiator(tmp_path):
     through the first holds the writes completed through both; the rights
     survive a daemon restart; a bad IQN is refused and changes nothing."""
     _needs_lio()
-    from scsi_util import iscsi_sessions_as
     from test_cli_e2e import Daemon
 
     d = Daemon(tmp_path)
@@ -663,7 +666,6 @@ def test_export_update_live(tmp_path):
     refused and changes nothing. A local export's right is switched off and
     on, as the initiator sees it; the rights survive a daemon restart."""
     _needs_lio()
-    from scsi_util import iscsi_sessions_as
     from test_cli_e2e import Daemon
 
     d = Daemon(tmp_path)
