@@ -1101,7 +1101,10 @@ def initiator_snapshot(
     name: Annotated[str, typer.Argument(metavar="NAME")],
     wait: Annotated[bool, typer.Option("--wait", help="Until the snapshot exists.")] = False,
     group: Annotated[
-        bool, typer.Option("--group", help="Every volume of the LUN's pool, one cut.")
+        bool,
+        typer.Option(
+            "--group", help="Every volume of the LUN's pool this initiator may snapshot, one cut."
+        ),
     ] = False,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", metavar="KEY=VALUE")] = None,
     token: Annotated[

@@ -558,6 +558,17 @@ _KIND_SENSE: dict[ErrorKind, tuple[int, tuple[int, int], S.FieldPointer | None]]
 }
 
 
+# Too many in-band requests on this path (the target's token bucket is
+# empty): ABORTED COMMAND (the initiator may retry) with a vendor-specific
+# ASC/ASCQ (SPC reserves ASC 80h-FFh for vendors); INFORMATION holds the
+# milliseconds until the target takes another.
+INBAND_RATE_EXCEEDED = (0x80, 0x01)
+
+
+def rate_sense(retry_ms: int) -> S.Sense:
+    return S.Sense.of(S.Key.ABORTED_COMMAND, INBAND_RATE_EXCEEDED, information=retry_ms)
+
+
 def error_sense(err: SnapshotError, *, labels_at: int | None = None) -> S.Sense:
     key, code, field_ptr = _KIND_SENSE[err.kind]
     if err.kind is ErrorKind.INVALID_LABELS and labels_at is not None:
@@ -617,6 +628,9 @@ def explain(sense: S.Sense, service_action: int = SA_CREATE) -> str:
             return "the storage system is starting (journal recovery); try again shortly"
         if code == S.LUN_NOT_READY_MANUAL_INTERVENTION:
             return "snapshots are unavailable on the storage system (journal stopped or failed)"
+    if sense.key == S.Key.ABORTED_COMMAND and code == INBAND_RATE_EXCEEDED:
+        after = f" in {sense.information} ms" if sense.information else " later"
+        return f"too many in-band requests from this initiator: nothing was done; try again{after}"
     if sense.key == S.Key.HARDWARE_ERROR and code == S.INTERNAL_TARGET_FAILURE:
         what = {
             SA_CREATE: "the snapshot could not be made",

@@ -86,6 +86,26 @@ def snapshot_rights(
     return tuple(wanted)
 
 
+LOCAL_HOST = "(this host)"  # the one initiator of a local (tcm_loop) export
+
+
+def snapshot_senders(ex: Any) -> frozenset[str] | None:
+    """Who can send the in-band snapshot command to this export and have it
+    taken (its first backstore): None for every initiator (an iSCSI export
+    open to all, --allow-any), else their names (:data:`LOCAL_HOST` for a
+    local export); empty: nobody."""
+    if ex.snapshot is not None or ex.snapshot_allow == ():
+        return frozenset()
+    if ex.kind == "local":
+        return frozenset({LOCAL_HOST})
+    allow = ex.config.get("allow") or []
+    if ex.config.get("allow_any") or not allow:
+        return None if ex.snapshot_allow is None else frozenset()
+    if ex.snapshot_allow is None:
+        return frozenset(allow)
+    return frozenset(allow) & frozenset(ex.snapshot_allow)
+
+
 def export_paths(ex: Any) -> list[bool]:
     """The backstores an export needs, by whether each takes the snapshot
     command: one when every initiator has the same right, two (taking it,
