@@ -932,6 +932,21 @@ def _rights_text(value: Any) -> str:
     return ",".join(value) if value else "none"
 
 
+def _chap_entries(source: str) -> list[list[str]]:
+    """The CHAP file (only its owner may read it) or standard input, as
+    the daemon takes it; errors name the line, never a secret."""
+    from dmsnap.scsi import chap
+
+    try:
+        if source == "-":
+            text, where = sys.stdin.read(1 << 20), "standard input"
+        else:
+            text, where = chap.read_file(source), source
+        return [c.to_wire() for c in chap.from_wire(e.to_wire() for e in chap.parse(text, where))]
+    except chap.ChapError as e:
+        raise InvalidArgument(str(e)) from None
+
+
 @app.command("export")
 def export(
     ref: Annotated[
@@ -965,9 +980,16 @@ def export(
             help="Demo mode: every initiator may log in, read-write, without ACLs.",
         ),
     ] = False,
-    chap: Annotated[
-        str | None, typer.Option("--chap", metavar="USER:SECRET", help="CHAP for logins.")
+    chap_file: Annotated[
+        str | None,
+        typer.Option(
+            "--chap-file",
+            metavar="FILE|-",
+            help="CHAP per initiator, from a file only you can read (or - for stdin): "
+            "lines IQN USER SECRET [MUTUAL_USER MUTUAL_SECRET].",
+        ),
     ] = None,
+    chap: Annotated[str | None, typer.Option("--chap", hidden=True)] = None,
     snapshot_allow: Annotated[
         list[str] | None,
         typer.Option(
@@ -1019,9 +1041,15 @@ def export(
                 ],
             )
         return
+    if chap is not None:
+        # argv is in ps, /proc and shell history: no secret there
+        raise InvalidArgument(
+            "CHAP secrets are not taken on the command line: --chap-file FILE "
+            "(mode 600) or --chap-file - (standard input)"
+        )
     if no_snapshot and snapshot_allow:
         raise InvalidArgument("--no-snapshot or --snapshot-allow, not both")
-    if update and (local or iscsi or iqn or portal or chap or allow_any):
+    if update and (local or iscsi or iqn or portal or chap_file or allow_any):
         raise InvalidArgument(
             "--update changes --allow and the snapshot rights only "
             "(the kind, IQN, portal and CHAP stay: unexport and export again)"
@@ -1049,7 +1077,9 @@ def export(
     kind = "local" if local else "iscsi"
     if allow_any:
         args["allow_any"] = True
-    r = _call("export.create", **args, kind=kind, iqn=iqn, portal=portal, chap=chap)
+    if chap_file is not None:
+        args["chap"] = _chap_entries(chap_file)
+    r = _call("export.create", **args, kind=kind, iqn=iqn, portal=portal)
     if allow_any:
         typer.echo(
             f"warning: {ref} is open to every initiator that reaches "

@@ -218,6 +218,24 @@ def _texts(arg: str, value: Any) -> list[str]:
     return [_text(arg, v) for v in value]
 
 
+def _chap(arg: str, value: Any) -> list[list[str]]:
+    """CHAP entries ([IQN, USER, SECRET] or with MUTUAL_USER, MUTUAL_SECRET),
+    checked; a message never holds a secret."""
+    from dmsnap.scsi.chap import ChapError, from_wire
+
+    if not isinstance(value, list) or not 0 < len(value) <= 64:
+        raise InvalidArgument(f"{arg}: expected a list of 1 to 64 CHAP entries")
+    if not all(isinstance(e, list) and all(isinstance(f, str) for f in e) for e in value):
+        raise InvalidArgument(f"{arg}: each CHAP entry is a list of strings")
+    try:
+        return [c.to_wire() for c in from_wire(value)]
+    except ChapError as e:
+        raise InvalidArgument(f"{arg}: {e}") from None
+
+
+# arguments whose values are never written to a log
+SECRET_ARGS = frozenset({"chap"})
+
 BACKENDS = ("thin", "classic")
 JOURNAL_MODES = ("nv", "ram", "none")
 
@@ -338,7 +356,7 @@ _CHECKS: dict[str, Check] = {
     "allow": _texts,
     "allow_any": _bool,
     "snapshot_allow": _texts,
-    "chap": _text,
+    "chap": _chap,
 }
 
 

@@ -386,7 +386,13 @@ ROUND_TRIPS = [
     ),
     (
         "export.create",
-        {"pool": "p", "vol": "v", "kind": "iscsi", "allow": ["iqn.2026-11.x:a"], "chap": "u:s"},
+        {
+            "pool": "p",
+            "vol": "v",
+            "kind": "iscsi",
+            "allow": ["iqn.2026-11.x:a"],
+            "chap": [["iqn.2026-11.x:a", "u", "s3cret-s3cret"]],
+        },
         ("export_create", ("p", "v"), {"kind": "iscsi", "allow": ["iqn.2026-11.x:a"]}),
     ),
     (

@@ -771,3 +771,90 @@ def test_export_update_live(tmp_path):
             d.start()
         d.cli("pool", "destroy", "r", "--force", "--yes", check=False)
         d.stop(teardown=True)
+
+
+CHAP_IQN = "iqn.2026-11.org.dmsnap.test:chap"
+ONE_WAY = "iqn.2026-11.org.dmsnap.test:chap-one"
+MUTUAL = "iqn.2026-11.org.dmsnap.test:chap-mutual"
+STRANGER = "iqn.2026-11.org.dmsnap.test:stranger"
+S_ONE, S_MUT, S_TGT = "one-secret-0123", "mut-secret-4567", "tgt-secret-89ab"
+
+
+def test_chap_logins(tmp_path):
+    """open-iscsi against an export with per-initiator CHAP from a
+    --chap-file: the right secret logs in, a wrong one or none is refused,
+    an initiator not in the file (so not allowed) is refused even with a
+    valid secret; mutual CHAP logs in when the initiator checks the
+    target's secret and is refused by the initiator when that is wrong.
+    The secrets are in a 0600 file, not in the catalog or the daemon's log,
+    and serve again when LIO lost the target (a reboot)."""
+    _needs_lio()
+    from scsi_util import iscsi_login_as
+    from test_cli_e2e import Daemon
+
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        d.cli("pool", "create", "c", "--size", "256M")
+        d.cli("volume", "create", "c/v", "--size", "32M")
+        f = tmp_path / "chap"
+        f.write_text(f"{ONE_WAY} one {S_ONE}\n{MUTUAL} mut {S_MUT} tgt {S_TGT}\n")
+        f.chmod(0o644)
+        base = ["export", "c/v", "--iscsi", "--iqn", CHAP_IQN, "--portal", PORTAL]
+        r = d.cli(*base, "--chap-file", str(f), check=False)
+        assert r.returncode == 2 and "chmod 600" in r.stderr, r
+        r = d.cli(*base, check=False)  # closed by default
+        assert r.returncode == 2 and "--allow-any" in r.stderr, r
+        assert d.json("export", "list") == []
+        f.chmod(0o600)
+        d.cli(*base, "--chap-file", str(f))
+        (ex,) = d.json("export", "list")
+        assert ex["allow"] == [ONE_WAY, MUTUAL] and ex["running"], ex
+        assert ex["chap"] == {ONE_WAY: "one-way", MUTUAL: "mutual"}, ex
+        serial = ex["serial"]
+        secrets = d.state / "secrets" / f"chap-{serial}.json"
+        assert secrets.stat().st_mode & 0o777 == 0o600
+        stored = b"".join(p.read_bytes() for p in d.state.glob("catalog.db*"))
+        for s in (S_ONE, S_MUT, S_TGT):
+            assert s.encode() not in stored
+
+        one = {"authmethod": "CHAP", "username": "one", "password": S_ONE}
+        mut = {"authmethod": "CHAP", "username": "mut", "password": S_MUT,
+               "username_in": "tgt", "password_in": S_TGT}  # fmt: skip
+
+        def login(initiator: str, auth: dict[str, str] | None) -> bool:
+            with iscsi_login_as(CHAP_IQN, PORTAL, serial, initiator, auth) as disk:
+                if disk is None:
+                    return False
+                data = os.urandom(4096)
+                pwrite_direct(disk, 0, data)
+                assert pread_direct(disk, 0, 4096) == data
+                return True
+
+        with open_iscsi():
+            assert login(ONE_WAY, one)
+            assert not login(ONE_WAY, {**one, "password": "wrong-secret-00"})
+            assert not login(ONE_WAY, None)
+            assert not login(STRANGER, one)  # not in the file: no ACL
+            assert login(MUTUAL, mut)
+            assert not login(MUTUAL, {**mut, "password_in": "not-the-target1"})
+            assert not login(MUTUAL, {**mut, "password": S_ONE})
+            # LIO loses its configuration (a reboot): dmsnapd builds the
+            # target again, with the secrets from their file
+            d.stop()
+            lio.unexport_iscsi(CHAP_IQN)
+            d.start()
+            assert d.json("export", "list")[0]["running"]
+            assert login(ONE_WAY, one) and login(MUTUAL, mut)
+            assert not login(ONE_WAY, {**one, "password": "wrong-secret-00"})
+        d.cli("unexport", "c/v")
+        assert not secrets.exists()
+        log = d.log.read_text()
+        assert "export.create" in log
+        for s in (S_ONE, S_MUT, S_TGT):
+            assert s not in log
+    finally:
+        if d.proc is None or d.proc.poll() is not None:
+            d.start()
+        d.cli("pool", "destroy", "c", "--force", "--yes", check=False)
+        d.stop(teardown=True)
