@@ -507,6 +507,10 @@ class ExportsMixin:
         from dmsnap.scsi import lio, target
 
         ex = self._restore_legacy_open(ex)
+        if isinstance(ex.config.get("chap"), list):
+            # an older catalog's secret in clear leaves it at every start,
+            # also when LIO still has the target (a daemon restart)
+            ex, _ = self._chap_of(ex)
         src = self._path_source(ex)
         paths: list[target.LunPath] = []
         try:

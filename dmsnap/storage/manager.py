@@ -795,6 +795,7 @@ class Manager(ExportsMixin):
                 raise E.Busy(f"{ex.ref} is exported; unexport it first or use --force")
             self._stop_export(ex.id, keep=False)
             self.catalog.remove_export(ex.id)
+            self._drop_chap(ex.serial)  # its secrets go with it
         devs = self._pool_devices(pool.name, pool.uuid[:8])
         journaled = {names.dm_volume(name, v.name) for v in vols} if self._journal(pool) else set()
         for d in devs:
