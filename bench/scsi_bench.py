@@ -627,7 +627,7 @@ def export_kernel(
         if disk is None:
             raise RuntimeError(f"no tcm_loop disk for {bs.name}")
         return disk, iscsi
-    lio.export_iscsi(bs, IQN + name, PORTAL, [], None)
+    lio.export_iscsi(bs, IQN + name, PORTAL, [], {}, allow_any=True)  # the bench: demo mode
     iscsi = iscsi or OpenIscsi()
     return iscsi.login(IQN + name, serial), iscsi
 
