@@ -951,10 +951,13 @@ EXPORT_HEADERS = ["REF", "KIND", "SERIAL", "TARGET", "ALLOW", "SNAPSHOT-ALLOW", 
 
 def _allow_text(row: dict[str, Any]) -> str:
     """Who may log in to an export, in a table cell: a local disk has no
-    login; an iSCSI target without --allow takes any initiator."""
+    login; an iSCSI target admits its --allow list, or (--allow-any, demo
+    mode) every initiator, shown loud."""
     if row.get("kind") != "iscsi":
         return "-"
-    return ",".join(row.get("allow") or []) or "all"
+    if row.get("allow_any"):
+        return "ANY(demo)"
+    return ",".join(row.get("allow") or []) or "none"
 
 
 def _rights_text(value: Any) -> str:
@@ -962,6 +965,21 @@ def _rights_text(value: Any) -> str:
     if value == "all" or value is None:
         return "all"
     return ",".join(value) if value else "none"
+
+
+def _chap_entries(source: str) -> list[list[str]]:
+    """The CHAP file (only its owner may read it) or standard input, as
+    the daemon takes it; errors name the line, never a secret."""
+    from dmsnap.scsi import chap
+
+    try:
+        if source == "-":
+            text, where = sys.stdin.read(1 << 20), "standard input"
+        else:
+            text, where = chap.read_file(source), source
+        return [c.to_wire() for c in chap.from_wire(e.to_wire() for e in chap.parse(text, where))]
+    except chap.ChapError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 @app.command("export")
@@ -984,11 +1002,29 @@ def export(
     ] = None,
     allow: Annotated[
         list[str] | None,
-        typer.Option("--allow", metavar="INITIATOR_IQN", help="Only these initiators (repeat)."),
+        typer.Option(
+            "--allow",
+            metavar="INITIATOR_IQN",
+            help="The initiators that may log in (repeat; iSCSI needs it or --allow-any).",
+        ),
     ] = None,
-    chap: Annotated[
-        str | None, typer.Option("--chap", metavar="USER:SECRET", help="CHAP for logins.")
+    allow_any: Annotated[
+        bool,
+        typer.Option(
+            "--allow-any",
+            help="Demo mode: every initiator may log in, read-write, without ACLs.",
+        ),
+    ] = False,
+    chap_file: Annotated[
+        str | None,
+        typer.Option(
+            "--chap-file",
+            metavar="FILE|-",
+            help="CHAP per initiator, from a file only you can read (or - for stdin): "
+            "lines IQN USER SECRET [MUTUAL_USER MUTUAL_SECRET].",
+        ),
     ] = None,
+    chap: Annotated[str | None, typer.Option("--chap", hidden=True)] = None,
     snapshot_allow: Annotated[
         list[str] | None,
         typer.Option(
@@ -1011,6 +1047,8 @@ def export(
 ) -> None:
     """Serve a journaled volume over SCSI: --local (a disk here, linked as
     /dev/dmsnap/POOL/VOL) or --iscsi; `dmsnap export list` lists exports.
+    An iSCSI export admits only the --allow initiators (an ACL each);
+    --allow-any opens it to every initiator (demo mode, with a warning).
     By default every initiator that reaches the LUN may request snapshots
     in-band; --snapshot-allow IQN (iSCSI with --allow) names the ones that
     may, --no-snapshot lets none. --update changes a running export's
@@ -1038,9 +1076,15 @@ def export(
                 ],
             )
         return
+    if chap is not None:
+        # argv is in ps, /proc and shell history: no secret there
+        raise InvalidArgument(
+            "CHAP secrets are not taken on the command line: --chap-file FILE "
+            "(mode 600) or --chap-file - (standard input)"
+        )
     if no_snapshot and snapshot_allow:
         raise InvalidArgument("--no-snapshot or --snapshot-allow, not both")
-    if update and (local or iscsi or iqn or portal or chap):
+    if update and (local or iscsi or iqn or portal or chap_file or allow_any):
         raise InvalidArgument(
             "--update changes --allow and the snapshot rights only "
             "(the kind, IQN, portal and CHAP stay: unexport and export again)"
@@ -1066,7 +1110,18 @@ def export(
         )
         return
     kind = "local" if local else "iscsi"
-    r = _call("export.create", **args, kind=kind, iqn=iqn, portal=portal, chap=chap)
+    if allow_any:
+        args["allow_any"] = True
+    if chap_file is not None:
+        args["chap"] = _chap_entries(chap_file)
+    r = _call("export.create", **args, kind=kind, iqn=iqn, portal=portal)
+    if allow_any:
+        typer.echo(
+            f"warning: {ref} is open to every initiator that reaches "
+            f"{r.get('portal') or 'its portal'}, read-write, without ACLs (--allow-any, "
+            "demo mode); export it with --allow INITIATOR_IQN to close it",
+            err=True,
+        )
     if json_out:
         print_json(r)
         return
@@ -1111,7 +1166,10 @@ def initiator_snapshot(
     name: Annotated[str, typer.Argument(metavar="NAME")],
     wait: Annotated[bool, typer.Option("--wait", help="Until the snapshot exists.")] = False,
     group: Annotated[
-        bool, typer.Option("--group", help="Every volume of the LUN's pool, one cut.")
+        bool,
+        typer.Option(
+            "--group", help="Every volume of the LUN's pool this initiator may snapshot, one cut."
+        ),
     ] = False,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", metavar="KEY=VALUE")] = None,
     token: Annotated[

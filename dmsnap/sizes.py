@@ -7,12 +7,12 @@ import re
 from dmsnap.errors import InvalidArgument
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*", re.IGNORECASE)
 
 
 def parse_size(text: str, *, what: str = "size", allow_zero: bool = False) -> int:
     """Binary units (K = 1024). A size must be positive (an offset may be 0)."""
-    m = _RE.match(text)
+    m = _RE.fullmatch(text)
     if not m:
         raise InvalidArgument(f"{what} {text!r}: expected a number with optional K/M/G/T suffix")
     value = float(m.group(1)) * _UNITS[m.group(2).upper()]

@@ -133,13 +133,13 @@ def _refs(arg: str, value: Any) -> list[list[str]]:
     return out
 
 
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")  # fullmatch: no trailing newline
 MAX_LABEL_VALUE = 256
 
 
 def check_label(key: str, value: str) -> None:
     """Labels are for people and schedulers: short keys, one-line values."""
-    if not LABEL_KEY_RE.match(key):
+    if not LABEL_KEY_RE.fullmatch(key):
         raise InvalidArgument(
             f"label key {key!r} may only contain letters, digits, '.', '_', '-', '/' "
             "(at most 63, starting with a letter or digit)"
@@ -224,6 +224,24 @@ def _texts(arg: str, value: Any) -> list[str]:
     return [_text(arg, v) for v in value]
 
 
+def _chap(arg: str, value: Any) -> list[list[str]]:
+    """CHAP entries ([IQN, USER, SECRET] or with MUTUAL_USER, MUTUAL_SECRET),
+    checked; a message never holds a secret."""
+    from dmsnap.scsi.chap import ChapError, from_wire
+
+    if not isinstance(value, list) or not 0 < len(value) <= 64:
+        raise InvalidArgument(f"{arg}: expected a list of 1 to 64 CHAP entries")
+    if not all(isinstance(e, list) and all(isinstance(f, str) for f in e) for e in value):
+        raise InvalidArgument(f"{arg}: each CHAP entry is a list of strings")
+    try:
+        return [c.to_wire() for c in from_wire(value)]
+    except ChapError as e:
+        raise InvalidArgument(f"{arg}: {e}") from None
+
+
+# arguments whose values are never written to a log
+SECRET_ARGS = frozenset({"chap"})
+
 BACKENDS = ("thin", "classic")
 JOURNAL_MODES = ("nv", "ram", "none")
 
@@ -299,7 +317,10 @@ OPS: dict[str, Op] = {
     "volume.flush": _op("volume_flush", "pool vol", req="pool vol", data=True),
     "volume.discard": _op("volume_discard", "pool vol offset size", req="pool vol", data=True),
     "export.create": _op(
-        "export_create", "pool vol", "snap kind iqn portal allow chap snapshot_allow", "pool vol"
+        "export_create",
+        "pool vol",
+        "snap kind iqn portal allow allow_any chap snapshot_allow",
+        "pool vol",
     ),
     "export.update": _op("export_update", "pool vol", "snap allow snapshot_allow", "pool vol"),
     "export.list": _op("export_list", "pool", ro=True),
@@ -339,8 +360,9 @@ _CHECKS: dict[str, Check] = {
     "iqn": _text,
     "portal": _text,
     "allow": _texts,
+    "allow_any": _bool,
     "snapshot_allow": _texts,
-    "chap": _text,
+    "chap": _chap,
 }
 
 

@@ -492,5 +492,7 @@ def _summary(args: dict[str, Any]) -> str:
             v = f"{len(v)} label(s)"
         elif k == "content":
             v = f"{len(v)} bytes"
+        elif k in proto.SECRET_ARGS:  # never a secret in the log
+            v = f"<{len(v) if isinstance(v, list) else 1} hidden>"
         parts.append(f"{k}={v}")
     return "".join(f" {p}" for p in parts)

@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -339,6 +341,32 @@ class _Cmd:
     op: _Op
 
 
+class TokenBucket:
+    """The rate of in-band snapshot commands one path takes: ``burst`` at
+    once, then ``rate`` a second. Thread-safe."""
+
+    def __init__(
+        self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens = float(burst)
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> float:
+        """0.0 when a token was taken; else the seconds until one will be."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return 0.0
+            return (1.0 - self._tokens) / self.rate
+
+
 class Emulator:
     """One logical unit's SCSI personality (thread-safe; one per exported LUN)."""
 
@@ -349,6 +377,7 @@ class Emulator:
         *,
         snapshot_allowed: Callable[[str], bool],
         limits: Limits | None = None,
+        inband_rate: TokenBucket | None = None,
         vendor: str = "DMSNAP",
         product: str = "dmsnap volume",
         revision: str = "0001",
@@ -357,6 +386,8 @@ class Emulator:
         self.snapshots = snapshots
         self.snapshot_allowed = snapshot_allowed
         self.limits = limits or Limits()
+        # None: unbounded (tests, tools); every export path has one (target.make_emulator)
+        self.inband_rate = inband_rate
         self.vendor = vendor
         self.product = product
         self.revision = revision
@@ -1018,6 +1049,9 @@ class Emulator:
         sc = SC.decode_cdb(c.cdb)
         if not self._allowed(c.initiator):
             raise SenseError(Sense.of(Key.ILLEGAL_REQUEST, S.ACCESS_DENIED_NO_ACCESS_RIGHTS))
+        if self.inband_rate is not None and (wait := self.inband_rate.take()) > 0:
+            # before the parameter list is even read: nothing done, nothing changed
+            raise SenseError(SC.rate_sense(math.ceil(wait * 1000)))
         params = b""
         if sc.service_action in SC.DATA_OUT:
             if sc.length == 0:

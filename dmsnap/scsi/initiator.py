@@ -5,6 +5,7 @@ through :func:`dmsnap.scsi.sgio.sg_io`; the wire format is
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from dmsnap.errors import UserError
@@ -59,11 +60,36 @@ def _check(device: str, r: SgResult, sa: int) -> None:
     )
 
 
-def _send(device: str, cdb: bytes, **kw: object) -> SgResult:
+RATE_RETRIES = 20  # resends of a command the target refused for its rate
+
+
+def _rate_wait(r: SgResult) -> float | None:
+    """Seconds the target asks to wait when it refused the command for the
+    rate of in-band requests (nothing was done), else None."""
+    if r.status != 0x02 or not r.sense:
+        return None
     try:
-        return sg_io(device, cdb, **kw)  # type: ignore[arg-type]
-    except SgError as e:
-        raise InitiatorError(str(e)) from None
+        sense = S.decode(r.sense)
+    except Exception:
+        return None
+    if sense.key != S.Key.ABORTED_COMMAND or sense.code != SC.INBAND_RATE_EXCEEDED:
+        return None
+    return min(5.0, (sense.information or 200) / 1000)
+
+
+def _send(device: str, cdb: bytes, **kw: object) -> SgResult:
+    """One command; resent after the wait the target asks for when it
+    refused it for the rate of requests (safe: it did nothing)."""
+    for attempt in range(RATE_RETRIES + 1):
+        try:
+            r = sg_io(device, cdb, **kw)  # type: ignore[arg-type]
+        except SgError as e:
+            raise InitiatorError(str(e)) from None
+        wait = _rate_wait(r)
+        if wait is None or attempt == RATE_RETRIES:
+            return r
+        time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def status(device: str, token: bytes) -> list[SC.SnapEntry]:
@@ -127,14 +153,21 @@ def snapshot(
 def _send_idempotent(device: str, cdb: bytes, params: bytes, sa: int, retries: int) -> None:
     """Send a token-carrying request, again on a transport error or BUSY (the
     token makes a repeat harmless); raise on the final failure or bad sense."""
-    for attempt in range(retries + 1):
+    attempt = rated = 0
+    while True:
         try:
             r = sg_io(device, cdb, data_out=params)
         except SgError as e:
             if attempt == retries:
                 raise InitiatorError(str(e)) from None
+            attempt += 1
+            continue
+        if (wait := _rate_wait(r)) is not None and rated < RATE_RETRIES:
+            rated += 1  # refused for the rate, nothing done: after the wait asked for
+            time.sleep(wait)
             continue
         if r.status == 0x08 and attempt < retries:  # BUSY: the same request again
+            attempt += 1
             continue
         _check(device, r, sa)
         return

@@ -16,7 +16,7 @@ import glob
 import logging
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,15 +160,22 @@ def export_iscsi(
     iqn: str,
     portal: tuple[str, int],
     allow: list[str],
-    chap: tuple[str, str] | None,
+    chap: Mapping[str, Any],
     *,
+    allow_any: bool = False,
     refusing: Backstore | None = None,
     refusing_for: Collection[str] = (),
 ) -> None:
-    """An iSCSI target serving ``bs`` as LUN 0 to the ``allow`` initiators
-    (every initiator when empty). ``refusing``: the volume's backstore that
-    refuses the snapshot command; it becomes the TPG's LUN 1 and the
-    initiators in ``refusing_for`` see it, not ``bs``, as their LUN 0."""
+    """An iSCSI target serving ``bs`` as LUN 0 to the ``allow`` initiators,
+    or to every initiator (demo mode) with ``allow_any`` and no ``allow``.
+    ``chap``: initiator IQN -> its credentials (scsi.chap.ChapCreds; ``*``:
+    every initiator of an ``allow_any`` target); when there are any, every
+    login must authenticate (an initiator without them cannot log in).
+    ``refusing``: the volume's backstore that refuses the snapshot command;
+    it becomes the TPG's LUN 1 and the initiators in ``refusing_for`` see
+    it, not ``bs``, as their LUN 0."""
+    if bool(allow) == allow_any:  # closed by default: never demo mode by omission
+        raise LioError("an iSCSI target admits the listed initiators, or any with allow_any")
     rts = _rtslib()
     fm = rts.FabricModule("iscsi")
     target = rts.Target(fm, iqn)
@@ -187,8 +194,8 @@ def export_iscsi(
             tpg.set_attribute("demo_mode_write_protect", "0")
             tpg.set_attribute("cache_dynamic_acls", "1")
         tpg.set_attribute("authentication", "1" if chap else "0")
-        if chap and not allow:
-            tpg.chap_userid, tpg.chap_password = chap
+        if allow_any and "*" in chap:  # demo mode: the TPG's credentials for everyone
+            _set_chap(tpg, chap["*"])
         tpg.enable = True
     except Exception:
         with contextlib.suppress(Exception):
@@ -217,8 +224,18 @@ def iscsi_acls(iqn: str) -> dict[str, tuple[int, bool]]:
     return out
 
 
+def _set_chap(obj: Any, creds: Any) -> None:
+    """A node ACL's (or a demo-mode TPG's) CHAP: the initiator's user and
+    secret and, for mutual CHAP, the target's own."""
+    obj.chap_userid = creds.userid
+    obj.chap_password = creds.secret
+    if creds.mutual:
+        obj.chap_mutual_userid = creds.mutual_userid
+        obj.chap_mutual_password = creds.mutual_secret
+
+
 def _map_acls(
-    tpg: Any, allow: list[str], chap: tuple[str, str] | None, refusing_for: Collection[str]
+    tpg: Any, allow: list[str], chap: Mapping[str, Any], refusing_for: Collection[str]
 ) -> None:
     """The TPG's ACLs admit exactly ``allow``, each initiator's LUN 0 mapped
     to TPG LUN 0, or to LUN 1 (the backstore refusing the snapshot command)
@@ -236,8 +253,8 @@ def _map_acls(
         acl = acls.get(initiator)
         if acl is None:
             acl = rts.NodeACL(tpg, initiator)
-            if chap:
-                acl.chap_userid, acl.chap_password = chap
+            if initiator in chap:
+                _set_chap(acl, chap[initiator])
         elif (m := _lun0(acl)) is not None:
             if m.tpg_lun.lun == want.lun:
                 continue
@@ -248,7 +265,7 @@ def _map_acls(
 def update_iscsi_acls(
     iqn: str,
     allow: list[str],
-    chap: tuple[str, str] | None,
+    chap: Mapping[str, Any],
     refusing_for: Collection[str] = (),
 ) -> None:
     """A running export's ACLs for a new ``allow`` list (not empty: a target

@@ -75,7 +75,7 @@ LIST_MAX = 64  # LIST reports at most this many requests (a page of the not dele
 MAX_ERROR_BYTES = 1024
 
 # same rule as dmsnap.storage.names.check_name (kept import-light for the initiator)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")  # fullmatch: no trailing newline
 
 # offsets in the CREATE parameter list
 OFF_MAGIC = 0
@@ -212,7 +212,7 @@ def check_name(name: str) -> str | None:
         return "the snapshot name is empty"
     if len(name) > MAX_NAME:
         return f"the snapshot name is longer than {MAX_NAME} characters"
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         return (
             "a snapshot name may only contain letters, digits, '.', '_' and '-', "
             "and must not start with '-', '.' or '_'"
@@ -221,7 +221,7 @@ def check_name(name: str) -> str | None:
 
 
 def check_label(key: str, value: str) -> str | None:
-    if not LABEL_KEY_RE.match(key):
+    if not LABEL_KEY_RE.fullmatch(key):
         return f"label key {key!r} is not acceptable"
     if len(value) > MAX_LABEL_VALUE or any(c in value for c in "\n\r\0"):
         return f"label {key!r}: value must be one line of at most {MAX_LABEL_VALUE} characters"
@@ -385,7 +385,7 @@ def decode_create(buf: bytes, *, wait: bool = False, group: bool = False) -> Cre
             key = kraw.decode("ascii")
         except UnicodeDecodeError:
             raise S.bad_param(key_at, 7) from None
-        if not LABEL_KEY_RE.match(key) or key in labels:
+        if not LABEL_KEY_RE.fullmatch(key) or key in labels:
             raise S.bad_param(key_at, 7)
         try:
             value = vraw.decode("utf-8")
@@ -558,6 +558,17 @@ _KIND_SENSE: dict[ErrorKind, tuple[int, tuple[int, int], S.FieldPointer | None]]
 }
 
 
+# Too many in-band requests on this path (the target's token bucket is
+# empty): ABORTED COMMAND (the initiator may retry) with a vendor-specific
+# ASC/ASCQ (SPC reserves ASC 80h-FFh for vendors); INFORMATION holds the
+# milliseconds until the target takes another.
+INBAND_RATE_EXCEEDED = (0x80, 0x01)
+
+
+def rate_sense(retry_ms: int) -> S.Sense:
+    return S.Sense.of(S.Key.ABORTED_COMMAND, INBAND_RATE_EXCEEDED, information=retry_ms)
+
+
 def error_sense(err: SnapshotError, *, labels_at: int | None = None) -> S.Sense:
     key, code, field_ptr = _KIND_SENSE[err.kind]
     if err.kind is ErrorKind.INVALID_LABELS and labels_at is not None:
@@ -617,6 +628,9 @@ def explain(sense: S.Sense, service_action: int = SA_CREATE) -> str:
             return "the storage system is starting (journal recovery); try again shortly"
         if code == S.LUN_NOT_READY_MANUAL_INTERVENTION:
             return "snapshots are unavailable on the storage system (journal stopped or failed)"
+    if sense.key == S.Key.ABORTED_COMMAND and code == INBAND_RATE_EXCEEDED:
+        after = f" in {sense.information} ms" if sense.information else " later"
+        return f"too many in-band requests from this initiator: nothing was done; try again{after}"
     if sense.key == S.Key.HARDWARE_ERROR and code == S.INTERNAL_TARGET_FAILURE:
         what = {
             SA_CREATE: "the snapshot could not be made",

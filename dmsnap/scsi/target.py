@@ -17,13 +17,20 @@ from typing import Any
 from dmsnap import errors as E
 from dmsnap.scsi import DEFAULT_WORKER_NICE, lio
 from dmsnap.scsi import snapcmd as SC
-from dmsnap.scsi.emulation import Emulator, Limits, Lun, naa_from_serial
+from dmsnap.scsi.emulation import Emulator, Limits, Lun, TokenBucket, naa_from_serial
 from dmsnap.scsi.tcmu import Command, Reply, TcmuDevice, uio_for
 
 log = logging.getLogger("dmsnap.scsi")
 
 BLOCK = 512
 MAX_UNMAP_BLOCKS = 1 << 20
+# In-band snapshot commands one export path takes: a burst (a schedule's
+# CREATE, a few LIST pages and DELETEs), then a steady rate; beyond it the
+# rate sense (docs/scsi-snapshot-command.md). Each command takes the
+# Manager's lock and may write the catalog: an initiator looping on it
+# must not starve the storage system's control operations.
+INBAND_RATE = 5.0  # a second
+INBAND_BURST = 32
 
 
 class VolumeLun:
@@ -93,10 +100,34 @@ _KIND = {
 
 class InbandSnapshots:
     """The vendor command's target side: a request token is the Manager's
-    request token (hex), GROUP means every volume of the pool."""
+    request token (hex). What one export's initiators reach is its pool's
+    volumes *visible* to them (:meth:`_visible`): GROUP cuts those, LIST
+    and STATUS show the requests that cut one of them (and of a group's
+    snapshots, those)."""
 
     def __init__(self, manager: Any, pool: str, vol: str, wait_timeout: float = 30.0) -> None:
         self.m, self.pool, self.vol, self.wait_timeout = manager, pool, vol, wait_timeout
+
+    def _visible(self) -> dict[int, str]:
+        """Volume id -> name of the pool's volumes that every initiator able
+        to send the command here may snapshot through an export of its own:
+        TCMU does not say which initiator sent it, so the whole set of
+        senders of this path must hold the right (an ``--allow-any``
+        export's senders are everyone). This volume always."""
+        from dmsnap.storage.exports import snapshot_senders
+
+        exports = [e for e in self.m.catalog.exports(self.pool) if e.snapshot is None]
+        mine = next((e for e in exports if e.volume == self.vol), None)
+        out: dict[int, str] = {}
+        if mine is not None:
+            senders = snapshot_senders(mine)
+            for e in exports:
+                theirs = snapshot_senders(e)
+                if theirs is None or (senders and theirs is not None and senders <= theirs):
+                    out[e.volume_id] = e.volume
+        own = self.m.catalog.volume(self.pool, self.vol)
+        out[own.id] = own.name
+        return out
 
     def create(self, lun: Lun, request: SC.CreateRequest) -> None:
         with self.m.lock:
@@ -108,7 +139,8 @@ class InbandSnapshots:
         if earlier is not None and earlier.state == "done":
             return  # made already (and maybe deleted since): a retry makes nothing new
         if request.group:
-            refs = [[self.pool, v["name"]] for v in self.m.volume_list(self.pool)]
+            with self.m.lock:
+                refs = [[self.pool, n] for n in sorted(self._visible().values())]
         else:
             refs = [[self.pool, self.vol]]
         try:
@@ -135,9 +167,12 @@ class InbandSnapshots:
             out.setdefault(s.group_id, []).append(s)
         return out
 
-    def _entry(self, mk: Any, groups: dict[int, list[Any]]) -> SC.SnapEntry:
+    def _entry(
+        self, mk: Any, groups: dict[int, list[Any]], visible: dict[int, str]
+    ) -> SC.SnapEntry:
         state = {"pending": SC.State.PENDING, "done": SC.State.DONE}.get(mk.state, SC.State.FAILED)
         members = groups.get(mk.group_id, []) if mk.group_id is not None else []
+        members = [s for s in members if s.volume_id in visible]
         snaps = tuple(f"{s.pool}/{s.volume}@{s.name}" for s in members)
         if state is SC.State.DONE and not members:  # every snapshot it made is gone
             state = SC.State.DELETED
@@ -157,18 +192,23 @@ class InbandSnapshots:
             error=mk.error or "",
         )
 
-    def _markers(self) -> list[Any]:
+    def _markers(self, visible: dict[int, str]) -> list[Any]:
+        """The pool's requests, newest first, that cut a visible volume."""
         with self.m.lock:
             p = self.m.catalog.pool(self.pool)
-            return list(reversed(self.m.catalog.markers(p.id)))
+            return [
+                mk
+                for mk in reversed(self.m.catalog.markers(p.id))
+                if any(v in visible for v in mk.request.get("volumes", []))
+            ]
 
     def status(self, lun: Lun, handle: bytes) -> Sequence[SC.SnapEntry]:
         suffix = handle.hex()
         with self.m.lock:
-            groups = self._groups()
+            groups, visible = self._groups(), self._visible()
             return [
-                self._entry(mk, groups)
-                for mk in self._markers()
+                self._entry(mk, groups, visible)
+                for mk in self._markers(visible)
                 if (mk.token or "").endswith(suffix)
             ]
 
@@ -176,8 +216,8 @@ class InbandSnapshots:
         # Deleted requests are left out (STATUS still reports them), so the
         # window holds what exists: a long-running `schedule --keep` stays in it.
         with self.m.lock:
-            groups = self._groups()
-            live = (self._entry(mk, groups) for mk in self._markers())
+            groups, visible = self._groups(), self._visible()
+            live = (self._entry(mk, groups, visible) for mk in self._markers(visible))
             kept = (e for e in live if e.state is not SC.State.DELETED)
             return list(islice(kept, skip, skip + SC.LIST_MAX))
 
@@ -245,6 +285,23 @@ class Running:
             p.device.close()
 
 
+def make_emulator(
+    lun: Any,
+    snapshots: Any,
+    *,
+    snapshot_allowed: Callable[[str], bool],
+    limits: Limits | None = None,
+) -> Emulator:
+    """The emulator of one export path, with its bound on in-band requests."""
+    return Emulator(
+        lun,
+        snapshots,
+        snapshot_allowed=snapshot_allowed,
+        limits=limits,
+        inband_rate=TokenBucket(INBAND_RATE, INBAND_BURST),
+    )
+
+
 def start_device(
     bs: lio.Backstore,
     lun: Any,
@@ -267,7 +324,7 @@ def start_device(
         max_unmap=MAX_UNMAP_BLOCKS * BLOCK,
         unmap_granularity=unmap_granularity,
     )
-    emu = Emulator(lun, snapshots, snapshot_allowed=snapshot_allowed, limits=limits)
+    emu = make_emulator(lun, snapshots, snapshot_allowed=snapshot_allowed, limits=limits)
     lock = threading.Lock()
     holder: dict[str, TcmuDevice] = {}
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
+import stat
 import threading
 from typing import TYPE_CHECKING, Any
 
 from dmsnap import errors as E
 from dmsnap.dm.udev import LINK_DIR
+from dmsnap.scsi import chap as chap_mod
 from dmsnap.storage import names
 from dmsnap.storage._common import Json, _user_errors
 from dmsnap.storage.catalog import Catalog, Pool
@@ -33,11 +36,12 @@ if TYPE_CHECKING:  # annotations only: manager.py imports this module
 log = logging.getLogger("dmsnap.storage")
 
 
-_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?$")
+# fullmatch: ``$`` would let a trailing newline through
+_IQN_RE = re.compile(r"iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?")
 
 
 def _check_iqn(iqn: str) -> str:
-    if not _IQN_RE.match(iqn) or len(iqn) > 223:
+    if not _IQN_RE.fullmatch(iqn) or len(iqn) > 223:
         raise E.InvalidArgument(f"{iqn!r} is not an iSCSI name (iqn.YYYY-MM.domain[:name])")
     return iqn
 
@@ -83,6 +87,67 @@ def snapshot_rights(
             f"--snapshot-allow {stray[0]}: not among the --allow initiators (it could not log in)"
         )
     return tuple(wanted)
+
+
+LOCAL_HOST = "(this host)"  # the one initiator of a local (tcm_loop) export
+
+
+def snapshot_senders(ex: Any) -> frozenset[str] | None:
+    """Who can send the in-band snapshot command to this export and have it
+    taken (its first backstore): None for every initiator (an iSCSI export
+    open to all, --allow-any), else their names (:data:`LOCAL_HOST` for a
+    local export); empty: nobody."""
+    if ex.snapshot is not None or ex.snapshot_allow == ():
+        return frozenset()
+    if ex.kind == "local":
+        return frozenset({LOCAL_HOST})
+    allow = ex.config.get("allow") or []
+    if ex.config.get("allow_any") or not allow:
+        return None if ex.snapshot_allow is None else frozenset()
+    if ex.snapshot_allow is None:
+        return frozenset(allow)
+    return frozenset(allow) & frozenset(ex.snapshot_allow)
+
+
+def _check_chap(
+    chap: list[list[str]], allow: list[str] | None, allow_any: bool
+) -> list[chap_mod.ChapCreds]:
+    """The CHAP entries of a new iSCSI export, checked against who may log
+    in: with --allow, one entry for each of them (every login authenticates,
+    so an initiator without one could not log in); without --allow, the
+    entries name the initiators; with --allow-any, one entry for ``*``."""
+    try:
+        creds = chap_mod.from_wire(chap)
+    except chap_mod.ChapError as e:
+        raise E.InvalidArgument(str(e)) from None
+    named = [c.initiator for c in creds]
+    if allow_any:
+        if named != [chap_mod.ANY]:
+            raise E.InvalidArgument(
+                "with --allow-any the CHAP file has one line, for '*' (every initiator)"
+            )
+        return creds
+    if chap_mod.ANY in named:
+        raise E.InvalidArgument("'*' in the CHAP file is for --allow-any: name each initiator")
+    for i in named:
+        _check_iqn(i)
+    if allow:
+        if stray := [i for i in named if i not in allow]:
+            raise E.InvalidArgument(f"{stray[0]} has a CHAP line but is not in --allow")
+        if missing := [i for i in allow if i not in named]:
+            raise E.InvalidArgument(
+                f"{missing[0]} is in --allow but has no CHAP line (with CHAP every "
+                "initiator logs in with its own secret)"
+            )
+    return creds
+
+
+def _chap_modes(ex: Any) -> dict[str, str]:
+    """Initiator -> "one-way" or "mutual", as export list shows CHAP."""
+    modes = ex.config.get("chap")
+    if isinstance(modes, list):  # an older catalog's one shared secret, not moved yet
+        return dict.fromkeys(ex.config.get("allow") or [chap_mod.ANY], "one-way")
+    return dict(modes or {})
 
 
 def export_paths(ex: Any) -> list[bool]:
@@ -164,7 +229,8 @@ class ExportsMixin:
             "serial": ex.serial,
             "created": ex.created,
             **{k: v for k, v in ex.config.items() if k != "chap"},
-            "chap": bool(ex.config.get("chap")),
+            # who logs in with CHAP and how; the secrets stay in their file
+            "chap": _chap_modes(ex),
             # who may send the snapshot command: "all" or a list (empty: nobody)
             "snapshot_allow": "all" if ex.snapshot_allow is None else list(ex.snapshot_allow),
             "running": ex.id in self._exports,
@@ -192,12 +258,15 @@ class ExportsMixin:
         iqn: str | None = None,
         portal: str | None = None,
         allow: list[str] | None = None,
-        chap: str | None = None,
+        allow_any: bool = False,
+        chap: list[list[str]] | None = None,
         snapshot_allow: list[str] | None = None,
     ) -> Json:
         """Serve POOL/VOL (or a snapshot of it, read-only) over SCSI: a local
-        disk through tcm_loop, or an iSCSI target. ``snapshot_allow``: who
-        may send the in-band snapshot command (see :func:`snapshot_rights`)."""
+        disk through tcm_loop, or an iSCSI target. An iSCSI target admits
+        the ``allow`` initiators (an ACL each), or, only when ``allow_any``
+        says so, every initiator (demo mode; a warning). ``snapshot_allow``:
+        who may send the in-band snapshot command (:func:`snapshot_rights`)."""
         from dmsnap.scsi import lio
 
         names.check_name("pool", pool)
@@ -206,8 +275,24 @@ class ExportsMixin:
             names.check_name("snapshot", snap)
         if kind not in ("local", "iscsi"):
             raise E.InvalidArgument(f"export kind must be local or iscsi, not {kind!r}")
-        if kind == "local" and (iqn or portal or allow or chap):
-            raise E.InvalidArgument("--iqn, --portal, --allow and --chap are for --iscsi")
+        if kind == "local" and (iqn or portal or allow or allow_any or chap):
+            raise E.InvalidArgument(
+                "--iqn, --portal, --allow, --allow-any and --chap are for --iscsi"
+            )
+        creds: list[chap_mod.ChapCreds] = []
+        if kind == "iscsi" and chap is not None:
+            creds = _check_chap(chap, allow, allow_any)
+            allow = allow or ([] if allow_any else [c.initiator for c in creds])
+        if kind == "iscsi":
+            # closed by default, as targetcli: an ACL per initiator
+            if allow and allow_any:
+                raise E.InvalidArgument("--allow-any or --allow INITIATOR_IQN, not both")
+            if not allow and not allow_any:
+                raise E.InvalidArgument(
+                    "an iSCSI export admits only the initiators named with --allow "
+                    "INITIATOR_IQN (repeat); --allow-any opens it to every initiator "
+                    "(demo mode: read-write, no ACL)"
+                )
         p = self.catalog.pool(pool)
         v = self.catalog.volume(pool, vol)
         s = self.catalog.snapshot(pool, vol, snap) if snap is not None else None
@@ -228,16 +313,24 @@ class ExportsMixin:
             )
             config["portal"] = _check_portal(portal or "0.0.0.0:3260")
             config["allow"] = [_check_iqn(a) for a in (allow or [])]
-            if chap:
-                user, sep, secret = chap.partition(":")
-                if not sep or not user or not 12 <= len(secret) <= 16:
-                    raise E.InvalidArgument("--chap USER:SECRET, the secret 12 to 16 characters")
-                config["chap"] = [user, secret]
+            if len(set(config["allow"])) != len(config["allow"]):
+                raise E.InvalidArgument("--allow names an initiator twice")
+            if allow_any:
+                config["allow_any"] = True
+            if creds:
+                # who logs in how; the secrets go to a root-only file
+                config["chap"] = {c.initiator: c.mode for c in creds}
         rights = snapshot_rights(kind, snap, config.get("allow", []), snapshot_allow)
         serial = f"dmsnap{p.uuid[:6]}{v.id:04x}" + (f"s{s.id:04x}" if s else "")
-        ex = self.catalog.add_export(
-            p.id, v.id, s.id if s else None, kind, serial, config, snapshot_allow=rights
-        )
+        if creds:
+            self._save_chap(serial, creds)
+        try:
+            ex = self.catalog.add_export(
+                p.id, v.id, s.id if s else None, kind, serial, config, snapshot_allow=rights
+            )
+        except BaseException:
+            self._drop_chap(serial)
+            raise
         try:
             if s is not None and not s.active:
                 self.snapshot_activate(pool, vol, snap)
@@ -246,9 +339,120 @@ class ExportsMixin:
             with contextlib.suppress(Exception):
                 self._stop_export(ex.id, keep=False)
             self.catalog.remove_export(ex.id)
+            self._drop_chap(serial)
             raise
         log.info("exported %s (%s)", ex.ref, kind)
+        if allow_any:
+            log.warning(
+                "%s is open to every initiator on %s, read-write, without ACLs (--allow-any)",
+                ex.ref,
+                config["portal"],
+            )
         return self._export_json(ex)
+
+    # -- CHAP secrets: a root-only file per export, never the catalog --------------------
+
+    def _chap_path(self, serial: str) -> str:
+        return os.path.join(self.state_dir, "secrets", f"chap-{serial}.json")
+
+    def _save_chap(self, serial: str, creds: list[chap_mod.ChapCreds]) -> str:
+        """Write the export's CHAP secrets, mode 0600 in a 0700 directory,
+        whole or not at all (a new file renamed over the old, synced)."""
+        d = os.path.dirname(self._chap_path(serial))
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+        path = self._chap_path(serial)
+        tmp = f"{path}.{os.getpid()}.new"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.write(fd, json.dumps([c.to_wire() for c in creds]).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return path
+
+    def _load_chap(self, serial: str) -> dict[str, chap_mod.ChapCreds]:
+        """The export's CHAP secrets, if their file is still ours alone."""
+        path = self._chap_path(serial)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise E.Unavailable(
+                f"the CHAP secrets ({path}) cannot be read: {e.strerror}; "
+                "unexport and export again with --chap-file"
+            ) from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                raise E.Unavailable(
+                    f"{path}: not a file of ours with mode 0600: its CHAP secrets are not used"
+                )
+            data = f.read(1 << 20)
+        try:
+            return {c.initiator: c for c in chap_mod.from_wire(json.loads(data))}
+        except (ValueError, TypeError) as e:
+            raise E.Unavailable(f"{path}: not a dmsnap CHAP file ({e})") from None
+
+    def _drop_chap(self, serial: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._chap_path(serial))
+
+    def _chap_of(self, ex: Any) -> tuple[Any, dict[str, chap_mod.ChapCreds]]:
+        """The export (as the catalog now has it) and its CHAP credentials by
+        initiator. An older catalog kept one shared secret in clear,
+        ``[user, secret]``: it moves to the secrets file (for each allowed
+        initiator, or ``*`` for an export open to all) and leaves the catalog."""
+        modes = ex.config.get("chap")
+        if not modes:
+            return ex, {}
+        if isinstance(modes, list):
+            user, secret = modes
+            who = ex.config.get("allow") or [chap_mod.ANY]
+            creds = [chap_mod.ChapCreds(i, user, secret) for i in who]
+            path = self._save_chap(ex.serial, creds)
+            config = {**ex.config, "chap": {c.initiator: c.mode for c in creds}}
+            ex = self.catalog.update_export(ex.id, config, ex.snapshot_allow)
+            log.warning(
+                "%s: its CHAP secret was kept in clear in the catalog (and shown in older "
+                "dmsnap's log and on its command line): moved to %s (mode 0600); "
+                "consider changing it",
+                ex.ref,
+                path,
+            )
+            return ex, {c.initiator: c for c in creds}
+        creds = self._load_chap(ex.serial)
+        if set(creds) != set(modes):
+            raise E.Unavailable(
+                f"{ex.ref}: the CHAP secrets in {self._chap_path(ex.serial)} are not for its "
+                "initiators; unexport and export again with --chap-file"
+            )
+        return ex, creds
+
+    def _restore_legacy_open(self, ex: Any) -> Any:
+        """An iSCSI export written before ACLs were required, with no
+        --allow, was open to every initiator. It stays so (its initiators
+        keep working after the upgrade), but as an explicit --allow-any,
+        recorded in the catalog, shown by export list and warned about."""
+        if ex.kind != "iscsi" or ex.config.get("allow") or ex.config.get("allow_any"):
+            return ex
+        config = {**ex.config, "allow_any": True}
+        ex = self.catalog.update_export(ex.id, config, ex.snapshot_allow)
+        log.warning(
+            "%s was exported to every initiator (no --allow, before ACLs were required): "
+            "kept as --allow-any; to close it, unexport it and export it again with --allow",
+            ex.ref,
+        )
+        return ex
 
     def _backstore_name(self, ex: Any, second: bool = False) -> str:
         # second: the one refusing the snapshot command when rights are mixed
@@ -302,6 +506,11 @@ class ExportsMixin:
     def _start_export(self, ex: Any) -> None:
         from dmsnap.scsi import lio, target
 
+        ex = self._restore_legacy_open(ex)
+        if isinstance(ex.config.get("chap"), list):
+            # an older catalog's secret in clear leaves it at every start,
+            # also when LIO still has the target (a daemon restart)
+            ex, _ = self._chap_of(ex)
         src = self._path_source(ex)
         paths: list[target.LunPath] = []
         try:
@@ -317,13 +526,14 @@ class ExportsMixin:
                 fabric = ex.config["iqn"]
                 if not lio.iscsi_exists(fabric):
                     host, _, port = ex.config["portal"].rpartition(":")
-                    chap = tuple(ex.config["chap"]) if ex.config.get("chap") else None
+                    ex, chap = self._chap_of(ex)
                     lio.export_iscsi(
                         paths[0].backstore,
                         fabric,
                         (host, int(port)),
                         ex.config["allow"],
                         chap,
+                        allow_any=bool(ex.config.get("allow_any")),
                         refusing=paths[1].backstore if len(paths) > 1 else None,
                         refusing_for=refusing_initiators(ex),
                     )
@@ -421,13 +631,24 @@ class ExportsMixin:
             wanted = [_check_iqn(a) for a in allow]
             if len(set(wanted)) != len(wanted):
                 raise E.InvalidArgument("--allow names an initiator twice")
-            if bool(wanted) != bool(ex.config.get("allow")):
+            if ex.config.get("allow_any"):
                 raise E.InvalidArgument(
-                    f"{ref} is open to "
-                    + ("these initiators only" if ex.config.get("allow") else "every initiator")
-                    + ": LIO cannot switch that live (unexport and export again)"
+                    f"{ref} is open to every initiator (--allow-any): LIO cannot switch "
+                    "that live (unexport and export again with --allow)"
+                )
+            if not wanted:
+                raise E.InvalidArgument(
+                    f"{ref}: --allow needs at least one initiator (to admit none, unexport it)"
+                )
+            modes = _chap_modes(ex)
+            if modes and (new_ := [i for i in wanted if i not in modes]):
+                raise E.InvalidArgument(
+                    f"{ref} logs in with CHAP and {new_[0]} has no secret: unexport and "
+                    "export again with a --chap-file that names it"
                 )
             config["allow"] = wanted
+            if modes:
+                config["chap"] = {i: modes[i] for i in wanted}
         if snapshot_allow is None:
             rights = ex.snapshot_allow
             if rights:
@@ -443,6 +664,9 @@ class ExportsMixin:
             # the emulator asks this on every snapshot command: live
             pa.may_snapshot = may
             pa.emulator.snapshot_allowed = lambda _i, may=may: may
+        if config.get("chap") != ex.config.get("chap"):  # an initiator left: its secret too
+            _, creds = self._chap_of(ex)
+            self._save_chap(ex.serial, [creds[i] for i in config["chap"]])
         ex = self.catalog.update_export(ex.id, config, rights)
         if gone is not None:
             # no ACL maps it any more: the export works without it whatever
@@ -478,7 +702,7 @@ class ExportsMixin:
                 f"{ex.ref}: {', '.join(moving)} would change backstore (its snapshot right) "
                 "while logged in; log it out first"
             )
-        chap = tuple(ex.config["chap"]) if ex.config.get("chap") else None
+        _, chap = self._chap_of(ex)
         added = None
         try:
             if two and len(run.paths) == 1:
@@ -521,6 +745,7 @@ class ExportsMixin:
             raise E.NotFound(f"{ref} is not exported")
         self._stop_export(ex.id, keep=False)
         self.catalog.remove_export(ex.id)
+        self._drop_chap(ex.serial)
         self.export_errors.pop(ex.id, None)
         log.info("unexported %s", ex.ref)
 

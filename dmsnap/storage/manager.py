@@ -871,6 +871,7 @@ class Manager(ExportsMixin):
                 raise E.Busy(f"{ex.ref} is exported; unexport it first or use --force")
             self._stop_export(ex.id, keep=False)
             self.catalog.remove_export(ex.id)
+            self._drop_chap(ex.serial)  # its secrets go with it
         devs = self._pool_devices(pool.name, pool.uuid[:8])
         journaled = {names.dm_volume(name, v.name) for v in vols} if self._journal(pool) else set()
         for d in devs:
@@ -935,8 +936,7 @@ class Manager(ExportsMixin):
 
     @_user_errors
     def volume_create(self, pool: str, vol: str, size: int) -> Json:
-        names.check_name("pool", pool)
-        names.check_name("volume", vol)
+        names.check_volume_ref(pool, vol)  # and every kernel name made from it fits
         if size <= 0:
             raise E.InvalidArgument("volume size must be positive")
         size = (size + MiB - 1) // MiB * MiB  # whole MiB: extent and block aligned
@@ -1100,6 +1100,8 @@ class Manager(ExportsMixin):
             )
         if len(set(pairs)) != len(pairs):
             raise E.InvalidArgument("a volume is named twice")
+        for p_, v_ in pairs:  # before anything is promised (in-band: before GOOD)
+            names.check_snapshot_ref(p_, v_, name)
         for k, val in (labels or {}).items():
             if not k or "=" in k or len(k) > 64 or len(val) > 256:
                 raise E.InvalidArgument(f"bad label {k!r}={val!r}")

@@ -1,11 +1,15 @@
 """Names users give, and the kernel/udev names derived from them.
 
 User names are ``[A-Za-z0-9._-]``, 1 to 48 characters, not starting with
-``-``, ``.`` or ``_``, so every derived dm name fits DM_NAME_LEN and every
-link is a safe path component. dm UUIDs carry the pool's short id (so two
-pools created under the same name over time never share a UUID) and join the
-names with ``:`` and ``@``, which names cannot contain, so the udev helper
-splits them without ambiguity:
+``-``, ``.`` or ``_`` (matched whole: no trailing newline), so every link is
+a safe path component. Three names of 48 make a dm name or UUID longer than
+the kernel takes: :func:`check_volume_ref` and :func:`check_snapshot_ref`
+check every derived name before a volume or snapshot is promised.
+
+dm UUIDs carry the pool's short id (so two pools created under the same
+name over time never share a UUID) and join the names with ``:`` and
+``@``, which names cannot contain, so the udev helper splits them without
+ambiguity:
 
 * volume:    name ``dmsnap-POOL-VOL``       uuid ``DMSNAP-vol-ID-POOL:VOL``
 * snapshot:  name ``dmsnap-POOL-VOL@SNAP``  uuid ``DMSNAP-snap-ID-POOL:VOL@SNAP``
@@ -18,10 +22,17 @@ from __future__ import annotations
 
 import re
 
+from dmsnap.dm._dmffi import lib as _dm
 from dmsnap.dm.udev import Role, make_uuid
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,47}$")
+# checked with fullmatch: ``$`` would let a trailing newline through
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,47}")
 MAX_NAME = 48
+# the kernel's limits (include/uapi/linux/dm-ioctl.h), NUL included
+DM_NAME_MAX = _dm.DM_NAME_LEN - 1
+DM_UUID_MAX = _dm.DM_UUID_LEN - 1
+# every pool's UUID is a uuid4 hex: its first 8 characters go into dm UUIDs
+_SHORT_ID = "0" * 8
 
 
 class NameError_(ValueError):
@@ -33,7 +44,7 @@ def check_name(kind: str, name: str) -> str:
         raise NameError_(f"{kind} name must not be empty")
     if len(name) > MAX_NAME:
         raise NameError_(f"{kind} name {name!r} is longer than {MAX_NAME} characters")
-    if not NAME_RE.match(name) or name.startswith("_"):
+    if not NAME_RE.fullmatch(name) or name.startswith("_"):
         raise NameError_(
             f"{kind} name {name!r} may only contain letters, digits, '.', '_' and '-', "
             "and must not start with '-', '.' or '_'"
@@ -64,6 +75,63 @@ def uuid_snapshot(pool_uuid: str, pool: str, vol: str, snap: str) -> str:
 
 def uuid_internal(pool_uuid: str, pool: str, layer: str) -> str:
     return make_uuid(Role.INTERNAL, f"{pool_uuid[:8]}-{pool}:_{layer}")
+
+
+def _derived(pool: str, vol: str, snap: str | None) -> list[tuple[str, str, int]]:
+    """(what, derived name, limit) of every kernel name dmsnap may make for
+    POOL/VOL (or POOL/VOL@SNAP) on any backend: the dm device, its UUID and
+    the internal layers (classic: ``VOL.real``, ``VOL@SNAP.cow``/``.snap``)."""
+    layers = [f"{vol}.real"] if snap is None else [f"{vol}@{snap}.cow", f"{vol}@{snap}.snap"]
+    out = []
+    if snap is None:
+        out += [
+            ("dm name", dm_volume(pool, vol), DM_NAME_MAX),
+            ("dm UUID", uuid_volume(_SHORT_ID, pool, vol, journaled=True), DM_UUID_MAX),
+        ]
+    else:
+        out += [
+            ("dm name", dm_snapshot(pool, vol, snap), DM_NAME_MAX),
+            ("dm UUID", uuid_snapshot(_SHORT_ID, pool, vol, snap), DM_UUID_MAX),
+        ]
+    for layer in layers:
+        out += [
+            ("dm name", dm_internal(pool, layer), DM_NAME_MAX),
+            ("dm UUID", uuid_internal(_SHORT_ID, pool, layer), DM_UUID_MAX),
+        ]
+    return out
+
+
+def _check_derived(pool: str, vol: str, snap: str | None) -> None:
+    ref = f"{pool}/{vol}" + (f"@{snap}" if snap is not None else "")
+    for what, derived, limit in _derived(pool, vol, snap):
+        n = len(derived.encode())
+        if n > limit:
+            # the longest derived name is a classic snapshot's internal
+            # layer's UUID: 28 bytes of dmsnap's own plus the three names
+            budget = DM_UUID_MAX - 28
+            raise NameError_(
+                f"{ref}: names too long for the kernel: its {what} would be {n} bytes, "
+                f"the limit is {limit} (pool, volume and snapshot names together at most "
+                f"{budget} characters)"
+            )
+
+
+def check_volume_ref(pool: str, vol: str) -> tuple[str, str]:
+    """POOL/VOL checked, and every kernel name derived from it fits."""
+    check_name("pool", pool)
+    check_name("volume", vol)
+    _check_derived(pool, vol, None)
+    return pool, vol
+
+
+def check_snapshot_ref(pool: str, vol: str, snap: str) -> tuple[str, str, str]:
+    """POOL/VOL@SNAP checked, and every kernel name derived from it fits:
+    called before a snapshot is promised (CLI, control protocol, in-band)."""
+    check_name("pool", pool)
+    check_name("volume", vol)
+    check_name("snapshot", snap)
+    _check_derived(pool, vol, snap)
+    return pool, vol, snap
 
 
 def parse_ref(ref: str, *, snapshot: bool | None = None) -> tuple[str, str, str | None]:

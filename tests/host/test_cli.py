@@ -95,6 +95,8 @@ EXPORTS = [
      "snapshot_allow": "all"},
     {"ref": "fast/db@nightly", "kind": "local", "serial": "s3", "running": False,
      "snapshot_allow": []},
+    {"ref": "fast/demo", "kind": "iscsi", "serial": "s4", "iqn": "iqn.t:demo", "running": True,
+     "allow": [], "allow_any": True, "snapshot_allow": "all"},
 ]  # fmt: skip
 
 
@@ -364,8 +366,20 @@ def test_export_snapshot_rights(capsys, daemon) -> None:
     rc, out, _ = run(capsys, "export", "list")
     rows = [line.split() for line in out.splitlines()]
     assert rows[0] == ["REF", "KIND", "SERIAL", "TARGET", "ALLOW", "SNAPSHOT-ALLOW", "RUNNING"]
-    assert [r[4] for r in rows[1:]] == [f"{a},{b}", "-", "-"]  # local disks have no login
+    # local disks have no login; an --allow-any export says so loud
+    assert [r[4] for r in rows[1:]] == [f"{a},{b}", "-", "-", "ANY(demo)"]
     assert rows[1][5] == f"{a},{b}" and rows[2][5] == "all" and rows[3][5] == "none"
+
+
+def test_export_allow_any_is_explicit_and_warned(capsys, daemon) -> None:
+    _, fake = daemon
+    rc, _, err = run(capsys, "export", "fast/db", "--iscsi", "--allow-any")
+    assert rc == 0, err
+    assert fake.calls[-1][0] == "export_create" and fake.calls[-1][2]["allow_any"] is True
+    assert "warning: fast/db is open to every initiator" in err
+    rc, _, err = run(capsys, "export", "fast/db", "--iscsi", "--allow", "iqn.2026-11.x:a")
+    assert rc == 0, err
+    assert "allow_any" not in fake.calls[-1][2] and "warning" not in err
 
 
 def test_export_update(capsys, daemon) -> None:

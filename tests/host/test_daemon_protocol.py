@@ -175,6 +175,7 @@ class FakeManager:
         iqn=None,
         portal=None,
         allow=None,
+        allow_any=False,
         chap=None,
         snapshot_allow=None,
     ):
@@ -187,6 +188,7 @@ class FakeManager:
             iqn=iqn,
             portal=portal,
             allow=allow,
+            allow_any=allow_any,
             chap=chap,
             snapshot_allow=snapshot_allow,
         )
@@ -389,7 +391,13 @@ ROUND_TRIPS = [
     ),
     (
         "export.create",
-        {"pool": "p", "vol": "v", "kind": "iscsi", "allow": ["iqn.2026-11.x:a"], "chap": "u:s"},
+        {
+            "pool": "p",
+            "vol": "v",
+            "kind": "iscsi",
+            "allow": ["iqn.2026-11.x:a"],
+            "chap": [["iqn.2026-11.x:a", "u", "s3cret-s3cret"]],
+        },
         ("export_create", ("p", "v"), {"kind": "iscsi", "allow": ["iqn.2026-11.x:a"]}),
     ),
     (

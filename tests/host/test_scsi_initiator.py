@@ -174,3 +174,27 @@ def test_list_and_keep_see_past_one_list_page(dev) -> None:
     assert sorted(s.deleted) == sorted(ours[:11])
     assert p.stdout.count(": deleted (keeping the newest 70)") == 11
     assert not set(s.deleted) & set(others)
+
+
+def test_initiator_waits_when_the_target_bounds_the_rate(shim, tmp_path) -> None:
+    """Commands faster than the target takes: the initiator waits the time
+    the rate sense asks for, and every request goes through, once."""
+    from dmsnap.scsi.emulation import Emulator, TokenBucket
+
+    snaps = FakeSnapshots()
+    emu = Emulator(
+        FakeLun(),
+        snaps,
+        snapshot_allowed=lambda _i: True,
+        inband_rate=TokenBucket(rate=0.5, burst=1),
+    )
+    d = FakeSgDevice(emu, shim, tmp_path)
+    try:
+        p = dmsnap(d, "initiator", "snapshot", "DEV", "r0")  # CREATE, then STATUS
+        assert p.returncode == 0, p.stderr
+        p = dmsnap(d, "initiator", "list", "DEV")
+        assert p.returncode == 0, p.stderr
+        assert "r0" in p.stdout
+        assert [r.name for r in snaps.created] == ["r0"]
+    finally:
+        d.close()

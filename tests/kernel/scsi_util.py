@@ -263,6 +263,41 @@ def iscsi_sessions_as(
             run("iscsiadm", "-m", "iface", "-I", iface, "-o", "delete", check=False)
 
 
+@contextlib.contextmanager
+def iscsi_login_as(
+    iqn: str, portal: str, serial: str, initiator: str, auth: dict[str, str] | None = None
+) -> Iterator[str | None]:
+    """One open-iscsi login to ``iqn`` as ``initiator`` (an iface of its
+    own) with the node's ``node.session.auth.*`` settings (authmethod,
+    username, password, username_in, password_in). Yields the /dev/sdX,
+    or None when the login was refused. Logs out and cleans up after."""
+    iface = f"dmsnap-{re.sub(r'[^A-Za-z0-9]', '-', initiator)[-40:]}"
+    node = ("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-I", iface)
+    try:
+        run("iscsiadm", "-m", "iface", "-I", iface, "-o", "new")
+        run("iscsiadm", "-m", "iface", "-I", iface, "-o", "update",
+            "-n", "iface.initiatorname", "-v", initiator)  # fmt: skip
+        run(*node, "-o", "new")
+        # one try: a refused login is the answer, not a reason to retry
+        settings = {"node.session.initial_login_retry_max": "1"}
+        settings |= {f"node.session.auth.{k}": v for k, v in (auth or {}).items()}
+        for k, v in settings.items():
+            run(*node, "-o", "update", "-n", k, "-v", v)
+        r = run(*node, "--login", timeout=120, check=False)
+        if r.returncode != 0:
+            yield None
+            return
+        deadline = time.monotonic() + 60
+        while initiator not in (disks := _disks_with_serial(serial)):
+            assert time.monotonic() < deadline, f"disks after the iSCSI login: {disks}"
+            time.sleep(0.2)
+        yield disks[initiator]
+    finally:
+        run(*node, "--logout", check=False)
+        run(*node, "-o", "delete", check=False)
+        run("iscsiadm", "-m", "iface", "-I", iface, "-o", "delete", check=False)
+
+
 # -- fio -----------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from jmodel import Model, first_difference, read_direct
 from scsi_util import pwrite_direct
 
 from dmsnap import errors as E
-from dmsnap.scsi import initiator, lio, sgio
+from dmsnap.scsi import initiator, lio, sgio, target
 from dmsnap.scsi import snapcmd as SC
 from dmsnap.storage.manager import Manager
 
@@ -213,3 +213,24 @@ def test_initiator_delete_through_the_lun(exported):
     again = initiator.snapshot(disk, "keep-a", token=a.token, wait=True)
     assert again.entry is not None and again.entry.state.name == "DELETED"
     assert m.snapshot_list("s", "v") == []
+
+
+def test_inband_group_and_list_reach_only_exported_volumes(exported):
+    """Through the local disk, GROUP cuts the pool's volumes this host may
+    snapshot in-band (those exported to it), not a volume that is not
+    exported; LIST and STATUS do not show a request that cut only that
+    other volume, and a burst of commands beyond the rate is answered (the
+    initiator waits as asked) without an error."""
+    m, disk, _ = exported
+    m.volume_create("s", "other", VOL)
+    hidden = m.snapshot_create([["s", "other"]], "admins-only", token="ab" * 16, wait=True)
+    assert hidden["state"] == "done", hidden
+    c = initiator.snapshot(disk, "g1", group=True, wait=True)
+    assert c.entry is not None and c.entry.snapshots == ("s/v@g1",), c.entry
+    made = {(s["volume"], s["name"]) for s in m.snapshot_list("s")}
+    assert made == {("other", "admins-only"), ("v", "g1")}, made
+    names_ = [e.name for e in initiator.list_requests(disk)]
+    assert names_ == ["g1"], names_
+    assert initiator.status(disk, bytes.fromhex("ab" * 16)) == []
+    for _ in range(target.INBAND_BURST + 8):  # the rate sense, waited out
+        initiator.list_requests(disk)

@@ -34,7 +34,7 @@ from scsi_util import (
     assert_fio_verified,
     fio,
     fio_verify_args,
-    iscsi_session,
+    iscsi_sessions_as,
     kernel_log,
     libiscsi_catalogue,
     open_iscsi,
@@ -51,6 +51,7 @@ from dmsnap.storage.manager import Manager
 IQN = "iqn.2026-11.org.dmsnap.test:iscsi"
 PORTAL = "127.0.0.1:3260"
 INITIATOR = "iqn.2026-11.org.dmsnap.test:libiscsi"
+OPEN_ISCSI = "iqn.2026-11.org.dmsnap.test:open-iscsi"
 ISCSI_VOL = 32 * MiB
 
 # The families the issue names, in groups that each take under ~2 minutes in
@@ -142,15 +143,17 @@ def _manager(state: Path):
 
 @pytest.fixture(scope="module")
 def iscsi_export(tmp_path_factory):
-    """A journaled volume exported over iSCSI on 127.0.0.1 (no ACL: demo
-    mode, any initiator), for libiscsi and then open-iscsi."""
+    """A journaled volume exported over iSCSI on 127.0.0.1 to libiscsi's
+    and open-iscsi's initiator names (an ACL each: an export is closed by
+    default)."""
     _needs_lio()
     with _manager(tmp_path_factory.mktemp("iscsi") / "state") as m:
         # its own pool name: the module's pool lives beside the tests' own
         m.pool_create("isc", size=256 * MiB, journal_size=16 * MiB)
         m.volume_create("isc", "v", ISCSI_VOL)
-        ex = m.export_create("isc", "v", kind="iscsi", iqn=IQN, portal=PORTAL)
-        assert ex["iqn"] == IQN and ex["portal"] == PORTAL and ex["allow"] == []
+        allow = [INITIATOR, OPEN_ISCSI]
+        ex = m.export_create("isc", "v", kind="iscsi", iqn=IQN, portal=PORTAL, allow=allow)
+        assert ex["iqn"] == IQN and ex["portal"] == PORTAL and ex["allow"] == allow
         yield m, ex
 
 
@@ -229,7 +232,8 @@ def test_fio_verify_through_iscsi(iscsi_export):
     (16 in flight each) then a sequential 1 MiB job all read back equal;
     SYNCHRONIZE CACHE 10 and 16 (no libiscsi suite for them) answer GOOD."""
     m, ex = iscsi_export
-    with open_iscsi(), iscsi_session(IQN, PORTAL, ex["serial"]) as disk:
+    with open_iscsi(), iscsi_sessions_as(IQN, PORTAL, ex["serial"], [OPEN_ISCSI]) as disks:
+        disk = disks[OPEN_ISCSI]
         assert "DMSNAP" in run("sg_inq", disk).stdout
         with open(f"/sys/block/{os.path.basename(disk)}/size") as f:
             assert int(f.read()) * 512 == ISCSI_VOL
@@ -577,7 +581,6 @@ def test_snapshot_rights_per_initiator(tmp_path):
     through the first holds the writes completed through both; the rights
     survive a daemon restart; a bad IQN is refused and changes nothing."""
     _needs_lio()
-    from scsi_util import iscsi_sessions_as
     from test_cli_e2e import Daemon
 
     d = Daemon(tmp_path)
@@ -663,7 +666,6 @@ def test_export_update_live(tmp_path):
     refused and changes nothing. A local export's right is switched off and
     on, as the initiator sees it; the rights survive a daemon restart."""
     _needs_lio()
-    from scsi_util import iscsi_sessions_as
     from test_cli_e2e import Daemon
 
     d = Daemon(tmp_path)
@@ -768,4 +770,91 @@ def test_export_update_live(tmp_path):
         if d.proc is None or d.proc.poll() is not None:
             d.start()
         d.cli("pool", "destroy", "r", "--force", "--yes", check=False)
+        d.stop(teardown=True)
+
+
+CHAP_IQN = "iqn.2026-11.org.dmsnap.test:chap"
+ONE_WAY = "iqn.2026-11.org.dmsnap.test:chap-one"
+MUTUAL = "iqn.2026-11.org.dmsnap.test:chap-mutual"
+STRANGER = "iqn.2026-11.org.dmsnap.test:stranger"
+S_ONE, S_MUT, S_TGT = "one-secret-0123", "mut-secret-4567", "tgt-secret-89ab"
+
+
+def test_chap_logins(tmp_path):
+    """open-iscsi against an export with per-initiator CHAP from a
+    --chap-file: the right secret logs in, a wrong one or none is refused,
+    an initiator not in the file (so not allowed) is refused even with a
+    valid secret; mutual CHAP logs in when the initiator checks the
+    target's secret and is refused by the initiator when that is wrong.
+    The secrets are in a 0600 file, not in the catalog or the daemon's log,
+    and serve again when LIO lost the target (a reboot)."""
+    _needs_lio()
+    from scsi_util import iscsi_login_as
+    from test_cli_e2e import Daemon
+
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        d.cli("pool", "create", "c", "--size", "256M")
+        d.cli("volume", "create", "c/v", "--size", "32M")
+        f = tmp_path / "chap"
+        f.write_text(f"{ONE_WAY} one {S_ONE}\n{MUTUAL} mut {S_MUT} tgt {S_TGT}\n")
+        f.chmod(0o644)
+        base = ["export", "c/v", "--iscsi", "--iqn", CHAP_IQN, "--portal", PORTAL]
+        r = d.cli(*base, "--chap-file", str(f), check=False)
+        assert r.returncode == 2 and "chmod 600" in r.stderr, r
+        r = d.cli(*base, check=False)  # closed by default
+        assert r.returncode == 2 and "--allow-any" in r.stderr, r
+        assert d.json("export", "list") == []
+        f.chmod(0o600)
+        d.cli(*base, "--chap-file", str(f))
+        (ex,) = d.json("export", "list")
+        assert ex["allow"] == [ONE_WAY, MUTUAL] and ex["running"], ex
+        assert ex["chap"] == {ONE_WAY: "one-way", MUTUAL: "mutual"}, ex
+        serial = ex["serial"]
+        secrets = d.state / "secrets" / f"chap-{serial}.json"
+        assert secrets.stat().st_mode & 0o777 == 0o600
+        stored = b"".join(p.read_bytes() for p in d.state.glob("catalog.db*"))
+        for s in (S_ONE, S_MUT, S_TGT):
+            assert s.encode() not in stored
+
+        one = {"authmethod": "CHAP", "username": "one", "password": S_ONE}
+        mut = {"authmethod": "CHAP", "username": "mut", "password": S_MUT,
+               "username_in": "tgt", "password_in": S_TGT}  # fmt: skip
+
+        def login(initiator: str, auth: dict[str, str] | None) -> bool:
+            with iscsi_login_as(CHAP_IQN, PORTAL, serial, initiator, auth) as disk:
+                if disk is None:
+                    return False
+                data = os.urandom(4096)
+                pwrite_direct(disk, 0, data)
+                assert pread_direct(disk, 0, 4096) == data
+                return True
+
+        with open_iscsi():
+            assert login(ONE_WAY, one)
+            assert not login(ONE_WAY, {**one, "password": "wrong-secret-00"})
+            assert not login(ONE_WAY, None)
+            assert not login(STRANGER, one)  # not in the file: no ACL
+            assert login(MUTUAL, mut)
+            assert not login(MUTUAL, {**mut, "password_in": "not-the-target1"})
+            assert not login(MUTUAL, {**mut, "password": S_ONE})
+            # LIO loses its configuration (a reboot): dmsnapd builds the
+            # target again, with the secrets from their file
+            d.stop()
+            lio.unexport_iscsi(CHAP_IQN)
+            d.start()
+            assert d.json("export", "list")[0]["running"]
+            assert login(ONE_WAY, one) and login(MUTUAL, mut)
+            assert not login(ONE_WAY, {**one, "password": "wrong-secret-00"})
+        d.cli("unexport", "c/v")
+        assert not secrets.exists()
+        log = d.log.read_text()
+        assert "export.create" in log
+        for s in (S_ONE, S_MUT, S_TGT):
+            assert s not in log
+    finally:
+        if d.proc is None or d.proc.poll() is not None:
+            d.start()
+        d.cli("pool", "destroy", "c", "--force", "--yes", check=False)
         d.stop(teardown=True)
