@@ -392,6 +392,7 @@ def _snapshot_row(s: dict[str, Any]) -> list[object]:
         s.get("pool"),
         s.get("volume"),
         s.get("name"),
+        s.get("state", "valid"),
         s.get("group"),
         _when(s.get("created")),
         _yesno(s.get("active")),
@@ -401,7 +402,17 @@ def _snapshot_row(s: dict[str, Any]) -> list[object]:
 
 
 VOLUME_HEADERS = ["POOL", "NAME", "SIZE", "SNAPS", "CREATED", "PATH"]
-SNAPSHOT_HEADERS = ["POOL", "VOLUME", "NAME", "GROUP", "CREATED", "ACTIVE", "PATH", "LABELS"]
+SNAPSHOT_HEADERS = [
+    "POOL",
+    "VOLUME",
+    "NAME",
+    "STATE",
+    "GROUP",
+    "CREATED",
+    "ACTIVE",
+    "PATH",
+    "LABELS",
+]
 
 
 # -------------------------------------------------------------- completion
@@ -604,6 +615,43 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
         for role, d in items:
             label = f"{role}: " if isinstance(role, str) else ""
             typer.echo(f"  {label}{_device_text(d)}")
+
+
+@pool_app.command("set")
+def pool_set(
+    name: PoolArg,
+    threshold: Annotated[
+        int | None,
+        typer.Option(
+            "--cow-autoextend-threshold",
+            metavar="PERCENT",
+            help="Classic: grow a snapshot's COW area once it is this full (50-100; 100: never).",
+        ),
+    ] = None,
+    percent: Annotated[
+        int | None,
+        typer.Option(
+            "--cow-autoextend-percent",
+            metavar="PERCENT",
+            help="Classic: grow it by this share of its size, from the pool's free space.",
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Change a pool's policy (classic COW autoextend)."""
+    p = _call(
+        "pool.set",
+        name=_name("pool", name),
+        cow_autoextend_threshold=threshold,
+        cow_autoextend_percent=percent,
+    )
+    if json_out:
+        print_json(p)
+        return
+    pol = p.get("cow_autoextend") or {}
+    typer.echo(
+        f"pool {name}: COW autoextend at {pol.get('threshold')}% full by {pol.get('percent')}%"
+    )
 
 
 @pool_app.command("destroy")
@@ -816,6 +864,15 @@ def snapshot_create(
     timeout: Annotated[
         float, typer.Option("--timeout", metavar="SECONDS", help="How long --wait waits.")
     ] = 60.0,
+    cow_size: Annotated[
+        str | None,
+        typer.Option(
+            "--cow-size",
+            metavar="SIZE",
+            help="Classic pools: each snapshot's COW area (default 25%% of the volume; "
+            "it grows by the pool's autoextend policy).",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Snapshot one volume, or several at one point in time (a group).
@@ -837,6 +894,7 @@ def snapshot_create(
         labels=_labels(label),
         wait=wait or None,
         timeout=timeout if wait else None,
+        cow_size=parse_size(cow_size, what="--cow-size") if cow_size is not None else None,
     )
     if json_out:
         print_json(result)

@@ -172,7 +172,11 @@ def _run_manager(
             on_serving(server)
         watcher = None
         if callable(getattr(manager, "health", None)):
-            watcher = HealthWatcher(lambda: server.manager_call(manager.health))
+            tick = getattr(manager, "autoextend", None)
+            watcher = HealthWatcher(
+                lambda: server.manager_call(manager.health),
+                (lambda: server.manager_call(tick)) if callable(tick) else None,
+            )
             watcher.start()
         try:
             teardown = server.serve(manager)

@@ -194,6 +194,12 @@ def _marker(arg: str, value: Any) -> int:
     return value
 
 
+def _percent(arg: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidArgument(f"{arg} must be a non-negative integer (percent)")
+    return value
+
+
 def _journal_mode(arg: str, value: Any) -> str:
     if value not in JOURNAL_MODES:
         raise InvalidArgument(f"{arg} {value!r}: expected one of {', '.join(JOURNAL_MODES)}")
@@ -271,13 +277,14 @@ OPS: dict[str, Op] = {
     ),
     "pool.list": _op("pool_list", ro=True),
     "pool.show": _op("pool_show", "name", req="name", ro=True),
+    "pool.set": _op("pool_set", "name", "cow_autoextend_threshold cow_autoextend_percent", "name"),
     "pool.destroy": _op("pool_destroy", "name", "force", "name"),
     "volume.create": _op("volume_create", "pool vol size", req="pool vol size"),
     "volume.list": _op("volume_list", "pool", ro=True),
     "volume.show": _op("volume_show", "pool vol", req="pool vol", ro=True),
     "volume.delete": _op("volume_delete", "pool vol", "force", "pool vol"),
     "snapshot.create": _op(
-        "snapshot_create", "refs name", "labels token wait timeout", "refs name"
+        "snapshot_create", "refs name", "labels token wait timeout cow_size", "refs name"
     ),
     "snapshot.request": _op("snapshot_request", "pool", "marker token", "pool", ro=True),
     "snapshot.list": _op("snapshot_list", "pool vol", ro=True),
@@ -335,6 +342,9 @@ _CHECKS: dict[str, Check] = {
     "allow": _texts,
     "snapshot_allow": _texts,
     "chap": _text,
+    "cow_size": _size,
+    "cow_autoextend_threshold": _percent,
+    "cow_autoextend_percent": _percent,
 }
 
 

@@ -118,6 +118,7 @@ class Manager(ExportsMixin):
         self._exports: dict[int, Any] = {}  # export id -> dmsnap.scsi.target.Running
         self.pool_errors: dict[str, str] = {}
         self.export_errors: dict[int, str] = {}
+        self._cannot_grow: set[str] = set()  # COW areas logged as not growable
         # Every control operation and every marker's snapshot runs under this
         # lock (the catalog and the dm control fd are not for two threads at
         # once). Re-entrant: a thread that holds it and waits for the flusher
@@ -690,6 +691,63 @@ class Manager(ExportsMixin):
         log.info("pool %s created (%s, %d MiB)", name, backend, data_bytes // MiB)
         return self.pool_show(name)
 
+    @_user_errors
+    def pool_set(
+        self,
+        name: str,
+        *,
+        cow_autoextend_threshold: int | None = None,
+        cow_autoextend_percent: int | None = None,
+    ) -> Json:
+        """Change a pool's policy: classic COW autoextend (threshold 100: off)."""
+        p = self.catalog.pool(names.check_name("pool", name))
+        changes = {
+            k: v
+            for k, v in (
+                ("cow_autoextend_threshold", cow_autoextend_threshold),
+                ("cow_autoextend_percent", cow_autoextend_percent),
+            )
+            if v is not None
+        }
+        if not changes:
+            raise E.InvalidArgument("nothing to set")
+        if p.backend != "classic":
+            raise E.InvalidArgument(f"pool {name} is thin: COW autoextend is for classic pools")
+        t = changes.get("cow_autoextend_threshold")
+        if t is not None and not 50 <= t <= 100:
+            raise E.InvalidArgument("--cow-autoextend-threshold is a percentage, 50 to 100 (off)")
+        pc = changes.get("cow_autoextend_percent")
+        if pc is not None and not 1 <= pc <= 1000:
+            raise E.InvalidArgument("--cow-autoextend-percent is 1 to 1000")
+        self.catalog.update_pool(p.id, config={**p.config, **changes})
+        log.info("pool %s: %s", name, ", ".join(f"{k}={v}" for k, v in sorted(changes.items())))
+        return self.pool_show(name)
+
+    def autoextend(self) -> None:
+        """Grow classic COW areas that passed their pool's threshold (the
+        daemon calls this every second). Logs each growth, and once per
+        snapshot that it cannot grow."""
+        with self.lock:
+            self._autoextend()
+
+    def _autoextend(self) -> None:
+        for p in self.catalog.pools():
+            if p.backend != "classic" or p.name in self.pool_errors:
+                continue
+            try:
+                lines = self._backend(p).autoextend()
+            except (E.UserError, DmError, OSError) as e:
+                log.error("pool %s: COW autoextend failed: %s", p.name, getattr(e, "message", e))
+                continue
+            for line in lines:
+                key = line.split(":", 1)[0]
+                if "grown by" in line:
+                    self._cannot_grow.discard(key)
+                    log.info("pool %s: %s", p.name, line)
+                elif key not in self._cannot_grow:
+                    self._cannot_grow.add(key)
+                    log.warning("pool %s: %s", p.name, line)
+
     def _undo_pool_create(self, payload: Json) -> None:
         """Remove what a pool creation that never committed left behind."""
         name = payload["name"]
@@ -965,11 +1023,34 @@ class Manager(ExportsMixin):
 
     # -- snapshots ---------------------------------------------------------------------------
 
+    def snapshot_state(self, s: Snapshot) -> str:
+        """ "valid", or why the snapshot cannot be trusted (classic:
+        "invalid" once its COW area overflowed; "missing"; "inactive" when
+        its pool is not assembled)."""
+        try:
+            _, backend = self._pool(s.pool)
+            return backend.snapshot_state(s)
+        except (E.UserError, DmError, OSError):
+            return "inactive"
+
+    def _check_snapshot_valid(self, s: Snapshot) -> None:
+        """Refuse to show an invalid snapshot's content as if it were one."""
+        state = self.snapshot_state(s)
+        if state == "invalid":
+            raise E.Unavailable(
+                f"snapshot {s.pool}/{s.volume}@{s.name} is invalid: its COW area overflowed "
+                "and its contents are lost; delete it"
+            )
+        if state != "valid":
+            raise E.Unavailable(f"snapshot {s.pool}/{s.volume}@{s.name} is {state}")
+
     def _snapshot_json(self, s: Snapshot) -> Json:
         return {
             "pool": s.pool,
             "volume": s.volume,
             "name": s.name,
+            "state": self.snapshot_state(s),
+            "cow_size": s.cow_size,
             "group": s.group_id,
             "created": s.created,
             "active": s.active,
@@ -987,8 +1068,11 @@ class Manager(ExportsMixin):
         token: str | None = None,
         wait: bool = False,
         timeout: float = 60.0,
+        cow_size: int | None = None,
     ) -> Json:
-        """One snapshot group of ``refs`` (volumes of one pool).
+        """One snapshot group of ``refs`` (volumes of one pool). ``cow_size``:
+        each member's COW area (classic; default the pool's fraction of the
+        volume), which autoextend grows from there.
 
         Journaled pool: a MARKER goes into the journal and this returns once
         it is durable (state "pending"); the flusher makes the snapshot when
@@ -1021,7 +1105,11 @@ class Manager(ExportsMixin):
                 if wait:
                     return {**self._wait_marker(pj, mk.id, timeout), "retried": True}
                 return {**self._marker_json(mk), "retried": True}
+        if cow_size is not None and p.backend != "classic":
+            raise E.InvalidArgument("--cow-size is for classic pools (thin shares the pool)")
         members = [self.catalog.volume(pool_name, v) for _, v in pairs]
+        if cow_size is not None:
+            backend.check_room(f"snapshot {name}", cow_size * len(members))
         for m in members:
             with contextlib.suppress(CatNotFound):
                 self.catalog.snapshot(pool_name, m.name, name)
@@ -1032,6 +1120,8 @@ class Manager(ExportsMixin):
             "labels": labels or {},
             "token": token,
         }
+        if cow_size is not None:
+            request["cow_size"] = cow_size
         if pj is None:
             backend.check_room(f"snapshot {name}")
             gid = self._snapshot_group(p, backend, members, name, request, None)
@@ -1075,7 +1165,7 @@ class Manager(ExportsMixin):
         """The cut itself, through a pending record: every member's snapshot
         at the same point. The caller guarantees that point (suspend with
         flush, or the flusher standing at ``marker``)."""
-        plans = backend.plan_snapshots(members)
+        plans = backend.plan_snapshots(members, request.get("cow_size"))
         for m, plan in zip(members, plans, strict=True):
             plan.update(volume_id=m.id, volume=m.name, name=name)
         payload = {
@@ -1159,6 +1249,7 @@ class Manager(ExportsMixin):
     def snapshot_activate(self, pool: str, vol: str, name: str) -> Json:
         s = self._snap(pool, vol, name)
         _, backend = self._pool(pool)
+        self._check_snapshot_valid(s)
         for layer in backend.snapshot_layers(s, active=True):
             ensure(self.dm, layer)
         self.catalog.set_snapshot_active(s.id, True)

@@ -118,6 +118,15 @@ class FakeManager:
         self._record("pool_show", name)
         return {"name": name}
 
+    def pool_set(self, name, *, cow_autoextend_threshold=None, cow_autoextend_percent=None):
+        self._record(
+            "pool_set",
+            name,
+            cow_autoextend_threshold=cow_autoextend_threshold,
+            cow_autoextend_percent=cow_autoextend_percent,
+        )
+        return {"name": name}
+
     def pool_destroy(self, name, *, force=False):
         self._record("pool_destroy", name, force=force)
 
@@ -136,9 +145,18 @@ class FakeManager:
     def volume_delete(self, pool, vol, *, force=False):
         self._record("volume_delete", pool, vol, force=force)
 
-    def snapshot_create(self, refs, name, *, labels=None, token=None, wait=False, timeout=60.0):
+    def snapshot_create(
+        self, refs, name, *, labels=None, token=None, wait=False, timeout=60.0, cow_size=None
+    ):
         self._record(
-            "snapshot_create", refs, name, labels=labels, token=token, wait=wait, timeout=timeout
+            "snapshot_create",
+            refs,
+            name,
+            labels=labels,
+            token=token,
+            wait=wait,
+            timeout=timeout,
+            cow_size=cow_size,
         )
         return {"name": name, "refs": refs}
 
@@ -314,6 +332,11 @@ ROUND_TRIPS = [
         ),
     ),
     ("pool.show", {"name": "p"}, ("pool_show", ("p",), {})),
+    (
+        "pool.set",
+        {"name": "p", "cow_autoextend_threshold": 80, "cow_autoextend_percent": 20},
+        ("pool_set", ("p",), {"cow_autoextend_threshold": 80, "cow_autoextend_percent": 20}),
+    ),
     ("pool.destroy", {"name": "p"}, ("pool_destroy", ("p",), {"force": False})),
     ("pool.destroy", {"name": "p", "force": True}, ("pool_destroy", ("p",), {"force": True})),
     (
@@ -360,6 +383,11 @@ ROUND_TRIPS = [
         "snapshot.create",
         {"refs": [["p", "a"]], "name": "s", "wait": True, "timeout": 5},
         ("snapshot_create", ([["p", "a"]], "s"), {"wait": True, "timeout": 5.0}),
+    ),
+    (
+        "snapshot.create",
+        {"refs": [["p", "a"]], "name": "s", "cow_size": "64M"},
+        ("snapshot_create", ([["p", "a"]], "s"), {"cow_size": 64 << 20}),
     ),
     (
         "snapshot.request",
