@@ -538,6 +538,14 @@ def pool_create(
             case_sensitive=False,
         ),
     ] = JournalMode.nv,
+    sparse: Annotated[
+        bool,
+        typer.Option(
+            "--sparse",
+            help="Embedded pool: create it even if the host file system cannot hold its "
+            "files (their writes fail once it fills).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a pool (with no --data: an embedded pool on loop files)."""
@@ -551,6 +559,7 @@ def pool_create(
         "backend": backend.value,
         "size": parse_size(size, what="--size") if size is not None else None,
         "cache_size": parse_size(cache_size, what="--cache-size") if cache_size else None,
+        "sparse": sparse or None,
     }
     pool = _call("pool.create", **args)
     if json_out:
@@ -597,6 +606,7 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
         ("metadata used", _pct(p.get("metadata_used_fraction"))),
         ("writecache", _writecache(p.get("writecache"))),
         ("journal", _journal_text(p.get("journal"))),
+        ("host fs", _host_fs_text(p.get("host_fs"))),
         ("volumes", _count(p.get("volumes"))),
         ("snapshots", _count(p.get("snapshots"))),
         ("health", _health(p.get("health"))),
@@ -604,7 +614,7 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
     shown = {
         "name", "backend", "embedded", "size", "used", "used_bytes", "free", "free_bytes",
         "data_used_fraction", "metadata_used_fraction", "writecache", "volumes", "snapshots",
-        "health", "devices", "journal",
+        "health", "devices", "journal", "host_fs",
     }  # fmt: skip
     rows += _extra(p, shown)
     print_kv(rows)
@@ -651,6 +661,15 @@ def pool_set(
     pol = p.get("cow_autoextend") or {}
     typer.echo(
         f"pool {name}: COW autoextend at {pol.get('threshold')}% full by {pol.get('percent')}%"
+    )
+
+
+def _host_fs_text(h: Any) -> str | None:
+    if not isinstance(h, dict):
+        return None
+    return (
+        f"{_size(h.get('free'))} free on {h.get('path')} "
+        f"(sparse files may still take {_size(h.get('unallocated'))})"
     )
 
 

@@ -272,7 +272,7 @@ OPS: dict[str, Op] = {
     "pool.create": _op(
         "pool_create",
         "name",
-        "data cache backend size cache_size journal journal_size journal_mode",
+        "data cache backend size cache_size journal journal_size journal_mode sparse",
         "name",
     ),
     "pool.list": _op("pool_list", ro=True),
@@ -343,6 +343,7 @@ _CHECKS: dict[str, Check] = {
     "snapshot_allow": _texts,
     "chap": _text,
     "cow_size": _size,
+    "sparse": _bool,
     "cow_autoextend_threshold": _percent,
     "cow_autoextend_percent": _percent,
 }

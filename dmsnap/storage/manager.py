@@ -88,6 +88,18 @@ def _check_free_device(path: str, what: str) -> tuple[str, int]:
     return f"{os.major(st_.st_rdev)}:{os.minor(st_.st_rdev)}", _block_size(path)
 
 
+def _reserve(path: str, length: int) -> None:
+    """Allocate a file's blocks now (a journal file must never meet a full
+    file system on a write it is about to acknowledge)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError as e:
+        raise E.NoSpace(f"cannot reserve {length // MiB} MiB for {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def _zero(path: str, length: int, offset: int = 0) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
@@ -567,7 +579,11 @@ class Manager(ExportsMixin):
         journal: str | None = None,
         journal_size: int | None = None,
         journal_mode: str = "nv",
+        sparse: bool = False,
     ) -> Json:
+        """``sparse``: create an embedded pool's loop files even if the host
+        file system cannot hold them (they are sparse either way; the journal
+        file is always reserved)."""
         names.check_name("pool", name)
         if backend not in BACKENDS:
             raise E.InvalidArgument(
@@ -618,12 +634,12 @@ class Manager(ExportsMixin):
             data_bytes = size or DEFAULT_EMBEDDED_SIZE
             if data_bytes < 64 * MiB:
                 raise E.InvalidArgument("a pool needs at least 64M")
-            free = shutil.disk_usage(self.state_dir).free
-            if data_bytes > 64 * free:  # sparse, but not absurdly overcommitted
-                raise E.NoSpace(
-                    f"embedded pool of {data_bytes // MiB} MiB on {self.state_dir} with only "
-                    f"{free // MiB} MiB free"
-                )
+        self._check_host_space(
+            data_bytes=0 if data is not None else data_bytes,
+            cache_bytes=cache_size if cache is None and cache_size else 0,
+            journal_bytes=jsize if journal is None and journal_mode == "nv" else 0,
+            sparse=sparse,
+        )
         cache_bytes = None
         if cache is not None:
             _, cache_bytes = _check_free_device(cache, "cache")
@@ -679,6 +695,8 @@ class Manager(ExportsMixin):
                         Journal.format(jcfg["path"], 0 if journal else jcfg["size"])
                     except JournalError as e:
                         raise E.Unavailable(f"journal {jcfg['path']}: {e}") from None
+                    if not journal:
+                        _reserve(jcfg["path"], jcfg["size"])
                 self.catalog.end_pending(pending_id)
             self._backends[pool.id] = b
             self._start_journal(pool)
@@ -748,6 +766,48 @@ class Manager(ExportsMixin):
                     self._cannot_grow.add(key)
                     log.warning("pool %s: %s", p.name, line)
 
+    def _check_host_space(
+        self, *, data_bytes: int, cache_bytes: int, journal_bytes: int, sparse: bool
+    ) -> None:
+        """An embedded pool's files live on the state directory's file
+        system. The journal file is reserved (it must never fail a write it
+        acknowledged); the loop files are sparse, so unless ``sparse`` the
+        file system must have room for them too, or the pool's writes would
+        fail once it fills."""
+        if not (data_bytes or cache_bytes or journal_bytes):
+            return
+        free = shutil.disk_usage(self.state_dir).free
+        if journal_bytes > free:
+            raise E.NoSpace(
+                f"the journal file needs {journal_bytes // MiB} MiB on {self.state_dir}, which "
+                f"has {free // MiB} MiB free"
+            )
+        files = data_bytes + cache_bytes
+        if not sparse and files + journal_bytes > free:
+            raise E.NoSpace(
+                f"an embedded pool of {(files + journal_bytes) // MiB} MiB (with its journal) "
+                f"does not fit on {self.state_dir}: {free // MiB} MiB free; --sparse creates "
+                "it anyway (its writes fail once that file system fills)"
+            )
+        if files > 64 * free:  # sparse, but not absurdly overcommitted
+            raise E.NoSpace(
+                f"embedded pool of {files // MiB} MiB on {self.state_dir} with only "
+                f"{free // MiB} MiB free"
+            )
+
+    def _host_space(self, pool: Pool) -> Json | None:
+        """Embedded pool: the host file system under its files, and how much
+        more of it the sparse loop files may still take."""
+        files = [f for f in self._embedded_files(pool.name) if os.path.exists(f)]
+        if not pool.embedded or not files:
+            return None
+        du = shutil.disk_usage(self._pool_dir(pool.name))
+        unallocated = 0
+        for f in files:
+            st = os.stat(f)
+            unallocated += max(0, st.st_size - st.st_blocks * 512)
+        return {"path": self._pool_dir(pool.name), "free": du.free, "unallocated": unallocated}
+
     def _undo_pool_create(self, payload: Json) -> None:
         """Remove what a pool creation that never committed left behind."""
         name = payload["name"]
@@ -773,6 +833,14 @@ class Manager(ExportsMixin):
             "health": [],
             "writecache": None,
         }
+        with contextlib.suppress(OSError):
+            host = out["host_fs"] = self._host_space(pool)
+            if host is not None and host["unallocated"] > host["free"]:
+                out["health"].append(
+                    f"host file system {host['path']} has {host['free'] // MiB} MiB free, less "
+                    f"than the pool's sparse files may still take "
+                    f"({host['unallocated'] // MiB} MiB): its writes fail once it fills"
+                )
         if pool.name in self.pool_errors:
             out["health"].append(self.pool_errors[pool.name])
             return out

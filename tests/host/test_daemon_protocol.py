@@ -95,6 +95,7 @@ class FakeManager:
         journal=None,
         journal_size=None,
         journal_mode="nv",
+        sparse=False,
     ):
         self._record(
             "pool_create",
@@ -107,6 +108,7 @@ class FakeManager:
             journal=journal,
             journal_size=journal_size,
             journal_mode=journal_mode,
+            sparse=sparse,
         )
         return {"name": name, "backend": backend, "size": size}
 
@@ -336,6 +338,11 @@ ROUND_TRIPS = [
         "pool.set",
         {"name": "p", "cow_autoextend_threshold": 80, "cow_autoextend_percent": 20},
         ("pool_set", ("p",), {"cow_autoextend_threshold": 80, "cow_autoextend_percent": 20}),
+    ),
+    (
+        "pool.create",
+        {"name": "p3", "size": "1G", "sparse": True},
+        ("pool_create", ("p3",), {"size": 1 << 30, "sparse": True}),
     ),
     ("pool.destroy", {"name": "p"}, ("pool_destroy", ("p",), {"force": False})),
     ("pool.destroy", {"name": "p", "force": True}, ("pool_destroy", ("p",), {"force": True})),
