@@ -7,11 +7,13 @@ pool's autoextend policy (default: at 50 % full, grow by 100 %) dmsnapd
 grows the area from the pool's free space in time: the snapshot stays valid
 and reads the data from before the overwrite. With autoextend off the
 kernel invalidates it: `snapshot list` says so, and activating or exporting
-it is refused with one clear line (its content is not the snapshot's).
+it is refused with one clear line (its content is not the snapshot's), and
+an initiator asking in-band (LIST) sees its request FAILED, not DONE.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -19,6 +21,8 @@ from pathlib import Path
 import pytest
 from test_cli_e2e import Daemon
 from test_storage import MiB, read
+
+from dmsnap.scsi import initiator
 
 VOL = 64 * MiB
 WRITTEN = 16 * MiB
@@ -98,5 +102,13 @@ def test_overflowed_snapshot_is_shown_invalid_and_refused(daemon, tmp_path):
     r = d.cli("export", "cow/v@s", "--local", check=False)
     assert r.returncode == 7 and "is invalid" in r.stderr, (r.returncode, r.stderr)
     assert d.json("export", "list") == []
+    # in-band: the request that made it is FAILED (and says why), not DONE
+    d.cli("export", "cow/v", "--local")
+    try:
+        disk = os.path.realpath("/dev/dmsnap/cow/v")
+        [entry] = [e for e in initiator.list_requests(disk) if e.name == "s"]
+        assert entry.state.name == "FAILED" and "cow/v@s is invalid" in entry.error, entry
+    finally:
+        d.cli("unexport", "cow/v")
     print(f"\n{human}activate: {r.stderr.strip()}")
     d.cli("snapshot", "delete", "cow/v@s")
