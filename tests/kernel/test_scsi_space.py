@@ -20,6 +20,7 @@ import time
 import pytest
 from scsi_util import pread_direct, pwrite_direct
 
+from dmsnap import errors as E
 from dmsnap.scsi import lio, sgio
 from dmsnap.scsi import sense as S
 from dmsnap.storage.manager import Manager
@@ -123,3 +124,29 @@ def test_full_thin_pool_refuses_writes_at_once_and_keeps_acknowledged_ones(full_
     pwrite_direct(disk, off, chunk(off))
     for a in [*acked, off]:
         assert pread_direct(disk, a, CHUNK) == chunk(a), f"acknowledged write at {a} lost"
+
+
+def test_full_pool_can_be_destroyed_with_force(tmp_path):
+    """A pool whose flusher is stuck on a full thin pool still goes with
+    `pool destroy --force` (its records go with it), promptly and cleanly,
+    instead of waiting for a drain that cannot happen."""
+    m = Manager(str(tmp_path / "state"))
+    try:
+        m.pool_create("f", size=64 * MiB, journal_size=16 * MiB)
+        data = m.pool_show("f")["data_size"]
+        m.volume_create("f", "a", data)
+        m.volume_create("f", "b", data)
+        with pytest.raises(E.NoSpace):  # refused once the flusher meets the full pool
+            for vol in ("a", "b"):
+                for off in range(0, data, MiB):
+                    m.volume_write("f", vol, off, b"\xaa" * MiB)
+        assert m.pool_show("f")["journal"]["lag_records"] > 0
+        t0 = time.monotonic()
+        m.pool_destroy("f", force=True)
+        took = time.monotonic() - t0
+        assert m.catalog.pools() == []
+        assert took < 30, f"destroy took {took:.0f} s"
+    finally:
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()
