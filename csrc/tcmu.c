@@ -67,7 +67,15 @@ struct tc_dev {
     pthread_t workers[MAX_WORKERS];
     int nworkers;
     struct tc_stats st;
+
+    /* The pool is out of data space (the journal's flusher got ENOSPC):
+     * cached, refreshed at most every FULL_CHECK_NS (the journal's stats
+     * take its lock). */
+    int pool_full;
+    uint64_t full_checked_ns;
 };
+
+#define FULL_CHECK_NS 50000000ull
 
 /* -- sense ------------------------------------------------------------------- */
 
@@ -255,6 +263,32 @@ static int64_t read_bounced(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce, uint
     return rc;
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* Whether the pool behind the journal is known to be out of data space:
+ * the flusher's last dm write failed with ENOSPC (a thin pool with
+ * error_if_no_space). The journal is per pool, so one volume's failure
+ * stands for all of them. Cleared by the flusher's next successful write,
+ * once space is freed. */
+static int pool_full(tc_dev_t *d)
+{
+    uint64_t now = now_ns();
+    uint64_t last = __atomic_load_n(&d->full_checked_ns, __ATOMIC_RELAXED);
+    if (now - last > FULL_CHECK_NS &&
+        __atomic_compare_exchange_n(&d->full_checked_ns, &last, now, 0, __ATOMIC_RELAXED,
+                                    __ATOMIC_RELAXED)) {
+        struct jr_stats js;
+        jr_get_stats(d->j, &js);
+        __atomic_store_n(&d->pool_full, js.flush_error == -ENOSPC, __ATOMIC_RELAXED);
+    }
+    return __atomic_load_n(&d->pool_full, __ATOMIC_RELAXED);
+}
+
 static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
 {
     int w, fua;
@@ -270,7 +304,16 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
     uint64_t off = lba * d->cfg.block_size;
     uint32_t len = n * d->cfg.block_size;
     int64_t rc;
-    if (w) {
+    if (w && pool_full(d)) {
+        /* A write now could only wait in the journal behind the record the
+         * flusher cannot place, fill it and end as BUSY until the
+         * initiator gives up: refuse it at once, as a full thin LUN does
+         * (SBC: DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT).
+         * Writes acknowledged before stay in the journal and land when
+         * space is freed. */
+        rc = -ENOSPC;
+        __atomic_add_fetch(&d->st.fast_writes, 1, __ATOMIC_RELAXED);
+    } else if (w) {
         /* journalled straight from the ring's data area (fast_rw checked
          * that the buffers hold exactly len bytes) */
         rc = jr_writev(d->j, d->cfg.vol, off, c->iov, (int)c->iov_cnt, fua ? JR_FUA : 0,
@@ -302,6 +345,8 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
         finish(d, c, ST_GOOD, NULL, 0, -1);
         return;
     }
+    if (w && rc == -ETIMEDOUT && pool_full(d))
+        rc = -ENOSPC; /* waited for journal space that a full pool never frees */
     if (rc == -ETIMEDOUT || rc == -ESHUTDOWN || rc == -EAGAIN || rc == -ENXIO) {
         /* journal full, stopping, volume detached for a moment: retry later */
         __atomic_add_fetch(&d->st.busy, 1, __ATOMIC_RELAXED);

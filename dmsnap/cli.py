@@ -392,6 +392,7 @@ def _snapshot_row(s: dict[str, Any]) -> list[object]:
         s.get("pool"),
         s.get("volume"),
         s.get("name"),
+        s.get("state", "valid"),
         s.get("group"),
         _when(s.get("created")),
         _yesno(s.get("active")),
@@ -401,7 +402,17 @@ def _snapshot_row(s: dict[str, Any]) -> list[object]:
 
 
 VOLUME_HEADERS = ["POOL", "NAME", "SIZE", "SNAPS", "CREATED", "PATH"]
-SNAPSHOT_HEADERS = ["POOL", "VOLUME", "NAME", "GROUP", "CREATED", "ACTIVE", "PATH", "LABELS"]
+SNAPSHOT_HEADERS = [
+    "POOL",
+    "VOLUME",
+    "NAME",
+    "STATE",
+    "GROUP",
+    "CREATED",
+    "ACTIVE",
+    "PATH",
+    "LABELS",
+]
 
 
 # -------------------------------------------------------------- completion
@@ -527,6 +538,14 @@ def pool_create(
             case_sensitive=False,
         ),
     ] = JournalMode.nv,
+    sparse: Annotated[
+        bool,
+        typer.Option(
+            "--sparse",
+            help="Embedded pool: create it even if the host file system cannot hold its "
+            "files (their writes fail once it fills).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a pool (with no --data: an embedded pool on loop files)."""
@@ -540,6 +559,7 @@ def pool_create(
         "backend": backend.value,
         "size": parse_size(size, what="--size") if size is not None else None,
         "cache_size": parse_size(cache_size, what="--cache-size") if cache_size else None,
+        "sparse": sparse or None,
     }
     pool = _call("pool.create", **args)
     if json_out:
@@ -586,6 +606,7 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
         ("metadata used", _pct(p.get("metadata_used_fraction"))),
         ("writecache", _writecache(p.get("writecache"))),
         ("journal", _journal_text(p.get("journal"))),
+        ("host fs", _host_fs_text(p.get("host_fs"))),
         ("volumes", _count(p.get("volumes"))),
         ("snapshots", _count(p.get("snapshots"))),
         ("health", _health(p.get("health"))),
@@ -593,7 +614,7 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
     shown = {
         "name", "backend", "embedded", "size", "used", "used_bytes", "free", "free_bytes",
         "data_used_fraction", "metadata_used_fraction", "writecache", "volumes", "snapshots",
-        "health", "devices", "journal",
+        "health", "devices", "journal", "host_fs",
     }  # fmt: skip
     rows += _extra(p, shown)
     print_kv(rows)
@@ -638,6 +659,52 @@ def pool_repair(
     typer.echo(
         f"pool {name}: dropped {r['dropped']} journal record(s) from {discard_after} on; "
         f"assembly: {r['state']}"
+    )
+
+
+@pool_app.command("set")
+def pool_set(
+    name: PoolArg,
+    threshold: Annotated[
+        int | None,
+        typer.Option(
+            "--cow-autoextend-threshold",
+            metavar="PERCENT",
+            help="Classic: grow a snapshot's COW area once it is this full (50-100; 100: never).",
+        ),
+    ] = None,
+    percent: Annotated[
+        int | None,
+        typer.Option(
+            "--cow-autoextend-percent",
+            metavar="PERCENT",
+            help="Classic: grow it by this share of its size, from the pool's free space.",
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Change a pool's policy (classic COW autoextend)."""
+    p = _call(
+        "pool.set",
+        name=_name("pool", name),
+        cow_autoextend_threshold=threshold,
+        cow_autoextend_percent=percent,
+    )
+    if json_out:
+        print_json(p)
+        return
+    pol = p.get("cow_autoextend") or {}
+    typer.echo(
+        f"pool {name}: COW autoextend at {pol.get('threshold')}% full by {pol.get('percent')}%"
+    )
+
+
+def _host_fs_text(h: Any) -> str | None:
+    if not isinstance(h, dict):
+        return None
+    return (
+        f"{_size(h.get('free'))} free on {h.get('path')} "
+        f"(sparse files may still take {_size(h.get('unallocated'))})"
     )
 
 
@@ -851,6 +918,15 @@ def snapshot_create(
     timeout: Annotated[
         float, typer.Option("--timeout", metavar="SECONDS", help="How long --wait waits.")
     ] = 60.0,
+    cow_size: Annotated[
+        str | None,
+        typer.Option(
+            "--cow-size",
+            metavar="SIZE",
+            help="Classic pools: each snapshot's COW area (default 25%% of the volume; "
+            "it grows by the pool's autoextend policy).",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Snapshot one volume, or several at one point in time (a group).
@@ -872,6 +948,7 @@ def snapshot_create(
         labels=_labels(label),
         wait=wait or None,
         timeout=timeout if wait else None,
+        cow_size=parse_size(cow_size, what="--cow-size") if cow_size is not None else None,
     )
     if json_out:
         print_json(result)

@@ -7,7 +7,9 @@ an error. The watcher waits on the control fd (DM_DEV_ARM_POLL + poll),
 re-reads health through the Manager (serialised with requests) and logs what
 appeared or cleared, one line per problem naming its pool (and snapshot). A
 slow periodic re-check covers state that changes without an event (a COW
-area filling up, which dm-snapshot only reports once it overflows).
+area filling up, which dm-snapshot only reports once it overflows). A
+``tick`` runs every second: the classic COW autoextend, which must act
+before an area fills and gets no event for it.
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ def problem_key(problem: str) -> str:
 
 
 class HealthWatcher:
-    def __init__(self, health: Callable[[], list[str]]) -> None:
+    def __init__(
+        self, health: Callable[[], list[str]], tick: Callable[[], None] | None = None
+    ) -> None:
         """``health`` returns the current health problems (Manager.health,
-        wrapped so it runs under the daemon's request lock)."""
+        which takes the control lock itself); ``tick`` runs every
+        POLL_SECONDS (Manager.autoextend, likewise)."""
         self._health = health
+        self._tick = tick
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.known: dict[str, str] = {}  # problem_key -> text as last logged
@@ -75,9 +81,18 @@ class HealthWatcher:
                 self.update(self._check())
                 waited = 0.0
                 while not self._stop.is_set() and waited < RECHECK_SECONDS:
+                    self.tick()
                     if ctl.poll(POLL_SECONDS):
                         break
                     waited += POLL_SECONDS
+
+    def tick(self) -> None:
+        if self._tick is None:
+            return
+        try:
+            self._tick()
+        except Exception as e:  # never let monitoring kill the daemon
+            log.error("autoextend failed: %s", e)
 
     def update(self, now: list[str]) -> None:
         current = {problem_key(h): h for h in now}

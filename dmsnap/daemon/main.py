@@ -172,7 +172,8 @@ def _run_manager(
             on_serving(server)
         watcher = None
         if callable(getattr(manager, "health", None)):
-            watcher = HealthWatcher(manager.health)
+            tick = getattr(manager, "autoextend", None)
+            watcher = HealthWatcher(manager.health, tick if callable(tick) else None)
             watcher.start()
         try:
             teardown = server.serve(manager)

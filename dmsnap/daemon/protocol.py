@@ -200,6 +200,12 @@ def _seq(arg: str, value: Any) -> int:
     return value
 
 
+def _percent(arg: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidArgument(f"{arg} must be a non-negative integer (percent)")
+    return value
+
+
 def _journal_mode(arg: str, value: Any) -> str:
     if value not in JOURNAL_MODES:
         raise InvalidArgument(f"{arg} {value!r}: expected one of {', '.join(JOURNAL_MODES)}")
@@ -288,11 +294,12 @@ OPS: dict[str, Op] = {
     "pool.create": _op(
         "pool_create",
         "name",
-        "data cache backend size cache_size journal journal_size journal_mode",
+        "data cache backend size cache_size journal journal_size journal_mode sparse",
         "name",
     ),
     "pool.list": _op("pool_list", ro=True),
     "pool.show": _op("pool_show", "name", req="name", ro=True),
+    "pool.set": _op("pool_set", "name", "cow_autoextend_threshold cow_autoextend_percent", "name"),
     "pool.destroy": _op("pool_destroy", "name", "force", "name"),
     "pool.repair": _op("pool_repair", "name discard_after", req="name discard_after"),
     "volume.create": _op("volume_create", "pool vol size", req="pool vol size"),
@@ -300,7 +307,7 @@ OPS: dict[str, Op] = {
     "volume.show": _op("volume_show", "pool vol", req="pool vol", ro=True),
     "volume.delete": _op("volume_delete", "pool vol", "force", "pool vol"),
     "snapshot.create": _op(
-        "snapshot_create", "refs name", "labels token wait timeout", "refs name"
+        "snapshot_create", "refs name", "labels token wait timeout cow_size", "refs name"
     ),
     "snapshot.request": _op("snapshot_request", "pool", "marker token", "pool", ro=True),
     "snapshot.list": _op("snapshot_list", "pool vol", ro=True),
@@ -363,6 +370,10 @@ _CHECKS: dict[str, Check] = {
     "allow_any": _bool,
     "snapshot_allow": _texts,
     "chap": _chap,
+    "cow_size": _size,
+    "sparse": _bool,
+    "cow_autoextend_threshold": _percent,
+    "cow_autoextend_percent": _percent,
 }
 
 

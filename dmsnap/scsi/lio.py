@@ -29,6 +29,19 @@ SUBTYPE = "dmsnap"
 # thousands of 4 KiB ones in flight.
 DATA_AREA_MB = 64
 MAX_SECTORS = 2048
+# TCMU's timeouts (seconds; docs/scsi.md "Timeouts"). cmd_time_out: how long
+# a command may sit in the ring unanswered before the kernel fails it
+# (CHECK CONDITION: an I/O error at the initiator). While dmsnapd restarts,
+# commands wait in the ring; the restarted daemon answers them BUSY, which
+# initiators retry. So it must outlast a restart with its reassembly (the
+# kernel's default, 30 s, is what a large installation may take), and still
+# end: a daemon that never comes back must not hang initiators forever (0
+# would). qfull_time_out: how long a command waits for room in the ring
+# before the kernel answers TASK SET FULL, which initiators retry after
+# backing off: well below an initiator's command timeout (Linux sd: 30 s),
+# so it comes back to be retried instead of being aborted.
+CMD_TIME_OUT = 120
+QFULL_TIME_OUT = 20
 
 
 class LioError(Exception):
@@ -75,7 +88,16 @@ def create_backstore(name: str, config: str, size: int, wwn: str) -> Backstore:
     hba = int(os.path.basename(os.path.dirname(so.path)).removeprefix("user_"))
     with contextlib.suppress(Exception):
         so.set_attribute("emulate_write_cache", "0")  # WCE is ours to report
+    # Before any LUN maps it: the kernel refuses cmd_time_out on an exported device.
+    so.set_attribute("cmd_time_out", str(CMD_TIME_OUT))
+    so.set_attribute("qfull_time_out", str(QFULL_TIME_OUT))
     return Backstore(name, hba, wwn)
+
+
+def timeouts(bs: Backstore) -> dict[str, int]:
+    """The TCMU timeouts the kernel holds for ``bs`` (seconds)."""
+    so = _storage_object(bs)
+    return {a: int(so.get_attribute(a)) for a in ("cmd_time_out", "qfull_time_out")}
 
 
 @dataclass(frozen=True)

@@ -174,8 +174,15 @@ class InbandSnapshots:
         members = groups.get(mk.group_id, []) if mk.group_id is not None else []
         members = [s for s in members if s.volume_id in visible]
         snaps = tuple(f"{s.pool}/{s.volume}@{s.name}" for s in members)
+        error = mk.error or ""
         if state is SC.State.DONE and not members:  # every snapshot it made is gone
             state = SC.State.DELETED
+        elif state is SC.State.DONE:
+            # made, but a classic COW area overflowed since: its content is lost
+            bad = [s for s in members if self.m.snapshot_state(s) == "invalid"]
+            if bad:
+                state = SC.State.FAILED
+                error = f"snapshot {bad[0].pool}/{bad[0].volume}@{bad[0].name} is invalid"
         try:
             token = bytes.fromhex(mk.token or "")
         except ValueError:
@@ -189,7 +196,7 @@ class InbandSnapshots:
             requested=int(mk.created),
             snapshots=snaps,
             labels=mk.request.get("labels") or {},
-            error=mk.error or "",
+            error=error,
         )
 
     def _markers(self, visible: dict[int, str]) -> list[Any]:

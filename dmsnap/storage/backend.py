@@ -125,8 +125,11 @@ class Backend(ABC):
     def delete_volume(self, vol: Volume) -> None: ...
 
     @abstractmethod
-    def plan_snapshots(self, members: list[Volume]) -> list[dict[str, Any]]:
-        """Catalog fields of each member's new snapshot."""
+    def plan_snapshots(
+        self, members: list[Volume], cow_size: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Catalog fields of each member's new snapshot (``cow_size``: the
+        COW area asked for, classic only)."""
 
     @abstractmethod
     def create_snapshots(self, members: list[Volume], plans: list[dict[str, Any]]) -> None:
@@ -151,6 +154,16 @@ class Backend(ABC):
         """Called once a pool's volumes and snapshots are all loaded (after
         a reboot or a daemon start); for fix-ups a target needs."""
         return None
+
+    def snapshot_state(self, snap: Snapshot) -> str:
+        """ "valid", or why the snapshot's content cannot be trusted
+        ("invalid": the kernel dropped it; "missing": not loaded)."""
+        return "valid"
+
+    def autoextend(self) -> list[str]:
+        """Grow what would otherwise overflow (classic COW areas); one log
+        line per action."""
+        return []
 
     @abstractmethod
     def usage(self) -> dict[str, Any]:

@@ -118,6 +118,14 @@ CREATE TABLE IF NOT EXISTS exports (
     -- of initiator IQNs (an empty list: nobody, a local export: this host).
     snapshot_allow TEXT
 );
+-- classic: extents added to a snapshot's COW area when it grew (autoextend),
+-- in order after its first extent (snapshots.cow_start), snapshots.cow_size
+-- is the total.
+CREATE TABLE IF NOT EXISTS cow_extents (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots (id) ON DELETE CASCADE,
+    start INTEGER NOT NULL,   -- sectors on the pool data device
+    sectors INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pending (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     pool_id INTEGER,
@@ -530,6 +538,30 @@ class Catalog:
         with self.tx() as db:
             db.execute("DELETE FROM snapshots WHERE id=?", (snap_id,))
             db.execute("DELETE FROM snap_groups WHERE id NOT IN (SELECT group_id FROM snapshots)")
+
+    def cow_extents(self, pool: str) -> dict[int, list[tuple[int, int]]]:
+        """Classic: every snapshot's added COW extents (start, sectors), in order."""
+        out: dict[int, list[tuple[int, int]]] = {}
+        rows = self.db.execute(
+            "SELECT c.snapshot_id, c.start, c.sectors FROM cow_extents c"
+            " JOIN snapshots s ON s.id = c.snapshot_id JOIN volumes v ON v.id = s.volume_id"
+            " JOIN pools p ON p.id = v.pool_id WHERE p.name=? ORDER BY c.rowid",
+            (pool,),
+        )
+        for sid, start, sectors in rows:
+            out.setdefault(sid, []).append((start, sectors))
+        return out
+
+    def add_cow_extent(self, snap_id: int, start: int, sectors: int) -> None:
+        """Grow a classic snapshot's COW area by one extent (one transaction)."""
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO cow_extents (snapshot_id, start, sectors) VALUES (?, ?, ?)",
+                (snap_id, start, sectors),
+            )
+            db.execute(
+                "UPDATE snapshots SET cow_size = cow_size + ? WHERE id=?", (sectors * 512, snap_id)
+            )
 
     def group_by_token(self, pool_id: int, token: str) -> int | None:
         row = self.db.execute(

@@ -8,6 +8,13 @@ old data on write: so every write to a volume costs one copy per snapshot
 
 Restore merges the snapshot back into the volume (``snapshot-merge``), which
 consumes the snapshot, as LVM does.
+
+A COW area that fills up invalidates its snapshot (the kernel drops it).
+The COW device is a dm linear over one or more extents, so it can grow: the
+daemon calls ``autoextend`` every second and adds an extent from the pool's
+free space once an area is ``cow_autoextend_threshold`` % full (pool policy,
+as LVM's ``snapshot_autoextend_threshold``/``_percent``); dm-snapshot reads
+the COW device's size at every allocation, so a table reload is enough.
 """
 
 from __future__ import annotations
@@ -34,6 +41,13 @@ MERGE_TIMEOUT = 600.0
 COW_MAGIC = (0x70416E53).to_bytes(4, "little")  # dm-snap-persistent.c SNAP_MAGIC
 
 
+# Grow a COW area by 100 % of its size once it is 50 % full. LVM's defaults
+# (100, i.e. off, and 20) suit a daemon that checks every 10 s on real disks;
+# ours checks every second and a classic snapshot that overflows is lost, so
+# grow early and by much: the space is taken only as the area grows.
+DEFAULT_AUTOEXTEND = {"cow_autoextend_threshold": 50, "cow_autoextend_percent": 100}
+
+
 def _round_up(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
@@ -45,7 +59,11 @@ class ClassicBackend(Backend):
     def plan_layout(base_sectors: int) -> dict[str, Any]:
         if base_sectors < 8 * ALIGN:
             raise NoSpace(f"{base_sectors * SECTOR // MiB} MiB is too small for a pool")
-        return {"data_sectors": base_sectors // ALIGN * ALIGN, "cow_fraction": 0.25}
+        return {
+            "data_sectors": base_sectors // ALIGN * ALIGN,
+            "cow_fraction": 0.25,
+            **DEFAULT_AUTOEXTEND,
+        }
 
     # -- space -----------------------------------------------------------------------
 
@@ -55,11 +73,14 @@ class ClassicBackend(Backend):
             for v in self.catalog.volumes(self.pool.name)
             if v.extent_start is not None
         ]
-        used += [
-            (s.cow_start, _round_up(s.cow_size // SECTOR, ALIGN))
-            for s in self.catalog.snapshots(self.pool.name)
-            if s.cow_start is not None and s.cow_size is not None
-        ]
+        extra = self.catalog.cow_extents(self.pool.name)
+        for s in self.catalog.snapshots(self.pool.name):
+            if s.cow_start is None or s.cow_size is None:
+                continue
+            more = extra.get(s.id, [])
+            first = s.cow_size // SECTOR - sum(n for _, n in more)
+            used.append((s.cow_start, _round_up(first, ALIGN)))
+            used += more
         return sorted(used)
 
     def _allocate(self, sectors: int, taken: list[tuple[int, int]]) -> int | None:
@@ -84,9 +105,14 @@ class ClassicBackend(Backend):
                 f"{self.pool.name} has {self.free_bytes() // MiB} MiB free"
             )
 
-    def cow_size(self, vol: Volume) -> int:
+    def cow_size(self, vol: Volume, requested: int | None = None) -> int:
+        if requested is not None:
+            return max(MIN_COW, _round_up(requested, MiB))
         frac = float(self.pool.config.get("cow_fraction", 0.25))
         return max(MIN_COW, _round_up(int(vol.size * frac), MiB))
+
+    def policy(self) -> dict[str, int]:
+        return {k: int(self.pool.config.get(k, v)) for k, v in DEFAULT_AUTOEXTEND.items()}
 
     # -- layers ------------------------------------------------------------------------
 
@@ -121,14 +147,16 @@ class ClassicBackend(Backend):
         )
         return [real, top]
 
-    def _cow_layer(self, snap: Snapshot) -> Layer:
+    def _cow_layer(self, snap: Snapshot, extra: list[tuple[int, int]] | None = None) -> Layer:
+        """The COW device: its first extent, then those added as it grew."""
         name, uuid = self._cow(snap)
         assert snap.cow_start is not None and snap.cow_size is not None
-        return Layer(
-            name,
-            uuid,
-            Table.single(snap.cow_size // SECTOR, t.Linear(self.base.devno, snap.cow_start)),
-        )
+        if extra is None:
+            extra = self.catalog.cow_extents(self.pool.name).get(snap.id, []) if snap.id else []
+        first = snap.cow_size // SECTOR - sum(n for _, n in extra)
+        pieces = [(first, t.Linear(self.base.devno, snap.cow_start))]
+        pieces += [(n, t.Linear(self.base.devno, start)) for start, n in extra]
+        return Layer(name, uuid, Table.of(pieces))
 
     def _snap_layer(self, snap: Snapshot, vol: Volume) -> Layer:
         name, uuid = self._snapdev(snap)
@@ -178,11 +206,13 @@ class ClassicBackend(Backend):
         remove(self.dm, self.vol_name(vol))
         remove(self.dm, self._real(vol.name)[0])
 
-    def plan_snapshots(self, members: list[Volume]) -> list[dict[str, Any]]:
+    def plan_snapshots(
+        self, members: list[Volume], cow_size: int | None = None
+    ) -> list[dict[str, Any]]:
         taken = self._extents()
         plans = []
         for vol in members:
-            size = self.cow_size(vol)
+            size = self.cow_size(vol, cow_size)
             start = self._allocate(size // SECTOR, taken)
             if start is None:
                 raise NoSpace(
@@ -297,6 +327,10 @@ class ClassicBackend(Backend):
             "data_used_fraction": (data - free) / data,
             "health": [],
             "snapshots": {},
+            "cow_autoextend": {
+                "threshold": self.policy()["cow_autoextend_threshold"],
+                "percent": self.policy()["cow_autoextend_percent"],
+            },
         }
         for snap in self.catalog.snapshots(self.pool.name):
             key = f"{snap.volume}@{snap.name}"
@@ -309,7 +343,11 @@ class ClassicBackend(Backend):
                 continue
             if isinstance(s, st.SnapshotStatus):
                 frac = s.used_fraction
-                out["snapshots"][key] = {"state": "valid", "cow_used_fraction": frac}
+                out["snapshots"][key] = {
+                    "state": "valid",
+                    "cow_used_fraction": frac,
+                    "cow_size": snap.cow_size,
+                }
                 if frac >= 0.9:
                     out["health"].append(
                         f"snapshot {ref} COW area {frac:.0%} full: it becomes invalid when full"
@@ -325,6 +363,72 @@ class ClassicBackend(Backend):
                 out["snapshots"][key] = {"state": state}
                 out["health"].append(f"snapshot {ref} is in state {state}")
         return out
+
+    def snapshot_state(self, snap: Snapshot) -> str:
+        """ "valid", "invalid" (its COW area overflowed or failed: the kernel
+        dropped it, its contents are lost), or "missing" (not loaded)."""
+        try:
+            s = self.dm.status(self._snapdev(snap)[0])[0].status
+        except DmError:
+            return "missing"
+        if isinstance(s, st.SnapshotStatus):
+            return "valid"
+        if isinstance(s, st.SnapshotInvalid):
+            return "invalid"
+        return type(s).__name__.removeprefix("Snapshot").lower()
+
+    def autoextend(self) -> list[str]:
+        """Grow every valid COW area at or past the pool's threshold by its
+        percentage, from the pool's free space (any free extents: the COW
+        device is a linear over several). Returns what it did or could not
+        do, one line each, for the log. Threshold 100: off."""
+        pol = self.policy()
+        threshold, percent = pol["cow_autoextend_threshold"], pol["cow_autoextend_percent"]
+        if threshold >= 100 or percent <= 0:
+            return []
+        out = []
+        for snap in self.catalog.snapshots(self.pool.name):
+            try:
+                s = self.dm.status(self._snapdev(snap)[0])[0].status
+            except DmError:
+                continue
+            if not isinstance(s, st.SnapshotStatus) or s.used_fraction * 100 < threshold:
+                continue
+            assert snap.cow_size is not None
+            ref = f"{self.pool.name}/{snap.volume}@{snap.name}"
+            want = _round_up(max(MiB, snap.cow_size * percent // 100) // SECTOR, ALIGN)
+            got = self._grow_cow(snap, want)
+            if got:
+                out.append(
+                    f"snapshot {ref}: COW area {s.used_fraction:.0%} full, grown by "
+                    f"{got * SECTOR // MiB} MiB to {(snap.cow_size + got * SECTOR) // MiB} MiB"
+                )
+            else:
+                out.append(
+                    f"snapshot {ref}: COW area {s.used_fraction:.0%} full and pool "
+                    f"{self.pool.name} has no free space to grow it: it becomes invalid when full"
+                )
+        return out
+
+    def _grow_cow(self, snap: Snapshot, sectors: int) -> int:
+        """Add up to ``sectors`` (whole MiB extents, the largest free run
+        first) to the snapshot's COW device; returns the sectors added. The
+        catalog records the extent first: a crash in between leaves the
+        extent reserved, and the next load of the table includes it (a COW
+        device loaded smaller than what its snapshot used would lose it)."""
+        taken = sorted(self._extents())
+        pos, best = 0, (0, 0)
+        for start, length in [*taken, (int(self.pool.config["data_sectors"]), 0)]:
+            if start - pos > best[1]:
+                best = (pos, start - pos)
+            pos = max(pos, start + length)
+        start, length = best[0], min(best[1], sectors) // ALIGN * ALIGN
+        if length <= 0:
+            return 0
+        self.catalog.add_cow_extent(snap.id, start, length)
+        grown = self.catalog.snapshot(snap.pool, snap.volume, snap.name)
+        ensure(self.dm, self._cow_layer(grown))  # load, suspend, resume: the new size is live
+        return length
 
     def recover(self, kind: str, payload: dict[str, Any]) -> str:
         if kind != "snapshot.create":

@@ -219,6 +219,8 @@ class ExportsMixin:
 
         def snapshot_activate(self, pool: str, vol: str, name: str) -> Json: ...
 
+        def _check_snapshot_valid(self, s: Any) -> None: ...
+
     def _export_json(self, ex: Any) -> Json:
         out: Json = {
             "pool": ex.pool,
@@ -301,6 +303,8 @@ class ExportsMixin:
                 f"pool {pool} has no journal: its volumes are block devices already "
                 f"({self._link(pool, vol)}); exports serve journaled volumes"
             )
+        if s is not None:
+            self._check_snapshot_valid(s)  # an overflowed snapshot's content is not its own
         if self._find_export(pool, vol, snap) is not None:
             ref = f"{pool}/{vol}" + (f"@{snap}" if snap else "")
             raise E.AlreadyExists(f"{ref} is already exported")

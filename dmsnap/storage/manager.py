@@ -99,6 +99,18 @@ def _check_free_device(path: str, what: str) -> tuple[str, int]:
     return f"{os.major(st_.st_rdev)}:{os.minor(st_.st_rdev)}", _block_size(path)
 
 
+def _reserve(path: str, length: int) -> None:
+    """Allocate a file's blocks now (a journal file must never meet a full
+    file system on a write it is about to acknowledge)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError as e:
+        raise E.NoSpace(f"cannot reserve {length // MiB} MiB for {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def _zero(path: str, length: int, offset: int = 0) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
@@ -129,6 +141,7 @@ class Manager(ExportsMixin):
         self._exports: dict[int, Any] = {}  # export id -> dmsnap.scsi.target.Running
         self.pool_errors: dict[str, str] = {}
         self.export_errors: dict[int, str] = {}
+        self._cannot_grow: set[str] = set()  # COW areas logged as not growable
         # The one control lock (docs/design-locking in docs/journal.md): every
         # public operation takes it itself, for as long as it reads or changes
         # the catalog, the dm control fd or LIO, and every marker's snapshot
@@ -604,7 +617,11 @@ class Manager(ExportsMixin):
         journal: str | None = None,
         journal_size: int | None = None,
         journal_mode: str = "nv",
+        sparse: bool = False,
     ) -> Json:
+        """``sparse``: create an embedded pool's loop files even if the host
+        file system cannot hold them (they are sparse either way; the journal
+        file is always reserved)."""
         names.check_name("pool", name)
         if backend not in BACKENDS:
             raise E.InvalidArgument(
@@ -655,12 +672,12 @@ class Manager(ExportsMixin):
             data_bytes = size or DEFAULT_EMBEDDED_SIZE
             if data_bytes < 64 * MiB:
                 raise E.InvalidArgument("a pool needs at least 64M")
-            free = shutil.disk_usage(self.state_dir).free
-            if data_bytes > 64 * free:  # sparse, but not absurdly overcommitted
-                raise E.NoSpace(
-                    f"embedded pool of {data_bytes // MiB} MiB on {self.state_dir} with only "
-                    f"{free // MiB} MiB free"
-                )
+        self._check_host_space(
+            data_bytes=0 if data is not None else data_bytes,
+            cache_bytes=cache_size if cache is None and cache_size else 0,
+            journal_bytes=jsize if journal is None and journal_mode == "nv" else 0,
+            sparse=sparse,
+        )
         cache_bytes = None
         if cache is not None:
             _, cache_bytes = _check_free_device(cache, "cache")
@@ -716,6 +733,8 @@ class Manager(ExportsMixin):
                         Journal.format(jcfg["path"], 0 if journal else jcfg["size"])
                     except JournalError as e:
                         raise E.Unavailable(f"journal {jcfg['path']}: {e}") from None
+                    if not journal:
+                        _reserve(jcfg["path"], jcfg["size"])
                 self.catalog.end_pending(pending_id)
             self._backends[pool.id] = b
             self._start_journal(pool)
@@ -727,6 +746,106 @@ class Manager(ExportsMixin):
             raise
         log.info("pool %s created (%s, %d MiB)", name, backend, data_bytes // MiB)
         return self.pool_show(name)
+
+    @_user_errors
+    def pool_set(
+        self,
+        name: str,
+        *,
+        cow_autoextend_threshold: int | None = None,
+        cow_autoextend_percent: int | None = None,
+    ) -> Json:
+        """Change a pool's policy: classic COW autoextend (threshold 100: off)."""
+        p = self.catalog.pool(names.check_name("pool", name))
+        changes = {
+            k: v
+            for k, v in (
+                ("cow_autoextend_threshold", cow_autoextend_threshold),
+                ("cow_autoextend_percent", cow_autoextend_percent),
+            )
+            if v is not None
+        }
+        if not changes:
+            raise E.InvalidArgument("nothing to set")
+        if p.backend != "classic":
+            raise E.InvalidArgument(f"pool {name} is thin: COW autoextend is for classic pools")
+        t = changes.get("cow_autoextend_threshold")
+        if t is not None and not 50 <= t <= 100:
+            raise E.InvalidArgument("--cow-autoextend-threshold is a percentage, 50 to 100 (off)")
+        pc = changes.get("cow_autoextend_percent")
+        if pc is not None and not 1 <= pc <= 1000:
+            raise E.InvalidArgument("--cow-autoextend-percent is 1 to 1000")
+        self.catalog.update_pool(p.id, config={**p.config, **changes})
+        log.info("pool %s: %s", name, ", ".join(f"{k}={v}" for k, v in sorted(changes.items())))
+        return self.pool_show(name)
+
+    @_locked
+    def autoextend(self) -> None:
+        """Grow classic COW areas that passed their pool's threshold (the
+        daemon calls this every second). Logs each growth, and once per
+        snapshot that it cannot grow."""
+        with self.lock:
+            self._autoextend()
+
+    def _autoextend(self) -> None:
+        for p in self.catalog.pools():
+            if p.backend != "classic" or p.name in self.pool_errors:
+                continue
+            try:
+                lines = self._backend(p).autoextend()
+            except (E.UserError, DmError, OSError) as e:
+                log.error("pool %s: COW autoextend failed: %s", p.name, getattr(e, "message", e))
+                continue
+            for line in lines:
+                key = line.split(":", 1)[0]
+                if "grown by" in line:
+                    self._cannot_grow.discard(key)
+                    log.info("pool %s: %s", p.name, line)
+                elif key not in self._cannot_grow:
+                    self._cannot_grow.add(key)
+                    log.warning("pool %s: %s", p.name, line)
+
+    def _check_host_space(
+        self, *, data_bytes: int, cache_bytes: int, journal_bytes: int, sparse: bool
+    ) -> None:
+        """An embedded pool's files live on the state directory's file
+        system. The journal file is reserved (it must never fail a write it
+        acknowledged); the loop files are sparse, so unless ``sparse`` the
+        file system must have room for them too, or the pool's writes would
+        fail once it fills."""
+        if not (data_bytes or cache_bytes or journal_bytes):
+            return
+        free = shutil.disk_usage(self.state_dir).free
+        if journal_bytes > free:
+            raise E.NoSpace(
+                f"the journal file needs {journal_bytes // MiB} MiB on {self.state_dir}, which "
+                f"has {free // MiB} MiB free"
+            )
+        files = data_bytes + cache_bytes
+        if not sparse and files + journal_bytes > free:
+            raise E.NoSpace(
+                f"an embedded pool of {(files + journal_bytes) // MiB} MiB (with its journal) "
+                f"does not fit on {self.state_dir}: {free // MiB} MiB free; --sparse creates "
+                "it anyway (its writes fail once that file system fills)"
+            )
+        if files > 64 * free:  # sparse, but not absurdly overcommitted
+            raise E.NoSpace(
+                f"embedded pool of {files // MiB} MiB on {self.state_dir} with only "
+                f"{free // MiB} MiB free"
+            )
+
+    def _host_space(self, pool: Pool) -> Json | None:
+        """Embedded pool: the host file system under its files, and how much
+        more of it the sparse loop files may still take."""
+        files = [f for f in self._embedded_files(pool.name) if os.path.exists(f)]
+        if not pool.embedded or not files:
+            return None
+        du = shutil.disk_usage(self._pool_dir(pool.name))
+        unallocated = 0
+        for f in files:
+            st = os.stat(f)
+            unallocated += max(0, st.st_size - st.st_blocks * 512)
+        return {"path": self._pool_dir(pool.name), "free": du.free, "unallocated": unallocated}
 
     def _undo_pool_create(self, payload: Json) -> None:
         """Remove what a pool creation that never committed left behind."""
@@ -753,6 +872,14 @@ class Manager(ExportsMixin):
             "health": [],
             "writecache": None,
         }
+        with contextlib.suppress(OSError):
+            host = out["host_fs"] = self._host_space(pool)
+            if host is not None and host["unallocated"] > host["free"]:
+                out["health"].append(
+                    f"host file system {host['path']} has {host['free'] // MiB} MiB free, less "
+                    f"than the pool's sparse files may still take "
+                    f"({host['unallocated'] // MiB} MiB): its writes fail once it fills"
+                )
         if pool.name in self.pool_errors:
             out["health"].append(self.pool_errors[pool.name])
             return out
@@ -881,7 +1008,13 @@ class Manager(ExportsMixin):
                 raise E.Busy(f"/dev/mapper/{d} is in use; unmount or stop using it first")
         pj = self._journals.pop(pool.id, None)
         if pj is not None:
-            pj.sync()  # markers requested before the destroy are not left hanging
+            try:
+                # markers requested before the destroy are not left hanging; a
+                # flusher stuck (a full thin pool, a failing device) never gets
+                # there, and the pool goes with its records anyway
+                pj.sync(timeout=5.0 if pj.stats().flush_error else 120.0)
+            except TimeoutError as e:
+                log.warning("pool %s: destroyed with records not on its volumes: %s", name, e)
             pj.close(drain=False)
         self._teardown_devices(devs)
         jcfg = pool.config.get("journal", {})
@@ -1041,11 +1174,34 @@ class Manager(ExportsMixin):
 
     # -- snapshots ---------------------------------------------------------------------------
 
+    def snapshot_state(self, s: Snapshot) -> str:
+        """ "valid", or why the snapshot cannot be trusted (classic:
+        "invalid" once its COW area overflowed; "missing"; "inactive" when
+        its pool is not assembled)."""
+        try:
+            _, backend = self._pool(s.pool)
+            return backend.snapshot_state(s)
+        except (E.UserError, DmError, OSError):
+            return "inactive"
+
+    def _check_snapshot_valid(self, s: Snapshot) -> None:
+        """Refuse to show an invalid snapshot's content as if it were one."""
+        state = self.snapshot_state(s)
+        if state == "invalid":
+            raise E.Unavailable(
+                f"snapshot {s.pool}/{s.volume}@{s.name} is invalid: its COW area overflowed "
+                "and its contents are lost; delete it"
+            )
+        if state != "valid":
+            raise E.Unavailable(f"snapshot {s.pool}/{s.volume}@{s.name} is {state}")
+
     def _snapshot_json(self, s: Snapshot) -> Json:
         return {
             "pool": s.pool,
             "volume": s.volume,
             "name": s.name,
+            "state": self.snapshot_state(s),
+            "cow_size": s.cow_size,
             "group": s.group_id,
             "created": s.created,
             "active": s.active,
@@ -1063,8 +1219,11 @@ class Manager(ExportsMixin):
         token: str | None = None,
         wait: bool = False,
         timeout: float = 60.0,
+        cow_size: int | None = None,
     ) -> Json:
-        """One snapshot group of ``refs`` (volumes of one pool).
+        """One snapshot group of ``refs`` (volumes of one pool). ``cow_size``:
+        each member's COW area (classic; default the pool's fraction of the
+        volume), which autoextend grows from there.
 
         Journaled pool: a MARKER goes into the journal and this returns once
         it is durable (state "pending"); the flusher makes the snapshot when
@@ -1072,7 +1231,9 @@ class Manager(ExportsMixin):
         once the snapshot exists, having waited without the control lock.
         Direct pool: suspend, snapshot, resume."""
         with self.lock:
-            r = self._snapshot_submit(refs, name, labels=labels, token=token, wait=wait)
+            r = self._snapshot_submit(
+                refs, name, labels=labels, token=token, wait=wait, cow_size=cow_size
+            )
         if not isinstance(r, _WaitFor):
             return r
         return {**self._wait_marker(r.pj, r.marker, timeout), **r.extra}
@@ -1085,6 +1246,7 @@ class Manager(ExportsMixin):
         labels: dict[str, str] | None,
         token: str | None,
         wait: bool,
+        cow_size: int | None,
     ) -> Json | _WaitFor:
         """The part of snapshot_create under the lock: checks, the catalog,
         the marker appended. Returns the answer, or what to wait for."""
@@ -1117,7 +1279,11 @@ class Manager(ExportsMixin):
                 if wait:
                     return _WaitFor(pj, mk.id, {"retried": True})
                 return {**self._marker_json(mk), "retried": True}
+        if cow_size is not None and p.backend != "classic":
+            raise E.InvalidArgument("--cow-size is for classic pools (thin shares the pool)")
         members = [self.catalog.volume(pool_name, v) for _, v in pairs]
+        if cow_size is not None:
+            backend.check_room(f"snapshot {name}", cow_size * len(members))
         for m in members:
             with contextlib.suppress(CatNotFound):
                 self.catalog.snapshot(pool_name, m.name, name)
@@ -1128,6 +1294,8 @@ class Manager(ExportsMixin):
             "labels": labels or {},
             "token": token,
         }
+        if cow_size is not None:
+            request["cow_size"] = cow_size
         if pj is None:
             backend.check_room(f"snapshot {name}")
             gid = self._snapshot_group(p, backend, members, name, request, None)
@@ -1171,7 +1339,7 @@ class Manager(ExportsMixin):
         """The cut itself, through a pending record: every member's snapshot
         at the same point. The caller guarantees that point (suspend with
         flush, or the flusher standing at ``marker``)."""
-        plans = backend.plan_snapshots(members)
+        plans = backend.plan_snapshots(members, request.get("cow_size"))
         for m, plan in zip(members, plans, strict=True):
             plan.update(volume_id=m.id, volume=m.name, name=name)
         payload = {
@@ -1270,6 +1438,7 @@ class Manager(ExportsMixin):
     def snapshot_activate(self, pool: str, vol: str, name: str) -> Json:
         s = self._snap(pool, vol, name)
         _, backend = self._pool(pool)
+        self._check_snapshot_valid(s)
         for layer in backend.snapshot_layers(s, active=True):
             ensure(self.dm, layer)
         self.catalog.set_snapshot_active(s.id, True)

@@ -207,7 +207,9 @@ class ThinBackend(Backend):
                     raise
         self._commit_txid()
 
-    def plan_snapshots(self, members: list[Volume]) -> list[dict[str, Any]]:
+    def plan_snapshots(
+        self, members: list[Volume], cow_size: int | None = None
+    ) -> list[dict[str, Any]]:
         return [{"dev_id": i} for i in self.next_ids(len(members))]
 
     def create_snapshots(self, members: list[Volume], plans: list[dict[str, Any]]) -> None:

@@ -95,6 +95,7 @@ class FakeManager:
         journal=None,
         journal_size=None,
         journal_mode="nv",
+        sparse=False,
     ):
         self._record(
             "pool_create",
@@ -107,6 +108,7 @@ class FakeManager:
             journal=journal,
             journal_size=journal_size,
             journal_mode=journal_mode,
+            sparse=sparse,
         )
         return {"name": name, "backend": backend, "size": size}
 
@@ -116,6 +118,15 @@ class FakeManager:
 
     def pool_show(self, name):
         self._record("pool_show", name)
+        return {"name": name}
+
+    def pool_set(self, name, *, cow_autoextend_threshold=None, cow_autoextend_percent=None):
+        self._record(
+            "pool_set",
+            name,
+            cow_autoextend_threshold=cow_autoextend_threshold,
+            cow_autoextend_percent=cow_autoextend_percent,
+        )
         return {"name": name}
 
     def pool_destroy(self, name, *, force=False):
@@ -140,9 +151,18 @@ class FakeManager:
     def volume_delete(self, pool, vol, *, force=False):
         self._record("volume_delete", pool, vol, force=force)
 
-    def snapshot_create(self, refs, name, *, labels=None, token=None, wait=False, timeout=60.0):
+    def snapshot_create(
+        self, refs, name, *, labels=None, token=None, wait=False, timeout=60.0, cow_size=None
+    ):
         self._record(
-            "snapshot_create", refs, name, labels=labels, token=token, wait=wait, timeout=timeout
+            "snapshot_create",
+            refs,
+            name,
+            labels=labels,
+            token=token,
+            wait=wait,
+            timeout=timeout,
+            cow_size=cow_size,
         )
         return {"name": name, "refs": refs}
 
@@ -320,6 +340,16 @@ ROUND_TRIPS = [
         ),
     ),
     ("pool.show", {"name": "p"}, ("pool_show", ("p",), {})),
+    (
+        "pool.set",
+        {"name": "p", "cow_autoextend_threshold": 80, "cow_autoextend_percent": 20},
+        ("pool_set", ("p",), {"cow_autoextend_threshold": 80, "cow_autoextend_percent": 20}),
+    ),
+    (
+        "pool.create",
+        {"name": "p3", "size": "1G", "sparse": True},
+        ("pool_create", ("p3",), {"size": 1 << 30, "sparse": True}),
+    ),
     ("pool.destroy", {"name": "p"}, ("pool_destroy", ("p",), {"force": False})),
     ("pool.repair", {"name": "p", "discard_after": 42}, ("pool_repair", ("p", 42), {})),
     ("pool.destroy", {"name": "p", "force": True}, ("pool_destroy", ("p",), {"force": True})),
@@ -367,6 +397,11 @@ ROUND_TRIPS = [
         "snapshot.create",
         {"refs": [["p", "a"]], "name": "s", "wait": True, "timeout": 5},
         ("snapshot_create", ([["p", "a"]], "s"), {"wait": True, "timeout": 5.0}),
+    ),
+    (
+        "snapshot.create",
+        {"refs": [["p", "a"]], "name": "s", "cow_size": "64M"},
+        ("snapshot_create", ([["p", "a"]], "s"), {"cow_size": 64 << 20}),
     ),
     (
         "snapshot.request",

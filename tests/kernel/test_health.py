@@ -237,6 +237,8 @@ def test_thin_pool_low_water_then_full_then_freed(daemon):
 def test_classic_snapshot_cow_overflow_is_reported_and_logged(daemon):
     d = daemon
     d.cli("pool", "create", "cow", "--backend", "classic", "--size", "128M", *NO_JOURNAL)
+    # Overflow on purpose: without autoextend (tests/kernel/test_cow_autoextend.py has it on)
+    d.cli("pool", "set", "cow", "--cow-autoextend-threshold", "100")
     d.cli("volume", "create", "cow/v", "--size", "16M")
     v = "/dev/dmsnap/cow/v"
     Filler(v, 0, 16 * MiB, 0x11).run(deadline=300)

@@ -34,6 +34,7 @@ from scsi_util import (
     assert_fio_verified,
     fio,
     fio_verify_args,
+    iscsi_session,
     iscsi_sessions_as,
     kernel_log,
     libiscsi_catalogue,
@@ -513,7 +514,7 @@ def test_daemon_killed_under_io(daemon_export):
     and the initiator retries: fio sees no error and verifies, the discard
     succeeds and reads back as zeros, and the kernel never marks the ring
     broken. (Commands stay in the ring until the new daemon resets it: it must
-    be back within TCMU's cmd_time_out, 30 s.)"""
+    be back within TCMU's cmd_time_out, lio.CMD_TIME_OUT.)"""
     d, disk = daemon_export
     pwrite_direct(disk, 32 * MiB, random.Random(3).randbytes(32 * MiB))
     broken = _broken_rings(kernel_log())
@@ -554,6 +555,68 @@ def test_daemon_killed_under_io(daemon_export):
         f"kill -9 under fio: back after {back:.1f} s; UNMAP in flight at the kill: {in_flight} "
         f"(took {discard[0][2]:.1f} s); {r.written // MiB} MiB verified"
     )
+
+
+RESTART_IQN = "iqn.2026-11.org.dmsnap.test:restart"
+RESTART_INITIATOR = "iqn.2026-11.org.dmsnap.test:restart-client"
+IDLE_VOLUMES = 50
+
+
+def test_daemon_killed_under_iscsi_io_reassembles_50_volumes(tmp_path):
+    """kill -9 of dmsnapd while fio writes through an open-iscsi session;
+    before it starts again the dm devices of 50 other volumes of the pool
+    are removed, so the new daemon reassembles them (as after a reboot)
+    before it serves the ring again. It must be back within TCMU's
+    cmd_time_out (what the initiator's commands wait in the ring meanwhile);
+    fio sees no error and every block verifies."""
+    _needs_lio()
+    from test_cli_e2e import Daemon
+
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        with open_iscsi():
+            d.cli("pool", "create", "r", "--size", "1G", "--journal-size", "16M", "--sparse")
+            for i in range(IDLE_VOLUMES):
+                d.cli("volume", "create", f"r/idle{i:02d}", "--size", "4M")
+            d.cli("volume", "create", "r/io", "--size", "64M")
+            d.cli(
+                "export", "r/io", "--iscsi", "--iqn", RESTART_IQN, "--portal", PORTAL,
+                "--allow", RESTART_INITIATOR,
+            )  # fmt: skip
+            [ex] = d.json("export", "list")
+            with iscsi_sessions_as(RESTART_IQN, PORTAL, ex["serial"], [RESTART_INITIATOR]) as s:
+                disk = s[RESTART_INITIATOR]
+                idle = [f"dmsnap-r-idle{i:02d}" for i in range(IDLE_VOLUMES)]
+                present = set(run("dmsetup", "ls").stdout.split())
+                assert set(idle) <= present, sorted(set(idle) - present)[:3]
+                p, _ = _background_fio(disk, seconds=40)
+                try:
+                    time.sleep(4)
+                    t0 = time.monotonic()
+                    d.kill9()
+                    for name in idle:
+                        run("dmsetup", "remove", name)
+                    d.start()
+                    back = time.monotonic() - t0
+                    r = _fio_result(p, timeout=400)
+                finally:
+                    if p.poll() is None:
+                        p.kill()
+                present = set(run("dmsetup", "ls").stdout.split())
+                assert set(idle) <= present, sorted(set(idle) - present)[:3]
+                assert d.json("export", "list")[0]["running"]
+            assert back < lio.CMD_TIME_OUT, back
+            assert_fio_verified(r)
+            print(
+                f"\nkill -9 under iSCSI fio, {IDLE_VOLUMES} volumes reassembled: back after "
+                f"{back:.1f} s (cmd_time_out {lio.CMD_TIME_OUT} s); {r.written // MiB} MiB verified"
+            )
+    finally:
+        if d.proc is None or d.proc.poll() is not None:
+            d.start()
+        d.cli("pool", "destroy", "r", "--force", "--yes", check=False)
+        d.stop(teardown=True)
 
 
 # -- 5. who may snapshot, per initiator ---------------------------------------------------
