@@ -34,7 +34,6 @@ from scsi_util import (
     assert_fio_verified,
     fio,
     fio_verify_args,
-    iscsi_session,
     iscsi_sessions_as,
     kernel_log,
     libiscsi_catalogue,
