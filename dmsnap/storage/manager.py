@@ -14,7 +14,6 @@ The export operations (SCSI, through LIO) are in :mod:`dmsnap.storage.exports`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import mmap
 import os
@@ -33,7 +32,7 @@ from dmsnap.dm.udev import LINK_DIR
 from dmsnap.journal.journal import Journal, JournalError
 from dmsnap.journal.service import PoolJournal, status_json
 from dmsnap.scsi import DEFAULT_WORKER_NICE
-from dmsnap.storage import loop, names
+from dmsnap.storage import devices, loop, names
 from dmsnap.storage._common import Json, _errors_to_user, _journal_error, _user_errors
 from dmsnap.storage.backend import Backend, Base, journal_mode, planned_dev_ids
 from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
@@ -58,14 +57,6 @@ MIN_JOURNAL_SIZE = 4 * MiB
 BACKENDS: dict[str, type[Backend]] = {"thin": ThinBackend, "classic": ClassicBackend}
 
 
-def _block_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def _check_free_device(path: str, what: str) -> tuple[str, int]:
     """A device given by the administrator: must exist, be a block device, and
     not be in use (O_EXCL fails while mounted or held by another device)."""
@@ -75,17 +66,11 @@ def _check_free_device(path: str, what: str) -> tuple[str, int]:
         raise E.NotFound(f"{what} device {path} does not exist") from None
     if not stat.S_ISBLK(mode):
         raise E.InvalidArgument(f"{what} device {path} is not a block device")
+    fd = devices.open_exclusive(path, what)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            raise E.Busy(
-                f"{what} device {path} is in use (mounted, or held by another device)"
-            ) from None
-        raise E.InvalidArgument(f"{what} device {path}: {e.strerror}") from None
-    os.close(fd)
-    st_ = os.stat(path)
-    return f"{os.major(st_.st_rdev)}:{os.minor(st_.st_rdev)}", _block_size(path)
+        return devices.devno(os.fstat(fd).st_rdev), os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def _zero(path: str, length: int, offset: int = 0) -> None:
@@ -118,6 +103,9 @@ class Manager(ExportsMixin):
         self._exports: dict[int, Any] = {}  # export id -> dmsnap.scsi.target.Running
         self.pool_errors: dict[str, str] = {}
         self.export_errors: dict[int, str] = {}
+        # O_EXCL descriptors on the journal devices of running journals
+        # (docs/storage.md: nothing else may claim them meanwhile).
+        self._holds = devices.Holds()
         # Every control operation and every marker's snapshot runs under this
         # lock (the catalog and the dm control fd are not for two threads at
         # once). Re-entrant: a thread that holds it and waits for the flusher
@@ -131,6 +119,7 @@ class Manager(ExportsMixin):
             self._stop_export(eid, keep=True)
         for pid in list(self._journals):
             self._stop_journal(pid, drain=drain)
+        self._holds.release_all()
         self.catalog.close()
         self.dm.close()
 
@@ -170,6 +159,46 @@ class Manager(ExportsMixin):
             lo = self._loop_for(cache_file)
             cache = (lo.devno, lo.path)
         return data, cache
+
+    def _recorded_devices(self, pool: Pool) -> dict[str, str]:
+        """role -> path of the block devices a pool writes (an embedded
+        pool's loop devices while attached; a journal device, not file)."""
+        out: dict[str, str] = {}
+        data_file, cache_file = self._embedded_files(pool.name)
+        if pool.data_dev:
+            out["data"] = pool.data_dev
+        elif lo := loop.find(data_file):
+            out["data"] = lo.path
+        if pool.cache_dev:
+            out["cache"] = pool.cache_dev
+        elif pool.cache_size and (lo := loop.find(cache_file)):
+            out["cache"] = lo.path
+        jcfg = pool.config.get("journal", {})
+        if jcfg.get("mode") == "nv" and not jcfg.get("embedded") and jcfg.get("path"):
+            out["journal"] = jcfg["path"]
+        return out
+
+    def _check_unowned(self, given: dict[str, str | None]) -> None:
+        """Refuse devices that are one another or another pool's, by device
+        number: a symlink or a /dev/disk/by-id name is the same disk."""
+        ids: dict[int, tuple[str, str]] = {}
+        for role, path in given.items():
+            rdev = devices.rdev_of(path) if path else None
+            if path is None or rdev is None:
+                continue  # missing or not a block device: _check_free_device says so
+            if rdev in ids:
+                raise E.InvalidArgument(
+                    f"the {ids[rdev][0]} device {ids[rdev][1]} and the {role} device {path} "
+                    "are the same device; they must all differ"
+                )
+            ids[rdev] = (role, path)
+        for p in self.catalog.pools():
+            for role, path in self._recorded_devices(p).items():
+                rdev = devices.rdev_of(path)
+                if rdev in ids:
+                    raise E.Busy(
+                        f"device {ids[rdev][1]} is {path}, the {role} device of pool {p.name}"
+                    )
 
     @staticmethod
     def _devno(path: str, what: str) -> str:
@@ -274,12 +303,16 @@ class Manager(ExportsMixin):
         if mode == "none" or pool.id in self._journals:
             return
         cfg = pool.config["journal"]
+        hold = ("journal", pool.id)
+        if mode == "nv" and not cfg.get("embedded"):
+            self._holds.hold(hold, cfg["path"], f"pool {pool.name}: journal")
         try:
             if mode == "nv":
                 j = Journal.open(cfg["path"], mode="nv")
             else:
                 j = Journal.open(None, mode="ram", ram_size=cfg["size"])
         except JournalError as e:
+            self._holds.release(hold)
             where = cfg.get("path") or "in RAM"
             raise E.Unavailable(f"pool {pool.name}: journal {where}: {e}") from None
         pid = pool.id
@@ -294,6 +327,8 @@ class Manager(ExportsMixin):
             pj.start(vols)
         except BaseException:
             j.close(drain=False)
+            pj.release_all()
+            self._holds.release(hold)
             raise
         self._journals[pid] = pj
         if mode == "ram":  # a RAM journal starts empty: earlier requests are gone
@@ -324,6 +359,8 @@ class Manager(ExportsMixin):
             pj.close(drain=drain or pj.mode == "ram")
         except (JournalError, TimeoutError) as e:
             log.error("pool %s: journal did not drain: %s", pj.pool, e)
+        finally:
+            self._holds.release(("journal", pool_id))
 
     def _journal(self, pool: Pool) -> PoolJournal | None:
         if journal_mode(pool) == "none":
@@ -596,14 +633,7 @@ class Manager(ExportsMixin):
             raise E.InvalidArgument(
                 "--cache-size is for an embedded cache; --cache has its own size"
             )
-        for p in self.catalog.pools():
-            for dev in (data, cache, journal):
-                pj_path = p.config.get("journal", {}).get("path")
-                if dev and dev in (p.data_dev, p.cache_dev, pj_path):
-                    raise E.Busy(f"device {dev} already belongs to pool {p.name}")
-        given = [os.path.realpath(d) for d in (data, cache, journal) if d]
-        if len(set(given)) != len(given):
-            raise E.InvalidArgument("the data, cache and journal devices must all differ")
+        self._check_unowned({"data": data, "cache": cache, "journal": journal})
         if journal is not None:
             _, jsize = _check_free_device(journal, "journal")
             if jsize < MIN_JOURNAL_SIZE:
@@ -806,6 +836,7 @@ class Manager(ExportsMixin):
         if pj is not None:
             pj.sync()  # markers requested before the destroy are not left hanging
             pj.close(drain=False)
+        self._holds.release(("journal", pool.id))
         self._teardown_devices(devs)
         jcfg = pool.config.get("journal", {})
         if jcfg.get("mode") == "nv" and not jcfg.get("embedded"):
