@@ -83,3 +83,22 @@ class Holds:
 
     def __contains__(self, key: object) -> bool:
         return key in self._fds
+
+
+def check_private_dir(path: str) -> None:
+    """The state directory names the disks the daemon writes: refuse one
+    that someone other than us could change (not ours, or writable by group
+    or others) with a one-line :class:`dmsnap.errors.Unavailable`."""
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise E.Unavailable(f"state directory {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise E.Unavailable(
+            f"state directory {path} belongs to uid {st.st_uid}, not to dmsnapd's "
+            f"({os.geteuid()}); chown it"
+        )
+    if st.st_mode & 0o022:
+        raise E.Unavailable(
+            f"state directory {path} is writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod go-w {path}"
+        )

@@ -32,7 +32,7 @@ from dmsnap.dm.udev import LINK_DIR
 from dmsnap.journal.journal import Journal, JournalError
 from dmsnap.journal.service import PoolJournal, status_json
 from dmsnap.scsi import DEFAULT_WORKER_NICE
-from dmsnap.storage import devices, loop, names
+from dmsnap.storage import devices, label, loop, names
 from dmsnap.storage._common import Json, _errors_to_user, _journal_error, _user_errors
 from dmsnap.storage.backend import Backend, Base, journal_mode, planned_dev_ids
 from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
@@ -92,8 +92,12 @@ class Manager(ExportsMixin):
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.worker_nice = worker_nice  # exports' fast-path threads (dmsnapd --worker-nice)
-        os.makedirs(os.path.join(self.state_dir, "pools"), exist_ok=True)
-        self.catalog = Catalog(os.path.join(self.state_dir, "catalog.db"))
+        os.makedirs(os.path.join(self.state_dir, "pools"), mode=0o700, exist_ok=True)
+        devices.check_private_dir(self.state_dir)
+        devices.check_private_dir(os.path.join(self.state_dir, "pools"))
+        catalog_path = os.path.join(self.state_dir, "catalog.db")
+        self.catalog = Catalog(catalog_path)
+        os.chmod(catalog_path, 0o600)  # whatever the umask: paths of disks we write
         try:
             self.dm = dm or DeviceMapper()
         except DmUnavailable as e:
@@ -106,6 +110,7 @@ class Manager(ExportsMixin):
         # O_EXCL descriptors on the journal devices of running journals
         # (docs/storage.md: nothing else may claim them meanwhile).
         self._holds = devices.Holds()
+        self._unlabelled_warned: set[int] = set()
         # Every control operation and every marker's snapshot runs under this
         # lock (the catalog and the dm control fd are not for two threads at
         # once). Re-entrant: a thread that holds it and waits for the flusher
@@ -151,10 +156,10 @@ class Manager(ExportsMixin):
             data = (lo.devno, lo.path)
         else:
             assert pool.data_dev is not None
-            data = (self._devno(pool.data_dev, "data"), pool.data_dev)
+            data = self._identify(pool, "data", pool.data_dev)
         cache = None
         if pool.cache_dev:
-            cache = (self._devno(pool.cache_dev, "cache"), pool.cache_dev)
+            cache = self._identify(pool, "cache", pool.cache_dev)
         elif pool.cache_size:
             lo = self._loop_for(cache_file)
             cache = (lo.devno, lo.path)
@@ -208,6 +213,179 @@ class Manager(ExportsMixin):
             raise E.NotFound(f"{what} device {path} is missing") from None
         return f"{os.major(rdev)}:{os.minor(rdev)}"
 
+    # -- device identity: the dmsnap label (docs/storage.md) ------------------------------
+
+    @staticmethod
+    def _labelled(pool: Pool, role: str) -> bool:
+        return role in pool.config.get("labels", {}).get("roles", [])
+
+    def _identify(self, pool: Pool, role: str, recorded: str) -> tuple[str, str]:
+        """(MAJ:MIN, path) of the pool's ``role`` device: the recorded path
+        if the disk there carries this pool's label, else the one disk that
+        does (the catalog then follows it). The path is opened once; the
+        device number used is that descriptor's."""
+        if not self._labelled(pool, role):
+            self._warn_unlabelled(pool)
+            return self._devno(recorded, role), recorded
+        gen = int(pool.config["labels"]["generation"])
+        try:
+            fd = os.open(recorded, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            reason = "does not exist"
+        except OSError as e:
+            reason = f"cannot be opened ({e.strerror})"
+        else:
+            try:
+                st_ = os.fstat(fd)
+                if not stat.S_ISBLK(st_.st_mode):
+                    reason = "is not a block device"
+                elif (reason := label.matches(fd, pool.uuid, role, gen)) is None:
+                    return devices.devno(st_.st_rdev), recorded
+            finally:
+                os.close(fd)
+        found = self._find_labelled(pool, role, recorded, reason)
+        return devices.devno(found.rdev), found.path
+
+    def _find_labelled(self, pool: Pool, role: str, recorded: str, reason: str) -> label.Found:
+        """The one block device with ``pool``'s ``role`` label, recorded in
+        the catalog; else a one-line refusal saying what is at ``recorded``."""
+        found = label.scan(pool.uuid, role, exclude_dirs=(self.state_dir,))
+        if len(found) > 1:
+            raise E.Unavailable(
+                f"pool {pool.name}: {len(found)} devices carry its {role} label "
+                f"({', '.join(f.path for f in found)}); detach the copies and restart dmsnapd"
+            )
+        if not found:
+            raise E.Unavailable(
+                f"pool {pool.name}: its {role} device {recorded} {reason}, and no other "
+                f"device carries this pool's {role} label; attach its disk and restart dmsnapd"
+            )
+        f = found[0]
+        log.warning(
+            "pool %s: %s device found at %s (%s %s); catalog updated",
+            pool.name,
+            role,
+            f.path,
+            recorded,
+            reason,
+        )
+        self._record_device(pool, role, f.path)
+        return f
+
+    def _record_device(self, pool: Pool, role: str, path: str) -> None:
+        if role == "data":
+            self.catalog.update_pool(pool.id, data_dev=path)
+        elif role == "cache":
+            self.catalog.update_pool(pool.id, cache_dev=path)
+        else:
+            config = self.catalog.pool_by_id(pool.id).config
+            config["journal"]["path"] = path
+            self.catalog.update_pool(pool.id, config=config)
+
+    def _warn_unlabelled(self, pool: Pool) -> None:
+        if pool.id not in self._unlabelled_warned:
+            self._unlabelled_warned.add(pool.id)
+            log.warning(
+                "pool %s: its devices carry no dmsnap label (created before labels); "
+                "they are trusted by path (docs/storage.md)",
+                pool.name,
+            )
+
+    def _hold_journal(self, pool: Pool, path: str) -> str:
+        """Hold the journal device O_EXCL and check its label through that
+        descriptor; the journal then opens that very device (by descriptor)."""
+        key = ("journal", pool.id)
+        if not self._labelled(pool, "journal"):
+            self._warn_unlabelled(pool)
+            fd = self._holds.hold(key, path, f"pool {pool.name}: journal")
+            return path if fd is None else f"/proc/self/fd/{fd}"
+        gen = int(pool.config["labels"]["generation"])
+        reason: str | None
+        try:
+            fd = self._holds.hold(key, path, f"pool {pool.name}: journal")
+        except E.UserError as e:
+            reason, fd = f"cannot be held ({e.message})", None
+        else:
+            reason = (
+                "is not a block device"
+                if fd is None
+                else label.matches(fd, pool.uuid, "journal", gen)
+            )
+        if reason is None and fd is not None:
+            return f"/proc/self/fd/{fd}"
+        self._holds.release(key)
+        found = self._find_labelled(pool, "journal", path, reason or "")
+        fd = self._holds.hold(key, found.path, f"pool {pool.name}: journal")
+        assert fd is not None
+        if (again := label.matches(fd, pool.uuid, "journal", gen)) is not None:
+            self._holds.release(key)
+            raise E.Unavailable(f"pool {pool.name}: journal device {found.path} {again}")
+        return f"/proc/self/fd/{fd}"
+
+    def _check_labels(self, given: dict[str, str | None]) -> None:
+        """Refuse a device carrying a label of a pool of this catalog (a
+        second loop device over its file, a copy of its disk)."""
+        pools = {p.uuid: p.name for p in self.catalog.pools()}
+        for role, path in given.items():
+            if path is None:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # _check_free_device says why
+            try:
+                found = label.read_fd(fd) if stat.S_ISBLK(os.fstat(fd).st_mode) else {}
+            finally:
+                os.close(fd)
+            for lab in found.values():
+                if isinstance(lab, label.Label):
+                    if lab.pool_uuid in pools:
+                        raise E.Busy(
+                            f"{role} device {path} carries the {lab.role} label of pool "
+                            f"{pools[lab.pool_uuid]}: it is that pool's disk"
+                        )
+                    log.warning("%s device %s: overwriting %s", role, path, lab.describe())
+
+    def _write_labels(self, pool: Pool, given: dict[str, str]) -> None:
+        if not given:
+            return  # embedded: nothing to label
+        gen = int(pool.config["labels"]["generation"])
+        for role, path in given.items():
+            fd = devices.open_exclusive(path, role)
+            try:
+                label.write_fd(fd, pool.uuid, role, gen)
+            finally:
+                os.close(fd)
+
+    def _wipe_labels(self, pool: Pool) -> None:
+        """A destroyed pool's disks carry no label of it (and its journal no
+        superblock), checked through the descriptor that wipes them."""
+        gen = int(pool.config["labels"]["generation"])
+        jcfg = pool.config.get("journal", {})
+        paths = {"data": pool.data_dev, "cache": pool.cache_dev, "journal": jcfg.get("path")}
+        for role in pool.config["labels"]["roles"]:
+            path = paths.get(role)
+            if not path:
+                continue
+            try:
+                fd = devices.open_exclusive(path, role)
+            except E.UserError as e:
+                log.warning("pool %s: %s label not wiped: %s", pool.name, role, e.message)
+                continue
+            try:
+                if (reason := label.matches(fd, pool.uuid, role, gen)) is not None:
+                    log.warning(
+                        "pool %s: %s device %s %s; left as it is", pool.name, role, path, reason
+                    )
+                    continue
+                if role == "journal":
+                    os.pwrite(fd, bytes(2 * 4096), 0)  # never mistaken for a live journal
+                label.wipe_fd(fd, role)
+            except OSError as e:
+                log.warning("pool %s: %s label not wiped: %s", pool.name, role, e.strerror)
+            finally:
+                os.close(fd)
+
     def _wc_layer(self, pool: Pool, data: str, cache: str) -> Layer:
         name, uuid = (
             names.dm_internal(pool.name, "wc"),
@@ -216,7 +394,18 @@ class Manager(ExportsMixin):
         return Layer(
             name,
             uuid,
-            Table.single(pool.size // SECTOR, t.Writecache("s", data, cache, WRITECACHE_BLOCK)),
+            Table.single(
+                pool.size // SECTOR,
+                t.Writecache(
+                    "s",
+                    data,
+                    cache,
+                    WRITECACHE_BLOCK,
+                    start_sector=label.CACHE_START_SECTORS
+                    if self._labelled(pool, "cache")
+                    else None,
+                ),
+            ),
         )
 
     def _base(self, pool: Pool) -> Base:
@@ -304,11 +493,12 @@ class Manager(ExportsMixin):
             return
         cfg = pool.config["journal"]
         hold = ("journal", pool.id)
+        jpath = cfg.get("path")
         if mode == "nv" and not cfg.get("embedded"):
-            self._holds.hold(hold, cfg["path"], f"pool {pool.name}: journal")
+            jpath = self._hold_journal(pool, cfg["path"])
         try:
             if mode == "nv":
-                j = Journal.open(cfg["path"], mode="nv")
+                j = Journal.open(jpath, mode="nv")
             else:
                 j = Journal.open(None, mode="ram", ram_size=cfg["size"])
         except JournalError as e:
@@ -633,9 +823,12 @@ class Manager(ExportsMixin):
             raise E.InvalidArgument(
                 "--cache-size is for an embedded cache; --cache has its own size"
             )
-        self._check_unowned({"data": data, "cache": cache, "journal": journal})
+        external = {"data": data, "cache": cache, "journal": journal}
+        self._check_unowned(external)
+        self._check_labels(external)
         if journal is not None:
-            _, jsize = _check_free_device(journal, "journal")
+            _, jdev_bytes = _check_free_device(journal, "journal")
+            jsize = label.usable_size("journal", jdev_bytes)
             if jsize < MIN_JOURNAL_SIZE:
                 raise E.InvalidArgument(
                     f"journal device {journal} has {jsize} bytes; it needs at least "
@@ -643,6 +836,7 @@ class Manager(ExportsMixin):
                 )
         if data is not None:
             _, data_bytes = _check_free_device(data, "data")
+            data_bytes = label.usable_size("data", data_bytes)
         else:
             data_bytes = size or DEFAULT_EMBEDDED_SIZE
             if data_bytes < 64 * MiB:
@@ -656,6 +850,7 @@ class Manager(ExportsMixin):
         cache_bytes = None
         if cache is not None:
             _, cache_bytes = _check_free_device(cache, "cache")
+            cache_bytes -= label.SIZE
         elif cache_size is not None:
             cache_bytes = cache_size
         if cache_bytes is not None and cache_bytes < 4 * MiB:
@@ -670,12 +865,19 @@ class Manager(ExportsMixin):
             "size": 0 if journal_mode == "none" else jsize,
             "embedded": journal is None and journal_mode == "nv",
         }
+        labelled = {r: p for r, p in external.items() if p is not None}
+        if labelled:
+            layout["labels"] = {
+                "version": label.VERSION,
+                "generation": 1,
+                "roles": sorted(labelled),
+            }
 
         pending_id = self.catalog.begin_pending(None, "pool.create", {"name": name})
         pool: Pool | None = None
         try:
             if data is None or (cache is None and cache_size is not None) or journal_mode == "nv":
-                os.makedirs(self._pool_dir(name), exist_ok=True)
+                os.makedirs(self._pool_dir(name), mode=0o700, exist_ok=True)
                 data_file, cache_file = self._embedded_files(name)
                 if data is None:
                     loop.make_sparse(data_file, data_bytes)
@@ -693,9 +895,11 @@ class Manager(ExportsMixin):
                 )
                 # The pool row commits only together with the kernel work
                 # below (same transaction); a crash leaves the pending record.
+                self._write_labels(pool, labelled)
                 _, cachedev = self._devices(pool)
                 if cachedev is not None:
-                    _zero(cachedev[1], MiB)  # writecache formats only a zeroed superblock
+                    # writecache formats only a zeroed superblock (after the label)
+                    _zero(cachedev[1], MiB, label.SIZE if cache else 0)
                 base = self._base(pool)
                 b = BACKENDS[backend](self.dm, self.catalog, pool, base)
                 if isinstance(b, ThinBackend):
@@ -705,7 +909,7 @@ class Manager(ExportsMixin):
                 jcfg = layout["journal"]
                 if jcfg["mode"] == "nv":
                     try:
-                        Journal.format(jcfg["path"], 0 if journal else jcfg["size"])
+                        Journal.format(jcfg["path"], jcfg["size"])
                     except JournalError as e:
                         raise E.Unavailable(f"journal {jcfg['path']}: {e}") from None
                 self.catalog.end_pending(pending_id)
@@ -811,6 +1015,8 @@ class Manager(ExportsMixin):
         pool = self.catalog.pool(name)
         out = self._pool_json(pool, detail=True)
         out["devices"] = sorted(self._pool_devices(pool.name, pool.uuid[:8]))
+        # which of its disks carry a dmsnap label (None: embedded, or made before labels)
+        out["labels"] = pool.config.get("labels")
         return out
 
     @_user_errors
@@ -839,7 +1045,9 @@ class Manager(ExportsMixin):
         self._holds.release(("journal", pool.id))
         self._teardown_devices(devs)
         jcfg = pool.config.get("journal", {})
-        if jcfg.get("mode") == "nv" and not jcfg.get("embedded"):
+        if "labels" in pool.config:
+            self._wipe_labels(self.catalog.pool_by_id(pool.id))
+        elif jcfg.get("mode") == "nv" and not jcfg.get("embedded"):
             with contextlib.suppress(OSError):  # never mistaken for a live journal later
                 _zero(jcfg["path"], 2 * 4096)
         self._backends.pop(pool.id, None)

@@ -8,12 +8,14 @@ refused, and the data written before is read back intact.
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 
 import pytest
 
 from dmsnap import errors as E
+from dmsnap.storage import loop
 from dmsnap.storage.manager import Manager
 
 MiB = 1 << 20
@@ -95,3 +97,123 @@ def test_mkfs_on_devices_of_an_assembled_pool_fails(tmp_path, loopdev):
         for p in m.catalog.pools():
             m.pool_destroy(p.name, force=True)
         m.close()
+
+
+# -- 3. pools find their disks by label ------------------------------------------
+
+
+def write(path: str, offset: int, data: bytes) -> None:
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        os.pwritev(fd, [buf], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(path: str, offset: int, length: int) -> bytes:
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        os.preadv(fd, [buf], offset)
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def reattach(dev: loop.LoopDevice, backing_file: str) -> None:
+    """Bind ``backing_file`` to the loop device ``dev`` names (it must be
+    free): the same name, another disk, as after a reboot renames disks."""
+    subprocess.run(["losetup", dev.path, backing_file], check=True)
+
+
+@pytest.mark.parametrize("mode", ["none", "nv"])
+def test_pools_follow_their_disks_when_loop_devices_swap(tmp_path, loopdev, mode):
+    da, db = loopdev(128 * MiB), loopdev(128 * MiB)
+    state = str(tmp_path / "state")
+    m = Manager(state)
+    try:
+        m.pool_create("a", data=da.path, backend="classic", journal_mode=mode)
+        m.pool_create("b", data=db.path, backend="classic", journal_mode=mode)
+        for pool, tag in (("a", 0xAA), ("b", 0xBB)):
+            m.volume_create(pool, "v", 16 * MiB)
+            if mode == "none":
+                write(f"/dev/dmsnap/{pool}/v", 0, block(tag))
+            else:
+                m.volume_write(pool, "v", 0, block(tag), fua=True)
+        m.teardown()  # daemon stop --teardown: every device gone, journals drained
+        m.close()
+        loop.detach(da)
+        loop.detach(db)
+        reattach(da, db.backing_file)  # the names swap their disks
+        reattach(db, da.backing_file)
+        m = Manager(state)
+        assert m.assemble()["pools"] == {"a": "ok", "b": "ok"}
+        for pool, tag in (("a", 0xAA), ("b", 0xBB)):
+            got = (
+                read(f"/dev/mapper/dmsnap-{pool}-v", 0, 4096)
+                if mode == "none"
+                else m.volume_read(pool, "v", 0, 4096)
+            )
+            assert got == block(tag), f"pool {pool} serves the other pool's disk"
+        # The catalog follows the disks it found.
+        assert (m.catalog.pool("a").data_dev, m.catalog.pool("b").data_dev) == (db.path, da.path)
+    finally:
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()
+
+
+def test_a_stranger_disk_under_the_recorded_name_is_refused(tmp_path, loopdev):
+    da = loopdev(128 * MiB)
+    stranger = tmp_path / "stranger.img"
+    loop.make_sparse(str(stranger), 128 * MiB)
+    state = str(tmp_path / "state")
+    m = Manager(state)
+    try:
+        m.pool_create("a", data=da.path, backend="classic", journal_mode="none")
+        m.volume_create("a", "v", 16 * MiB)
+        m.teardown()
+        m.close()
+        own = da.backing_file
+        loop.detach(da)
+        reattach(da, str(stranger))  # pool a's disk is gone; another one has its name
+        m = Manager(state)
+        rep = m.assemble()
+        assert "a" in m.pool_errors
+        assert "carries no dmsnap label" in rep["pools"]["a"], rep["pools"]["a"]
+        assert "\n" not in rep["pools"]["a"]
+        assert not [n for n in dm_names() if n.startswith("dmsnap-a-")]
+        with open(stranger, "rb") as f:  # nothing was written to the stranger
+            assert f.read() == bytes(128 * MiB)
+        # Its own disk comes back (under a new name): the pool assembles on it.
+        m.close()
+        other = loopdev(4096)
+        loop.detach(other)
+        reattach(other, own)
+        m = Manager(state)
+        assert m.assemble()["pools"] == {"a": "ok"}
+        assert m.catalog.pool("a").data_dev == other.path
+    finally:
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()
+
+
+def test_second_loop_device_of_a_pools_disk_is_refused(mgr, loopdev):
+    da = loopdev(128 * MiB)
+    mgr.pool_create("a", data=da.path, backend="classic", journal_mode="none")
+    again = loop.attach(da.backing_file)  # the same disk, another device number
+    try:
+        with pytest.raises(E.Busy, match="pool a"):
+            mgr.pool_create("b", data=again.path, backend="classic", journal_mode="none")
+        assert [p.name for p in mgr.catalog.pools()] == ["a"]
+    finally:
+        loop.detach(again)
+
+
+def dm_names() -> set[str]:
+    out = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True, check=True).stdout
+    return {ln.split()[0] for ln in out.splitlines() if ln and not ln.startswith("No devices")}
