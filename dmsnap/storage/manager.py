@@ -39,9 +39,10 @@ from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
 from dmsnap.storage.catalog import Exists as CatExists
 from dmsnap.storage.catalog import NotFound as CatNotFound
 from dmsnap.storage.classic import ClassicBackend
+from dmsnap.storage.exports import ExportsMixin, export_paths, snapshot_rights  # noqa: F401
 
 # export_paths, snapshot_rights: moved to exports.py, still importable from here
-from dmsnap.storage.exports import ExportsMixin, export_paths, snapshot_rights  # noqa: F401
+from dmsnap.storage.identity import PoolDisks
 from dmsnap.storage.layers import SECTOR, Layer, ensure
 from dmsnap.storage.thin import ThinBackend
 
@@ -110,7 +111,8 @@ class Manager(ExportsMixin):
         # O_EXCL descriptors on the journal devices of running journals
         # (docs/storage.md: nothing else may claim them meanwhile).
         self._holds = devices.Holds()
-        self._unlabelled_warned: set[int] = set()
+        # which disk is which pool's: the dmsnap labels (identity.py)
+        self._disks = PoolDisks(self.catalog, self._holds, self.state_dir)
         # Every control operation and every marker's snapshot runs under this
         # lock (the catalog and the dm control fd are not for two threads at
         # once). Re-entrant: a thread that holds it and waits for the flusher
@@ -156,10 +158,10 @@ class Manager(ExportsMixin):
             data = (lo.devno, lo.path)
         else:
             assert pool.data_dev is not None
-            data = self._identify(pool, "data", pool.data_dev)
+            data = self._disks.identify(pool, "data", pool.data_dev)
         cache = None
         if pool.cache_dev:
-            cache = self._identify(pool, "cache", pool.cache_dev)
+            cache = self._disks.identify(pool, "cache", pool.cache_dev)
         elif pool.cache_size:
             lo = self._loop_for(cache_file)
             cache = (lo.devno, lo.path)
@@ -205,187 +207,6 @@ class Manager(ExportsMixin):
                         f"device {ids[rdev][1]} is {path}, the {role} device of pool {p.name}"
                     )
 
-    @staticmethod
-    def _devno(path: str, what: str) -> str:
-        try:
-            rdev = os.stat(path).st_rdev
-        except FileNotFoundError:
-            raise E.NotFound(f"{what} device {path} is missing") from None
-        return f"{os.major(rdev)}:{os.minor(rdev)}"
-
-    # -- device identity: the dmsnap label (docs/storage.md) ------------------------------
-
-    @staticmethod
-    def _labelled(pool: Pool, role: str) -> bool:
-        return role in pool.config.get("labels", {}).get("roles", [])
-
-    def _identify(self, pool: Pool, role: str, recorded: str) -> tuple[str, str]:
-        """(MAJ:MIN, path) of the pool's ``role`` device: the recorded path
-        if the disk there carries this pool's label, else the one disk that
-        does (the catalog then follows it). The path is opened once; the
-        device number used is that descriptor's."""
-        if not self._labelled(pool, role):
-            self._warn_unlabelled(pool)
-            return self._devno(recorded, role), recorded
-        gen = int(pool.config["labels"]["generation"])
-        try:
-            fd = os.open(recorded, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            reason = "does not exist"
-        except OSError as e:
-            reason = f"cannot be opened ({e.strerror})"
-        else:
-            try:
-                st_ = os.fstat(fd)
-                if not stat.S_ISBLK(st_.st_mode):
-                    reason = "is not a block device"
-                elif (reason := label.matches(fd, pool.uuid, role, gen)) is None:
-                    return devices.devno(st_.st_rdev), recorded
-            finally:
-                os.close(fd)
-        found = self._find_labelled(pool, role, recorded, reason)
-        return devices.devno(found.rdev), found.path
-
-    def _find_labelled(self, pool: Pool, role: str, recorded: str, reason: str) -> label.Found:
-        """The one block device with ``pool``'s ``role`` label, recorded in
-        the catalog; else a one-line refusal saying what is at ``recorded``."""
-        found = label.scan(pool.uuid, role, exclude_dirs=(self.state_dir,))
-        if len(found) > 1:
-            raise E.Unavailable(
-                f"pool {pool.name}: {len(found)} devices carry its {role} label "
-                f"({', '.join(f.path for f in found)}); detach the copies and restart dmsnapd"
-            )
-        if not found:
-            raise E.Unavailable(
-                f"pool {pool.name}: its {role} device {recorded} {reason}, and no other "
-                f"device carries this pool's {role} label; attach its disk and restart dmsnapd"
-            )
-        f = found[0]
-        log.warning(
-            "pool %s: %s device found at %s (%s %s); catalog updated",
-            pool.name,
-            role,
-            f.path,
-            recorded,
-            reason,
-        )
-        self._record_device(pool, role, f.path)
-        return f
-
-    def _record_device(self, pool: Pool, role: str, path: str) -> None:
-        if role == "data":
-            self.catalog.update_pool(pool.id, data_dev=path)
-        elif role == "cache":
-            self.catalog.update_pool(pool.id, cache_dev=path)
-        else:
-            config = self.catalog.pool_by_id(pool.id).config
-            config["journal"]["path"] = path
-            self.catalog.update_pool(pool.id, config=config)
-
-    def _warn_unlabelled(self, pool: Pool) -> None:
-        if pool.id not in self._unlabelled_warned:
-            self._unlabelled_warned.add(pool.id)
-            log.warning(
-                "pool %s: its devices carry no dmsnap label (created before labels); "
-                "they are trusted by path (docs/storage.md)",
-                pool.name,
-            )
-
-    def _hold_journal(self, pool: Pool, path: str) -> str:
-        """Hold the journal device O_EXCL and check its label through that
-        descriptor; the journal then opens that very device (by descriptor)."""
-        key = ("journal", pool.id)
-        if not self._labelled(pool, "journal"):
-            self._warn_unlabelled(pool)
-            fd = self._holds.hold(key, path, f"pool {pool.name}: journal")
-            return path if fd is None else f"/proc/self/fd/{fd}"
-        gen = int(pool.config["labels"]["generation"])
-        reason: str | None
-        try:
-            fd = self._holds.hold(key, path, f"pool {pool.name}: journal")
-        except E.UserError as e:
-            reason, fd = f"cannot be held ({e.message})", None
-        else:
-            reason = (
-                "is not a block device"
-                if fd is None
-                else label.matches(fd, pool.uuid, "journal", gen)
-            )
-        if reason is None and fd is not None:
-            return f"/proc/self/fd/{fd}"
-        self._holds.release(key)
-        found = self._find_labelled(pool, "journal", path, reason or "")
-        fd = self._holds.hold(key, found.path, f"pool {pool.name}: journal")
-        assert fd is not None
-        if (again := label.matches(fd, pool.uuid, "journal", gen)) is not None:
-            self._holds.release(key)
-            raise E.Unavailable(f"pool {pool.name}: journal device {found.path} {again}")
-        return f"/proc/self/fd/{fd}"
-
-    def _check_labels(self, given: dict[str, str | None]) -> None:
-        """Refuse a device carrying a label of a pool of this catalog (a
-        second loop device over its file, a copy of its disk)."""
-        pools = {p.uuid: p.name for p in self.catalog.pools()}
-        for role, path in given.items():
-            if path is None:
-                continue
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                continue  # _check_free_device says why
-            try:
-                found = label.read_fd(fd) if stat.S_ISBLK(os.fstat(fd).st_mode) else {}
-            finally:
-                os.close(fd)
-            for lab in found.values():
-                if isinstance(lab, label.Label):
-                    if lab.pool_uuid in pools:
-                        raise E.Busy(
-                            f"{role} device {path} carries the {lab.role} label of pool "
-                            f"{pools[lab.pool_uuid]}: it is that pool's disk"
-                        )
-                    log.warning("%s device %s: overwriting %s", role, path, lab.describe())
-
-    def _write_labels(self, pool: Pool, given: dict[str, str]) -> None:
-        if not given:
-            return  # embedded: nothing to label
-        gen = int(pool.config["labels"]["generation"])
-        for role, path in given.items():
-            fd = devices.open_exclusive(path, role)
-            try:
-                label.write_fd(fd, pool.uuid, role, gen)
-            finally:
-                os.close(fd)
-
-    def _wipe_labels(self, pool: Pool) -> None:
-        """A destroyed pool's disks carry no label of it (and its journal no
-        superblock), checked through the descriptor that wipes them."""
-        gen = int(pool.config["labels"]["generation"])
-        jcfg = pool.config.get("journal", {})
-        paths = {"data": pool.data_dev, "cache": pool.cache_dev, "journal": jcfg.get("path")}
-        for role in pool.config["labels"]["roles"]:
-            path = paths.get(role)
-            if not path:
-                continue
-            try:
-                fd = devices.open_exclusive(path, role)
-            except E.UserError as e:
-                log.warning("pool %s: %s label not wiped: %s", pool.name, role, e.message)
-                continue
-            try:
-                if (reason := label.matches(fd, pool.uuid, role, gen)) is not None:
-                    log.warning(
-                        "pool %s: %s device %s %s; left as it is", pool.name, role, path, reason
-                    )
-                    continue
-                if role == "journal":
-                    os.pwrite(fd, bytes(2 * 4096), 0)  # never mistaken for a live journal
-                label.wipe_fd(fd, role)
-            except OSError as e:
-                log.warning("pool %s: %s label not wiped: %s", pool.name, role, e.strerror)
-            finally:
-                os.close(fd)
-
     def _wc_layer(self, pool: Pool, data: str, cache: str) -> Layer:
         name, uuid = (
             names.dm_internal(pool.name, "wc"),
@@ -402,7 +223,7 @@ class Manager(ExportsMixin):
                     cache,
                     WRITECACHE_BLOCK,
                     start_sector=label.CACHE_START_SECTORS
-                    if self._labelled(pool, "cache")
+                    if self._disks.labelled(pool, "cache")
                     else None,
                 ),
             ),
@@ -495,7 +316,7 @@ class Manager(ExportsMixin):
         hold = ("journal", pool.id)
         jpath = cfg.get("path")
         if mode == "nv" and not cfg.get("embedded"):
-            jpath = self._hold_journal(pool, cfg["path"])
+            jpath = self._disks.hold_journal(pool, cfg["path"])
         try:
             if mode == "nv":
                 j = Journal.open(jpath, mode="nv")
@@ -825,7 +646,7 @@ class Manager(ExportsMixin):
             )
         external = {"data": data, "cache": cache, "journal": journal}
         self._check_unowned(external)
-        self._check_labels(external)
+        self._disks.check_new(external)
         if journal is not None:
             _, jdev_bytes = _check_free_device(journal, "journal")
             jsize = label.usable_size("journal", jdev_bytes)
@@ -895,7 +716,7 @@ class Manager(ExportsMixin):
                 )
                 # The pool row commits only together with the kernel work
                 # below (same transaction); a crash leaves the pending record.
-                self._write_labels(pool, labelled)
+                self._disks.write(pool, labelled)
                 _, cachedev = self._devices(pool)
                 if cachedev is not None:
                     # writecache formats only a zeroed superblock (after the label)
@@ -1046,7 +867,7 @@ class Manager(ExportsMixin):
         self._teardown_devices(devs)
         jcfg = pool.config.get("journal", {})
         if "labels" in pool.config:
-            self._wipe_labels(self.catalog.pool_by_id(pool.id))
+            self._disks.wipe(self.catalog.pool_by_id(pool.id))
         elif jcfg.get("mode") == "nv" and not jcfg.get("embedded"):
             with contextlib.suppress(OSError):  # never mistaken for a live journal later
                 _zero(jcfg["path"], 2 * 4096)

@@ -217,3 +217,30 @@ def test_second_loop_device_of_a_pools_disk_is_refused(mgr, loopdev):
 def dm_names() -> set[str]:
     out = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True, check=True).stdout
     return {ln.split()[0] for ln in out.splitlines() if ln and not ln.startswith("No devices")}
+
+
+def test_pool_made_before_labels_assembles_by_path_with_a_warning(tmp_path, loopdev, caplog):
+    da, jdev = loopdev(128 * MiB), loopdev(16 * MiB)
+    state = str(tmp_path / "state")
+    m = Manager(state)
+    try:
+        m.pool_create("old", data=da.path, journal=jdev.path, backend="classic")
+        m.volume_create("old", "v", 8 * MiB)
+        m.volume_write("old", "v", 0, block(0xC3), fua=True)
+        # As a pool created before labels: no labels in its catalog entry.
+        pool = m.catalog.pool("old")
+        config = dict(pool.config)
+        del config["labels"]
+        m.catalog.update_pool(pool.id, config=config)
+        m.close(drain=False)
+        m = Manager(state)
+        with caplog.at_level("WARNING", logger="dmsnap.storage"):
+            assert m.assemble()["pools"] == {"old": "ok"}
+        assert "pool old: its devices carry no dmsnap label" in caplog.text
+        assert m.volume_read("old", "v", 0, 4096) == block(0xC3)
+        assert m.pool_show("old")["labels"] is None
+        assert exclusive_open_fails(jdev.path)  # held all the same
+    finally:
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()
