@@ -244,3 +244,40 @@ def test_pool_made_before_labels_assembles_by_path_with_a_warning(tmp_path, loop
         for p in m.catalog.pools():
             m.pool_destroy(p.name, force=True)
         m.close()
+
+
+def test_data_cache_and_journal_devices_are_found_after_their_names_rotate(tmp_path, loopdev):
+    dev = {"data": loopdev(128 * MiB), "cache": loopdev(16 * MiB), "journal": loopdev(16 * MiB)}
+    files = {role: d.backing_file for role, d in dev.items()}
+    state = str(tmp_path / "state")
+    m = Manager(state)
+    try:
+        m.pool_create(
+            "a", data=dev["data"].path, cache=dev["cache"].path, journal=dev["journal"].path
+        )
+        m.volume_create("a", "v", 8 * MiB)
+        m.volume_write("a", "v", 0, block(0xD4), fua=True)
+        m.teardown()
+        m.close()
+        for d in dev.values():
+            loop.detach(d)
+        # data's name now holds the cache disk, cache's the journal, journal's the data
+        reattach(dev["data"], files["cache"])
+        reattach(dev["cache"], files["journal"])
+        reattach(dev["journal"], files["data"])
+        m = Manager(state)
+        assert m.assemble()["pools"] == {"a": "ok"}
+        assert m.volume_read("a", "v", 0, 4096) == block(0xD4)
+        pool = m.catalog.pool("a")
+        assert (pool.data_dev, pool.cache_dev, pool.config["journal"]["path"]) == (
+            dev["journal"].path,
+            dev["data"].path,
+            dev["cache"].path,
+        )
+        assert exclusive_open_fails(dev["cache"].path)  # the journal disk, held
+        m.volume_write("a", "v", 4096, block(0xD5), fua=True)
+        assert m.volume_read("a", "v", 0, 8192) == block(0xD4) + block(0xD5)
+    finally:
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()
