@@ -30,6 +30,16 @@ def rdev_of(path: str) -> int | None:
     return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
 
 
+def resolve(path: str) -> str:
+    """The device node a given name leads to (``/dev/disk/by-id/...``, a
+    symlink anywhere -> ``/dev/sdb``), resolved once: what is checked,
+    labelled and recorded is then that node, which only root and the kernel
+    can change, not a link someone may re-point meanwhile. Anything that is
+    not a block device comes back as given, for the caller's message."""
+    real = os.path.realpath(path)
+    return real if rdev_of(real) is not None else path
+
+
 def devno(rdev: int) -> str:
     return f"{os.major(rdev)}:{os.minor(rdev)}"
 

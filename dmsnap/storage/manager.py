@@ -616,6 +616,7 @@ class Manager(ExportsMixin):
         journal_mode: str = "nv",
     ) -> Json:
         names.check_name("pool", name)
+        data, cache, journal = (devices.resolve(d) if d else d for d in (data, cache, journal))
         if backend not in BACKENDS:
             raise E.InvalidArgument(
                 f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}"
