@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from dmsnap.journal.journal import Journal, JournalError, JournalStats, Marker, crc32c_impl
+from dmsnap.storage.devices import Holds
 
 log = logging.getLogger("dmsnap.journal")
 
@@ -51,6 +52,9 @@ class PoolJournal:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.volumes: dict[int, int] = {}  # attached volume id -> size
+        # O_EXCL on each attached volume's private dm device: only the
+        # journal writes it (no mkfs, mount or other claim meanwhile).
+        self._holds = Holds()
         self.last_error: str | None = None
         # The gate in front of the C journal: close() shuts it, waits for the
         # calls already inside, and only then frees the journal.
@@ -116,7 +120,10 @@ class PoolJournal:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.journal.close(drain=drain and err is None, timeout=timeout)
+        try:
+            self.journal.close(drain=drain and err is None, timeout=timeout)
+        finally:
+            self.release_all()
         with self._cond:
             self._cond.notify_all()
         if err is not None:
@@ -159,7 +166,12 @@ class PoolJournal:
     # -- volumes ----------------------------------------------------------------------
 
     def attach(self, vol: int, path: str, size: int) -> None:
-        self.journal.attach(vol, path, size)
+        self._holds.hold(vol, path, f"pool {self.pool}: volume id {vol}")
+        try:
+            self.journal.attach(vol, path, size)
+        except BaseException:
+            self._holds.release(vol)
+            raise
         self.volumes[vol] = size
 
     def detach(self, vol: int, timeout: float = 120.0) -> None:
@@ -167,6 +179,11 @@ class PoolJournal:
         (called with the Manager's lock held: serves markers meanwhile)."""
         self._until(lambda t: self.journal.detach(vol, t), timeout)
         self.volumes.pop(vol, None)
+        self._holds.release(vol)
+
+    def release_all(self) -> None:
+        """Let every volume's dm device go (the journal is closed)."""
+        self._holds.release_all()
 
     def forget(self, vol: int) -> None:
         """Drop a deleted volume's unflushed records, its end recorded in the

@@ -171,6 +171,10 @@ def attached() -> list[LoopDevice]:
 
 
 def make_sparse(path: str, size: int) -> None:
-    """A sparse backing file of ``size`` bytes (no blocks allocated)."""
-    with open(path, "ab") as f:
-        f.truncate(size)
+    """A sparse backing file of ``size`` bytes (no blocks allocated), 0600:
+    it is a pool's disk. Never through a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)

@@ -14,7 +14,6 @@ The export operations (SCSI, through LIO) are in :mod:`dmsnap.storage.exports`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import mmap
 import os
@@ -34,7 +33,7 @@ from dmsnap.dm.udev import LINK_DIR
 from dmsnap.journal.journal import Journal, JournalCorrupt, JournalError
 from dmsnap.journal.service import PoolJournal, status_json
 from dmsnap.scsi import DEFAULT_WORKER_NICE
-from dmsnap.storage import loop, names
+from dmsnap.storage import devices, label, loop, names
 from dmsnap.storage._common import (
     Json,
     _errors_to_user,
@@ -47,9 +46,10 @@ from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
 from dmsnap.storage.catalog import Exists as CatExists
 from dmsnap.storage.catalog import NotFound as CatNotFound
 from dmsnap.storage.classic import ClassicBackend
+from dmsnap.storage.exports import ExportsMixin, export_paths, snapshot_rights  # noqa: F401
 
 # export_paths, snapshot_rights: moved to exports.py, still importable from here
-from dmsnap.storage.exports import ExportsMixin, export_paths, snapshot_rights  # noqa: F401
+from dmsnap.storage.identity import PoolDisks
 from dmsnap.storage.layers import SECTOR, Layer, ensure
 from dmsnap.storage.thin import ThinBackend
 
@@ -69,14 +69,6 @@ NV_STOP_STALL_S = 10.0
 BACKENDS: dict[str, type[Backend]] = {"thin": ThinBackend, "classic": ClassicBackend}
 
 
-def _block_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def _check_free_device(path: str, what: str) -> tuple[str, int]:
     """A device given by the administrator: must exist, be a block device, and
     not be in use (O_EXCL fails while mounted or held by another device)."""
@@ -86,17 +78,11 @@ def _check_free_device(path: str, what: str) -> tuple[str, int]:
         raise E.NotFound(f"{what} device {path} does not exist") from None
     if not stat.S_ISBLK(mode):
         raise E.InvalidArgument(f"{what} device {path} is not a block device")
+    fd = devices.open_exclusive(path, what)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            raise E.Busy(
-                f"{what} device {path} is in use (mounted, or held by another device)"
-            ) from None
-        raise E.InvalidArgument(f"{what} device {path}: {e.strerror}") from None
-    os.close(fd)
-    st_ = os.stat(path)
-    return f"{os.major(st_.st_rdev)}:{os.minor(st_.st_rdev)}", _block_size(path)
+        return devices.devno(os.fstat(fd).st_rdev), os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def _reserve(path: str, length: int) -> None:
@@ -130,8 +116,12 @@ class Manager(ExportsMixin):
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.worker_nice = worker_nice  # exports' fast-path threads (dmsnapd --worker-nice)
-        os.makedirs(os.path.join(self.state_dir, "pools"), exist_ok=True)
-        self.catalog = Catalog(os.path.join(self.state_dir, "catalog.db"))
+        os.makedirs(os.path.join(self.state_dir, "pools"), mode=0o700, exist_ok=True)
+        devices.check_private_dir(self.state_dir)
+        devices.check_private_dir(os.path.join(self.state_dir, "pools"))
+        catalog_path = os.path.join(self.state_dir, "catalog.db")
+        self.catalog = Catalog(catalog_path)
+        os.chmod(catalog_path, 0o600)  # whatever the umask: paths of disks we write
         try:
             self.dm = dm or DeviceMapper()
         except DmUnavailable as e:
@@ -150,6 +140,11 @@ class Manager(ExportsMixin):
         # releases it first. Re-entrant: a thread that holds it and must wait
         # for the flusher (a delete, a restore, a drain) serves markers
         # itself. The data path (read/write) never takes it.
+        # O_EXCL descriptors on the journal devices of running journals
+        # (docs/storage.md: nothing else may claim them meanwhile).
+        self._holds = devices.Holds()
+        # which disk is which pool's: the dmsnap labels (identity.py)
+        self._disks = PoolDisks(self.catalog, self._holds, self.state_dir)
         self.lock = threading.RLock()
         # Set when the daemon stops: requests waiting for a snapshot answer.
         self._interrupted = threading.Event()
@@ -170,6 +165,7 @@ class Manager(ExportsMixin):
                 # A stalled NV pool must not hold the stop: its records are
                 # durable in the journal and replayed at the next start.
                 self._stop_journal(pid, drain=drain, stall=NV_STOP_STALL_S)
+            self._holds.release_all()
             self.catalog.close()
             self.dm.close()
 
@@ -201,22 +197,54 @@ class Manager(ExportsMixin):
             data = (lo.devno, lo.path)
         else:
             assert pool.data_dev is not None
-            data = (self._devno(pool.data_dev, "data"), pool.data_dev)
+            data = self._disks.identify(pool, "data", pool.data_dev)
         cache = None
         if pool.cache_dev:
-            cache = (self._devno(pool.cache_dev, "cache"), pool.cache_dev)
+            cache = self._disks.identify(pool, "cache", pool.cache_dev)
         elif pool.cache_size:
             lo = self._loop_for(cache_file)
             cache = (lo.devno, lo.path)
         return data, cache
 
-    @staticmethod
-    def _devno(path: str, what: str) -> str:
-        try:
-            rdev = os.stat(path).st_rdev
-        except FileNotFoundError:
-            raise E.NotFound(f"{what} device {path} is missing") from None
-        return f"{os.major(rdev)}:{os.minor(rdev)}"
+    def _recorded_devices(self, pool: Pool) -> dict[str, str]:
+        """role -> path of the block devices a pool writes (an embedded
+        pool's loop devices while attached; a journal device, not file)."""
+        out: dict[str, str] = {}
+        data_file, cache_file = self._embedded_files(pool.name)
+        if pool.data_dev:
+            out["data"] = pool.data_dev
+        elif lo := loop.find(data_file):
+            out["data"] = lo.path
+        if pool.cache_dev:
+            out["cache"] = pool.cache_dev
+        elif pool.cache_size and (lo := loop.find(cache_file)):
+            out["cache"] = lo.path
+        jcfg = pool.config.get("journal", {})
+        if jcfg.get("mode") == "nv" and not jcfg.get("embedded") and jcfg.get("path"):
+            out["journal"] = jcfg["path"]
+        return out
+
+    def _check_unowned(self, given: dict[str, str | None]) -> None:
+        """Refuse devices that are one another or another pool's, by device
+        number: a symlink or a /dev/disk/by-id name is the same disk."""
+        ids: dict[int, tuple[str, str]] = {}
+        for role, path in given.items():
+            rdev = devices.rdev_of(path) if path else None
+            if path is None or rdev is None:
+                continue  # missing or not a block device: _check_free_device says so
+            if rdev in ids:
+                raise E.InvalidArgument(
+                    f"the {ids[rdev][0]} device {ids[rdev][1]} and the {role} device {path} "
+                    "are the same device; they must all differ"
+                )
+            ids[rdev] = (role, path)
+        for p in self.catalog.pools():
+            for role, path in self._recorded_devices(p).items():
+                rdev = devices.rdev_of(path)
+                if rdev in ids:
+                    raise E.Busy(
+                        f"device {ids[rdev][1]} is {path}, the {role} device of pool {p.name}"
+                    )
 
     def _wc_layer(self, pool: Pool, data: str, cache: str) -> Layer:
         name, uuid = (
@@ -226,7 +254,18 @@ class Manager(ExportsMixin):
         return Layer(
             name,
             uuid,
-            Table.single(pool.size // SECTOR, t.Writecache("s", data, cache, WRITECACHE_BLOCK)),
+            Table.single(
+                pool.size // SECTOR,
+                t.Writecache(
+                    "s",
+                    data,
+                    cache,
+                    WRITECACHE_BLOCK,
+                    start_sector=label.CACHE_START_SECTORS
+                    if self._disks.labelled(pool, "cache")
+                    else None,
+                ),
+            ),
         )
 
     def _base(self, pool: Pool) -> Base:
@@ -313,9 +352,13 @@ class Manager(ExportsMixin):
         if mode == "none" or pool.id in self._journals:
             return
         cfg = pool.config["journal"]
+        hold = ("journal", pool.id)
+        jpath = cfg.get("path")
+        if mode == "nv" and not cfg.get("embedded"):
+            jpath = self._disks.hold_journal(pool, cfg["path"])
         try:
             if mode == "nv":
-                j = Journal.open(cfg["path"], mode="nv")
+                j = Journal.open(jpath, mode="nv")
             else:
                 j = Journal.open(None, mode="ram", ram_size=cfg["size"])
         except JournalCorrupt as e:
@@ -324,6 +367,7 @@ class Manager(ExportsMixin):
                 f"dmsnap pool repair {pool.name} --discard-after {e.seq}"
             ) from None
         except JournalError as e:
+            self._holds.release(hold)
             where = cfg.get("path") or "in RAM"
             raise E.Unavailable(f"pool {pool.name}: journal {where}: {e}") from None
         pid = pool.id
@@ -338,6 +382,8 @@ class Manager(ExportsMixin):
             pj.start(vols)
         except BaseException:
             j.close(drain=False)
+            pj.release_all()
+            self._holds.release(hold)
             raise
         self._journals[pid] = pj
         if mode == "ram":  # a RAM journal starts empty: earlier requests are gone
@@ -374,6 +420,8 @@ class Manager(ExportsMixin):
         except (JournalError, TimeoutError) as e:
             kept = " (its records stay in the journal for the next start)" * (pj.mode == "nv")
             log.error("pool %s: journal did not drain: %s%s", pj.pool, e, kept)
+        finally:
+            self._holds.release(("journal", pool_id))
 
     def _journal(self, pool: Pool) -> PoolJournal | None:
         if journal_mode(pool) == "none":
@@ -623,6 +671,7 @@ class Manager(ExportsMixin):
         file system cannot hold them (they are sparse either way; the journal
         file is always reserved)."""
         names.check_name("pool", name)
+        data, cache, journal = (devices.resolve(d) if d else d for d in (data, cache, journal))
         if backend not in BACKENDS:
             raise E.InvalidArgument(
                 f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}"
@@ -651,16 +700,12 @@ class Manager(ExportsMixin):
             raise E.InvalidArgument(
                 "--cache-size is for an embedded cache; --cache has its own size"
             )
-        for p in self.catalog.pools():
-            for dev in (data, cache, journal):
-                pj_path = p.config.get("journal", {}).get("path")
-                if dev and dev in (p.data_dev, p.cache_dev, pj_path):
-                    raise E.Busy(f"device {dev} already belongs to pool {p.name}")
-        given = [os.path.realpath(d) for d in (data, cache, journal) if d]
-        if len(set(given)) != len(given):
-            raise E.InvalidArgument("the data, cache and journal devices must all differ")
+        external = {"data": data, "cache": cache, "journal": journal}
+        self._check_unowned(external)
+        self._disks.check_new(external)
         if journal is not None:
-            _, jsize = _check_free_device(journal, "journal")
+            _, jdev_bytes = _check_free_device(journal, "journal")
+            jsize = label.usable_size("journal", jdev_bytes)
             if jsize < MIN_JOURNAL_SIZE:
                 raise E.InvalidArgument(
                     f"journal device {journal} has {jsize} bytes; it needs at least "
@@ -668,6 +713,7 @@ class Manager(ExportsMixin):
                 )
         if data is not None:
             _, data_bytes = _check_free_device(data, "data")
+            data_bytes = label.usable_size("data", data_bytes)
         else:
             data_bytes = size or DEFAULT_EMBEDDED_SIZE
             if data_bytes < 64 * MiB:
@@ -681,6 +727,7 @@ class Manager(ExportsMixin):
         cache_bytes = None
         if cache is not None:
             _, cache_bytes = _check_free_device(cache, "cache")
+            cache_bytes -= label.SIZE
         elif cache_size is not None:
             cache_bytes = cache_size
         if cache_bytes is not None and cache_bytes < 4 * MiB:
@@ -695,12 +742,19 @@ class Manager(ExportsMixin):
             "size": 0 if journal_mode == "none" else jsize,
             "embedded": journal is None and journal_mode == "nv",
         }
+        labelled = {r: p for r, p in external.items() if p is not None}
+        if labelled:
+            layout["labels"] = {
+                "version": label.VERSION,
+                "generation": 1,
+                "roles": sorted(labelled),
+            }
 
         pending_id = self.catalog.begin_pending(None, "pool.create", {"name": name})
         pool: Pool | None = None
         try:
             if data is None or (cache is None and cache_size is not None) or journal_mode == "nv":
-                os.makedirs(self._pool_dir(name), exist_ok=True)
+                os.makedirs(self._pool_dir(name), mode=0o700, exist_ok=True)
                 data_file, cache_file = self._embedded_files(name)
                 if data is None:
                     loop.make_sparse(data_file, data_bytes)
@@ -718,9 +772,11 @@ class Manager(ExportsMixin):
                 )
                 # The pool row commits only together with the kernel work
                 # below (same transaction); a crash leaves the pending record.
+                self._disks.write(pool, labelled)
                 _, cachedev = self._devices(pool)
                 if cachedev is not None:
-                    _zero(cachedev[1], MiB)  # writecache formats only a zeroed superblock
+                    # writecache formats only a zeroed superblock (after the label)
+                    _zero(cachedev[1], MiB, label.SIZE if cache else 0)
                 base = self._base(pool)
                 b = BACKENDS[backend](self.dm, self.catalog, pool, base)
                 if isinstance(b, ThinBackend):
@@ -730,7 +786,7 @@ class Manager(ExportsMixin):
                 jcfg = layout["journal"]
                 if jcfg["mode"] == "nv":
                     try:
-                        Journal.format(jcfg["path"], 0 if journal else jcfg["size"])
+                        Journal.format(jcfg["path"], jcfg["size"])
                     except JournalError as e:
                         raise E.Unavailable(f"journal {jcfg['path']}: {e}") from None
                     if not journal:
@@ -946,6 +1002,8 @@ class Manager(ExportsMixin):
         pool = self.catalog.pool(name)
         out = self._pool_json(pool, detail=True)
         out["devices"] = sorted(self._pool_devices(pool.name, pool.uuid[:8]))
+        # which of its disks carry a dmsnap label (None: embedded, or made before labels)
+        out["labels"] = pool.config.get("labels")
         return out
 
     @_user_errors
@@ -1016,9 +1074,12 @@ class Manager(ExportsMixin):
             except TimeoutError as e:
                 log.warning("pool %s: destroyed with records not on its volumes: %s", name, e)
             pj.close(drain=False)
+        self._holds.release(("journal", pool.id))
         self._teardown_devices(devs)
         jcfg = pool.config.get("journal", {})
-        if jcfg.get("mode") == "nv" and not jcfg.get("embedded"):
+        if "labels" in pool.config:
+            self._disks.wipe(self.catalog.pool_by_id(pool.id))
+        elif jcfg.get("mode") == "nv" and not jcfg.get("embedded"):
             with contextlib.suppress(OSError):  # never mistaken for a live journal later
                 _zero(jcfg["path"], 2 * 4096)
         self._backends.pop(pool.id, None)
