@@ -230,8 +230,12 @@ def run_child(
 def tear_tail(jpath: Path, work: Path, hist: History, rnd: random.Random) -> str:
     """Damage the journal after everything acknowledged or materialised."""
     done_seqs = [int(x.split()[1]) for x in (work / "done.log").read_text().split("\n") if x]
-    keep = max([hist.last_acked_seq(), *done_seqs])
     sb, recs = parse_journal(jpath)
+    # A power cut cannot tear what was durable. The child's reports lag its
+    # acknowledgements (killed between the two), so the records' own ack_lag
+    # (how far the log was durable when each was appended) bounds it too.
+    durable = [r.seq - r.ack_lag for r in recs if r.ack_lag]
+    keep = max([hist.last_acked_seq(), *done_seqs, *durable])
     cap = sb.capacity
     after = [r for r in recs if r.seq > keep]
     kept = [r for r in recs if r.seq <= keep]
