@@ -4,6 +4,9 @@ Targets:
   journal   libFuzzer: the journal's recovery (jr_open_ex on crafted images)
   tcmu      libFuzzer: the TCMU ring handler's command fetch, fast and slow path
   scsi      hypothesis: the SCSI emulator and the vendor-command codec
+  control   the daemon's control socket: garbage from many clients at once
+            (a hypothesis property), silent, trickling and non-reading
+            clients beyond the connection cap (tests/host/test_control_hostile.py)
 
   tools/torture fuzz --quick                 every target, a few seconds each (CI)
   tools/torture fuzz --target journal --runs 1000000
@@ -35,7 +38,7 @@ C_TARGETS = {
     "journal": ["tests/torture/fuzz/journal_fuzz.c", "csrc/journal.c"],
     "tcmu": ["tests/torture/fuzz/tcmu_fuzz.c", "csrc/journal.c"],
 }
-QUICK_RUNS = {"journal": 20000, "tcmu": 10000, "scsi": 700}
+QUICK_RUNS = {"journal": 20000, "tcmu": 10000, "scsi": 700, "control": 50}
 PY = sys.executable
 
 
@@ -115,9 +118,24 @@ def run_scsi(runs: int, seed: int) -> bool:
     return r.returncode == 0
 
 
+def run_control(runs: int, seed: int) -> bool:
+    """runs: examples of the garbage property (each up to 16 clients at once)."""
+    env = dict(os.environ, DMSNAP_FUZZ_EXAMPLES_EACH=str(runs))
+    cmd = [
+        PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--hypothesis-seed={seed}",
+        "tests/host/test_control_hostile.py",
+    ]  # fmt: skip
+    print(f"fuzz: control: DMSNAP_FUZZ_EXAMPLES_EACH={runs} {' '.join(cmd)}", flush=True)
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=ROOT, env=env)
+    dt = time.monotonic() - t0
+    print(f"fuzz: control: {runs} examples in {dt:.0f} s, rc {r.returncode}", flush=True)
+    return r.returncode == 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="tools/torture fuzz", description=__doc__.split("\n")[0])
-    names = ["journal", "tcmu", "scsi", "all"]
+    names = ["journal", "tcmu", "scsi", "control", "all"]
     ap.add_argument("--target", choices=names, default="all")
     ap.add_argument("--runs", type=int, help="executions (C) / examples per property (scsi)")
     ap.add_argument("--quick", action="store_true", help="a few seconds per target (CI)")
@@ -126,14 +144,16 @@ def main() -> int:
     a = ap.parse_args()
     seed = a.seed if a.seed is not None else int(time.time()) % 100000
     print(f"fuzz: seed {seed}", flush=True)
-    targets = ["journal", "tcmu", "scsi"] if a.target == "all" else [a.target]
+    targets = ["journal", "tcmu", "scsi", "control"] if a.target == "all" else [a.target]
     ok = True
     for t in targets:
         runs = a.runs or (QUICK_RUNS[t] if a.quick else 1_000_000)
         if t in C_TARGETS:
             ok &= run_c(t, runs, seed, a.max_time or (60 if a.quick else 0))
-        else:
+        elif t == "scsi":
             ok &= run_scsi(runs, seed)
+        else:
+            ok &= run_control(runs, seed)
     print("fuzz: " + ("ok" if ok else "FAILED"), flush=True)
     return 0 if ok else 1
 
