@@ -365,7 +365,10 @@ static int fetch(tc_dev_t *d)
         struct tcmu_cmd_entry *e = entry_at(d, d->fetched);
         uint32_t len = tcmu_hdr_get_len(e->hdr.len_op);
         uint32_t op = tcmu_hdr_get_op(e->hdr.len_op);
-        if (!len || len % TCMU_OP_ALIGN_SIZE || len > size - d->fetched)
+        /* an entry never passes the head (one as long as the ring would
+         * bring fetched back where it was, for ever) */
+        uint32_t posted = (head + size - d->fetched) % size;
+        if (!len || len % TCMU_OP_ALIGN_SIZE || len > size - d->fetched || len > posted)
             break;
         if (op == TCMU_OP_CMD) {
             /* the response is written over the entry: it must hold one */
