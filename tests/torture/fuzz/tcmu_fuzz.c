@@ -206,10 +206,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         abort();
     }
     /* what a corrupt ring left in flight: free it as tc_close does */
-    for (uint32_t id = 0; id < 65536; id++) {
+    for (uint32_t id = 0; id < 65536 && d->st.inflight; id++) {
         struct tc_cmd *c = d->inflight[id];
         if (c) {
             d->inflight[id] = NULL;
+            d->st.inflight--;
             free(c->iov);
             free(c);
         }
