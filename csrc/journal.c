@@ -144,7 +144,9 @@
 #define JR_MIN_CAPACITY 65536
 /* sb_seq, generation and seqs only count up from 1: a superblock holding a
  * value near 2^64 is damage (the fuzzer's sb_seq of 2^64-1 made the next
- * superblock written wrap to 0 and lose to the stale slot), refused. */
+ * superblock written wrap to 0 and lose to the stale slot). A slot at or
+ * above JR_COUNTER_MAX is not valid; jr_open refuses to start from one at or
+ * above half of it, so that everything it writes stays valid. */
 #define JR_COUNTER_MAX (1ULL << 62)
 
 #define REC_WRITE 1
@@ -1346,6 +1348,9 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_f
         }
         goto fail;
     }
+    if (sb->sb_seq >= JR_COUNTER_MAX / 2 || sb->generation >= JR_COUNTER_MAX / 2 ||
+        sb->ckpt_seq >= JR_COUNTER_MAX / 2)
+        goto fail; /* -EBADMSG: damage, see JR_COUNTER_MAX */
     uint64_t dsize = 0;
     uint32_t lbs = 512;
     int is_blk = 0;
@@ -1378,7 +1383,7 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_f
     for (uint64_t p = 0; p + JR_HDR <= j->cap; p += j->align) {
         const struct rec_disk *h = (const struct rec_disk *)(j->ring + p);
         if (h->magic == JR_REC_MAGIC && h->journal_id == j->journal_id &&
-            h->generation >= j->generation && h->generation < JR_COUNTER_MAX &&
+            h->generation >= j->generation && h->generation < JR_COUNTER_MAX / 2 &&
             h->hdr_crc == crc32c(h, offsetof(struct rec_disk, hdr_crc)))
             j->generation = h->generation + 1;
     }

@@ -116,15 +116,21 @@ json_values = st.recursive(
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids),
     max_leaves=10,
 )
-requests = st.fixed_dictionaries(
-    {},
-    optional={
-        "v": st.sampled_from([1, 2, "1", None]),
-        "id": json_values,
-        "op": st.sampled_from(sorted(proto.OPS)) | st.text(max_size=12) | json_values,
-        "args": json_values,
-    },
-).map(lambda d: json.dumps(d).encode())
+# every op but daemon.stop, which an allowed client may send (and the daemon obeys)
+OPS = sorted(set(proto.OPS) - {"daemon.stop"})
+requests = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "v": st.sampled_from([1, 2, "1", None]),
+            "id": json_values,
+            "op": st.sampled_from(OPS) | st.text(max_size=12) | json_values,
+            "args": json_values,
+        },
+    )
+    .filter(lambda d: d.get("op") != "daemon.stop")
+    .map(lambda d: json.dumps(d).encode())
+)
 lines = st.binary(max_size=200).map(lambda b: b.replace(b"\n", b" ")) | requests
 
 

@@ -29,7 +29,8 @@ def _build(target: str, out: Path) -> Path:
         "-fno-omit-frame-pointer", "-pthread", f"-I{ROOT / 'csrc'}",
         *map(str, TARGETS[target]), str(FUZZ / "standalone.c"), "-o", str(exe),
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"building {target} failed:\n{r.stderr[-4000:]}"
     return exe
 
 
