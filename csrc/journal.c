@@ -142,6 +142,12 @@
 #define JR_RING_START 8192
 #define JR_HDR 512
 #define JR_MIN_CAPACITY 65536
+/* sb_seq, generation and seqs only count up from 1: a superblock holding a
+ * value near 2^64 is damage (the fuzzer's sb_seq of 2^64-1 made the next
+ * superblock written wrap to 0 and lose to the stale slot). A slot at or
+ * above JR_COUNTER_MAX is not valid; jr_open refuses to start from one at or
+ * above half of it, so that everything it writes stays valid. */
+#define JR_COUNTER_MAX (1ULL << 62)
 
 #define REC_WRITE 1
 #define REC_MARKER 2
@@ -918,7 +924,8 @@ static int sb_valid(const struct sb_disk *sb)
            sb->align <= 4096 && !(sb->align & (sb->align - 1)) && sb->capacity >= JR_MIN_CAPACITY &&
            sb->capacity % sb->align == 0 && sb->ckpt_pos < sb->capacity &&
            sb->ckpt_pos % sb->align == 0 && sb->ckpt_seq >= 1 && sb->min_gen >= 1 &&
-           sb->min_gen <= sb->generation + 1;
+           sb->min_gen <= sb->generation + 1 && sb->sb_seq < JR_COUNTER_MAX &&
+           sb->generation < JR_COUNTER_MAX && sb->ckpt_seq < JR_COUNTER_MAX;
 }
 
 /* Write the superblock with checkpoint (seq, lpos) to the next slot. Called
@@ -1033,7 +1040,8 @@ static void jr_free_all(jr_t *j)
     ix_free(j);
     while (j->dhead)
         dl_unlink(j, &j->dhead);
-    free(j->zeros);
+    if (j->zeros)
+        munmap(j->zeros, ZERO_BYTES);
     for (int i = 0; i < j->nvols; i++) {
         vol_close_fds(j->vols[i]);
         free(j->vols[i]);
@@ -1260,10 +1268,11 @@ static jr_t *jr_alloc(void)
     j->dtail = &j->dhead;
     if (posix_memalign((void **)&j->sbbuf, 4096, 2 * JR_SB_SLOT))
         j->sbbuf = NULL;
-    if (posix_memalign((void **)&j->zeros, 4096, ZERO_BYTES))
+    /* an anonymous mapping is zero and page-aligned without touching 1 MiB
+     * at every open (only pwrite reads it: the pages stay the shared zero page) */
+    j->zeros = mmap(NULL, ZERO_BYTES, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (j->zeros == MAP_FAILED)
         j->zeros = NULL;
-    else
-        memset(j->zeros, 0, ZERO_BYTES);
     if (!j->ixb || !j->sbbuf || !j->zeros) {
         jr_free_all(j);
         return NULL;
@@ -1339,6 +1348,9 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_f
         }
         goto fail;
     }
+    if (sb->sb_seq >= JR_COUNTER_MAX / 2 || sb->generation >= JR_COUNTER_MAX / 2 ||
+        sb->ckpt_seq >= JR_COUNTER_MAX / 2)
+        goto fail; /* -EBADMSG: damage, see JR_COUNTER_MAX */
     uint64_t dsize = 0;
     uint32_t lbs = 512;
     int is_blk = 0;
@@ -1362,6 +1374,19 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_f
     rc = pread_all(j->fd, j->ring, j->cap, JR_RING_START);
     if (rc < 0)
         goto fail;
+    /* A record of this journal with a generation the superblock has not
+     * reached (the newest superblock slot was lost and an older one won)
+     * was written by an open whose superblock we cannot see: our generation
+     * goes past it, or records of two opens would share one and a later
+     * recovery would judge the ring differently from this one (the fuzzer's
+     * image opened once and was refused -EUCLEAN at the next open). */
+    for (uint64_t p = 0; p + JR_HDR <= j->cap; p += j->align) {
+        const struct rec_disk *h = (const struct rec_disk *)(j->ring + p);
+        if (h->magic == JR_REC_MAGIC && h->journal_id == j->journal_id &&
+            h->generation >= j->generation && h->generation < JR_COUNTER_MAX / 2 &&
+            h->hdr_crc == crc32c(h, offsetof(struct rec_disk, hdr_crc)))
+            j->generation = h->generation + 1;
+    }
     rc = -EINVAL;
     if (discard_from && discard_from < j->ckpt_seq) {
         if (info) /* the records before the checkpoint are on the volumes already */

@@ -376,34 +376,79 @@ static void enqueue(struct tc_cmd **head, struct tc_cmd **tail, struct tc_cmd *c
     *tail = c;
 }
 
-/* Take every command the kernel has posted; the caller holds mu. */
+/* A command entry whose contents cannot be taken (its CDB or iovec array
+ * outside the mapping or the entry): answered at once with CHECK CONDITION,
+ * HARDWARE ERROR / INTERNAL TARGET FAILURE, so the initiator sees an error
+ * rather than a timeout; the caller holds mu. */
+static void reject(tc_dev_t *d, struct tc_cmd *c)
+{
+    uint8_t sense[TCMU_SENSE_BUFFERSIZE];
+    uint32_t sl = make_sense(d->desc_sense, 0x04, 0x44, 0x00, sense);
+    d->st.errors++;
+    respond(d, c, ST_CHECK, sense, sl, -1);
+    free(c->iov);
+    free(c);
+}
+
+/* Take every command the kernel has posted; the caller holds mu. The ring
+ * is shared memory: every offset, length and count in it is checked before
+ * it is followed (tests/torture/fuzz/tcmu_fuzz.c feeds corrupt rings). An
+ * entry whose header is wrong (beyond the ring, straddling its end, too
+ * short, a command id already in flight) stops the taking there, as the
+ * kernel never writes one: its commands time out. Returns 1 if it took any. */
 static int fetch(tc_dev_t *d)
 {
-    int got = 0;
+    int got = 0, kicked = 0;
+    uint32_t size = d->mb->cmdr_size;
     uint32_t head = __atomic_load_n(&d->mb->cmd_head, __ATOMIC_ACQUIRE);
+    if (size < sizeof(struct tcmu_cmd_entry) || d->mb->cmdr_off > d->map_size ||
+        size > d->map_size - d->mb->cmdr_off || head >= size)
+        return 0;
     while (d->fetched != head) {
+        if (d->fetched >= size || size - d->fetched < sizeof(struct tcmu_cmd_entry_hdr))
+            break; /* a corrupt ring: stop taking, the kernel will time out */
         struct tcmu_cmd_entry *e = entry_at(d, d->fetched);
         uint32_t len = tcmu_hdr_get_len(e->hdr.len_op);
         uint32_t op = tcmu_hdr_get_op(e->hdr.len_op);
-        if (!len || len > d->mb->cmdr_size)
-            break; /* a corrupt ring: stop taking, the kernel will time out */
+        /* an entry never passes the head (one as long as the ring would
+         * bring fetched back where it was, for ever) */
+        uint32_t posted = (head + size - d->fetched) % size;
+        if (!len || len % TCMU_OP_ALIGN_SIZE || len > size - d->fetched || len > posted)
+            break;
         if (op == TCMU_OP_CMD) {
+            /* the response is written over the entry: it must hold one */
+            if (len < sizeof(struct tcmu_cmd_entry) || d->inflight[e->hdr.cmd_id])
+                break;
+            uint64_t cnt = (uint64_t)e->req.iov_cnt + e->req.iov_bidi_cnt;
+            int bad = offsetof(struct tcmu_cmd_entry, req.iov) + cnt * sizeof(struct iovec) > len;
             struct tc_cmd *c = calloc(1, sizeof *c);
-            uint32_t cnt = e->req.iov_cnt + e->req.iov_bidi_cnt;
-            if (!c || (cnt && !(c->iov = calloc(cnt, sizeof *c->iov)))) {
+            if (!c || (cnt && !bad && !(c->iov = calloc(cnt, sizeof *c->iov)))) {
                 free(c);
                 break; /* out of memory: leave it for the next pass */
             }
             c->cmd_id = e->hdr.cmd_id;
-            const uint8_t *cdb = d->map + e->req.cdb_off;
-            uint32_t cl = cdb_size(cdb[0]);
-            if (cdb[0] == 0x7f) /* variable length */
-                cl = 8 + cdb[7];
+            d->inflight[c->cmd_id] = c;
+            d->st.inflight++;
+            d->st.fetched++;
+            uint64_t cdb_off = e->req.cdb_off;
+            if (bad || cdb_off >= d->map_size) {
+                /* past it first: respond() sweeps the tail up to fetched */
+                d->fetched = ring_add(d, d->fetched, len);
+                got = kicked = 1;
+                reject(d, c);
+                continue;
+            }
+            /* the CDB as far as the mapping goes; zeros beyond */
+            uint64_t room = d->map_size - cdb_off;
+            memcpy(c->cdb, d->map + cdb_off, room < TC_MAX_CDB ? room : TC_MAX_CDB);
+            uint32_t cl = cdb_size(c->cdb[0]);
+            if (c->cdb[0] == 0x7f) /* variable length */
+                cl = 8 + c->cdb[7];
             if (!cl)
                 cl = 16;
             c->cdb_len = cl < TC_MAX_CDB ? cl : TC_MAX_CDB;
-            memcpy(c->cdb, cdb, c->cdb_len);
-            c->iov_cnt = cnt;
+            memset(c->cdb + c->cdb_len, 0, TC_MAX_CDB - c->cdb_len);
+            c->iov_cnt = (uint32_t)cnt;
             for (uint32_t i = 0; i < cnt; i++) {
                 uintptr_t base = (uintptr_t)e->req.iov[i].iov_base;
                 size_t l = e->req.iov[i].iov_len;
@@ -415,9 +460,6 @@ static int fetch(tc_dev_t *d)
                 c->iov[i].iov_len = l;
                 c->data_len += l;
             }
-            d->inflight[c->cmd_id] = c;
-            d->st.inflight++;
-            d->st.fetched++;
             int w, fua;
             uint64_t lba;
             uint32_t n;
@@ -435,6 +477,10 @@ static int fetch(tc_dev_t *d)
         got = 1;
     }
     sweep_tail(d);
+    if (kicked) {
+        /* kick() takes no lock, but needs none of ours either */
+        kick(d);
+    }
     return got;
 }
 

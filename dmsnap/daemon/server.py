@@ -40,6 +40,15 @@ log = logging.getLogger("dmsnapd")
 DEFAULT_SOCKET = proto.DEFAULT_SOCKET
 DEFAULT_GROUP = "dmsnap"
 MAX_CONNECTIONS = 64
+# Hostile or broken clients must not hold the daemon (tests/host/
+# test_control_hostile.py): a request line, once begun, must be complete within
+# REQUEST_TIMEOUT; an answer the client does not read within SEND_TIMEOUT ends
+# its connection; and when every slot is taken, the connection idle (between
+# requests) the longest, for at least EVICT_IDLE_AFTER, gives its slot to the
+# newcomer (its client sees the connection closed, as after a daemon restart).
+REQUEST_TIMEOUT = 30.0
+SEND_TIMEOUT = 30.0
+EVICT_IDLE_AFTER = 10.0
 # On stop, how long an in-flight request may take to finish before the
 # remaining connections are cut (systemd's TimeoutStopSec is larger).
 DRAIN_TIMEOUT = 60.0
@@ -113,6 +122,9 @@ class _Conn:
     uid: int = -1
     gid: int = -1
     thread: threading.Thread | None = field(default=None, repr=False)
+    # monotonic time since when it waits for a request with nothing read (None:
+    # reading or serving one); under the server's lock
+    idle_since: float | None = None
 
     def who(self) -> str:
         return f"pid {self.pid} uid {self.uid}"
@@ -131,6 +143,9 @@ class Server:
         group: str = DEFAULT_GROUP,
         max_connections: int = MAX_CONNECTIONS,
         drain_timeout: float = DRAIN_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
+        evict_idle_after: float = EVICT_IDLE_AFTER,
     ) -> None:
         self.socket_path = socket_path
         self.group = group
@@ -138,6 +153,9 @@ class Server:
         self.notifier = notifier or Notifier({})
         self.max_connections = max_connections
         self.drain_timeout = drain_timeout
+        self.request_timeout = request_timeout
+        self.send_timeout = send_timeout
+        self.evict_idle_after = evict_idle_after
         self.heartbeat = Heartbeat(max_age=30 * TICK)
         self.manager: Any = None
         self.started = time.monotonic()
@@ -320,10 +338,30 @@ class Server:
             return
         sock.setblocking(True)
         conn = _Conn(sock)
+        victim = None
         with self._cond:
             full = len(self._conns) >= self.max_connections
+            if full:
+                now = time.monotonic()
+                idle = [
+                    c
+                    for c in self._conns
+                    if c.idle_since is not None and now - c.idle_since >= self.evict_idle_after
+                ]
+                if idle:
+                    victim = min(idle, key=lambda c: c.idle_since or 0.0)
+                    self._conns.discard(victim)
+                    full = False
             if not full:
                 self._conns.add(conn)
+        if victim is not None:
+            log.warning(
+                "%d connections open: closing the one idle longest (%s)",
+                self.max_connections,
+                victim.who(),
+            )
+            with contextlib.suppress(OSError):  # its thread sees EOF and ends
+                victim.sock.shutdown(socket.SHUT_RDWR)
         if full:
             log.warning("refusing connection: %d connections open", self.max_connections)
             with contextlib.suppress(OSError):
@@ -338,10 +376,17 @@ class Server:
         try:
             conn.pid, conn.uid, conn.gid = peer_credentials(conn.sock)
             allowed = self.policy.allows(conn.pid, conn.uid, conn.gid)
-            rfile = conn.sock.makefile("rb")
+            buf = bytearray()
             while True:
                 try:
-                    line = rfile.readline(proto.MAX_REQUEST + 1)
+                    line = self._read_line(conn, buf)
+                except TimeoutError:
+                    log.warning(
+                        "%s: request not complete within %g s", conn.who(), self.request_timeout
+                    )
+                    msg = f"request not complete within {self.request_timeout:g} s"
+                    self._send(conn, proto.error(None, proto.E_BAD_REQUEST, msg))
+                    break
                 except OSError:
                     break
                 if not line:
@@ -391,9 +436,38 @@ class Server:
                 self._inflight -= 1
                 self._cond.notify_all()
 
-    @staticmethod
-    def _send(conn: _Conn, data: bytes) -> bool:
+    def _read_line(self, conn: _Conn, buf: bytearray) -> bytes:
+        """The next request line with its newline (longer than MAX_REQUEST
+        if it is: the caller refuses it), what is left at EOF (b"" if
+        nothing), or TimeoutError if a begun line is not complete in time."""
+        deadline = None
+        while True:
+            i = buf.find(b"\n", 0, proto.MAX_REQUEST + 1)
+            if i >= 0 or len(buf) > proto.MAX_REQUEST:
+                n = i + 1 if i >= 0 else proto.MAX_REQUEST + 1
+                line = bytes(buf[:n])
+                del buf[:n]
+                return line
+            now = time.monotonic()
+            if buf and deadline is None:
+                deadline = now + self.request_timeout
+            with self._cond:
+                conn.idle_since = None if buf else now
+            if deadline is not None and deadline <= now:
+                raise TimeoutError
+            conn.sock.settimeout(None if deadline is None else deadline - now)
+            data = conn.sock.recv(1 << 16)
+            with self._cond:
+                conn.idle_since = None
+            if not data:
+                line = bytes(buf)
+                buf.clear()
+                return line
+            buf += data
+
+    def _send(self, conn: _Conn, data: bytes) -> bool:
         try:
+            conn.sock.settimeout(self.send_timeout)
             conn.sock.sendall(data)
             return True
         except OSError as e:  # the client went away; its loss

@@ -11,6 +11,7 @@ code), the LUN is only touched inside its size, and only by write commands.
 
 from __future__ import annotations
 
+import os
 import threading
 
 from hypothesis import HealthCheck, assume, given, settings
@@ -76,8 +77,12 @@ SUPPORTED = sorted(
     }
 )
 
+# tools/torture fuzz --target scsi runs these properties with many more
+# examples (DMSNAP_FUZZ_EXAMPLES_EACH) and no example database.
+_CAMPAIGN = os.environ.get("DMSNAP_FUZZ_EXAMPLES_EACH")
 FUZZ = settings(
-    max_examples=1500,
+    max_examples=int(_CAMPAIGN or 1500),
+    **({"database": None} if _CAMPAIGN else {}),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
