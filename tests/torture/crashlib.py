@@ -204,7 +204,7 @@ def workload(m: Manager, rec: Recorder, w: Workload) -> None:
     stop = threading.Event()
 
     def cutter() -> None:  # more cuts: more quiet intervals between them
-        while not stop.wait(0.01):
+        while not stop.wait(0.05):
             rec.cut()
 
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(w.writers)]
@@ -573,6 +573,8 @@ def check(dm: DeviceMapper, imgs: dict[str, str], mnt: str, ex: Expect) -> str:
     was acknowledged. Returns a short outcome; raises Violation."""
     loops: list[loop.LoopDevice] = []
     m: Manager | None = None
+    t0 = time.monotonic()
+    lap: dict[str, float] = {}
     try:
         for d in ("data", "journal"):
             lo = loop.attach(imgs[d])
@@ -585,9 +587,11 @@ def check(dm: DeviceMapper, imgs: dict[str, str], mnt: str, ex: Expect) -> str:
         lo = loop.attach(imgs["state"])
         loops.append(lo)
         run("mount", "-o", "nodiscard", lo.path, mnt)
+        lap["attach"] = time.monotonic() - t0
         try:
             m = Manager(os.path.join(mnt, "state"))
             report = m.assemble()
+            lap["start"] = time.monotonic() - t0
         except Exception as e:
             raise Violation(f"the daemon's start failed: {e!r}") from e
         pools = {p.name for p in m.catalog.pools()}
@@ -608,6 +612,7 @@ def check(dm: DeviceMapper, imgs: dict[str, str], mnt: str, ex: Expect) -> str:
                 continue  # its creation was not acknowledged before the cut
             got = m.open_volume(POOL, v.name).read(0, v.size)
             _same(ex, vid, got, ex.model.state(vid), f"volume {v.name} (id {vid})")
+        lap["volumes"] = time.monotonic() - t0
         deadline = time.monotonic() + 120
         for mk, seq, name, vols in ex.markers:
             while (r := m.snapshot_request(POOL, marker=mk))["state"] == "pending":
@@ -632,8 +637,9 @@ def check(dm: DeviceMapper, imgs: dict[str, str], mnt: str, ex: Expect) -> str:
         )
         if any(c != 1 for c in groups.values()):
             raise Violation(f"a marker made more than one snapshot group: {groups}")
-        recovered = report.get("recovered", [])
-        return f"ok ({len(have)} volumes, {len(ex.markers)} markers, {len(recovered)} recovered)"
+        lap["markers"] = time.monotonic() - t0
+        laps = " ".join(f"{k} {v:.1f}" for k, v in lap.items())
+        return f"ok ({len(have)} volumes, {len(ex.markers)} markers; {laps})"
     finally:
         if m is not None:
             with contextlib.suppress(Exception):
