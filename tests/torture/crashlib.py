@@ -68,6 +68,11 @@ LOG_SIZE = 1024 * MiB
 JOURNAL_RING = 8192  # records start here; below are the two superblock slots
 
 
+# Role INTERNAL: the udev rules skip blkid and systemd for them, as for a
+# pool's own layers; every cut's resume is a uevent, and under emulation a
+# backlog of probes delays the pool's own device changes by minutes.
+
+
 def dm_name(dev: str) -> str:
     return f"tcrash-{dev}"
 
@@ -298,7 +303,7 @@ def record(dm: DeviceMapper, workdir: str, mnt: str, w: Workload) -> Recording:
             logs[d] = lg
             dm.create(
                 dm_name(d),
-                make_uuid(Role.TEST, dm_name(d)),
+                make_uuid(Role.INTERNAL, dm_name(d)),
                 Table.single(SIZES[d] // SECTOR, t.LogWrites(dev.devno, lgdev.devno)),
             )
         run(
@@ -581,7 +586,7 @@ def check(dm: DeviceMapper, imgs: dict[str, str], mnt: str, ex: Expect) -> str:
             loops.append(lo)
             dm.create(
                 dm_name(d),
-                make_uuid(Role.TEST, dm_name(d)),
+                make_uuid(Role.INTERNAL, dm_name(d)),
                 Table.single(SIZES[d] // SECTOR, t.Linear(lo.devno)),
             )
         lo = loop.attach(imgs["state"])
