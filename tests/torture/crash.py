@@ -96,7 +96,7 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
             if budget is not None and time.monotonic() - t1 > budget:
                 print(f"crash: {backend} seed {seed}: budget spent", flush=True)
                 break
-            ex = cl.expect(rec.events, rec.cuts[st.cut])
+            ex = cl.expect(rec.events, rec.cuts[st.cut], rec.cuts[st.horizon])
             paths = imgs.materialize(st)
             ts = time.monotonic()
             try:

@@ -345,6 +345,9 @@ class State:
     # per device: entries to apply after the mark, as (entry index, sectors
     # or None for all of it)
     extra: tuple[tuple[str, tuple[tuple[int, int | None], ...]], ...] = ()
+    # the first cut after every extra entry: writes issued before it but not
+    # acknowledged before ``cut`` may be in the state (masked by the oracle)
+    horizon: int = 0
 
     def describe(self) -> str:
         ex = ", ".join(
@@ -367,6 +370,10 @@ class Logs:
         self.ncuts = min(len(v) for v in self.mark_at.values())
         for d in DEVS:
             assert len(self.mark_at[d]) == len(r.cuts), (d, len(self.mark_at[d]), len(r.cuts))
+
+    def next_cut(self, d: str, i: int) -> int:
+        """The first cut whose mark follows device d's entry i."""
+        return min((k for k, at in self.mark_at[d].items() if at > i), default=self.ncuts - 1)
 
     def between(self, d: str, k: int) -> list[LogEntry]:
         """Device d's entries after mark k, before mark k+1 (no marks)."""
@@ -394,7 +401,8 @@ def generate(lg: Logs, rng_seed: int) -> list[State]:
 
     def add(kind: str, k: int, extra: dict[str, list[tuple[int, int | None]]] | None = None):
         ex = tuple((d, tuple(v)) for d, v in (extra or {}).items())
-        out.append(State(len(out), kind, k, ex))
+        h = max([k] + [lg.next_cut(d, i) for d, v in ex for i, _ in v])
+        out.append(State(len(out), kind, k, ex, min(h, lg.ncuts - 1)))
 
     for k in range(lg.ncuts):
         if lg.r.cuts[k] <= pool_at:
@@ -532,13 +540,16 @@ class Expect:
     sizes: dict[int, int]
 
 
-def expect(events: list[list], n: int) -> Expect:
+def expect(events: list[list], n: int, issued: int | None = None) -> Expect:
+    """What a state must show: writes acknowledged in ``events[:n]``; those
+    issued in ``events[:issued]`` (default n) but not acknowledged before n
+    are unknown."""
     sizes: dict[int, int] = {}
     for ev in events:
         if ev[0] == "vol+":
             sizes[ev[2]] = ev[3]
     before = events[:n]
-    intents = {ev[1]: ev for ev in before if ev[0] == "intent"}
+    intents = {ev[1]: ev for ev in events[: max(n, issued or n)] if ev[0] == "intent"}
     acks = {ev[1]: ev[2] for ev in before if ev[0] == "ack"}
     model, mask = Model(dict(sizes)), Mask(dict(sizes))
     for wid, (_, _, vid, off, length, kind) in intents.items():
