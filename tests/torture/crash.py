@@ -37,7 +37,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=1, help="recorded workloads per backend")
     p.add_argument("--backend", choices=("thin", "classic", "both"), default="both")
     p.add_argument("--states", type=int, help="states checked per trial (default: all)")
-    p.add_argument("--state", type=int, help="check only this state of the trial")
+    p.add_argument("--state", help="check only these states of the trial (K or K,K,...)")
     p.add_argument("--logs", help="replay a kept recording (a .torture/ directory)")
     p.add_argument("--writes", type=int, default=40, help="writes per writer thread")
     p.add_argument("--budget", type=float, help="seconds of checking, split between trials")
@@ -82,7 +82,7 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
         flush=True,
     )
     if a.state is not None:
-        chosen = [states[a.state]]
+        chosen = [states[int(k)] for k in a.state.split(",")]
     elif a.states is not None and a.states < len(states):
         chosen = sorted(random.Random(seed).sample(states, a.states), key=lambda s: s.index)
     else:
