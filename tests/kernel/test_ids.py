@@ -8,12 +8,26 @@ deleted volume's data into it: one tenant's data on another's disk.
 
 from __future__ import annotations
 
-from jmodel import pattern
+import os
+
+import pytest
+from jmodel import pattern, read_direct
 from test_journal_errors import Flakey, wait_for
 
+from dmsnap.dm import targets as t
+from dmsnap.dm.targets import Table
 from dmsnap.storage.manager import Manager
 
 MiB = 1 << 20
+
+
+def write_direct(path: str, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def test_deleted_volume_records_never_reach_its_successor(tmp_path, dm, loopdev):
@@ -25,7 +39,21 @@ def test_deleted_volume_records_never_reach_its_successor(tmp_path, dm, loopdev)
         m.volume_create("r", "keep", 8 * MiB)
         m.volume_create("r", "tenant-a", 8 * MiB)
         old = m.catalog.volume("r", "tenant-a").id
-        fl.fail_writes(True)  # the flusher cannot put records on the pool's disk
+        # keep's extent fails writes: the flusher sticks at keep's record
+        # (and so before tenant-a's); the rest of the disk works, so a new
+        # volume's extent can still be zeroed
+        start = m.catalog.volume("r", "keep").extent_start
+        assert start is not None
+        n = 8 * MiB // 512
+        total, dev = fl.sectors, fl.backing.devno
+        pieces = [(n, t.Flakey(dev, start, 0, 3600, error_writes=True))]
+        if start:
+            pieces.insert(0, (start, t.Linear(dev, 0)))
+        if start + n < total:
+            pieces.append((total - start - n, t.Linear(dev, start + n)))
+        dm.load(fl.name, Table.of(pieces))
+        dm.suspend(fl.name)
+        dm.resume(fl.name)
         # keep's record holds the journal's checkpoint before tenant-a's
         m.open_volume("r", "keep").write(0, pattern(1, 4096))
         m.open_volume("r", "tenant-a").write(0, pattern(7, MiB))  # acknowledged
@@ -47,3 +75,29 @@ def test_deleted_volume_records_never_reach_its_successor(tmp_path, dm, loopdev)
             m.pool_destroy(p.name, force=True)
         m.close()
         fl.remove()
+
+
+@pytest.mark.parametrize("mode", ["nv", "none"])
+def test_a_new_classic_volume_never_shows_a_deleted_ones_data(tmp_path, mode):
+    """A classic volume is an extent of the pool's disk; the next volume may
+    get the same extent. Found by `tools/torture crash` (classic states
+    1353, 1415, 1425: a re-created volume read its predecessor's sector)."""
+    m = Manager(str(tmp_path / "state"))
+    try:
+        m.pool_create("c", size=128 * MiB, backend="classic", journal_mode=mode)
+        m.volume_create("c", "tenant-a", 8 * MiB)
+        if mode == "nv":
+            m.open_volume("c", "tenant-a").write(0, pattern(9, 8 * MiB))
+        else:
+            write_direct(m.volume_show("c", "tenant-a")["path"], 0, pattern(9, 8 * MiB))
+        m.volume_delete("c", "tenant-a")
+        m.volume_create("c", "tenant-b", 8 * MiB)
+        if mode == "nv":
+            data = m.open_volume("c", "tenant-b").read(0, 8 * MiB)
+        else:
+            data = read_direct(m.volume_show("c", "tenant-b")["path"], 0, 8 * MiB)
+        assert data == bytes(8 * MiB), "tenant-a's data shows in tenant-b"
+    finally:
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()
