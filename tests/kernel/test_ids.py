@@ -14,8 +14,7 @@ import pytest
 from jmodel import pattern, read_direct
 from test_journal_errors import Flakey, wait_for
 
-from dmsnap.dm import targets as t
-from dmsnap.dm.targets import Table
+from dmsnap import errors as E
 from dmsnap.storage.manager import Manager
 
 MiB = 1 << 20
@@ -39,31 +38,20 @@ def test_deleted_volume_records_never_reach_its_successor(tmp_path, dm, loopdev)
         m.volume_create("r", "keep", 8 * MiB)
         m.volume_create("r", "tenant-a", 8 * MiB)
         old = m.catalog.volume("r", "tenant-a").id
-        # keep's extent fails writes: the flusher sticks at keep's record
-        # (and so before tenant-a's); the rest of the disk works, so a new
-        # volume's extent can still be zeroed
-        start = m.catalog.volume("r", "keep").extent_start
-        assert start is not None
-        n = 8 * MiB // 512
-        total, dev = fl.sectors, fl.backing.devno
-        pieces = [(n, t.Flakey(dev, start, 0, 3600, error_writes=True))]
-        if start:
-            pieces.insert(0, (start, t.Linear(dev, 0)))
-        if start + n < total:
-            pieces.append((total - start - n, t.Linear(dev, start + n)))
-        dm.load(fl.name, Table.of(pieces))
-        dm.suspend(fl.name)
-        dm.resume(fl.name)
+        fl.fail_writes(True)  # the flusher cannot put records on the pool's disk
         # keep's record holds the journal's checkpoint before tenant-a's
         m.open_volume("r", "keep").write(0, pattern(1, 4096))
         m.open_volume("r", "tenant-a").write(0, pattern(7, MiB))  # acknowledged
         wait_for(lambda: m.pool_show("r")["journal"]["lag_records"] >= 2, "records not stuck")
         m.volume_delete("r", "tenant-a")  # drops tenant-a's unflushed records
+        # a classic extent is zeroed durably first: not on a disk failing writes
+        with pytest.raises(E.UserError):
+            m.volume_create("r", "tenant-b", 8 * MiB)
+        fl.fail_writes(False)
         m.volume_create("r", "tenant-b", 8 * MiB)
         new = m.catalog.volume("r", "tenant-b").id
 
         m.close(drain=False)  # a crash: the journal keeps what it held
-        fl.fail_writes(False)  # the disk is repaired
         m = Manager(state)
         m.assemble()
         assert m.open_volume("r", "keep").read(0, 4096) == pattern(1, 4096)
