@@ -1,4 +1,5 @@
-"""cffi API-mode builder for <linux/loop.h> (layouts from the header)."""
+"""cffi API-mode builder for <linux/loop.h> and the block ioctls of <linux/fs.h>
+(layouts and numbers from the headers)."""
 
 from cffi import FFI
 
@@ -37,6 +38,7 @@ ffibuilder.cdef(
     #define LOOP_SET_CAPACITY ...
     #define LOOP_CTL_GET_FREE ...
     #define LOOP_CTL_REMOVE ...
+    #define BLKZEROOUT ...
 
     int ioctl(int fd, unsigned long request, ...);
     """
@@ -47,6 +49,7 @@ ffibuilder.set_source(
     r"""
     #include <sys/ioctl.h>
     #include <linux/loop.h>
+    #include <linux/fs.h>
     """,
 )
 

@@ -28,7 +28,8 @@ from dmsnap.dm import DmError
 from dmsnap.dm import status as st
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
-from dmsnap.errors import Busy, NoSpace
+from dmsnap.errors import Busy, NoSpace, Unavailable
+from dmsnap.storage import loop
 from dmsnap.storage.backend import Backend
 from dmsnap.storage.catalog import Snapshot, Volume
 from dmsnap.storage.layers import SECTOR, Layer, ensure, remove
@@ -200,7 +201,19 @@ class ClassicBackend(Backend):
         return {"extent_start": start}
 
     def create_volume(self, plan: dict[str, Any], size: int) -> None:
-        pass  # the layers are the volume; ensure() builds them
+        # The layers are the volume (ensure() builds them); its extent may
+        # have been a deleted volume's: a new volume reads zeros, never a
+        # predecessor's data (thin gets this from dm-thin's block zeroing).
+        self._zero_extent(plan["extent_start"], size)
+
+    def _zero_extent(self, start: int, size: int) -> None:
+        try:
+            loop.zero_range(self.base.path, start * SECTOR, size)
+        except OSError as e:
+            raise Unavailable(
+                f"cannot zero the new volume's extent on {self.base.path}: "
+                f"{e.strerror or e}; the volume was not created"
+            ) from None
 
     def delete_volume(self, vol: Volume) -> None:
         remove(self.dm, self.vol_name(vol))
@@ -431,6 +444,11 @@ class ClassicBackend(Backend):
         return length
 
     def recover(self, kind: str, payload: dict[str, Any]) -> str:
+        if kind == "volume.create":  # the zeroing may not have finished: again
+            try:
+                self._zero_extent(payload["extent_start"], payload["size"])
+            except Unavailable:
+                return "back"  # never made: its extent stays free
         if kind != "snapshot.create":
             return "forward"  # volume create/delete, snapshot delete, restore: idempotent
         # The cut happened iff the snapshot target initialised its COW

@@ -178,3 +178,17 @@ def make_sparse(path: str, size: int) -> None:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
+
+
+def zero_range(path: str, offset: int, length: int) -> None:
+    """Make ``[offset, offset+length)`` of block device ``path`` read zeros
+    (BLKZEROOUT: the device's WRITE ZEROES where it has one, a loop device's
+    fallocate, else written zeros) and durable. A classic volume's extent is
+    zeroed this way before the volume exists: it may be a deleted volume's."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        rng = ffi.new("uint64_t[2]", [offset, length])
+        _ioctl(fd, lib.BLKZEROOUT, rng, f"zero {length} bytes at {offset} of {path}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -14,6 +14,7 @@ import pytest
 from jmodel import pattern, read_direct
 from test_journal_errors import Flakey, wait_for
 
+from dmsnap import errors as E
 from dmsnap.storage.manager import Manager
 
 MiB = 1 << 20
@@ -43,11 +44,14 @@ def test_deleted_volume_records_never_reach_its_successor(tmp_path, dm, loopdev)
         m.open_volume("r", "tenant-a").write(0, pattern(7, MiB))  # acknowledged
         wait_for(lambda: m.pool_show("r")["journal"]["lag_records"] >= 2, "records not stuck")
         m.volume_delete("r", "tenant-a")  # drops tenant-a's unflushed records
+        # a classic extent is zeroed durably first: not on a disk failing writes
+        with pytest.raises(E.UserError):
+            m.volume_create("r", "tenant-b", 8 * MiB)
+        fl.fail_writes(False)
         m.volume_create("r", "tenant-b", 8 * MiB)
         new = m.catalog.volume("r", "tenant-b").id
 
         m.close(drain=False)  # a crash: the journal keeps what it held
-        fl.fail_writes(False)  # the disk is repaired
         m = Manager(state)
         m.assemble()
         assert m.open_volume("r", "keep").read(0, 4096) == pattern(1, 4096)
