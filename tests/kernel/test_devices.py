@@ -8,21 +8,17 @@ refused, and the data written before is read back intact.
 
 from __future__ import annotations
 
-import mmap
 import os
 import subprocess
 
 import pytest
+from test_storage import block, read, write
 
 from dmsnap import errors as E
 from dmsnap.storage import loop
 from dmsnap.storage.manager import Manager
 
 MiB = 1 << 20
-
-
-def block(tag: int, n: int = 4096) -> bytes:
-    return bytes([tag]) * n
 
 
 @pytest.fixture
@@ -100,27 +96,6 @@ def test_mkfs_on_devices_of_an_assembled_pool_fails(tmp_path, loopdev):
 
 
 # -- 3. pools find their disks by label ------------------------------------------
-
-
-def write(path: str, offset: int, data: bytes) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf.write(data)
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    try:
-        os.pwritev(fd, [buf], offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read(path: str, offset: int, length: int) -> bytes:
-    buf = mmap.mmap(-1, length)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        os.preadv(fd, [buf], offset)
-        return bytes(buf)
-    finally:
-        os.close(fd)
 
 
 def reattach(dev: loop.LoopDevice, backing_file: str) -> None:

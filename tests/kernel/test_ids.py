@@ -8,25 +8,15 @@ deleted volume's data into it: one tenant's data on another's disk.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from jmodel import pattern, read_direct
 from test_journal_errors import Flakey, wait_for
+from test_storage import write
 
 from dmsnap import errors as E
 from dmsnap.storage.manager import Manager
 
 MiB = 1 << 20
-
-
-def write_direct(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_deleted_volume_records_never_reach_its_successor(tmp_path, dm, loopdev):
@@ -77,7 +67,7 @@ def test_a_new_classic_volume_never_shows_a_deleted_ones_data(tmp_path, mode):
         if mode == "nv":
             m.open_volume("c", "tenant-a").write(0, pattern(9, 8 * MiB))
         else:
-            write_direct(m.volume_show("c", "tenant-a")["path"], 0, pattern(9, 8 * MiB))
+            write(m.volume_show("c", "tenant-a")["path"], 0, pattern(9, 8 * MiB))
         m.volume_delete("c", "tenant-a")
         m.volume_create("c", "tenant-b", 8 * MiB)
         if mode == "nv":
