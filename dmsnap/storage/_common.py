@@ -69,12 +69,4 @@ def _locked(fn: _F) -> _F:
 
 def _user_errors(fn: _F) -> _F:
     """A control operation: under the Manager's lock, user errors mapped."""
-    inner = _errors_to_user(fn)
-
-    def wrapper(self: Manager, *a: Any, **kw: Any) -> Any:
-        with self.lock:
-            return inner(self, *a, **kw)
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return cast(_F, wrapper)
+    return _locked(_errors_to_user(fn))
