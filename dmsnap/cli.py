@@ -1653,3 +1653,10 @@ def run(argv: list[str] | None = None, entry: Callable[..., Any] | None = None) 
 
 def main() -> None:
     sys.exit(run())
+
+
+# `dmsnap schedule` lives in its own package (dmsnap.schedule) and uses the
+# helpers above, so it is imported last.
+from dmsnap.schedule.cli import schedule_app  # noqa: E402
+
+app.add_typer(schedule_app, name="schedule")

@@ -170,6 +170,9 @@ def _run_manager(
         notifier.start_watchdog(server.heartbeat.alive)
         if on_serving:
             on_serving(server)
+        schedules = _start_schedules(manager, state_dir)
+        if schedules is not None:
+            server.services["schedules"] = schedules
         watcher = None
         if callable(getattr(manager, "health", None)):
             tick = getattr(manager, "autoextend", None)
@@ -178,6 +181,8 @@ def _run_manager(
         try:
             teardown = server.serve(manager)
         finally:
+            if schedules is not None:
+                schedules.stop()  # before the manager closes: no run may start after
             if watcher is not None:
                 watcher.stop()
         # STOPPING=1 is out; what follows is bounded by TimeoutStopSec.
@@ -198,6 +203,23 @@ def _run_manager(
         except Exception:
             log.exception("closing the manager failed")
         log.info("stopped")
+
+
+def _start_schedules(manager: Any, state_dir: str) -> Any:
+    """The schedules' timer thread (dmsnap.schedule), for a real Manager
+    (one with a catalog in the state directory)."""
+    catalog = os.path.join(state_dir, "catalog.db")
+    if not (callable(getattr(manager, "snapshot_create", None)) and os.path.exists(catalog)):
+        return None
+    from dmsnap.schedule.runner import Scheduler
+
+    try:
+        scheduler = Scheduler(manager, catalog)
+    except Exception:  # schedules must not keep the storage from being served
+        log.exception("schedules not started")
+        return None
+    scheduler.start()
+    return scheduler
 
 
 def _short(summary: Any) -> str:

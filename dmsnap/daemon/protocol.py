@@ -245,6 +245,27 @@ def _chap(arg: str, value: Any) -> list[list[str]]:
         raise InvalidArgument(f"{arg}: {e}") from None
 
 
+def _every(arg: str, value: Any) -> int | str:
+    # seconds on the wire; a duration text ("5m") for hand-written clients
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidArgument(f"{arg}: expected seconds or a duration such as 5m")
+    if isinstance(value, int) and value < 1:
+        raise InvalidArgument(f"{arg} {value}: must be at least 1 second")
+    return _text(arg, value) if isinstance(value, str) else value
+
+
+def _count(arg: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100000:
+        raise InvalidArgument(f"{arg}: expected a count from 1 to 100000")
+    return value
+
+
+def _min_free(arg: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 99:
+        raise InvalidArgument(f"{arg}: expected a percent from 1 to 99")
+    return value
+
+
 # arguments whose values are never written to a log
 SECRET_ARGS = frozenset({"chap"})
 
@@ -266,6 +287,9 @@ class Op:
     keyword: tuple[str, ...] = ()
     required: frozenset[str] = frozenset()
     mutating: bool = True  # logged at INFO; read-only ops at DEBUG
+    # who answers: the Manager, or a capability of its own package the
+    # server was given (Server.services: "schedules" -> dmsnap.schedule)
+    service: str = "manager"
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -280,6 +304,7 @@ def _op(
     *,
     ro: bool = False,
     data: bool = False,
+    service: str = "manager",
 ) -> Op:
     return Op(
         method,
@@ -287,7 +312,11 @@ def _op(
         tuple(kw.split()),
         frozenset(req.split()),
         mutating=not ro and not data,
+        service=service,
     )
+
+
+_SCHED = "schedules"  # dmsnap.schedule.runner.Scheduler
 
 
 OPS: dict[str, Op] = {
@@ -333,6 +362,19 @@ OPS: dict[str, Op] = {
     "export.list": _op("export_list", "pool", ro=True),
     "export.delete": _op("export_delete", "pool vol", "snap", "pool vol"),
     "status": _op("status", ro=True),
+    "schedule.create": _op(
+        "create",
+        "name refs",
+        "every calendar tz keep_hourly keep_daily keep_weekly keep_monthly keep_yearly keep "
+        "min_free",
+        "name refs",
+        service=_SCHED,
+    ),
+    "schedule.list": _op("list", ro=True, service=_SCHED),
+    "schedule.show": _op("show", "name", req="name", ro=True, service=_SCHED),
+    "schedule.pause": _op("pause", "name", req="name", service=_SCHED),
+    "schedule.resume": _op("resume", "name", req="name", service=_SCHED),
+    "schedule.delete": _op("delete", "name", req="name", service=_SCHED),
     "daemon.ping": _op(None, ro=True),
     "daemon.stop": _op(None, kw="teardown"),
 }
@@ -374,10 +416,22 @@ _CHECKS: dict[str, Check] = {
     "sparse": _bool,
     "cow_autoextend_threshold": _percent,
     "cow_autoextend_percent": _percent,
+    "every": _every,
+    "calendar": _text,
+    "tz": _text,
+    "keep_hourly": _count,
+    "keep_daily": _count,
+    "keep_weekly": _count,
+    "keep_monthly": _count,
+    "keep_yearly": _count,
+    "keep": _count,
+    "min_free": _min_free,
 }
 
 
 def _check_for(op_name: str, arg: str) -> Check:
+    if arg == "name" and op_name.startswith("schedule."):
+        return _name("schedule")
     if arg == "name":
         return _name("pool" if op_name.startswith("pool.") else "snapshot")
     return _CHECKS[arg]

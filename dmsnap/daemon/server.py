@@ -158,6 +158,8 @@ class Server:
         self.evict_idle_after = evict_idle_after
         self.heartbeat = Heartbeat(max_age=30 * TICK)
         self.manager: Any = None
+        # capabilities of their own packages that answer ops (protocol Op.service)
+        self.services: dict[str, Any] = {}
         self.started = time.monotonic()
         self._listener: socket.socket | None = None
         # Self-pipe: the only thing a signal handler does is set a flag and
@@ -532,7 +534,11 @@ class Server:
         # operations, for as long as they change state and never while they
         # wait for I/O (a --wait snapshot waits outside it). A second lock
         # here would hold every other client behind such a wait.
-        result = proto.call_manager(self.manager, req.op, req.args)
+        spec = proto.OPS[req.op]
+        target = self.manager if spec.service == "manager" else self.services.get(spec.service)
+        if target is None:
+            raise Unavailable(f"{req.op}: this dmsnapd runs no {spec.service}")
+        result = proto.call_manager(target, req.op, req.args)
         if req.op in ("pool.create", "pool.destroy"):
             self.notifier.status(serving_status(self.manager))
         return result

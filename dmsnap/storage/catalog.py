@@ -25,13 +25,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-SCHEMA_VERSION = 5  # 2: markers, 3: exports, 4: exports.snapshot_allow, 5: AUTOINCREMENT
+SCHEMA_VERSION = 6  # 2: markers, 3: exports, 4: exports.snapshot_allow, 5: AUTOINCREMENT,
+# 6: schedules, schedule_snapshots
 
 # Ids are never handed out twice (AUTOINCREMENT: SQLite keeps the largest id
 # ever used in sqlite_sequence). The journal keys records by volume id and a
 # SCSI serial is made of ids: a reused id could replay a deleted volume's data
 # into its successor, or show an initiator a new disk under an old identity.
-_NEVER_REUSED = ("pools", "volumes", "snap_groups", "snapshots", "exports", "pending")
+_NEVER_REUSED = (
+    "pools",
+    "volumes",
+    "snap_groups",
+    "snapshots",
+    "exports",
+    "pending",
+    "schedules",
+)
 
 # Statements are split on ';', so comments in here must not contain one.
 SCHEMA = """
@@ -125,6 +134,38 @@ CREATE TABLE IF NOT EXISTS cow_extents (
     snapshot_id INTEGER NOT NULL REFERENCES snapshots (id) ON DELETE CASCADE,
     start INTEGER NOT NULL,   -- sectors on the pool data device
     sectors INTEGER NOT NULL
+);
+-- Target-side schedules (dmsnap/schedule, docs/schedules.md); their rows
+-- are read and written by dmsnap.schedule.store only. last_slot is the UTC
+-- instant of the slot the last run stood for (at first: when the schedule
+-- was created or resumed), pending_token the run in flight.
+CREATE TABLE IF NOT EXISTS schedules (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    pool_id INTEGER NOT NULL REFERENCES pools (id) ON DELETE CASCADE,
+    volumes TEXT NOT NULL,    -- JSON: volume names in the pool (one cut)
+    every INTEGER,            -- seconds (NULL: calendar)
+    calendar TEXT,            -- the spec as given (NULL: every)
+    tz TEXT NOT NULL,         -- IANA zone of the calendar and of retention periods
+    retention TEXT NOT NULL,  -- JSON: hourly daily weekly monthly yearly keep min_free
+    paused INTEGER NOT NULL DEFAULT 0,
+    last_slot REAL NOT NULL,
+    last_run REAL,
+    last_error TEXT,
+    runs INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    pending_token TEXT,
+    pending_slot REAL,
+    created REAL NOT NULL
+);
+-- Which snapshot groups a schedule made: the only ones it may prune. A row
+-- is written in the transaction that records the run; one whose group is
+-- gone (deleted by hand) is dropped by the schedule.
+CREATE TABLE IF NOT EXISTS schedule_snapshots (
+    schedule_id INTEGER NOT NULL REFERENCES schedules (id) ON DELETE CASCADE,
+    group_id INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (schedule_id, group_id)
 );
 CREATE TABLE IF NOT EXISTS pending (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -268,7 +309,8 @@ class Catalog:
             elif int(row[0]) < SCHEMA_VERSION:
                 # 2 added the markers table, 3 the exports table (created above),
                 # 4 the exports' snapshot_allow column (NULL: every initiator, as
-                # before), 5 AUTOINCREMENT ids (_rebuild_for_autoincrement).
+                # before), 5 AUTOINCREMENT ids (_rebuild_for_autoincrement), 6 the
+                # schedules and schedule_snapshots tables (created above, empty).
                 cols = {r[1] for r in self.db.execute("PRAGMA table_info(exports)")}
                 if "snapshot_allow" not in cols:
                     self.db.execute("ALTER TABLE exports ADD COLUMN snapshot_allow TEXT")
