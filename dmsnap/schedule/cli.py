@@ -22,7 +22,9 @@ NameArg = Annotated[str, typer.Argument(metavar="NAME", help="The schedule's nam
 
 
 def _count_opt(flag: str, what: str) -> Any:
-    return typer.Option(flag, metavar="N", help=f"Keep the first snapshot of each of the {what} that have one.")
+    return typer.Option(
+        flag, metavar="N", help=f"Keep the first snapshot of each of the {what} that have one."
+    )
 
 
 def _utc(t: Any) -> str:
@@ -98,7 +100,8 @@ def schedule_create(
         typer.Option(
             "--min-free",
             metavar="PCT",
-            help="Below PCT percent free pool data or metadata, delete this schedule's oldest first.",
+            help="Below PCT percent free pool data or metadata, delete this schedule's "
+            "oldest first.",
         ),
     ] = None,
     json_out: _cli.JsonOpt = False,
