@@ -91,7 +91,9 @@ def token_for(sid: int, slot: float) -> str:
 
 
 def _when(row: Row) -> spec.Schedule:
-    return spec.Schedule.make(every=row.every, calendar=row.calendar, tz=row.tz, anchor=row.created)
+    # --every slots are whole multiples of the interval since the epoch (UTC):
+    # every 1h runs on the hour, every 1d at 00:00 UTC, whenever it was made
+    return spec.Schedule.make(every=row.every, calendar=row.calendar, tz=row.tz)
 
 
 def _iso(t: float | None) -> str | None:
@@ -431,7 +433,7 @@ class Scheduler:
                 raise E.InvalidArgument(f"{opt} {v!r}: expected a count >= 1 (omit it for none)")
         now = self.clock()
         try:
-            when = spec.Schedule.make(every=every, calendar=calendar, tz=tz, anchor=now)
+            when = spec.Schedule.make(every=every, calendar=calendar, tz=tz)
             policy = retention.Policy(
                 **{k: v for k, v in counts.items() if v is not None}, min_free=min_free
             )

@@ -135,7 +135,7 @@ CREATE TABLE IF NOT EXISTS cow_extents (
     start INTEGER NOT NULL,   -- sectors on the pool data device
     sectors INTEGER NOT NULL
 );
--- Target-side schedules (dmsnap/schedule, docs/schedules.md); their rows
+-- Target-side schedules (dmsnap/schedule, docs/schedules.md): their rows
 -- are read and written by dmsnap.schedule.store only. last_slot is the UTC
 -- instant of the slot the last run stood for (at first: when the schedule
 -- was created or resumed), pending_token the run in flight.
@@ -159,7 +159,7 @@ CREATE TABLE IF NOT EXISTS schedules (
     created REAL NOT NULL
 );
 -- Which snapshot groups a schedule made: the only ones it may prune. A row
--- is written in the transaction that records the run; one whose group is
+-- is written in the transaction that records the run, and one whose group is
 -- gone (deleted by hand) is dropped by the schedule.
 CREATE TABLE IF NOT EXISTS schedule_snapshots (
     schedule_id INTEGER NOT NULL REFERENCES schedules (id) ON DELETE CASCADE,

@@ -492,8 +492,54 @@ def test_bad_data_and_journal_args_refused_before_the_manager(
     assert daemon.fake.calls == []
 
 
+class FakeSchedules:
+    """The schedules service (dmsnap.schedule.runner.Scheduler) as the server sees it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, method: str) -> Any:
+        def call(*a: Any, **kw: Any) -> dict[str, Any]:
+            self.calls.append((method, a, kw))
+            return {"method": method}
+
+        return call
+
+
+SCHEDULE_ROUND_TRIPS = [
+    (
+        "schedule.create",
+        {"name": "n", "refs": [["p", "a"], ["p", "b"]], "every": 300, "keep_daily": 7},
+        ("create", ("n", [["p", "a"], ["p", "b"]]), {"every": 300, "keep_daily": 7}),
+    ),
+    (
+        "schedule.create",
+        {"name": "n", "refs": [["p", "a"]], "calendar": "Mon..Fri 08..18:00", "tz": "UTC"},
+        ("create", ("n", [["p", "a"]]), {"calendar": "Mon..Fri 08..18:00", "tz": "UTC"}),
+    ),
+    ("schedule.list", {}, ("list", (), {})),
+    ("schedule.show", {"name": "n"}, ("show", ("n",), {})),
+    ("schedule.pause", {"name": "n"}, ("pause", ("n",), {})),
+    ("schedule.resume", {"name": "n"}, ("resume", ("n",), {})),
+    ("schedule.delete", {"name": "n"}, ("delete", ("n",), {})),
+]
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "expected"), SCHEDULE_ROUND_TRIPS, ids=[r[0] for r in SCHEDULE_ROUND_TRIPS]
+)
+def test_schedule_ops_reach_the_schedules_service(daemon: Daemon, op, args, expected) -> None:
+    with daemon.client() as c, pytest.raises(UserError, match="runs no schedules"):
+        c.call(op, **args)  # a dmsnapd without the service says so, in one line
+    fake = daemon.server.services["schedules"] = FakeSchedules()
+    with daemon.client() as c:
+        assert c.call(op, **args) == {"method": expected[0]}
+    assert fake.calls == [expected] and daemon.fake.calls == []
+
+
 def test_every_op_is_covered_by_a_round_trip() -> None:
     tested = {r[0] for r in ROUND_TRIPS} | {"pool.list", "daemon.ping", "daemon.stop"}
+    tested |= {r[0] for r in SCHEDULE_ROUND_TRIPS}
     assert tested == set(proto.OPS)
 
 
