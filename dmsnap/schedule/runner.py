@@ -53,6 +53,7 @@ MAX_NAME = 31  # + "-YYYYmmddTHHMMSSZ" (17) = a snapshot name of at most 48
 RETRY_S = 30.0  # a failed run is tried again after this long
 MAX_SLEEP_S = 30.0  # a clock step is noticed within this long
 RUN_TIMEOUT_S = 120.0  # how long a run waits for its journaled snapshot
+PENDING_POLL_S = 2.0  # how often a run whose wait gave up is looked up
 
 
 class Storage(Protocol):
@@ -168,6 +169,9 @@ class Scheduler:
         for row in self.store.all():
             if row.paused:
                 continue
+            if row.pending_token is not None:  # its snapshot is being made: look again soon
+                wake = min(wake, now + PENDING_POLL_S)
+                continue
             nxt = _when(row).next_after(row.last_slot)
             if nxt is not None:
                 wake = min(wake, max(nxt, self._retry_at.get(row.id, 0.0)))
@@ -238,8 +242,8 @@ class Scheduler:
         n_missed = spec.missed(_when(row), row.last_slot, slot)
         if n_missed:
             log.warning(
-                "schedule %s: %d slot(s) missed (dmsnapd down, paused before, or the clock "
-                "stepped); one snapshot stands for them",
+                "schedule %s: %d slot(s) missed (dmsnapd was down or the clock stepped "
+                "forward); one snapshot stands for them",
                 row.name,
                 n_missed,
             )

@@ -384,3 +384,17 @@ def test_a_schema_5_catalog_gains_the_schedule_tables(tmp_path: Path) -> None:
     tables = {r[0] for r in cat.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"schedules", "schedule_snapshots"} <= tables
     cat.close()
+
+
+def test_the_thread_sleeps_until_the_next_slot_and_looks_up_a_pending_run_slowly(env) -> None:
+    sched, storage, clock, _ = env
+    sched.create("s", [["p", "a"]], every="1h")
+    assert sched._sleep_for() == 30.0  # the next slot is an hour away: wake to notice clock steps
+    clock.t = T0 - 1 + 3600 - 7
+    assert sched._sleep_for() == pytest.approx(7.0)
+    row = sched.store.get("s")
+    sched.store.begin_run(row.id, "dmsnap-schedule-1-0", T0)  # a run whose wait gave up
+    clock.t += 100  # overdue, but its snapshot is being made: no busy loop
+    assert sched._sleep_for() == 2.0
+    sched.pause("s")
+    assert sched._sleep_for() == 30.0
