@@ -387,7 +387,7 @@ def test_a_schema_5_catalog_gains_the_schedule_tables(tmp_path: Path) -> None:
 
 
 def test_the_thread_sleeps_until_the_next_slot_and_looks_up_a_pending_run_slowly(env) -> None:
-    sched, storage, clock, _ = env
+    sched, _, clock, _ = env
     sched.create("s", [["p", "a"]], every="1h")
     assert sched._sleep_for() == 30.0  # the next slot is an hour away: wake to notice clock steps
     clock.t = T0 - 1 + 3600 - 7
