@@ -30,6 +30,7 @@ from dmsnap.client import Client, default_socket
 from dmsnap.daemon.protocol import DEFAULT_SOCKET, check_label
 from dmsnap.errors import InvalidArgument, UserError
 from dmsnap.errors import NotFound as E_NotFound
+from dmsnap.schedule import cli as schedule_cli
 from dmsnap.sizes import format_size, parse_size
 from dmsnap.storage.names import NameError_, check_name, parse_ref
 
@@ -1655,8 +1656,6 @@ def main() -> None:
     sys.exit(run())
 
 
-# `dmsnap schedule` lives in its own package (dmsnap.schedule) and uses the
-# helpers above, so it is imported last.
-from dmsnap.schedule.cli import schedule_app  # noqa: E402
-
-app.add_typer(schedule_app, name="schedule")
+# `dmsnap schedule` lives in its own package (dmsnap.schedule); it is built
+# on the helpers above, handed over rather than imported back.
+app.add_typer(schedule_cli.build(sys.modules[__name__]), name="schedule")
