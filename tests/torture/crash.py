@@ -14,6 +14,7 @@ import argparse
 import collections
 import os
 import random
+import subprocess
 import sys
 import time
 import traceback
@@ -25,7 +26,6 @@ sys.path[:0] = [HERE, os.path.join(REPO, "tests", "kernel"), REPO]
 import crashlib as cl  # noqa: E402
 
 from dmsnap.dm import DeviceMapper  # noqa: E402
-from dmsnap.dm.udev import UdevSync  # noqa: E402
 
 WORK = "/tmp/torture-crash"
 KEEP = os.path.join(REPO, ".torture")
@@ -42,9 +42,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--writes", type=int, default=40, help="writes per writer thread")
     p.add_argument("--budget", type=float, help="seconds of checking, split between trials")
     p.add_argument("--quick", action="store_true", help="a few dozen states (CI)")
+    p.add_argument("--keep", action="store_true", help="keep every recording in .torture/")
+    p.add_argument("--profile", help="cProfile the checks into this file")
+    p.add_argument("--kinds", help="check only states of these kinds (mark,dvol,...)")
+    p.add_argument("--udev", action="store_true", help="keep udev running in the guest")
     a = p.parse_args(argv)
     if a.quick:
-        a.states = a.states or 10
+        a.states = a.states or 15
         a.writes = min(a.writes, 20)
     if a.seed is None:
         a.seed = random.SystemRandom().randrange(1, 10**6)
@@ -67,6 +71,9 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
         span = 2 * cl.MiB if backend == "thin" else cl.MiB  # classic: COW space
         w = cl.Workload(backend, seed, writes=a.writes, span=span)
         rec = cl.record(dm, work, mnt, w)
+        if a.keep:
+            keep = cl.keep_failure(rec, os.path.join(KEEP, f"crash-{backend}-{seed}"))
+            print(f"crash: recording kept in {os.path.relpath(keep, REPO)}", flush=True)
     t_rec = time.monotonic() - t0
     lg = cl.Logs(rec)
     states = cl.generate(lg, seed)
@@ -81,14 +88,23 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
         + f" in {t_rec:.0f}s; {len(states)} crash states ({dict(kinds)})",
         flush=True,
     )
+    pool = states
+    if a.kinds:
+        pool = [s for s in states if s.kind in a.kinds.split(",")]
     if a.state is not None:
         chosen = [states[int(k)] for k in a.state.split(",")]
-    elif a.states is not None and a.states < len(states):
-        chosen = sorted(random.Random(seed).sample(states, a.states), key=lambda s: s.index)
+    elif a.states is not None and a.states < len(pool):
+        chosen = sorted(random.Random(seed).sample(pool, a.states), key=lambda s: s.index)
     else:
-        chosen = states
+        chosen = list(pool)
     chosen.sort(key=lambda s: (s.cut, s.index))
     imgs = cl.Images(lg, work)
+    ov = cl.Overlay(imgs, dm)
+    prof = None
+    if a.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
     done, bad = collections.Counter(), []
     t1 = time.monotonic()
     try:
@@ -96,11 +112,14 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
             if budget is not None and time.monotonic() - t1 > budget:
                 print(f"crash: {backend} seed {seed}: budget spent", flush=True)
                 break
-            ex = cl.expect(rec.events, rec.cuts[st.cut], rec.cuts[st.horizon])
-            paths = imgs.materialize(st)
             ts = time.monotonic()
+            ex = cl.expect(rec.events, rec.cuts[st.cut], rec.cuts[st.horizon])
             try:
-                outcome = cl.check(dm, paths, mnt, ex)
+                if prof is not None:
+                    prof.enable()
+                outcome = cl.check(dm, ov, st, mnt, ex)
+                if prof is not None:
+                    prof.disable()
             except cl.Violation as e:
                 outcome = f"VIOLATION: {e}"
                 bad.append((st, str(e)))
@@ -114,10 +133,11 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
                 el = time.monotonic() - t1
                 n = sum(done.values())
                 print(f"  {n} states, {el:.0f}s, {len(bad)} violations", flush=True)
-            for p in paths.values():
-                os.unlink(p)
     finally:
+        ov.close()
         imgs.close()
+        if prof is not None:
+            prof.dump_stats(a.profile)
     el = time.monotonic() - t1
     n = sum(done.values())
     print(
@@ -149,7 +169,11 @@ def main(argv: list[str]) -> int:
     # Our own devices only (the Manager has its own): udev sometimes never
     # reports a log-writes device's removal under emulation; no need to wait
     # a minute for it.
-    with DeviceMapper(udev=UdevSync(timeout=5.0)) as dm:
+    if os.environ.get("DMSNAP_IN_VM") == "1" and not a.udev:
+        # The throwaway guest: no udev (crashlib.USE_UDEV says why).
+        subprocess.run(["udevadm", "control", "--exit"], check=False)
+        cl.USE_UDEV = False
+    with cl.new_dm(timeout=5.0) as dm:
         cl.cleanup_devices(dm, os.path.join(WORK, "mnt"))
         for i in range(trials):
             for b in backends:
