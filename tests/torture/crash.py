@@ -41,6 +41,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--logs", help="replay a kept recording (a .torture/ directory)")
     p.add_argument("--writes", type=int, default=40, help="writes per writer thread")
     p.add_argument("--budget", type=float, help="seconds of checking, split between trials")
+    p.add_argument(
+        "--journal", choices=("nv", "ram", "mix"), default="nv", help="mix: chosen by seed"
+    )
+    p.add_argument(
+        "--cache", choices=("on", "off", "mix"), default="off", help="a writecache; mix: by seed"
+    )
     p.add_argument("--quick", action="store_true", help="a few dozen states (CI)")
     p.add_argument("--keep", action="store_true", help="keep every recording in .torture/")
     p.add_argument("--profile", help="cProfile the checks into this file")
@@ -50,6 +56,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if a.quick:
         a.states = a.states or 15
         a.writes = min(a.writes, 20)
+        a.journal, a.cache = "mix", "mix"
     if a.seed is None:
         a.seed = random.SystemRandom().randrange(1, 10**6)
     if (a.state is not None or a.logs) and a.backend == "both":
@@ -69,7 +76,10 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
         seed = rec.seed
     else:
         span = 2 * cl.MiB if backend == "thin" else cl.MiB  # classic: COW space
-        w = cl.Workload(backend, seed, writes=a.writes, span=span)
+        # mix: the four variants in turn over consecutive seeds
+        journal = a.journal if a.journal != "mix" else ("nv", "ram")[seed % 2]
+        cache = a.cache == "on" if a.cache != "mix" else bool(seed // 2 % 2)
+        w = cl.Workload(backend, seed, writes=a.writes, span=span, journal=journal, cache=cache)
         rec = cl.record(dm, work, mnt, w)
         if a.keep:
             keep = cl.keep_failure(rec, os.path.join(KEEP, f"crash-{backend}-{seed}"))
@@ -78,13 +88,19 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
     lg = cl.Logs(rec)
     states = cl.generate(lg, seed)
     kinds = collections.Counter(s.kind for s in states)
+    pool_ev = next(ev for ev in rec.events if ev[0] == "pool")
+    variant = (
+        f"{pool_ev[2]} journal, writecache {'on' if pool_ev[3] else 'off'}"
+        if len(pool_ev) > 3
+        else "nv journal, writecache off"
+    )
     nev = sum(1 for ev in rec.events if ev[0] == "ack")
     nmk = sum(1 for ev in rec.events if ev[0] == "marker")
     print(
-        f"crash: {backend} seed {seed}: recorded {nev} acknowledged writes/discards, "
+        f"crash: {backend} seed {seed} ({variant}): recorded {nev} acknowledged writes/discards, "
         f"{nmk} markers, "
         f"{lg.ncuts} cuts, log entries "
-        + ", ".join(f"{d} {len(lg.entries[d])}" for d in cl.DEVS)
+        + ", ".join(f"{d} {len(lg.entries[d])}" for d in lg.devs)
         + f" in {t_rec:.0f}s; {len(states)} crash states ({dict(kinds)})",
         flush=True,
     )

@@ -31,6 +31,7 @@ States derived from the cut at mark k (all but one device at k):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import mmap
 import os
@@ -64,8 +65,9 @@ from dmsnap.storage.manager import Manager
 MiB = 1 << 20
 SECTOR = 512
 POOL = "tc"
-DEVS = ("data", "journal", "state")
-SIZES = {"data": 128 * MiB, "journal": 16 * MiB, "state": 64 * MiB}
+DEVS = ("data", "journal", "state", "cache")
+SIZES = {"data": 128 * MiB, "journal": 16 * MiB, "state": 64 * MiB, "cache": 16 * MiB}
+RAM_JOURNAL = 16 * MiB
 LOG_SIZE = 1024 * MiB
 JOURNAL_RING = 8192  # records start here; below are the two superblock slots
 
@@ -110,11 +112,28 @@ def run(*cmd: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip() or r.stdout.strip()}")
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount_state(dev: str, mnt: str) -> None:
+    """mount -o nodiscard DEV MNT (ext4), as the system call: under
+    emulation mount(8) costs half a second a state (exec, libmount, blkid)."""
+    if _libc.mount(dev.encode(), mnt.encode(), b"ext4", 0, b"nodiscard") != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {dev} on {mnt}: {os.strerror(err)}")
+
+
+def umount_state(mnt: str) -> None:
+    if _libc.umount2(mnt.encode(), 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {mnt}: {os.strerror(err)}")
+
+
 def cleanup_devices(dm: DeviceMapper, mnt: str) -> None:
     """Remove what a run (ours) left: the pool's stack top-down, our devices,
     the mount, our loop devices."""
     if os.path.ismount(mnt):
-        run("umount", mnt)
+        umount_state(mnt)
     left = {e.name for e in dm.list_devices() if e.name.startswith(("dmsnap-", "tcrash-"))}
     while left:
         progress = False
@@ -136,8 +155,9 @@ def cleanup_devices(dm: DeviceMapper, mnt: str) -> None:
 
 
 class Recorder:
-    def __init__(self, dm: DeviceMapper) -> None:
+    def __init__(self, dm: DeviceMapper, devs: tuple[str, ...] = DEVS) -> None:
         self.dm = dm
+        self.devs = devs
         self.lock = threading.Lock()
         self.events: list[list] = []
         self.cuts: list[int] = []  # cut n -> number of events before it
@@ -148,14 +168,14 @@ class Recorder:
 
     def cut(self) -> None:
         with self.lock:
-            for d in DEVS:
+            for d in self.devs:
                 self.dm.suspend(dm_name(d), lockfs=False)
             n = len(self.cuts)
             # every acknowledgement noted so far completed before the suspend
             self.cuts.append(len(self.events))
-            for d in DEVS:
+            for d in self.devs:
                 self.dm.message(dm_name(d), f"mark c{n}")
-            for d in DEVS:
+            for d in self.devs:
                 self.dm.resume(dm_name(d))
 
 
@@ -168,6 +188,11 @@ class Workload:
     vol_size: int = 2 * MiB
     span: int = 2 * MiB
     snaps: int = 6
+    journal: str = "nv"  # or "ram": only a FLUSH makes writes durable
+    cache: bool = False  # a writecache (on its own logged device) under the pool
+
+    def variant(self) -> str:
+        return f"{self.journal} journal, writecache {'on' if self.cache else 'off'}"
 
 
 def workload(m: Manager, rec: Recorder, w: Workload) -> None:
@@ -175,8 +200,18 @@ def workload(m: Manager, rec: Recorder, w: Workload) -> None:
     through the local writer, snapshots and group snapshots, a volume deleted
     and created again, all acknowledged into the recorder's event list."""
     rng = random.Random(w.seed)
-    r = m.pool_create(POOL, backend=w.backend, data=dm_path("data"), journal=dm_path("journal"))
-    rec.event("pool", r["name"])
+    if w.journal == "nv":
+        jargs: dict = {"journal": dm_path("journal")}
+    else:
+        jargs = {"journal_mode": "ram", "journal_size": RAM_JOURNAL}
+    r = m.pool_create(
+        POOL,
+        backend=w.backend,
+        data=dm_path("data"),
+        cache=dm_path("cache") if w.cache else None,
+        **jargs,
+    )
+    rec.event("pool", r["name"], w.journal, w.cache)
     rec.cut()
     vids: dict[str, int] = {}
 
@@ -199,6 +234,14 @@ def workload(m: Manager, rec: Recorder, w: Workload) -> None:
             wid = next_wid[0]
             next_wid[0] += 1
         vid = vids[name]
+        if w.journal == "ram" and rng.random() < 0.15:
+            # a FLUSH: every write acknowledged before it is durable once it
+            # returns (the pool's whole journal is synced)
+            rec.event("flush", wid)
+            io.flush()
+            rec.event("flushed", wid)
+            rec.cut()
+            return
         if rng.random() < 0.1:
             length = rng.choice([4096, 65536, 131072])
             off = rng.randrange(0, (w.span - length) // 4096 + 1) * 4096
@@ -231,6 +274,7 @@ def workload(m: Manager, rec: Recorder, w: Workload) -> None:
     threads.append(threading.Thread(target=cutter))
     for th in threads:
         th.start()
+    made: list[tuple[int, str, list[str]]] = []
     try:
         for k in range(w.snaps):
             time.sleep(rng.uniform(0.05, 0.3))
@@ -239,6 +283,19 @@ def workload(m: Manager, rec: Recorder, w: Workload) -> None:
             r = m.snapshot_create([[POOL, v] for v in group], name)
             rec.event("marker", r["marker"], r["seq"], name, [[v, vids[v]] for v in group])
             rec.cut()
+            made.append((r["marker"], name, group))
+            if k == 4:  # a snapshot deleted (its group's first one)
+                mk, sname, members = made[0]
+                deadline = time.monotonic() + 120
+                while m.snapshot_request(POOL, marker=mk)["state"] == "pending":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"marker {mk} never made")
+                    time.sleep(0.05)
+                for v in members:
+                    rec.event("snap-intent", sname, v)
+                    m.snapshot_delete(POOL, v, sname)
+                    rec.event("snap-", sname, v)
+                    rec.cut()
             if k == 1:  # a volume with its own records, then deleted (FORGET)
                 create("t")
                 tio = m.open_volume(POOL, "t")
@@ -304,9 +361,13 @@ def record(dm: DeviceMapper, workdir: str, mnt: str, w: Workload) -> Recording:
     os.makedirs(mnt, exist_ok=True)
     loops: list[loop.LoopDevice] = []
     logs = {}
-    rec = Recorder(dm)
+    # a device the pool does not use is not logged: no states come from it
+    devs = tuple(
+        d for d in DEVS if (d != "journal" or w.journal == "nv") and (d != "cache" or w.cache)
+    )
+    rec = Recorder(dm, devs)
     try:
-        for d in DEVS:
+        for d in devs:
             img, lg = os.path.join(workdir, f"{d}.img"), os.path.join(workdir, f"{d}.log")
             for p in (img, lg):
                 with contextlib.suppress(FileNotFoundError):
@@ -329,7 +390,7 @@ def record(dm: DeviceMapper, workdir: str, mnt: str, w: Workload) -> Recording:
             "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
             dm_path("state"),
         )
-        run("mount", "-o", "nodiscard", dm_path("state"), mnt)
+        mount_state(dm_path("state"), mnt)
         m = Manager(os.path.join(mnt, "state"), dm=new_dm())
         try:
             rec.cut()
@@ -342,7 +403,7 @@ def record(dm: DeviceMapper, workdir: str, mnt: str, w: Workload) -> Recording:
         cleanup_devices(dm, mnt)
         for lo in reversed(loops):
             loop.detach(lo)
-    for d in DEVS:
+    for d in devs:
         os.unlink(os.path.join(workdir, f"{d}.img"))
     r = Recording(workdir, w.backend, w.seed, rec.events, rec.cuts, logs)
     r.save()
@@ -383,7 +444,8 @@ class Logs:
                 int(e.mark[1:]): e.index for e in es if e.mark and e.mark.startswith("c")
             }
         self.ncuts = min(len(v) for v in self.mark_at.values())
-        for d in DEVS:
+        self.devs = tuple(d for d in DEVS if d in r.logs)
+        for d in self.devs:
             assert len(self.mark_at[d]) == len(r.cuts), (d, len(self.mark_at[d]), len(r.cuts))
 
     def next_cut(self, d: str, i: int) -> int:
@@ -425,7 +487,7 @@ def generate(lg: Logs, rng_seed: int) -> list[State]:
         add("mark", k)
         # journal: the next ring writes, whole or the last one torn
         ring: list[LogEntry] = []
-        for e in lg.after("journal", k):
+        for e in lg.after("journal", k) if "journal" in lg.devs else []:
             if e.flags & LOG_DISCARD or e.offset < JOURNAL_RING or not e.length:
                 break
             ring.append(e)
@@ -444,25 +506,32 @@ def generate(lg: Logs, rng_seed: int) -> list[State]:
                         + [(ring[r - 1].index, n_)]
                     },
                 )
-        # data: a subset of the plain writes before its next flush/FUA
-        plain: list[LogEntry] = []
-        for e in lg.after("data", k):
-            if _flagged(e):
-                break
-            plain.append(e)
-        for _ in range(min(2, len(plain))):
-            sub = sorted(rng.sample(plain, rng.randrange(1, len(plain) + 1)), key=lambda e: e.index)
-            ex: list[tuple[int, int | None]] = [(e.index, None) for e in sub]
-            multi = [
-                i for i, e in enumerate(sub) if e.length > SECTOR and not e.flags & LOG_DISCARD
-            ]
-            if multi and rng.random() < 0.5:
-                i = rng.choice(multi)
-                ex[i] = (sub[i].index, rng.randrange(1, sub[i].length // SECTOR))
-            add("dvol", k, {"data": ex})
-        # one device at a flush/FUA boundary when the other writer is quiet
-        for d, quiet in (("data", "state"), ("state", "data")):
-            if lg.between(quiet, k):
+        # data (and cache): a subset of the plain writes before its next
+        # flush/FUA
+        for d in ("data", "cache"):
+            if d not in lg.devs:
+                continue
+            plain: list[LogEntry] = []
+            for e in lg.after(d, k):
+                if _flagged(e):
+                    break
+                plain.append(e)
+            for _ in range(min(2, len(plain))):
+                sub = sorted(
+                    rng.sample(plain, rng.randrange(1, len(plain) + 1)), key=lambda e: e.index
+                )
+                ex: list[tuple[int, int | None]] = [(e.index, None) for e in sub]
+                multi = [
+                    i for i, e in enumerate(sub) if e.length > SECTOR and not e.flags & LOG_DISCARD
+                ]
+                if multi and rng.random() < 0.5:
+                    i = rng.choice(multi)
+                    ex[i] = (sub[i].index, rng.randrange(1, sub[i].length // SECTOR))
+                add(d[0] + "vol", k, {d: ex})
+        # one device at a flush/FUA boundary while the others are quiet
+        for d in ("data", "state", "cache"):
+            others = [o for o in ("data", "state", "cache") if o != d and o in lg.devs]
+            if d not in lg.devs or any(lg.between(o, k) for o in others):
                 continue
             seg = lg.between(d, k)
             bounds = [i for i, e in enumerate(seg) if _flagged(e)]
@@ -477,10 +546,10 @@ class Images:
     def __init__(self, lg: Logs, workdir: str) -> None:
         self.lg = lg
         self.dir = workdir
-        self.pos = dict.fromkeys(DEVS, 0)
+        self.pos = dict.fromkeys(lg.devs, 0)
         self.fds = {}
-        self.logf = {d: open(lg.r.logs[d], "rb") for d in DEVS}  # noqa: SIM115
-        for d in DEVS:
+        self.logf = {d: open(lg.r.logs[d], "rb") for d in lg.devs}  # noqa: SIM115
+        for d in lg.devs:
             p = os.path.join(workdir, f"base-{d}.img")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
@@ -505,7 +574,7 @@ class Images:
             os.pwrite(fd, data, e.offset)
 
     def advance(self, k: int) -> None:
-        for d in DEVS:
+        for d in self.lg.devs:
             es = self.lg.entries[d]
             end = self.lg.mark_at[d][k]
             assert end >= self.pos[d], "states must come in cut order"
@@ -519,7 +588,7 @@ class Images:
         self.advance(st.cut)
         extra = dict(st.extra)
         out = {}
-        for d in DEVS:
+        for d in self.lg.devs:
             base = os.path.join(self.dir, f"base-{d}.img")
             p = os.path.join(self.dir, f"state-{d}.img")
             with contextlib.suppress(FileNotFoundError):
@@ -552,7 +621,7 @@ class Overlay:
         self.base: dict[str, loop.LoopDevice] = {}
         self.cow: dict[str, loop.LoopDevice] = {}
         try:
-            for d in DEVS:
+            for d in images.lg.devs:
                 b = loop.attach(os.path.join(images.dir, f"base-{d}.img"))
                 self.loops.append(b)
                 self.base[d] = b
@@ -579,7 +648,7 @@ class Overlay:
         """Our devices (tcrash-data, -journal, -state) as state ``st``."""
         self.images.advance(st.cut)
         extra = dict(st.extra)
-        for d in DEVS:
+        for d in self.images.lg.devs:
             self.dm.create(
                 dm_name(d),
                 make_uuid(Role.INTERNAL, dm_name(d)),
@@ -629,6 +698,11 @@ class Expect:
     gone: set[int]  # deleted, acknowledged
     markers: list[tuple[int, int, str, list[tuple[str, int]]]]
     sizes: dict[int, int]
+    # volumes only: the mask plus, with a RAM journal, the writes that no
+    # completed FLUSH covers (acknowledged, not durable)
+    vmask: Mask | None = None
+    snap_gone: set[tuple[str, str]] = field(default_factory=set)  # (snapshot, volume)
+    snap_maybe: set[tuple[str, str]] = field(default_factory=set)
 
 
 def expect(events: list[list], n: int, issued: int | None = None) -> Expect:
@@ -642,13 +716,22 @@ def expect(events: list[list], n: int, issued: int | None = None) -> Expect:
     before = events[:n]
     intents = {ev[1]: ev for ev in events[: max(n, issued or n)] if ev[0] == "intent"}
     acks = {ev[1]: ev[2] for ev in before if ev[0] == "ack"}
-    model, mask = Model(dict(sizes)), Mask(dict(sizes))
+    model, mask, vmask = Model(dict(sizes)), Mask(dict(sizes)), Mask(dict(sizes))
+    ram = any(ev[0] == "pool" and len(ev) > 2 and ev[2] == "ram" for ev in events)
+    # RAM journal: durable are the writes acknowledged before the call of a
+    # FLUSH that returned before the cut
+    ack_at = {ev[1]: i for i, ev in enumerate(before) if ev[0] == "ack"}
+    called = {ev[1]: i for i, ev in enumerate(events) if ev[0] == "flush"}
+    synced = max((called[ev[1]] for ev in before if ev[0] == "flushed"), default=-1)
     for wid, (_, _, vid, off, length, kind) in intents.items():
         if wid in acks:
             data = pattern(wid, length) if kind == "write" else bytes(length)
             model.record(acks[wid], vid, off, data)
+            if ram and ack_at[wid] > synced:
+                vmask.add(vid, off, length)
         else:
             mask.add(vid, off, length)
+            vmask.add(vid, off, length)
     volumes: dict[int, str] = {}
     maybe: dict[int, str] = {}
     gone: set[int] = set()
@@ -666,11 +749,22 @@ def expect(events: list[list], n: int, issued: int | None = None) -> Expect:
     markers = [
         (ev[1], ev[2], ev[3], [tuple(x) for x in ev[4]]) for ev in before if ev[0] == "marker"
     ]
-    return Expect(model, mask, volumes, maybe, gone, markers, sizes)
+    snap_gone: set[tuple[str, str]] = set()
+    snap_maybe: set[tuple[str, str]] = set()
+    for ev in before:
+        if ev[0] == "snap-intent":
+            snap_maybe.add((ev[1], ev[2]))
+        elif ev[0] == "snap-":
+            snap_maybe.discard((ev[1], ev[2]))
+            snap_gone.add((ev[1], ev[2]))
+    return Expect(model, mask, volumes, maybe, gone, markers, sizes, vmask, snap_gone, snap_maybe)
 
 
-def _same(ex: Expect, vid: int, got: bytes, want: bytes | bytearray, what: str) -> None:
-    g, w = ex.mask.apply(vid, got), ex.mask.apply(vid, want)
+def _same(
+    ex: Expect, vid: int, got: bytes, want: bytes | bytearray, what: str, mask: Mask | None = None
+) -> None:
+    mask = mask or ex.mask
+    g, w = mask.apply(vid, got), mask.apply(vid, want)
     if g != w:
         raise Violation(f"{what}: " + first_difference(g, w))
 
@@ -683,7 +777,7 @@ def check(dm: DeviceMapper, ov: Overlay, st: State, mnt: str, ex: Expect) -> str
     lap: dict[str, float] = {}
     try:
         ov.attach(st)
-        run("mount", "-o", "nodiscard", dm_path("state"), mnt)
+        mount_state(dm_path("state"), mnt)
         lap["attach"] = time.monotonic() - t0
         try:
             m = Manager(os.path.join(mnt, "state"), dm=new_dm())
@@ -708,10 +802,34 @@ def check(dm: DeviceMapper, ov: Overlay, st: State, mnt: str, ex: Expect) -> str
             if vid not in ex.volumes and vid not in ex.maybe:
                 continue  # its creation was not acknowledged before the cut
             got = m.open_volume(POOL, v.name).read(0, v.size)
-            _same(ex, vid, got, ex.model.state(vid), f"volume {v.name} (id {vid})")
+            _same(ex, vid, got, ex.model.state(vid), f"volume {v.name} (id {vid})", ex.vmask)
         lap["volumes"] = time.monotonic() - t0
         deadline = time.monotonic() + 120
+
+        def snap_reads(vname: str, vid: int, name: str, mk: int, seq: int) -> None:
+            act = m.snapshot_activate(POOL, vname, name)
+            try:
+                got = read_direct(act["path"], 0, ex.sizes[vid])
+            finally:
+                m.snapshot_deactivate(POOL, vname, name)
+            _same(ex, vid, got, ex.model.state(vid, seq), f"{vname}@{name} (marker {mk})")
+
+        deleted = ex.snap_gone | ex.snap_maybe
         for mk, seq, name, vols in ex.markers:
+            if any((name, v) in deleted for v, _ in vols):
+                # a deletion was asked after the marker was done: each member
+                # is gone (acknowledged), or there and exact, or (not
+                # acknowledged) either
+                snaps = {(s.name, s.volume) for s in m.catalog.snapshots(POOL)}
+                for vname, vid in vols:
+                    if (name, vname) in ex.snap_gone:
+                        if (name, vname) in snaps:
+                            raise Violation(f"{vname}@{name} deleted (acknowledged) but back")
+                    elif (name, vname) in snaps:
+                        snap_reads(vname, vid, name, mk, seq)
+                    elif (name, vname) not in ex.snap_maybe:
+                        raise Violation(f"{vname}@{name} (marker {mk}) missing")
+                continue
             while (r := m.snapshot_request(POOL, marker=mk))["state"] == "pending":
                 if time.monotonic() > deadline:
                     raise Violation(f"marker {mk} ({name}) never made: {r}")
@@ -721,12 +839,7 @@ def check(dm: DeviceMapper, ov: Overlay, st: State, mnt: str, ex: Expect) -> str
             if sorted(s["volume"] for s in r["snapshots"]) != sorted(v for v, _ in vols):
                 raise Violation(f"marker {mk} ({name}) made {r['snapshots']}, asked {vols}")
             for vname, vid in vols:
-                act = m.snapshot_activate(POOL, vname, name)
-                try:
-                    got = read_direct(act["path"], 0, ex.sizes[vid])
-                finally:
-                    m.snapshot_deactivate(POOL, vname, name)
-                _same(ex, vid, got, ex.model.state(vid, seq), f"{vname}@{name} (marker {mk})")
+                snap_reads(vname, vid, name, mk, seq)
         groups = dict(
             m.catalog.db.execute(
                 "SELECT marker, COUNT(*) FROM snap_groups WHERE marker IS NOT NULL GROUP BY marker"
