@@ -610,6 +610,23 @@ class Manager(ExportsMixin):
                 report["pools"][pool.name] = msg
                 self.pool_errors[pool.name] = msg
         report["recovered"] = self.recover_pending()
+        if any(r["result"] == "forward" for r in report["recovered"]):
+            # Recovery recorded what the kernel had done before the crash (a
+            # volume, a classic snapshot): bring it up too, before the
+            # journals start. A journal attaches every volume of its pool
+            # (a missing one refused the pool), and an origin copies old
+            # data only into the snapshots loaded under it (one left out
+            # would later show the data written after it).
+            for pool in self.catalog.pools():
+                if pool.name in self.pool_errors:
+                    continue
+                try:
+                    self._assemble_pool(pool)
+                except (E.UserError, DmError, OSError) as e:
+                    msg = getattr(e, "message", None) or str(e)
+                    log.error("pool %s not assembled after recovery: %s", pool.name, msg)
+                    report["pools"][pool.name] = msg
+                    self.pool_errors[pool.name] = msg
         # Journals start after recovery: a replayed marker then sees the
         # catalog as it is, and its snapshot is made exactly once.
         for pool in self.catalog.pools():
