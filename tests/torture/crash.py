@@ -139,9 +139,9 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
             except cl.Violation as e:
                 outcome = f"VIOLATION: {e}"
                 bad.append((st, str(e)))
-            except Exception:
-                outcome = "VIOLATION: checker error\n" + traceback.format_exc()
-                bad.append((st, outcome))
+            except Exception as e:
+                outcome = f"VIOLATION: checker error: {e!r}\n" + traceback.format_exc()
+                bad.append((st, f"checker error: {e!r}"))
             done[st.kind] += 1
             if outcome.startswith("VIOLATION") or a.state is not None or len(chosen) <= 40:
                 print(f"  {st.describe()}: {outcome} [{time.monotonic() - ts:.1f}s]", flush=True)
@@ -192,8 +192,9 @@ def main(argv: list[str]) -> int:
     with cl.new_dm(timeout=5.0) as dm:
         cl.cleanup_devices(dm, os.path.join(WORK, "mnt"))
         for i in range(trials):
-            for b in backends:
-                n, v = trial(dm, a, b, a.seed + i, budget)
+            for j, b in enumerate(backends):
+                # each trial its own seed (and, mixed, its own variant)
+                n, v = trial(dm, a, b, a.seed + i * len(backends) + j, budget)
                 total, viol = total + n, viol + v
     print(f"crash: {total} crash states checked, {viol} violation(s); seed {a.seed}")
     return 1 if viol else 0
