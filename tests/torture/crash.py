@@ -38,7 +38,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backend", choices=("thin", "classic", "both"), default="both")
     p.add_argument("--states", type=int, help="states checked per trial (default: all)")
     p.add_argument("--state", help="check only these states of the trial (K or K,K,...)")
-    p.add_argument("--logs", help="replay a kept recording (a .torture/ directory)")
+    p.add_argument(
+        "--logs", help="replay kept recordings (.torture/ directories; --host: DIR,DIR,...)"
+    )
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="check the states of kept recordings (--logs) on the host (hostcheck.py)",
+    )
     p.add_argument("--writes", type=int, default=40, help="writes per writer thread")
     p.add_argument("--budget", type=float, help="seconds of checking, split between trials")
     p.add_argument(
@@ -59,6 +66,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         a.journal, a.cache = "mix", "mix"
     if a.seed is None:
         a.seed = random.SystemRandom().randrange(1, 10**6)
+    if a.host:
+        if not a.logs:
+            p.error("--host checks kept recordings: give --logs DIR[,DIR...]")
+        return a
     if (a.state is not None or a.logs) and a.backend == "both":
         if a.logs:
             a.backend = cl.Recording.load(a.logs).backend
@@ -173,8 +184,90 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
     return n, len(bad)
 
 
+def host_trial(a: argparse.Namespace, logdir: str, budget: float | None) -> tuple[int, int]:
+    import hostcheck
+
+    rec = cl.Recording.load(logdir)
+    rel = os.path.relpath(os.path.abspath(logdir), REPO)
+    pool_ev = next(ev for ev in rec.events if ev[0] == "pool")
+    if len(pool_ev) > 3 and pool_ev[3]:
+        print(f"crash --host: {rel}: a writecache pool, VM only; skipped", flush=True)
+        return 0, 0
+    lg = cl.Logs(rec)
+    states = cl.generate(lg, rec.seed)
+    pool = [s for s in states if not a.kinds or s.kind in a.kinds.split(",")]
+    if a.state is not None:
+        chosen = [states[int(k)] for k in a.state.split(",")]
+    elif a.states is not None and a.states < len(pool):
+        chosen = random.Random(rec.seed).sample(pool, a.states)
+    else:
+        chosen = list(pool)
+    chosen.sort(key=lambda s: (s.cut, s.index))
+    variant = f"{pool_ev[2]} journal" if len(pool_ev) > 2 else "nv journal"
+    print(
+        f"crash --host: {rec.backend} seed {rec.seed} ({variant}, {rel}): "
+        f"{len(states)} states, checking {len(chosen)}",
+        flush=True,
+    )
+    ch = hostcheck.Checker(lg)
+    done: collections.Counter = collections.Counter()
+    skipped: collections.Counter = collections.Counter()
+    objects = 0
+    bad: list[tuple[cl.State, str]] = []
+    t1 = time.monotonic()
+    try:
+        for st in chosen:
+            if budget is not None and time.monotonic() - t1 > budget:
+                print("crash --host: budget spent", flush=True)
+                break
+            ex = cl.expect(rec.events, rec.cuts[st.cut], rec.cuts[st.horizon])
+            try:
+                o = ch.check(st, ex)
+                objects += len(o.checked)
+                for sk in o.skipped:
+                    skipped[sk.split(": ", 1)[1]] += 1
+            except cl.Violation as e:
+                bad.append((st, str(e)))
+                print(f"  {st.describe()}: VIOLATION: {e}", flush=True)
+            except Exception as e:
+                bad.append((st, f"checker error: {e!r}"))
+                print(f"  {st.describe()}: VIOLATION: checker error\n{traceback.format_exc()}")
+            done[st.kind] += 1
+    finally:
+        ch.close()
+    n = sum(done.values())
+    el = time.monotonic() - t1
+    print(
+        f"crash --host: {rec.backend} seed {rec.seed}: {n} states checked in {el:.0f}s "
+        f"({dict(done)}); {objects} volume/snapshot contents compared; not on the host: "
+        f"{dict(skipped)}; {len(bad)} violation(s)",
+        flush=True,
+    )
+    for st, msg in bad:
+        print(f"VIOLATION {rec.backend} seed {rec.seed} {st.describe()}: {msg.splitlines()[0]}")
+        print(f"  replay: tools/torture crash --host --state {st.index} --logs {rel}")
+        print(
+            f"  in the VM: tools/torture crash --seed {rec.seed} --backend {rec.backend} "
+            f"--state {st.index} --logs {rel}"
+        )
+    return n, len(bad)
+
+
+def host_main(a: argparse.Namespace) -> int:
+    dirs = a.logs.split(",")
+    total = viol = 0
+    budget = a.budget / len(dirs) if a.budget else None
+    for d in dirs:
+        n, v = host_trial(a, d, budget)
+        total, viol = total + n, viol + v
+    print(f"crash --host: {total} crash states checked, {viol} violation(s)")
+    return 1 if viol else 0
+
+
 def main(argv: list[str]) -> int:
     a = parse(argv)
+    if a.host:
+        return host_main(a)
     backends = ("thin", "classic") if a.backend == "both" else (a.backend,)
     trials = 1 if (a.logs or a.state is not None) else a.trials
     bs = ", ".join(backends)
