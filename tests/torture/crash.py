@@ -87,9 +87,10 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
         seed = rec.seed
     else:
         span = 2 * cl.MiB if backend == "thin" else cl.MiB  # classic: COW space
-        # mix: the four variants in turn over consecutive seeds
-        journal = a.journal if a.journal != "mix" else ("nv", "ram")[seed % 2]
-        cache = a.cache == "on" if a.cache != "mix" else bool(seed // 2 % 2)
+        # mix: by seed; --trials 4 with both backends gives each backend
+        # all four variants (its seeds go up by 2)
+        journal = a.journal if a.journal != "mix" else ("nv", "ram")[seed // 2 % 2]
+        cache = a.cache == "on" if a.cache != "mix" else bool(seed // 4 % 2)
         w = cl.Workload(backend, seed, writes=a.writes, span=span, journal=journal, cache=cache)
         rec = cl.record(dm, work, mnt, w)
         if a.keep:
