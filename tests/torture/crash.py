@@ -234,6 +234,9 @@ def host_trial(a: argparse.Namespace, logdir: str, budget: float | None) -> tupl
                 bad.append((st, f"checker error: {e!r}"))
                 print(f"  {st.describe()}: VIOLATION: checker error\n{traceback.format_exc()}")
             done[st.kind] += 1
+            if (n := sum(done.values())) % 100 == 0:
+                el = time.monotonic() - t1
+                print(f"  {n} states, {el:.0f}s, {len(bad)} violations", flush=True)
     finally:
         ch.close()
     n = sum(done.values())
