@@ -19,14 +19,16 @@ whose answer is decided by userspace code or by on-disk formats:
   after the replay, as the model of the writes acknowledged before the cut
   (with a RAM journal: flushed); a deletion acknowledged stays deleted;
 * every marker acknowledged before the cut is either a snapshot in the
-  catalog whose thin device is in the committed metadata and reads as the
-  model at the marker (thin), or, not in the catalog, a marker the
+  catalog that reads as the model at the marker (thin: its device is in
+  the committed metadata; classic: dm-snapshot's persistent store on the
+  data image over the volume's extent as it was before the replay, which
+  copies into the loaded snapshot what it overwrites), or, not in the catalog, a marker the
   journal's replay stops at, where the volumes read as the model at the
   marker (what the daemon's snapshot then holds).
 
 Not here (the VM sample covers it): the kernel itself (dm-thin reading its
-metadata, dm-snapshot's COW store: a classic snapshot in the catalog is
-not read here), the daemon's start and the recovery of pending catalog
+metadata and dm-snapshot its store: read here by their formats), the
+daemon's start and the recovery of pending catalog
 operations (a state with one is counted as skipped for what it touches),
 writecache pools (the data device alone is not the volume).
 """
@@ -36,6 +38,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ from dmsnap.journal.journal import Journal
 from dmsnap.storage.catalog import Catalog
 
 SECTOR = 512
+COW_MAGIC = 0x70416E53  # dm-snap-persistent.c SNAP_MAGIC
 
 
 @dataclass
@@ -130,6 +134,44 @@ class Volumes:
                 img[off : off + self.bs] = f.read(min(self.bs, size - off))
         return img
 
+    def read_classic_snap(self, snap, origin: bytes, extra: list) -> bytes:
+        """A classic snapshot as dm-snapshot's persistent store shows it
+        (drivers/md/dm-snap-persistent.c): a header chunk, then metadata
+        areas of (old chunk, new chunk) pairs, each followed by its data
+        chunks; the chunks not copied read from the origin."""
+        if extra:
+            raise KeyError("grown COW area")
+        with open(self.data_img, "rb") as f:
+            f.seek(snap.cow_start * SECTOR)
+            cow = f.read(snap.cow_size)
+        magic, valid, _version, chunk = struct.unpack_from("<IIII", cow, 0)
+        if magic == 0:
+            return origin  # never initialised: dm-snapshot starts it empty
+        if magic != COW_MAGIC:
+            raise cl.Violation(f"COW header of {snap.volume}@{snap.name}: magic {magic:#x}")
+        if not valid:
+            raise cl.Violation(f"{snap.volume}@{snap.name}: the kernel marked it invalid")
+        cs = chunk * SECTOR
+        per_area = cs // 16
+        img = bytearray(origin)
+        area = 0
+        while True:
+            at = (1 + (per_area + 1) * area) * cs
+            if at + cs > len(cow):
+                break
+            ended = False
+            for i in range(per_area):
+                old, new = struct.unpack_from("<QQ", cow, at + 16 * i)
+                if new == 0:
+                    ended = True
+                    break
+                if old * cs < len(img):
+                    img[old * cs : old * cs + cs] = cow[new * cs : new * cs + cs]
+            if ended:
+                break
+            area += 1
+        return bytes(img)
+
     def read(self, vol) -> bytearray:
         if self.thin:
             return self.read_thin(vol.dev_id, vol.size)
@@ -167,6 +209,8 @@ def _check(cat: Catalog, paths: dict[str, str], ex: cl.Expect, work: str, out: O
     vols = Volumes(cat, paths["data"], work)
     # each volume's device as a file, then the journal's replay onto them
     files: dict[int, str] = {}
+    origins: dict[int, bytes] = {}  # before the replay: what a classic snapshot shares
+    cows = cat.cow_extents(cl.POOL)
     for vid, v in have.items():
         try:
             content = vols.read(v)
@@ -181,6 +225,7 @@ def _check(cat: Catalog, paths: dict[str, str], ex: cl.Expect, work: str, out: O
         p = os.path.join(work, f"vol-{vid}.img")
         with open(p, "wb") as f:
             f.write(content)
+        origins[vid] = bytes(content)
         files[vid] = p
     replayed: dict[int, dict[int, bytes]] = {}  # marker -> vid -> content there
     jcfg = vols.pool.config.get("journal", {})
@@ -209,14 +254,18 @@ def _check(cat: Catalog, paths: dict[str, str], ex: cl.Expect, work: str, out: O
             if (name, vname) in snaps:  # made before the crash: the daemon keeps it
                 s = snaps[(name, vname)]
                 if not vols.thin:
-                    out.skipped.append(f"{what}: a classic COW store (VM only)")
-                    continue
-                try:
-                    got = bytes(vols.read_thin(s.dev_id, ex.sizes[vid]))
-                except KeyError:
-                    raise cl.Violation(
-                        f"{what} in the catalog, thin device {s.dev_id} not in the metadata"
-                    ) from None
+                    try:
+                        got = vols.read_classic_snap(s, origins[vid], cows.get(s.id, []))
+                    except KeyError:
+                        out.skipped.append(f"{what}: a grown COW area")
+                        continue
+                else:
+                    try:
+                        got = bytes(vols.read_thin(s.dev_id, ex.sizes[vid]))
+                    except KeyError:
+                        raise cl.Violation(
+                            f"{what} in the catalog, thin device {s.dev_id} not in the metadata"
+                        ) from None
             elif mk in replayed and vid in replayed[mk]:  # made by the replay
                 got = replayed[mk][vid]
             else:
