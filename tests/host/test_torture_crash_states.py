@@ -212,3 +212,39 @@ def test_cache_device_states_only_while_the_others_are_quiet(tmp_path) -> None:
     assert {s.cut for s in states if s.kind == "cext"} == {1}
     # and no dext: at c2 the data device's flush came while the cache wrote
     assert not any(s.kind == "dext" for s in states)
+
+
+def test_host_check_reads_thin_dump_and_a_classic_cow_store(tmp_path) -> None:
+    import hostcheck as hc
+
+    xml = """<superblock uuid="" time="1" transaction="3" data_block_size="128">
+  <device dev_id="1" mapped_blocks="3" transaction="0">
+    <single_mapping origin_block="0" data_block="7" time="0"/>
+    <range_mapping origin_begin="4" data_begin="20" length="2" time="0"/>
+  </device>
+  <device dev_id="2" mapped_blocks="0" transaction="1">
+  </device>
+</superblock>"""
+    assert hc.parse_thin_dump(xml) == {1: {0: 7, 4: 20, 5: 21}, 2: {}}
+    # a COW area of 4 KiB chunks: header, one metadata area whose two
+    # exceptions put old chunks 1 and 3 in new chunks 2 and 3, then the end
+    cs = 4096
+    cow = bytearray(8 * cs)
+    cow[:16] = struct.pack("<IIII", hc.COW_MAGIC, 1, 1, cs // S)
+    cow[cs : cs + 48] = struct.pack("<QQQQQQ", 1, 2, 3, 3, 0, 0)
+    cow[2 * cs : 3 * cs] = b"\x11" * cs
+    cow[3 * cs : 4 * cs] = b"\x33" * cs
+    data = tmp_path / "data.img"
+    data.write_bytes(bytes(16 * cs) + bytes(cow))  # the COW area at chunk 16
+    vols = hc.Volumes.__new__(hc.Volumes)
+    vols.data_img = str(data)
+
+    class Snap:
+        volume, name, cow_start, cow_size = "a", "s", 16 * cs // S, len(cow)
+
+    origin = b"\xee" * (5 * cs)
+    got = vols.read_classic_snap(Snap, origin, [])
+    assert got == b"\xee" * cs + b"\x11" * cs + b"\xee" * cs + b"\x33" * cs + b"\xee" * cs
+    cow[:4] = bytes(4)  # never initialised: the origin itself
+    data.write_bytes(bytes(16 * cs) + bytes(cow))
+    assert vols.read_classic_snap(Snap, origin, []) == origin

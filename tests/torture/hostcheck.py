@@ -93,9 +93,14 @@ def thin_mappings(data_img: str, meta_sectors: int, work: str) -> dict[int, dict
     r = _run("thin_dump", meta)
     if r.returncode:
         raise cl.Violation(f"thin metadata unreadable: {r.stderr.strip()[-300:]}")
+    return parse_thin_dump(r.stdout)
+
+
+def parse_thin_dump(xml: str) -> dict[int, dict[int, int]]:
+    """thin_dump's XML: dev id -> {virtual block: data block}."""
     out: dict[int, dict[int, int]] = {}
     cur: dict[int, int] | None = None
-    for line in r.stdout.splitlines():
+    for line in xml.splitlines():
         if m := _DEV.search(line):
             cur = out.setdefault(int(m.group(1)), {})
         elif cur is not None and (m := _MAP.search(line)):
