@@ -652,19 +652,35 @@ class Manager(ExportsMixin):
 
     def _assemble_pool(self, pool: Pool) -> None:
         backend = self._backend(pool)
+        pending = self.catalog.pending()
         pending_restores = {
-            p.payload.get("volume_id") for p in self.catalog.pending() if p.kind == "volume.restore"
+            p.payload.get("volume_id") for p in pending if p.kind == "volume.restore"
+        }
+        # A deletion the kernel may have done before a crash (the catalog
+        # commit lost): recovery finishes it; loading the deleted device
+        # first would fail (a deleted thin device: ENODATA, the pool refused).
+        deleting = {p.payload.get("volume_id") for p in pending if p.kind == "volume.delete"}
+        deleting_snaps = {
+            p.payload.get("snapshot_id") for p in pending if p.kind == "snapshot.delete"
         }
         for vol in self.catalog.volumes(pool.name):
             if vol.id in pending_restores and pool.backend == "classic":
                 continue  # recovery resumes the merge on this volume
+            if vol.id in deleting:
+                continue
             for layer in backend.volume_layers(vol):
                 ensure(self.dm, layer)
         for snap in self.catalog.snapshots(pool.name):
+            if snap.id in deleting_snaps or snap.volume_id in deleting:
+                continue
             for layer in backend.snapshot_layers(snap, active=snap.active):
                 ensure(self.dm, layer)
         backend.after_assembly(
-            [v for v in self.catalog.volumes(pool.name) if v.id not in pending_restores]
+            [
+                v
+                for v in self.catalog.volumes(pool.name)
+                if v.id not in pending_restores and v.id not in deleting
+            ]
         )
 
     # -- pools ------------------------------------------------------------------------------
