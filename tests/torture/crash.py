@@ -81,6 +81,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budget: float | None):
     work = os.path.join(WORK, f"{backend}-{seed}")
     mnt = os.path.join(WORK, "mnt")
+    os.makedirs(work, exist_ok=True)  # a replay (--logs) records nothing
+    os.makedirs(mnt, exist_ok=True)
     t0 = time.monotonic()
     if a.logs:
         rec = cl.Recording.load(a.logs)
