@@ -221,7 +221,7 @@ def _check(cat: Catalog, paths: dict[str, str], ex: cl.Expect, work: str, out: O
             content = vols.read(v)
         except KeyError:
             if v.name in pend_vols:
-                out.skipped.append(f"volume {v.name}: its creation is pending")
+                out.skipped.append(f"volume {v.name}: a pending catalog operation")
                 continue
             raise cl.Violation(
                 f"volume {v.name} (id {vid}) in the catalog, thin device {v.dev_id} not in "
@@ -244,7 +244,7 @@ def _check(cat: Catalog, paths: dict[str, str], ex: cl.Expect, work: str, out: O
         cl._same(ex, vid, got, ex.model.state(vid), f"volume {v.name} (id {vid})", ex.vmask)
         out.checked.append(f"volume {v.name}")
     snaps = {(s.name, s.volume): s for s in cat.snapshots(cl.POOL)}
-    deleted = ex.snap_gone | ex.snap_maybe
+    deleted = ex.snap_maybe
     pend_snaps = {p.payload.get("name") for p in pending if p.kind.startswith("snapshot.")}
     for mk, seq, name, members in ex.markers:
         for vname, vid in members:
@@ -253,9 +253,11 @@ def _check(cat: Catalog, paths: dict[str, str], ex: cl.Expect, work: str, out: O
                 if (name, vname) in snaps:
                     raise cl.Violation(f"{what} deleted (acknowledged) but in the catalog")
                 continue
-            if (name, vname) in deleted or name in pend_snaps:
-                out.skipped.append(f"{what}: a pending operation")
+            if name in pend_snaps:
+                out.skipped.append(f"{what}: a pending catalog operation")
                 continue
+            if (name, vname) in deleted and (name, vname) not in snaps:
+                continue  # its deletion asked, not acknowledged: gone is right
             if (name, vname) in snaps:  # made before the crash: the daemon keeps it
                 s = snaps[(name, vname)]
                 if not vols.thin:
