@@ -115,12 +115,12 @@ def trial(dm: DeviceMapper, a: argparse.Namespace, backend: str, seed: int, budg
         f"{nmk} markers, "
         f"{lg.ncuts} cuts, log entries "
         + ", ".join(f"{d} {len(lg.entries[d])}" for d in lg.devs)
-        + f" in {t_rec:.0f}s; {len(states)} crash states ({dict(kinds)})",
+        + f" in {t_rec:.0f}s; {sum(st.real for st in states)} crash states ({dict(kinds)})",
         flush=True,
     )
-    pool = states
+    pool = [s for s in states if s.real]
     if a.kinds:
-        pool = [s for s in states if s.kind in a.kinds.split(",")]
+        pool = [s for s in pool if s.kind in a.kinds.split(",")]
     if a.state is not None:
         chosen = [states[int(k)] for k in a.state.split(",")]
     elif a.states is not None and a.states < len(pool):
@@ -198,7 +198,7 @@ def host_trial(a: argparse.Namespace, logdir: str, budget: float | None) -> tupl
         return 0, 0
     lg = cl.Logs(rec)
     states = cl.generate(lg, rec.seed)
-    pool = [s for s in states if not a.kinds or s.kind in a.kinds.split(",")]
+    pool = [s for s in states if s.real and (not a.kinds or s.kind in a.kinds.split(","))]
     if a.state is not None:
         chosen = [states[int(k)] for k in a.state.split(",")]
     elif a.states is not None and a.states < len(pool):
@@ -209,7 +209,7 @@ def host_trial(a: argparse.Namespace, logdir: str, budget: float | None) -> tupl
     variant = f"{pool_ev[2]} journal" if len(pool_ev) > 2 else "nv journal"
     print(
         f"crash --host: {rec.backend} seed {rec.seed} ({variant}, {rel}): "
-        f"{len(states)} states, checking {len(chosen)}",
+        f"{sum(st.real for st in states)} states, checking {len(chosen)}",
         flush=True,
     )
     ch = hostcheck.Checker(lg)

@@ -20,7 +20,9 @@ States derived from the cut at mark k (all but one device at k):
   jtorn    the same, the r-th write torn to a sector-sized prefix;
   dvol     the data device also takes a random subset of the plain writes
            logged after k before its next flush/FUA (the volatile cache
-           reordered and lost the rest), one of them maybe torn;
+           reordered and lost the rest), one of them maybe torn, when the
+           catalog's device wrote nothing from k to that flush (else the
+           state is kind "dvol*": not real, never checked);
   dext     the data device at a flush/FUA boundary before the next mark,
            when the catalog's device wrote nothing in between (a thin
            commit never outruns the catalog intent it rests on);
@@ -425,6 +427,11 @@ class State:
     # acknowledged before ``cut`` may be in the state (masked by the oracle)
     horizon: int = 0
 
+    @property
+    def real(self) -> bool:
+        """False: a state the devices cannot be in (kind ending in "*")."""
+        return not self.kind.endswith("*")
+
     def describe(self) -> str:
         ex = ", ".join(
             f"{d}+[{' '.join(str(i) if n is None else f'{i}:{n}s' for i, n in es)}]"
@@ -527,7 +534,18 @@ def generate(lg: Logs, rng_seed: int) -> list[State]:
                 if multi and rng.random() < 0.5:
                     i = rng.choice(multi)
                     ex[i] = (sub[i].index, rng.randrange(1, sub[i].length // SECTOR))
-                add(d[0] + "vol", k, {d: ex})
+                # A plain write after the cut may rest on a catalog write
+                # after it (a COW header zeroed in the extent of a snapshot
+                # whose deletion the catalog committed after the cut): such
+                # a state is not a real one unless the catalog's device
+                # wrote nothing from the cut until the writes' flush. It
+                # keeps its number (replay commands stay valid) as kind
+                # "Xvol*", never checked.
+                h = min(max(lg.next_cut(d, i) for i, _ in ex), lg.ncuts - 1)
+                real = "state" not in lg.devs or not any(
+                    lg.between("state", c) for c in range(k, h)
+                )
+                add(d[0] + "vol" + ("" if real else "*"), k, {d: ex})
         # one device at a flush/FUA boundary while the others are quiet
         for d in ("data", "state", "cache"):
             others = [o for o in ("data", "state", "cache") if o != d and o in lg.devs]
