@@ -538,6 +538,15 @@ def pool_create(
             case_sensitive=False,
         ),
     ] = JournalMode.nv,
+    metadata_size: Annotated[
+        str | None,
+        typer.Option(
+            "--metadata-size",
+            metavar="SIZE",
+            help="Thin pools: size of the metadata device, 2M to 15G (default: ~64 bytes "
+            "per 64 KiB of data, at least 8M); like lvcreate's --poolmetadatasize.",
+        ),
+    ] = None,
     sparse: Annotated[
         bool,
         typer.Option(
@@ -560,6 +569,9 @@ def pool_create(
         "size": parse_size(size, what="--size") if size is not None else None,
         "cache_size": parse_size(cache_size, what="--cache-size") if cache_size else None,
         "sparse": sparse or None,
+        "metadata_size": parse_size(metadata_size, what="--metadata-size")
+        if metadata_size
+        else None,
     }
     pool = _call("pool.create", **args)
     if json_out:

@@ -294,7 +294,7 @@ OPS: dict[str, Op] = {
     "pool.create": _op(
         "pool_create",
         "name",
-        "data cache backend size cache_size journal journal_size journal_mode sparse",
+        "data cache backend size cache_size journal journal_size journal_mode sparse metadata_size",
         "name",
     ),
     "pool.list": _op("pool_list", ro=True),
@@ -372,6 +372,7 @@ _CHECKS: dict[str, Check] = {
     "chap": _chap,
     "cow_size": _size,
     "sparse": _bool,
+    "metadata_size": _size,
     "cow_autoextend_threshold": _percent,
     "cow_autoextend_percent": _percent,
 }

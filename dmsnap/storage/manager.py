@@ -51,7 +51,7 @@ from dmsnap.storage.exports import ExportsMixin, export_paths, snapshot_rights  
 # export_paths, snapshot_rights: moved to exports.py, still importable from here
 from dmsnap.storage.identity import PoolDisks
 from dmsnap.storage.layers import SECTOR, Layer, ensure
-from dmsnap.storage.thin import ThinBackend
+from dmsnap.storage.thin import ThinBackend, check_metadata_size
 
 log = logging.getLogger("dmsnap.storage")
 
@@ -666,8 +666,11 @@ class Manager(ExportsMixin):
         journal_size: int | None = None,
         journal_mode: str = "nv",
         sparse: bool = False,
+        metadata_size: int | None = None,
     ) -> Json:
-        """``sparse``: create an embedded pool's loop files even if the host
+        """``metadata_size``: a thin pool's metadata device (default: sized
+        from the pool, ~64 bytes per 64 KiB block, at least 8 MiB).
+        ``sparse``: create an embedded pool's loop files even if the host
         file system cannot hold them (they are sparse either way; the journal
         file is always reserved)."""
         names.check_name("pool", name)
@@ -686,6 +689,10 @@ class Manager(ExportsMixin):
             raise E.InvalidArgument("--journal-size is for an embedded or RAM journal")
         if journal_mode == "none" and journal_size is not None:
             raise E.InvalidArgument("--journal-size needs a journal (mode nv or ram)")
+        if metadata_size is not None:
+            if backend != "thin":
+                raise E.InvalidArgument("--metadata-size is for thin pools")
+            check_metadata_size(metadata_size)
         jsize = journal_size or DEFAULT_JOURNAL_SIZE
         if journal_mode != "none" and journal is None and jsize < MIN_JOURNAL_SIZE:
             raise E.InvalidArgument(f"a journal needs at least {MIN_JOURNAL_SIZE // MiB}M")
@@ -733,7 +740,10 @@ class Manager(ExportsMixin):
         if cache_bytes is not None and cache_bytes < 4 * MiB:
             raise E.InvalidArgument("a writecache device needs at least 4M")
         data_bytes = data_bytes // MiB * MiB
-        layout = BACKENDS[backend].plan_layout(data_bytes // SECTOR)  # type: ignore[attr-defined]
+        if metadata_size is not None:
+            layout = ThinBackend.plan_layout(data_bytes // SECTOR, metadata_size)
+        else:
+            layout = BACKENDS[backend].plan_layout(data_bytes // SECTOR)  # type: ignore[attr-defined]
         layout["journal"] = {
             "mode": journal_mode,
             "path": None

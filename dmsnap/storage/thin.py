@@ -18,7 +18,7 @@ from dmsnap.dm import DmError
 from dmsnap.dm import status as st
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
-from dmsnap.errors import Busy, NoSpace
+from dmsnap.errors import Busy, InvalidArgument, NoSpace
 from dmsnap.storage.backend import Backend, planned_dev_ids
 from dmsnap.storage.catalog import Snapshot, Volume
 from dmsnap.storage.layers import SECTOR, Layer, ensure
@@ -31,13 +31,30 @@ MAX_DEV_ID = (1 << 24) - 1
 FULL_FRACTION = 0.95
 
 
+# An administrator's --metadata-size: LVM's bounds for --poolmetadatasize
+# (2 MiB; dm-thin uses at most ~15.9 GiB of a metadata device).
+MIN_METADATA = 2 * MiB
+MAX_METADATA = 15 * 1024 * MiB
+
+
 def metadata_sectors(base_sectors: int) -> int:
     """Room for the mapping btrees: ~64 bytes per data block, at least 8 MiB,
     at most the kernel's limit (~16 GiB), rounded to MiB."""
     blocks = base_sectors // BLOCK_SECTORS
     size = max(8 * MiB, blocks * 64)
-    size = min(size, 15 * 1024 * MiB)
+    size = min(size, MAX_METADATA)
     return (size + MiB - 1) // MiB * (MiB // SECTOR)
+
+
+def check_metadata_size(size: int) -> None:
+    """A metadata size the administrator asked for: whole MiB, within LVM's
+    bounds (the layout is in MiB; dm-thin cannot use more)."""
+    if size % MiB:
+        raise InvalidArgument(f"--metadata-size {size} is not a whole number of MiB")
+    if not MIN_METADATA <= size <= MAX_METADATA:
+        raise InvalidArgument(
+            f"--metadata-size must be {MIN_METADATA // MiB}M to {MAX_METADATA // MiB // 1024}G"
+        )
 
 
 class ThinBackend(Backend):
@@ -54,10 +71,20 @@ class ThinBackend(Backend):
         return int(self.pool.config["data_sectors"])
 
     @staticmethod
-    def plan_layout(base_sectors: int) -> dict[str, int]:
-        meta = metadata_sectors(base_sectors)
+    def plan_layout(base_sectors: int, metadata_size: int | None = None) -> dict[str, int]:
+        """``metadata_size``: the administrator's (checked), else sized from the pool."""
+        if metadata_size is not None:
+            check_metadata_size(metadata_size)
+            meta = metadata_size // SECTOR
+        else:
+            meta = metadata_sectors(base_sectors)
         data = (base_sectors - meta) // BLOCK_SECTORS * BLOCK_SECTORS
         if data < 16 * BLOCK_SECTORS:
+            if metadata_size is not None:
+                raise InvalidArgument(
+                    f"--metadata-size {metadata_size // MiB}M leaves too little of the pool's "
+                    f"{base_sectors * SECTOR // MiB} MiB for data"
+                )
             raise NoSpace(f"{base_sectors * SECTOR // MiB} MiB is too small for a thin pool")
         return {"meta_sectors": meta, "data_sectors": data, "block_sectors": BLOCK_SECTORS}
 
