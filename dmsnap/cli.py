@@ -616,6 +616,7 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
         ("free", _size(free)),
         ("data used", _pct(p.get("data_used_fraction"))),
         ("metadata used", _pct(p.get("metadata_used_fraction"))),
+        ("metadata size", _size(p.get("metadata_size"))),
         ("writecache", _writecache(p.get("writecache"))),
         ("journal", _journal_text(p.get("journal"))),
         ("host fs", _host_fs_text(p.get("host_fs"))),
@@ -625,8 +626,8 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
     ]
     shown = {
         "name", "backend", "embedded", "size", "used", "used_bytes", "free", "free_bytes",
-        "data_used_fraction", "metadata_used_fraction", "writecache", "volumes", "snapshots",
-        "health", "devices", "journal", "host_fs",
+        "data_used_fraction", "metadata_used_fraction", "metadata_size", "writecache", "volumes",
+        "snapshots", "health", "devices", "journal", "host_fs",
     }  # fmt: skip
     rows += _extra(p, shown)
     print_kv(rows)
@@ -709,6 +710,28 @@ def pool_set(
     typer.echo(
         f"pool {name}: COW autoextend at {pol.get('threshold')}% full by {pol.get('percent')}%"
     )
+
+
+@pool_app.command("extend-metadata")
+def pool_extend_metadata(
+    name: PoolArg,
+    size: Annotated[
+        str,
+        typer.Option("--size", metavar="SIZE", help="How much metadata to add, e.g. 64M."),
+    ],
+    json_out: JsonOpt = False,
+) -> None:
+    """Give a thin pool more metadata (a reserved file in the state
+    directory); a pool out of metadata space takes writes again."""
+    p = _call(
+        "pool.extend_metadata",
+        name=_name("pool", name),
+        size=parse_size(size, what="--size"),
+    )
+    if json_out:
+        print_json(p)
+        return
+    typer.echo(f"pool {name}: thin metadata now {_size(p.get('metadata_size'))}")
 
 
 def _host_fs_text(h: Any) -> str | None:

@@ -300,6 +300,7 @@ OPS: dict[str, Op] = {
     "pool.list": _op("pool_list", ro=True),
     "pool.show": _op("pool_show", "name", req="name", ro=True),
     "pool.set": _op("pool_set", "name", "cow_autoextend_threshold cow_autoextend_percent", "name"),
+    "pool.extend_metadata": _op("pool_extend_metadata", "name size", req="name size"),
     "pool.destroy": _op("pool_destroy", "name", "force", "name"),
     "pool.repair": _op("pool_repair", "name discard_after", req="name discard_after"),
     "volume.create": _op("volume_create", "pool vol size", req="pool vol size"),

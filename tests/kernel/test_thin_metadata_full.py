@@ -45,8 +45,8 @@ from dmsnap.storage.manager import Manager
 MiB = 1 << 20
 KiB = 1 << 10
 BLOCK = 64 * KiB  # the pool's thin block
-VOL = 256 * MiB
-STRIDE = 4 * MiB  # scattered writes: one per few btree leaves
+VOL = 512 * MiB  # 8192 mappings: a round copies more leaves than 5 % of the metadata
+STRIDE = 4 * MiB  # scattered writes: one or two per btree leaf
 PROMPT = 1.0  # seconds: "at once"
 
 
@@ -95,7 +95,7 @@ def full(tmp_path_factory) -> Iterator[Full]:
     state = str(tmp_path_factory.mktemp("metafull") / "state")
     f = Full(Manager(state), state)
     try:
-        f.m.pool_create("m", size=512 * MiB, journal_size=16 * MiB, metadata_size=2 * MiB)
+        f.m.pool_create("m", size=1024 * MiB, journal_size=16 * MiB, metadata_size=2 * MiB)
         f.m.volume_create("m", "v", VOL)
         # Map every block of v with 4 KiB (dm-thin zeroes the rest of each
         # block): many mappings, little data.
@@ -123,6 +123,7 @@ def full(tmp_path_factory) -> Iterator[Full]:
             if 0.8 <= frac < 0.95 and f.warned_at_80 is None:
                 f.warned_at_80 = f.m.pool_show("m")["health"]
         f.rounds = gen
+        time.sleep(1)  # the journal's look at the pool (every 0.25 s)
         s = f.status()
         assert s.mode == "ro", f"metadata never filled in {gen} rounds: {s}"
         assert s.used_metadata_blocks == s.total_metadata_blocks, s
@@ -170,7 +171,7 @@ def test_snapshot_create_is_refused_in_one_line(full: Full) -> None:
     with pytest.raises(E.NoSpace) as exc:
         full.m.snapshot_create([("m", "v")], "after-full")
     msg = str(exc.value)
-    assert "out of metadata space" in msg and "\n" not in msg, msg
+    assert "out of thin metadata space" in msg and "\n" not in msg, msg
     assert full.m.snapshot_list("m", "v") == before
 
 
