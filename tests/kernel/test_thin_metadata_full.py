@@ -1,11 +1,14 @@
 """A thin pool whose *metadata* device fills (issue 17, item 6).
 
 The pool is made with 2 MiB of metadata (`--metadata-size`), a volume is
-mapped block by block, then rounds of a snapshot and scattered 4 KiB writes
-(each first write to a btree leaf after a snapshot copies the leaf) until
-dm-thin has no free metadata block and switches the pool to
-out-of-metadata-space mode (status `ro`). dmsnap refuses snapshots from 95 %
-metadata use on, so the last rounds are writes only.
+mapped block by block (4 KiB each: dm-thin zeroes the rest), then rounds of
+a snapshot and scattered 4 KiB writes (each first write to a btree leaf
+after a snapshot copies the leaf) until dm-thin has no free metadata block
+and switches the pool to out-of-metadata-space mode (status `ro`). dmsnap
+refuses snapshots from 95 % metadata use on, so the last rounds are writes
+only: each round writes to a quarter of the leaves, so after the last
+snapshot the other leaves are still there to be copied (more than the 5 %
+of the metadata that is left).
 
 What a storage administrator is promised then, each pinned below:
 
@@ -45,8 +48,9 @@ from dmsnap.storage.manager import Manager
 MiB = 1 << 20
 KiB = 1 << 10
 BLOCK = 64 * KiB  # the pool's thin block
-VOL = 512 * MiB  # 8192 mappings: a round copies more leaves than 5 % of the metadata
-STRIDE = 4 * MiB  # scattered writes: one or two per btree leaf
+VOL = 768 * MiB  # 12288 mappings: ~48 btree leaves of ~250 mappings (~16 MiB) each
+LEAF = 16 * MiB
+STRIDE = 4 * LEAF  # a round writes to every 4th leaf, the next round to the next ones
 PROMPT = 1.0  # seconds: "at once"
 
 
@@ -99,16 +103,18 @@ def full(tmp_path_factory) -> Iterator[Full]:
         f.m.volume_create("m", "v", VOL)
         # Map every block of v with 4 KiB (dm-thin zeroes the rest of each
         # block): many mappings, little data.
+        t0 = time.monotonic()
         for off in range(0, VOL, BLOCK):
             f.write(off, 0)
         _settle(f)
+        print(f"\nmapped {VOL // BLOCK} blocks in {time.monotonic() - t0:.0f} s: {f.status()}")
         gen = 0
-        while f.status().mode == "rw" and gen < 60:
+        while f.status().mode == "rw" and gen < 100:
             gen += 1
             # refused from 95 % metadata use on; writes alone fill the rest
             with contextlib.suppress(E.NoSpace):
                 f.m.snapshot_create([("m", "v")], f"s{gen}", wait=True)
-            shift = (gen * 5 % 16) * BLOCK
+            shift = (gen % 4) * LEAF + (gen * 5 % 64) * BLOCK
             for off in range(shift, VOL, STRIDE):
                 try:
                     f.write(off, gen)
