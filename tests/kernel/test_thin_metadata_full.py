@@ -99,7 +99,9 @@ def full(tmp_path_factory) -> Iterator[Full]:
     state = str(tmp_path_factory.mktemp("metafull") / "state")
     f = Full(Manager(state), state)
     try:
-        f.m.pool_create("m", size=1024 * MiB, journal_size=16 * MiB, metadata_size=2 * MiB)
+        f.m.pool_create(
+            "m", size=1024 * MiB, journal_size=16 * MiB, metadata_size=2 * MiB, sparse=True
+        )
         f.m.volume_create("m", "v", VOL)
         # Map every block of v with 4 KiB (dm-thin zeroes the rest of each
         # block): many mappings, little data.
