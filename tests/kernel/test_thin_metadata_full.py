@@ -99,6 +99,8 @@ def full(tmp_path_factory) -> Iterator[Full]:
     state = str(tmp_path_factory.mktemp("metafull") / "state")
     f = Full(Manager(state), state)
     try:
+        # sparse: the guest's /tmp is smaller than the pool, which stays
+        # mostly holes (4 KiB written per 64 KiB block)
         f.m.pool_create(
             "m", size=1024 * MiB, journal_size=16 * MiB, metadata_size=2 * MiB, sparse=True
         )
