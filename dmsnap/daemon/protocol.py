@@ -294,12 +294,15 @@ OPS: dict[str, Op] = {
     "pool.create": _op(
         "pool_create",
         "name",
-        "data cache backend size cache_size journal journal_size journal_mode sparse metadata_size",
+        "data cache backend size cache_size journal journal_size journal_mode journal_memory "
+        "sparse metadata_size",
         "name",
     ),
     "pool.list": _op("pool_list", ro=True),
     "pool.show": _op("pool_show", "name", req="name", ro=True),
-    "pool.set": _op("pool_set", "name", "cow_autoextend_threshold cow_autoextend_percent", "name"),
+    "pool.set": _op(
+        "pool_set", "name", "cow_autoextend_threshold cow_autoextend_percent journal_memory", "name"
+    ),
     "pool.extend_metadata": _op("pool_extend_metadata", "name size", req="name size"),
     "pool.destroy": _op("pool_destroy", "name", "force", "name"),
     "pool.repair": _op("pool_repair", "name discard_after", req="name discard_after"),
@@ -354,6 +357,7 @@ _CHECKS: dict[str, Check] = {
     "token": _token,
     "journal": _device,
     "journal_size": _size,
+    "journal_memory": _size,
     "journal_mode": _journal_mode,
     "wait": _bool,
     "timeout": _seconds,

@@ -70,6 +70,19 @@ NV_STOP_STALL_S = 10.0
 BACKENDS: dict[str, type[Backend]] = {"thin": ThinBackend, "classic": ClassicBackend}
 
 
+def _check_journal_memory(memory: int | None, mode: str) -> None:
+    """A journal memory setting is for an NV journal (a RAM journal's memory
+    is its size) and holds at least two of the largest writes."""
+    if memory is None:
+        return
+    if mode != "nv":
+        raise E.InvalidArgument(
+            "--journal-memory is for an NV journal (a RAM journal's memory is --journal-size)"
+        )
+    if memory < Journal.MEM_MIN:
+        raise E.InvalidArgument(f"--journal-memory must be at least {Journal.MEM_MIN // MiB}M")
+
+
 def _check_free_device(path: str, what: str) -> tuple[str, int]:
     """A device given by the administrator: must exist, be a block device, and
     not be in use (O_EXCL fails while mounted or held by another device)."""
@@ -370,7 +383,7 @@ class Manager(ExportsMixin):
             jpath = self._disks.hold_journal(pool, cfg["path"])
         try:
             if mode == "nv":
-                j = Journal.open(jpath, mode="nv")
+                j = Journal.open(jpath, mode="nv", mem_limit=cfg.get("memory") or 0)
             else:
                 j = Journal.open(None, mode="ram", ram_size=cfg["size"])
         except JournalCorrupt as e:
@@ -688,6 +701,7 @@ class Manager(ExportsMixin):
         journal: str | None = None,
         journal_size: int | None = None,
         journal_mode: str = "nv",
+        journal_memory: int | None = None,
         sparse: bool = False,
         metadata_size: int | None = None,
     ) -> Json:
@@ -695,7 +709,8 @@ class Manager(ExportsMixin):
         from the pool, ~64 bytes per 64 KiB block, at least 8 MiB).
         ``sparse``: create an embedded pool's loop files even if the host
         file system cannot hold them (they are sparse either way; the journal
-        file is always reserved)."""
+        file is always reserved). ``journal_memory``: RAM an NV journal's
+        unflushed records may take (default ``Journal.MEM_DEFAULT``)."""
         names.check_name("pool", name)
         data, cache, journal = (devices.resolve(d) if d else d for d in (data, cache, journal))
         if backend not in BACKENDS:
@@ -716,6 +731,7 @@ class Manager(ExportsMixin):
             if backend != "thin":
                 raise E.InvalidArgument("--metadata-size is for thin pools")
             check_metadata_size(metadata_size)
+        _check_journal_memory(journal_memory, journal_mode)
         jsize = journal_size or DEFAULT_JOURNAL_SIZE
         if journal_mode != "none" and journal is None and jsize < MIN_JOURNAL_SIZE:
             raise E.InvalidArgument(f"a journal needs at least {MIN_JOURNAL_SIZE // MiB}M")
@@ -775,6 +791,8 @@ class Manager(ExportsMixin):
             "size": 0 if journal_mode == "none" else jsize,
             "embedded": journal is None and journal_mode == "nv",
         }
+        if journal_memory is not None:
+            layout["journal"]["memory"] = journal_memory
         labelled = {r: p for r, p in external.items() if p is not None}
         if labelled:
             layout["labels"] = {
@@ -843,8 +861,10 @@ class Manager(ExportsMixin):
         *,
         cow_autoextend_threshold: int | None = None,
         cow_autoextend_percent: int | None = None,
+        journal_memory: int | None = None,
     ) -> Json:
-        """Change a pool's policy: classic COW autoextend (threshold 100: off)."""
+        """Change a pool's policy: classic COW autoextend (threshold 100: off);
+        the RAM its NV journal's unflushed records may take, at once."""
         p = self.catalog.pool(names.check_name("pool", name))
         changes = {
             k: v
@@ -854,9 +874,11 @@ class Manager(ExportsMixin):
             )
             if v is not None
         }
-        if not changes:
+        if not changes and journal_memory is None:
             raise E.InvalidArgument("nothing to set")
-        if p.backend != "classic":
+        if journal_memory is not None:
+            _check_journal_memory(journal_memory, journal_mode(p))
+        if changes and p.backend != "classic":
             raise E.InvalidArgument(f"pool {name} is thin: COW autoextend is for classic pools")
         t = changes.get("cow_autoextend_threshold")
         if t is not None and not 50 <= t <= 100:
@@ -864,7 +886,14 @@ class Manager(ExportsMixin):
         pc = changes.get("cow_autoextend_percent")
         if pc is not None and not 1 <= pc <= 1000:
             raise E.InvalidArgument("--cow-autoextend-percent is 1 to 1000")
-        self.catalog.update_pool(p.id, config={**p.config, **changes})
+        config = {**p.config, **changes}
+        if journal_memory is not None:
+            pj = self._journals.get(p.id)
+            if pj is not None:  # a lower limit makes writers wait for the flusher
+                pj.journal.set_mem_limit(journal_memory)
+            config["journal"] = {**p.config["journal"], "memory": journal_memory}
+            changes["journal_memory"] = journal_memory
+        self.catalog.update_pool(p.id, config=config)
         log.info("pool %s: %s", name, ", ".join(f"{k}={v}" for k, v in sorted(changes.items())))
         return self.pool_show(name)
 
@@ -1051,9 +1080,21 @@ class Manager(ExportsMixin):
         if journal_mode(pool) != "none":
             pj = self._journals.get(pool.id)
             jcfg = pool.config["journal"]
-            out["journal"] = {"mode": jcfg["mode"], "path": jcfg.get("path"), "running": False}
+            # the setting (NV): what the live window may take in RAM
+            memory = jcfg.get("memory") or Journal.MEM_DEFAULT if jcfg["mode"] == "nv" else None
+            out["journal"] = {
+                "mode": jcfg["mode"],
+                "path": jcfg.get("path"),
+                "memory": memory,
+                "running": False,
+            }
             if pj is not None:
-                j = out["journal"] = {"path": jcfg.get("path"), "running": True, **status_json(pj)}
+                j = out["journal"] = {
+                    "path": jcfg.get("path"),
+                    "memory": memory,
+                    "running": True,
+                    **status_json(pj),
+                }
                 for key in ("journal_error", "flush_error", "last_marker_error"):
                     if j[key]:
                         out["health"].append(f"journal {key.replace('_', ' ')}: {j[key]}")
