@@ -14,6 +14,7 @@ The export operations (SCSI, through LIO) are in :mod:`dmsnap.storage.exports`.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import mmap
 import os
@@ -51,7 +52,7 @@ from dmsnap.storage.exports import ExportsMixin, export_paths, snapshot_rights  
 # export_paths, snapshot_rights: moved to exports.py, still importable from here
 from dmsnap.storage.identity import PoolDisks
 from dmsnap.storage.layers import SECTOR, Layer, ensure
-from dmsnap.storage.thin import ThinBackend
+from dmsnap.storage.thin import MAX_METADATA, ThinBackend, check_metadata_size
 
 log = logging.getLogger("dmsnap.storage")
 
@@ -191,9 +192,15 @@ class Manager(ExportsMixin):
         d = self._pool_dir(name)
         return os.path.join(d, "data.img"), os.path.join(d, "cache.img")
 
+    def _meta_ext_file(self, name: str, n: int) -> str:
+        """The ``n``-th (from 1) metadata extension of a thin pool."""
+        return os.path.join(self._pool_dir(name), f"metadata-{n}.img")
+
     def _detach_loops(self, name: str) -> None:
-        """Detach the loop devices of an embedded pool's files, if attached."""
-        for f in self._embedded_files(name):
+        """Detach the loop devices of a pool's files (embedded data and
+        cache, metadata extensions), if attached."""
+        exts = sorted(glob.glob(os.path.join(glob.escape(self._pool_dir(name)), "metadata-*.img")))
+        for f in [*self._embedded_files(name), *exts]:
             dev = loop.find(f)
             if dev:
                 loop.detach(dev)
@@ -292,6 +299,11 @@ class Manager(ExportsMixin):
         b = self._backends.get(pool.id)
         if b is None:
             b = BACKENDS[pool.backend](self.dm, self.catalog, pool, self._base(pool))
+            if isinstance(b, ThinBackend):
+                b.meta_ext_devnos = [
+                    self._loop_for(self._meta_ext_file(pool.name, i)).devno
+                    for i in range(1, len(b.meta_ext_sectors) + 1)
+                ]
             for layer in b.pool_layers():
                 ensure(self.dm, layer)
             self._backends[pool.id] = b
@@ -384,8 +396,19 @@ class Manager(ExportsMixin):
             where = cfg.get("path") or "in RAM"
             raise E.Unavailable(f"pool {pool.name}: journal {where}: {e}") from None
         pid = pool.id
+
+        def space_probe() -> str | None:
+            # the marker thread's, without the lock: the backend as assembled
+            b = self._backends.get(pid)
+            return b.no_space_reason() if isinstance(b, ThinBackend) else None
+
         pj = PoolJournal(
-            pool.name, j, mode, lambda mid, req: self._materialize(pid, mid, req), self.lock
+            pool.name,
+            j,
+            mode,
+            lambda mid, req: self._materialize(pid, mid, req),
+            self.lock,
+            space_probe=space_probe,
         )
         vols = {
             v.id: (self._dm_path(pool.name, v.name), v.size)
@@ -713,8 +736,11 @@ class Manager(ExportsMixin):
         journal_mode: str = "nv",
         journal_memory: int | None = None,
         sparse: bool = False,
+        metadata_size: int | None = None,
     ) -> Json:
-        """``sparse``: create an embedded pool's loop files even if the host
+        """``metadata_size``: a thin pool's metadata device (default: sized
+        from the pool, ~64 bytes per 64 KiB block, at least 8 MiB).
+        ``sparse``: create an embedded pool's loop files even if the host
         file system cannot hold them (they are sparse either way; the journal
         file is always reserved). ``journal_memory``: RAM an NV journal's
         unflushed records may take (default ``Journal.MEM_DEFAULT``)."""
@@ -734,6 +760,10 @@ class Manager(ExportsMixin):
             raise E.InvalidArgument("--journal-size is for an embedded or RAM journal")
         if journal_mode == "none" and journal_size is not None:
             raise E.InvalidArgument("--journal-size needs a journal (mode nv or ram)")
+        if metadata_size is not None:
+            if backend != "thin":
+                raise E.InvalidArgument("--metadata-size is for thin pools")
+            check_metadata_size(metadata_size)
         _check_journal_memory(journal_memory, journal_mode)
         jsize = journal_size or DEFAULT_JOURNAL_SIZE
         if journal_mode != "none" and journal is None and jsize < MIN_JOURNAL_SIZE:
@@ -782,7 +812,10 @@ class Manager(ExportsMixin):
         if cache_bytes is not None and cache_bytes < 4 * MiB:
             raise E.InvalidArgument("a writecache device needs at least 4M")
         data_bytes = data_bytes // MiB * MiB
-        layout = BACKENDS[backend].plan_layout(data_bytes // SECTOR)  # type: ignore[attr-defined]
+        if metadata_size is not None:
+            layout = ThinBackend.plan_layout(data_bytes // SECTOR, metadata_size)
+        else:
+            layout = BACKENDS[backend].plan_layout(data_bytes // SECTOR)  # type: ignore[attr-defined]
         layout["journal"] = {
             "mode": journal_mode,
             "path": None
@@ -895,6 +928,70 @@ class Manager(ExportsMixin):
             changes["journal_memory"] = journal_memory
         self.catalog.update_pool(p.id, config=config)
         log.info("pool %s: %s", name, ", ".join(f"{k}={v}" for k, v in sorted(changes.items())))
+        return self.pool_show(name)
+
+    @_user_errors
+    def pool_extend_metadata(self, name: str, size: int) -> Json:
+        """Give a thin pool ``size`` more metadata: a new file in the pool's
+        state directory (reserved, so the host file system cannot fail it),
+        appended to the metadata device. dm-thin grows its metadata when the
+        pool resumes and leaves out-of-metadata-space mode; writes the
+        journal held land, new writes and snapshots are taken again. Works
+        for every thin pool (the data device is used to its end, so the
+        extension cannot go there). A pool whose metadata needs check is
+        refused: dm-thin will not grow it before thin_check/thin_repair."""
+        p, backend = self._pool(names.check_name("pool", name))
+        if not isinstance(backend, ThinBackend):
+            raise E.InvalidArgument(f"pool {name} is {p.backend}: only thin pools have metadata")
+        if size % MiB or size <= 0:
+            raise E.InvalidArgument(f"--size {size} is not a whole, positive number of MiB")
+        total = (backend.meta_sectors + sum(backend.meta_ext_sectors)) * SECTOR + size
+        if total > MAX_METADATA:
+            raise E.InvalidArgument(
+                f"pool {name} would have {total // MiB} MiB of metadata; dm-thin uses at most "
+                f"{MAX_METADATA // MiB} MiB"
+            )
+        s = backend.pool_status()
+        if isinstance(s, st.ThinPoolStatus) and s.needs_check:
+            raise E.Busy(
+                f"pool {name}'s thin metadata needs check: dm-thin does not grow it before "
+                "thin_check/thin_repair (docs/storage.md, 'Thin metadata full')"
+            )
+        n = len(backend.meta_ext_sectors) + 1
+        path = self._meta_ext_file(name, n)
+        os.makedirs(self._pool_dir(name), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+        lo = None
+        try:
+            _reserve(path, size)
+            lo = self._loop_for(path)
+            old = p.config
+            self.catalog.update_pool(
+                p.id, config={**old, "meta_ext": [*backend.meta_ext_sectors, size // SECTOR]}
+            )
+            backend.refresh()
+            try:
+                backend.extend_metadata(lo.devno, size // SECTOR)
+            except BaseException:
+                self.catalog.update_pool(p.id, config=old)
+                backend.refresh()
+                backend.meta_ext_devnos = backend.meta_ext_devnos[:-1]
+                with contextlib.suppress(Exception):
+                    for layer in backend.pool_layers()[:1]:
+                        ensure(self.dm, layer)
+                raise
+        except BaseException:
+            if lo is not None:
+                with contextlib.suppress(Exception):
+                    loop.detach(lo)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        log.info("pool %s: thin metadata extended by %d MiB (%s)", name, size // MiB, path)
+        pj = self._journals.get(p.id)
+        if pj is not None:
+            pj.check_space()  # take writes again now, not at the marker thread's next look
         return self.pool_show(name)
 
     @_locked
