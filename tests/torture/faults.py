@@ -36,7 +36,7 @@ from jmodel import SECTOR, pattern  # noqa: E402
 
 from dmsnap.daemon import protocol as proto  # noqa: E402
 from dmsnap.dm import DeviceMapper  # noqa: E402
-from dmsnap.errors import UserError  # noqa: E402
+from dmsnap.errors import InvalidArgument, Unavailable, UserError  # noqa: E402
 from dmsnap.storage import loop  # noqa: E402
 
 MiB = kl.MiB
@@ -302,15 +302,10 @@ def trial(ctx: Ctx, seed: int, fault: str, device: str) -> str:
         deadline = time.monotonic() + 120
         while True:
             try:
-                got = b"".join(
-                    base64.b64decode(
-                        d.call("volume.read", pool="f", vol="v", offset=o, length=MiB)["content"]  # type: ignore[index]
-                    )
-                    for o in range(0, VOL, MiB)
-                )
+                got = d.read("f", "v", VOL)
                 break
-            except UserError as e:
-                if time.monotonic() > deadline:
+            except (Unavailable, UserError) as e:
+                if isinstance(e, InvalidArgument) or time.monotonic() > deadline:
                     raise kl.Violation(
                         f"pool f unreadable after the device came back: {e}"
                     ) from None

@@ -94,9 +94,7 @@ class Ctx:
         for v, size in (("a", VOL), ("s", VOL), ("r", SMALL), ("e", SMALL)):
             d.call("volume.create", pool=POOL, vol=v, size=size)
         d.call("export.create", pool=POOL, vol="s", kind="local")
-        self.disk = os.path.realpath(f"/dev/dmsnap/{POOL}/s")
-        if not self.disk.startswith("/dev/sd"):
-            raise kl.Violation(f"the local export of {POOL}/s is not a SCSI disk: {self.disk}")
+        self.disk = scsi_disk("s")
         base = {v: bytearray(n) for v, n in (("a", VOL), ("s", VOL), ("r", SMALL), ("e", SMALL))}
         e = pattern(1, SMALL)
         write(d, "e", 0, e)
@@ -134,22 +132,22 @@ class Ctx:
         self.d.stop(teardown=True)
 
 
-def write(d: kl.Daemon, vol: str, off: int, data: bytes) -> dict:
-    import base64
+def scsi_disk(vol: str, timeout: float = 60) -> str:
+    """The /dev/sdX a local export of ``vol`` made (udev links it)."""
+    deadline = time.monotonic() + timeout
+    while not (disk := os.path.realpath(f"/dev/dmsnap/{POOL}/{vol}")).startswith("/dev/sd"):
+        if time.monotonic() > deadline:
+            raise kl.Violation(f"the local export of {POOL}/{vol} is not a SCSI disk: {disk}")
+        time.sleep(0.2)
+    return disk
 
-    return d.call(  # type: ignore[return-value]
-        "volume.write", pool=POOL, vol=vol, offset=off, content=base64.b64encode(data).decode()
-    )
+
+def write(d: kl.Daemon, vol: str, off: int, data: bytes) -> None:
+    d.write(POOL, vol, off, data)
 
 
 def read(d: kl.Daemon, vol: str, size: int) -> bytes:
-    import base64
-
-    out = b""
-    for off in range(0, size, MiB):
-        r = d.call("volume.read", pool=POOL, vol=vol, offset=off, length=min(MiB, size - off))
-        out += base64.b64decode(r["content"])  # type: ignore[index]
-    return out
+    return d.read(POOL, vol, size)
 
 
 # -- writers ---------------------------------------------------------------------------
@@ -322,6 +320,7 @@ def trial(ctx: Ctx, seed: int, kind: str) -> str:
             def fn():
                 return d.call("snapshot.restore", pool=POOL, vol="r", name=restore[0])
         elif kind == "export":
+            ctx.exported_e = any(e["volume"] == "e" for e in d.call("export.list", pool=POOL))
             if ctx.exported_e:
 
                 def fn():
@@ -358,6 +357,7 @@ def trial(ctx: Ctx, seed: int, kind: str) -> str:
         raise kl.Violation("writers: " + "; ".join(wr.errors[:3]))
     # -- check
     kl.wait_settled(d)
+    kl.wait_markers(d)
     kern = kl.check_kernel(d, ctx.dm, POOL)
     got_a = read(d, "a", VOL)
     kl.compare("volume a (local writer)", got_a, ledger.now("a"))
@@ -404,13 +404,7 @@ def trial(ctx: Ctx, seed: int, kind: str) -> str:
         if ex:
             if not ex[0]["running"]:
                 raise kl.Violation(f"export of e listed but not running: {ex[0]}")
-            disk = os.path.realpath(f"/dev/dmsnap/{POOL}/e")
-            deadline = time.monotonic() + 60
-            while not disk.startswith("/dev/sd"):
-                if time.monotonic() > deadline:
-                    raise kl.Violation(f"export of e running, no SCSI disk: {disk}")
-                time.sleep(0.2)
-                disk = os.path.realpath(f"/dev/dmsnap/{POOL}/e")
+            disk = scsi_disk("e")
             kl.compare("volume e through its disk", read_direct(disk, 0, SMALL), ledger.now("e"))
         ctx.exported_e = bool(ex)
         extra = " exported" if ex else " not exported"

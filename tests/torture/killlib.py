@@ -15,6 +15,7 @@ known again.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -35,6 +36,7 @@ from dmsnap.scsi import lio
 from dmsnap.storage import names
 
 MiB = 1 << 20
+CHUNK = 256 << 10  # volume.read answers at most this much; a write request is < 1 MiB
 DMSNAPD = os.path.join(os.path.dirname(sys.executable), "dmsnapd")
 
 
@@ -110,6 +112,19 @@ class Daemon:
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
+
+    def write(self, pool: str, vol: str, off: int, data: bytes) -> None:
+        for o in range(0, len(data), CHUNK):
+            content = base64.b64encode(data[o : o + CHUNK]).decode()
+            self.call("volume.write", pool=pool, vol=vol, offset=off + o, content=content)
+
+    def read(self, pool: str, vol: str, size: int) -> bytes:
+        out = []
+        for off in range(0, size, CHUNK):
+            n = min(CHUNK, size - off)
+            r = self.call("volume.read", pool=pool, vol=vol, offset=off, length=n)
+            out.append(base64.b64decode(r["content"]))  # type: ignore[index]
+        return b"".join(out)
 
     def db(self) -> sqlite3.Connection:
         """The catalog, read-only (WAL: readers never block the daemon)."""
@@ -295,6 +310,20 @@ def lio_backstores() -> set[str]:
     import glob
 
     return {os.path.basename(p) for p in glob.glob(f"{lio.CONFIGFS}/core/user_*/dmsnap-*")}
+
+
+def wait_markers(d: Daemon, timeout: float = 120) -> None:
+    """No snapshot request left pending: an unacknowledged one whose marker
+    became durable is made by the replay after a restart, later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.closing(d.db()) as db:
+            (n,) = db.execute("SELECT COUNT(*) FROM markers WHERE state = 'pending'").fetchone()
+        if not n:
+            return
+        if time.monotonic() > deadline:
+            raise Violation(f"{n} snapshot request(s) still pending {timeout:.0f}s after start")
+        time.sleep(0.2)
 
 
 def wait_settled(d: Daemon, timeout: float = 120) -> dict:
