@@ -48,7 +48,9 @@ SMALL = 1 * MiB  # r and e
 KINDS = {"snapshot": 3, "inband": 2, "restore": 2, "export": 2, "io": 1, "iscsi": 1}
 # How long after its start an operation may be killed (seconds): a little
 # more than it takes in the emulated VM, so that most kills land inside it.
-SPAN = {"snapshot": 2.5, "inband": 3.0, "restore": 4.0, "export": 5.0, "io": 1.0}
+# Measured there (seed 100): a snapshot request is acknowledged in 60-90 ms
+# (made later by the flusher), a restore 0.6 s, an export 0.9-2.8 s.
+SPAN = {"snapshot": 0.3, "inband": 0.6, "restore": 1.2, "export": 2.0, "io": 1.0}
 ISCSI_IQN = "iqn.2026-11.org.dmsnap.test:torture-kill"
 ISCSI_INITIATOR = "iqn.2026-11.org.dmsnap.test:torture-kill-client"
 PORTAL = "127.0.0.1:3260"
@@ -360,21 +362,25 @@ def trial(ctx: Ctx, seed: int, kind: str) -> str:
     kl.wait_markers(d)
     kern = kl.check_kernel(d, ctx.dm, POOL)
     got_a = read(d, "a", VOL)
-    kl.compare("volume a (local writer)", got_a, ledger.now("a"))
     got_s = read_direct(ctx.disk, 0, VOL)
-    kl.compare("volume s (through its SCSI disk)", got_s, ledger.now("s"))
+    want_a, want_s = ledger.now("a"), ledger.now("s")
+    # what the volumes hold now is the next trial's base, also after a
+    # violation here (the next trials are checked on their own)
+    ledger.settle("a", got_a)
+    ledger.settle("s", got_s)
+    kl.compare("volume a (local writer)", got_a, want_a)
+    kl.compare("volume s (through its SCSI disk)", got_s, want_s)
     if read(d, "s", VOL) != got_s:
         raise kl.Violation("volume s reads differently through dmsnapd and through its disk")
     made = 0
     for p in points:
         made += check_point(ctx, p)
-    if token is not None:
+    if token is not None:  # one request (one token, resent): one marker, made
         with contextlib.closing(d.db()) as db:
-            (n,) = db.execute(
-                "SELECT COUNT(*) FROM snap_groups WHERE token = ?", (token.hex(),)
-            ).fetchone()
-        if n != 1:
-            raise kl.Violation(f"in-band request {token.hex()} made {n} snapshot groups")
+            rows = db.execute("SELECT state FROM markers WHERE token = ?", (token.hex(),))
+            states = [r[0] for r in rows]
+        if states != ["done"]:
+            raise kl.Violation(f"in-band request {token.hex()}: markers {states}")
     with contextlib.closing(d.db()) as db:
         twice = db.execute(
             "SELECT marker, COUNT(*) c FROM snap_groups WHERE marker IS NOT NULL "
@@ -408,8 +414,6 @@ def trial(ctx: Ctx, seed: int, kind: str) -> str:
             kl.compare("volume e through its disk", read_direct(disk, 0, SMALL), ledger.now("e"))
         ctx.exported_e = bool(ex)
         extra = " exported" if ex else " not exported"
-    ledger.settle("a", got_a)
-    ledger.settle("s", got_s)
     acked = sum(1 for ws in ledger.writes.values() for w in ws if w.t1 is not None)
     lost = sum(1 for ws in ledger.writes.values() for w in ws if w.t1 is None)
     return (
