@@ -78,3 +78,17 @@ def test_settle_makes_what_was_read_the_new_base():
     lg.reset()
     img, unk = lg.now("v")
     assert bytes(img) == got and not any(unk)
+
+
+def test_a_point_checked_after_settle_starts_from_the_trials_base():
+    """kill.py settles the volumes (what they hold after the restart) before
+    it checks the trial's snapshots; a snapshot's image must still start
+    from what the volume held when the trial began."""
+    lg = ledger()
+    lg.add(0, w(0, 1, 1.0, 2.0))  # before the snapshot
+    lg.add(0, w(1, 2, 5.0, 6.0))  # after it
+    p = kl.Point("s", ["v"], t_req=3.0, t_ack=4.0)
+    now, _ = lg.now("v")
+    lg.settle("v", bytes(now))
+    img, unk = lg.at("v", p)
+    assert img[S : 2 * S] == bytes(S) and not any(unk)
