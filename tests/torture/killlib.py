@@ -177,6 +177,8 @@ class Ledger:
     unknown: dict[str, bytearray]  # per sector, 1 = unknown
     writes: dict[int, list[Write]] = field(default_factory=dict)  # by writer
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # settled images: the next trial's base (reset), never this trial's
+    settled: dict[str, bytearray] = field(default_factory=dict)
 
     def add(self, writer: int, w: Write) -> None:
         with self.lock:
@@ -220,13 +222,18 @@ class Ledger:
         return self._image(vol, side)
 
     def settle(self, vol: str, got: bytes) -> None:
-        """After a check: what the volume holds now is its known base."""
-        self.base[vol] = bytearray(got)
-        self.unknown[vol] = bytearray(len(got) // SECTOR)
+        """After a check: what the volume holds now is the next trial's
+        known base (from reset on; this trial's points still start from
+        the base it began with)."""
+        self.settled[vol] = bytearray(got)
 
     def reset(self) -> None:
         with self.lock:
             self.writes = {}
+        for vol, img in self.settled.items():
+            self.base[vol] = img
+            self.unknown[vol] = bytearray(len(img) // SECTOR)
+        self.settled = {}
 
 
 def masked(img: bytes | bytearray, unk: bytearray) -> bytes:
