@@ -1128,9 +1128,13 @@ class Manager(ExportsMixin):
                     "running": True,
                     **status_json(pj),
                 }
-                for key in ("journal_error", "flush_error", "last_marker_error"):
+                for key, what in (
+                    ("journal_error", "journal error"),
+                    ("flush_error", "journal flush error"),
+                    ("last_marker_error", "journal last marker error"),
+                ):
                     if j[key]:
-                        out["health"].append(f"journal {key.replace('_', ' ')}: {j[key]}")
+                        out["health"].append(f"{what}: {j[key]}")
                 if j["flusher_waiting_volume"]:
                     out["health"].append(
                         f"journal flusher waits for volume id {j['flusher_waiting_volume']}"

@@ -13,8 +13,9 @@ import threading
 import time
 from base64 import b64encode
 
+from faultdev import FaultDevice
 from test_cli_e2e import Daemon
-from test_journal_errors import Flakey, wait_for
+from test_journal_errors import wait_for
 
 from dmsnap import client
 from dmsnap import errors as E
@@ -23,7 +24,7 @@ MiB = 1 << 20
 
 
 def test_waiting_snapshot_blocks_no_other_control_operation(tmp_path, dm, loopdev):
-    fl = Flakey(dm, loopdev(192 * MiB), "dmsnap-test-stall")
+    fl = FaultDevice(dm, "dmsnap-test-stall", loopdev(192 * MiB))
     d = Daemon(tmp_path)
     d.start()
     waiter: threading.Thread | None = None

@@ -9,8 +9,9 @@ deleted volume's data into it: one tenant's data on another's disk.
 from __future__ import annotations
 
 import pytest
+from faultdev import FaultDevice
 from jmodel import pattern, read_direct
-from test_journal_errors import Flakey, wait_for
+from test_journal_errors import wait_for
 from test_storage import write
 
 from dmsnap import errors as E
@@ -20,7 +21,7 @@ MiB = 1 << 20
 
 
 def test_deleted_volume_records_never_reach_its_successor(tmp_path, dm, loopdev):
-    fl = Flakey(dm, loopdev(192 * MiB), "dmsnap-test-idreuse")
+    fl = FaultDevice(dm, "dmsnap-test-idreuse", loopdev(192 * MiB))
     state = str(tmp_path / "state")
     m = Manager(state)
     try:

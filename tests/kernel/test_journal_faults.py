@@ -29,6 +29,7 @@ import threading
 import time
 
 import pytest
+from faultdev import FaultDevice, cut_power, remove_pool_stack, sectors_of
 from jmodel import (
     LOG_END_MARK,
     LogWritesLog,
@@ -40,7 +41,7 @@ from jmodel import (
 )
 from test_journal import run_writers, wait_done
 
-from dmsnap.dm import DmError, Role, make_uuid
+from dmsnap.dm import Role, make_uuid
 from dmsnap.dm import status as st
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
@@ -51,37 +52,6 @@ VOL = 8 * MiB
 SECTOR = 512
 HERE = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-
-
-def _sectors(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END) // SECTOR
-    finally:
-        os.close(fd)
-
-
-def remove_pool_stack(dm, pool: str) -> list[str]:
-    """Remove every dm device of ``pool`` (names ``dmsnap-POOL-*``), top-down:
-    repeatedly the ones nothing holds open. Returns the names removed."""
-    prefix = f"dmsnap-{pool}-"
-    left = {e.name for e in dm.list_devices() if e.name.startswith(prefix)}
-    removed = []
-    while left:
-        progress = False
-        for name in sorted(left):
-            try:
-                if dm.info(name).open_count:
-                    continue
-                dm.remove(name)
-            except DmError as e:
-                if not e.not_found:
-                    raise
-            left.discard(name)
-            removed.append(name)
-            progress = True
-        assert progress, f"devices still held open: {sorted(left)}"
-    return removed
 
 
 # -- dm-flakey power cuts ----------------------------------------------------------------
@@ -143,49 +113,6 @@ for k in range(max_snaps):
 while True:
     time.sleep(1)
 """
-
-
-class Flakey:
-    """A dm-flakey device over ``dev`` that passes everything through until
-    :meth:`cut`, then silently drops every write (reads still work)."""
-
-    def __init__(self, dm, name: str, dev) -> None:
-        self.dm, self.name = dm, name
-        n = _sectors(dev.path)
-        # up_interval 1 / down_interval 0: always up; 0 / 1: always down.
-        self.up = Table.single(n, t.Flakey(dev.devno, 0, 1, 0))
-        self.down = Table.single(n, t.Flakey(dev.devno, 0, 0, 1, drop_writes=True))
-        dm.create(name, make_uuid(Role.TEST, name), self.up)
-
-    @property
-    def path(self) -> str:
-        return f"/dev/mapper/{self.name}"
-
-    def switch(self, table: Table) -> None:
-        self.dm.load(self.name, table)
-        self.dm.suspend(self.name, lockfs=False)
-        self.dm.resume(self.name)
-
-    def remove(self) -> None:
-        with contextlib.suppress(DmError):
-            if self.dm.exists(self.name):
-                self.dm.remove(self.name)
-
-
-def cut_power(dm, devices: list[Flakey]) -> None:
-    """Both devices start dropping writes at one instant: suspend them all
-    (new writes queue; data first, so the flusher cannot complete a write
-    whose record the journal then checkpoints), then resume them all with
-    drop_writes (the queued writes are dropped too)."""
-    for d in devices:
-        dm.load(d.name, d.down)
-    for d in devices:
-        dm.suspend(d.name, lockfs=False)
-    for d in devices:
-        dm.resume(d.name)
-    for d in devices:
-        tbl = dm.table(d.name)
-        assert tbl == d.down, f"{d.name} is not dropping writes: {tbl}"
 
 
 class Events:
@@ -291,11 +218,11 @@ def test_power_cut_of_journal_and_data_devices_loses_nothing_acknowledged(
     span = VOL if backend == "thin" else 2 * MiB
     max_snaps = 10 if backend == "thin" else 6
     data_lo, journal_lo = loopdev(128 * MiB), loopdev(16 * MiB)
-    flakeys: list[Flakey] = []
+    flakeys: list[FaultDevice] = []
     m: Manager | None = None
     try:
-        flakeys.append(Flakey(dm, "jfault-data", data_lo))
-        flakeys.append(Flakey(dm, "jfault-journal", journal_lo))
+        flakeys.append(FaultDevice(dm, "jfault-data", data_lo))
+        flakeys.append(FaultDevice(dm, "jfault-journal", journal_lo))
         data, journal = flakeys
         first = Manager(state)
         try:
@@ -414,7 +341,7 @@ def test_log_writes_replayed_to_each_snapshot_mark_equals_the_model(dm, loopdev,
     pool = "lw"
     data_lo, log_lo = loopdev(128 * MiB), loopdev(256 * MiB)
     lw_name = "jfault-logwrites"
-    n = _sectors(data_lo.path)
+    n = sectors_of(data_lo.path)
     dm.create(
         lw_name,
         make_uuid(Role.TEST, lw_name),
