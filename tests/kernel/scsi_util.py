@@ -117,35 +117,6 @@ def parse_cunit(text: str) -> tuple[dict[tuple[str, str], CuTest], tuple[int, ..
     return tests, summary
 
 
-def libiscsi_catalogue(families: list[str]) -> dict[str, list[str]]:
-    """``iscsi-test-cu --list``: the tests of each FAMILY.SUITE asked for."""
-    out = run("iscsi-test-cu", "--list").stdout.split()
-    want = {f: [] for f in families}
-    for name in out:
-        parts = name.split(".")
-        if len(parts) == 3 and f"{parts[0]}.{parts[1]}" in want:
-            want[f"{parts[0]}.{parts[1]}"].append(parts[2])
-    return want
-
-
-def run_libiscsi(
-    url: str, families: list[str], initiator: str, timeout: float = 300
-) -> tuple[dict[tuple[str, str], CuTest], tuple[int, ...] | None, str]:
-    r = run(
-        "iscsi-test-cu",
-        "--dataloss",
-        "-i",
-        initiator,
-        "-t",
-        ",".join(families),
-        url,
-        timeout=timeout,
-        ok=(0, 1),  # 1: some test failed (judged per test by the caller)
-    )
-    tests, summary = parse_cunit(r.stdout)
-    return tests, summary, r.stdout
-
-
 # -- open-iscsi ----------------------------------------------------------------------
 
 
