@@ -14,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -115,6 +115,27 @@ def parse_cunit(text: str) -> tuple[dict[tuple[str, str], CuTest], tuple[int, ..
             skips = [x.split("[SKIPPED]", 1)[1].strip() for x in t.log if "[SKIPPED]" in x]
             t.outcome, t.why = ("skipped", skips[0]) if skips else ("passed", "")
     return tests, summary
+
+
+def compare_to_reference(
+    tests: dict[tuple[str, str], tuple[CuTest, CuTest]], known: Collection[tuple[str, str]]
+) -> tuple[list[str], list[str]]:
+    """(suite, test) -> (its result on the target, on the reference target):
+    the defects (the target fails, or does not finish, a test the reference
+    passes or skips; or skips one the reference passes: a command it does not
+    offer) not in ``known``, and the ``known`` entries the target passes now."""
+    defects, stale = [], []
+    for (suite, name), (d, ref) in sorted(tests.items()):
+        failed = d.outcome not in ("passed", "skipped")
+        bad = (failed and ref.outcome in ("passed", "skipped")) or (
+            d.outcome == "skipped" and ref.outcome == "passed"
+        )
+        if (suite, name) in known:
+            if d.outcome == "passed":  # fixed: the entry must go
+                stale.append(f"{suite}.{name}: listed as known, but it passes now")
+        elif bad:
+            defects.append(f"{suite}.{name}: {d.outcome} ({d.why}); reference {ref.outcome}")
+    return defects, stale
 
 
 # -- open-iscsi ----------------------------------------------------------------------

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from scsi_util import CuTest, MiB, parse_cunit, run
+from scsi_util import CuTest, MiB, compare_to_reference, parse_cunit, run
 
 from dmsnap.scsi import lio
 from dmsnap.storage.manager import Manager
@@ -243,18 +243,9 @@ def test_family(targets, family):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / f"{family}.json").write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: record[k] for k in ("seconds", "counts")}))
-    defects, stale = [], []
-    for name in CATALOGUE[family]:
-        d, i = res["dmsnap"][(suite, name)], res["iblock"][(suite, name)]
-        failed = d.outcome not in ("passed", "skipped")
-        # libiscsi skips what the LUN says it lacks: a skip where iblock
-        # passes is a command dmsnap does not offer, which needs its reason too
-        bad = (failed and i.outcome in ("passed", "skipped")) or (
-            d.outcome == "skipped" and i.outcome == "passed"
-        )
-        if (suite, name) in KNOWN:
-            if d.outcome == "passed":  # fixed: the entry must go
-                stale.append(f"{suite}.{name}: KNOWN has it, but dmsnap passes it now")
-        elif bad:
-            defects.append(f"{suite}.{name}: dmsnap {d.outcome} ({d.why}); iblock {i.outcome}")
+    pairs = {
+        (suite, n): (res["dmsnap"][(suite, n)], res["iblock"][(suite, n)])
+        for n in CATALOGUE[family]
+    }
+    defects, stale = compare_to_reference(pairs, KNOWN)
     assert not defects and not stale, "\n".join(defects + stale) + "\n" + outs["dmsnap"][-6000:]
