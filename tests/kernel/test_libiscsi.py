@@ -9,7 +9,7 @@ dmsnap (a command dmsnap does not offer) where iblock passes it, is a defect
 unless KNOWN lists it with its reason (README's table says the same). A
 KNOWN entry dmsnap now passes fails too, so the table stays true.
 
-The kernel suite runs the CORE families (about 3 minutes in the emulated
+The kernel suite runs the CORE families (about 4 minutes in the emulated
 VM). ``DMSNAP_LIBISCSI=all`` runs every family; ``DMSNAP_LIBISCSI_CHUNK=i/n``
 then keeps the i-th of n round-robin shares of them (a VM run stays under
 15 minutes); tools/libiscsi-conformance runs all the shares, one boot each,
