@@ -30,7 +30,7 @@ lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	@if command -v shellcheck >/dev/null; then \
-		shellcheck tools/setup tools/vm tools/vm-guest-init tools/run-tests tools/torture .ci/run vagrant/provision.sh bench/read_engines.sh bench/run; \
+		shellcheck tools/setup tools/vm tools/vm-guest-init tools/run-tests tools/torture tools/libiscsi-conformance .ci/run vagrant/provision.sh bench/read_engines.sh bench/run; \
 	else echo "shellcheck not installed; skipped"; fi
 
 # Benchmarks need the kernel too, so they run through tools/vm: all three

@@ -112,10 +112,15 @@ class BlockBackstore:
     wwn: str  # T10 unit serial
 
 
-def create_iblock(name: str, dev: str, wwn: str) -> BlockBackstore:
+def create_iblock(name: str, dev: str, wwn: str, *, thin: bool = False) -> BlockBackstore:
+    """``thin``: LIO advertises logical block provisioning (UNMAP, WRITE
+    SAME with UNMAP) for a device that discards, as a dmsnap export does."""
     rts = _rtslib()
     # LIO opens the device O_EXCL; a journal's plain opens of it still work
     so = rts.BlockStorageObject(name, dev=dev, wwn=wwn)
+    if thin:
+        so.set_attribute("emulate_tpu", "1")
+        so.set_attribute("emulate_tpws", "1")
     hba = int(os.path.basename(os.path.dirname(so.path)).removeprefix("iblock_"))
     return BlockBackstore(name, hba, dev, wwn)
 

@@ -14,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -117,33 +117,25 @@ def parse_cunit(text: str) -> tuple[dict[tuple[str, str], CuTest], tuple[int, ..
     return tests, summary
 
 
-def libiscsi_catalogue(families: list[str]) -> dict[str, list[str]]:
-    """``iscsi-test-cu --list``: the tests of each FAMILY.SUITE asked for."""
-    out = run("iscsi-test-cu", "--list").stdout.split()
-    want = {f: [] for f in families}
-    for name in out:
-        parts = name.split(".")
-        if len(parts) == 3 and f"{parts[0]}.{parts[1]}" in want:
-            want[f"{parts[0]}.{parts[1]}"].append(parts[2])
-    return want
-
-
-def run_libiscsi(
-    url: str, families: list[str], initiator: str, timeout: float = 300
-) -> tuple[dict[tuple[str, str], CuTest], tuple[int, ...] | None, str]:
-    r = run(
-        "iscsi-test-cu",
-        "--dataloss",
-        "-i",
-        initiator,
-        "-t",
-        ",".join(families),
-        url,
-        timeout=timeout,
-        ok=(0, 1),  # 1: some test failed (judged per test by the caller)
-    )
-    tests, summary = parse_cunit(r.stdout)
-    return tests, summary, r.stdout
+def compare_to_reference(
+    tests: dict[tuple[str, str], tuple[CuTest, CuTest]], known: Collection[tuple[str, str]]
+) -> tuple[list[str], list[str]]:
+    """(suite, test) -> (its result on the target, on the reference target):
+    the defects (the target fails, or does not finish, a test the reference
+    passes or skips; or skips one the reference passes: a command it does not
+    offer) not in ``known``, and the ``known`` entries the target passes now."""
+    defects, stale = [], []
+    for (suite, name), (d, ref) in sorted(tests.items()):
+        failed = d.outcome not in ("passed", "skipped")
+        bad = (failed and ref.outcome in ("passed", "skipped")) or (
+            d.outcome == "skipped" and ref.outcome == "passed"
+        )
+        if (suite, name) in known:
+            if d.outcome == "passed":  # fixed: the entry must go
+                stale.append(f"{suite}.{name}: listed as known, but it passes now")
+        elif bad:
+            defects.append(f"{suite}.{name}: {d.outcome} ({d.why}); reference {ref.outcome}")
+    return defects, stale
 
 
 # -- open-iscsi ----------------------------------------------------------------------

@@ -1,17 +1,14 @@
-"""Volumes over SCSI with real initiators, on the real kernel: libiscsi's
-conformance suite against an iSCSI export on 127.0.0.1; ``fio --verify``
+"""Volumes over SCSI with real initiators, on the real kernel: ``fio --verify``
 through an open-iscsi session and through the local (tcm_loop) disk; an ext4
 file system under load snapshotted in-band, its snapshot clean after journal
 recovery and holding every file committed before the command; and a dmsnapd
 process stopped, or killed, under I/O: the initiator sees retries, never an
 error, and the data is intact.
 
-libiscsi 1.19 (Debian 12), the families the issue names, each test asserted
-below: all pass except WriteSame10/16 ZeroBlocks, UnmapUnaligned and
-InvalidDataOutSize, which libiscsi skips itself given what the LUN advertises
-(SELF_SKIPS), and the ten iSCSIResiduals tests, which a TCMU backstore cannot
-pass (KNOWN_FAILURES, with the reasons). libiscsi 1.19 has no SYNCHRONIZE
-CACHE suite: ``sg_sync`` and ``sg_sync --16`` through the iSCSI session stand in.
+libiscsi's conformance suite (every family, against dmsnap and against
+LIO's iblock) is tests/kernel/test_libiscsi.py. libiscsi 1.19 has no
+SYNCHRONIZE CACHE suite: ``sg_sync`` and ``sg_sync --16`` through the iSCSI
+session stand in.
 """
 
 from __future__ import annotations
@@ -36,12 +33,10 @@ from scsi_util import (
     fio_verify_args,
     iscsi_sessions_as,
     kernel_log,
-    libiscsi_catalogue,
     open_iscsi,
     pread_direct,
     pwrite_direct,
     run,
-    run_libiscsi,
 )
 
 from dmsnap import cli
@@ -50,77 +45,8 @@ from dmsnap.storage.manager import Manager
 
 IQN = "iqn.2026-11.org.dmsnap.test:iscsi"
 PORTAL = "127.0.0.1:3260"
-INITIATOR = "iqn.2026-11.org.dmsnap.test:libiscsi"
 OPEN_ISCSI = "iqn.2026-11.org.dmsnap.test:open-iscsi"
 ISCSI_VOL = 32 * MiB
-
-# The families the issue names, in groups that each take under ~2 minutes in
-# the emulated test VM (every command but READ/WRITE runs in the daemon's
-# Python emulator, one at a time).
-LIBISCSI_GROUPS = {
-    "spc": [
-        "SCSI.TestUnitReady",
-        "SCSI.Inquiry",
-        "SCSI.ReadCapacity10",
-        "SCSI.ReadCapacity16",
-        "SCSI.ModeSense6",
-        "SCSI.ReportSupportedOpcodes",
-        "iSCSI.iSCSIResiduals",
-    ],
-    "read_write": [
-        "SCSI.Read6",
-        "SCSI.Read10",
-        "SCSI.Read12",
-        "SCSI.Read16",
-        "SCSI.Write10",
-        "SCSI.Write12",
-        "SCSI.Write16",
-        "SCSI.WriteVerify10",
-        "SCSI.WriteVerify12",
-        "SCSI.WriteVerify16",
-    ],
-    "verify": ["SCSI.Verify10", "SCSI.Verify12", "SCSI.Verify16"],
-    "unmap_write_same": ["SCSI.Unmap", "SCSI.WriteSame10", "SCSI.WriteSame16"],
-}
-
-# Tests libiscsi skips itself ("[SKIPPED]", counted as passed by CUnit)
-# because of what the LUN advertises; any other self-skip fails the test.
-_WSNZ = "we advertise WSNZ=1 (VPD B0h): a WRITE SAME of 0 blocks is refused, as SBC allows"
-_LBPPB = "needs several logical blocks per physical block; ours are 512 bytes both"
-SELF_SKIPS = {
-    ("WriteSame10", "ZeroBlocks"): _WSNZ,
-    ("WriteSame16", "ZeroBlocks"): _WSNZ,
-    ("WriteSame10", "UnmapUnaligned"): _LBPPB,
-    ("WriteSame16", "UnmapUnaligned"): _LBPPB,
-    ("WriteSame10", "InvalidDataOutSize"): _LBPPB,
-    ("WriteSame16", "InvalidDataOutSize"): _LBPPB,
-}
-
-# Tests that fail for reasons outside dmsnap's reach, each with the reason.
-_READ_OVERFLOW = (
-    "the sub-cases where the iSCSI expected transfer length is shorter than the CDB's "
-    "(residual OVERFLOW) cannot pass through TCMU: LIO hands user backstores every CDB "
-    "through passthrough_parse_cdb, which never sizes it against the fabric's length, and "
-    "a TCMU answer can only report an underflow (read_len); the underflow sub-cases pass"
-)
-_WRITE_RESIDUAL = (
-    "libiscsi wants GOOD plus a residual for a WRITE whose Data-Out length disagrees with "
-    "its CDB; dmsnap answers CHECK CONDITION, INVALID FIELD IN COMMAND INFORMATION UNIT, "
-    "and writes nothing (the issue asks for that; LIO's own SBC emulation rejects these "
-    "WRITEs the same way), and TCMU could not report the overflow residual anyway"
-)
-KNOWN_FAILURES = {
-    ("iSCSIResiduals", "Read10Invalid"): _READ_OVERFLOW,
-    ("iSCSIResiduals", "Read10Residuals"): _READ_OVERFLOW,
-    ("iSCSIResiduals", "Read12Residuals"): _READ_OVERFLOW,
-    ("iSCSIResiduals", "Read16Residuals"): _READ_OVERFLOW,
-    ("iSCSIResiduals", "Write10Residuals"): _WRITE_RESIDUAL,
-    ("iSCSIResiduals", "Write12Residuals"): _WRITE_RESIDUAL,
-    ("iSCSIResiduals", "Write16Residuals"): _WRITE_RESIDUAL,
-    ("iSCSIResiduals", "WriteVerify10Residuals"): _WRITE_RESIDUAL,
-    ("iSCSIResiduals", "WriteVerify12Residuals"): _WRITE_RESIDUAL,
-    ("iSCSIResiduals", "WriteVerify16Residuals"): _WRITE_RESIDUAL,
-}
 
 
 def _needs_lio() -> None:
@@ -143,15 +69,14 @@ def _manager(state: Path):
 
 @pytest.fixture(scope="module")
 def iscsi_export(tmp_path_factory):
-    """A journaled volume exported over iSCSI on 127.0.0.1 to libiscsi's
-    and open-iscsi's initiator names (an ACL each: an export is closed by
-    default)."""
+    """A journaled volume exported over iSCSI on 127.0.0.1 to open-iscsi's
+    initiator name (an ACL: an export is closed by default)."""
     _needs_lio()
     with _manager(tmp_path_factory.mktemp("iscsi") / "state") as m:
         # its own pool name: the module's pool lives beside the tests' own
         m.pool_create("isc", size=256 * MiB, journal_size=16 * MiB)
         m.volume_create("isc", "v", ISCSI_VOL)
-        allow = [INITIATOR, OPEN_ISCSI]
+        allow = [OPEN_ISCSI]
         ex = m.export_create("isc", "v", kind="iscsi", iqn=IQN, portal=PORTAL, allow=allow)
         assert ex["iqn"] == IQN and ex["portal"] == PORTAL and ex["allow"] == allow
         yield m, ex
@@ -173,55 +98,6 @@ def local_export(tmp_path):
             return m, disk
 
         yield make
-
-
-# -- 1. libiscsi ------------------------------------------------------------------------
-
-
-def _table(results, group: list[str]) -> str:
-    lines = [
-        "| family | passed | skipped by libiscsi | known failures | failed |",
-        "|---|---|---|---|---|",
-    ]
-    for fam in group:
-        suite = fam.split(".")[1]
-        ts = [t for (s, _), t in results.items() if s == suite]
-        by = {o: [t.name for t in ts if t.outcome == o] for o in ("passed", "skipped", "failed")}
-        known = [n for n in by["failed"] if (suite, n) in KNOWN_FAILURES]
-        other = [n for n in by["failed"] if (suite, n) not in KNOWN_FAILURES]
-        lines.append(
-            f"| {suite} | {len(by['passed'])}/{len(ts)} | {', '.join(by['skipped']) or '-'} "
-            f"| {', '.join(known) or '-'} | {', '.join(other) or '-'} |"
-        )
-    return "\n".join(lines)
-
-
-@pytest.mark.parametrize("group", list(LIBISCSI_GROUPS))
-def test_libiscsi_conformance(iscsi_export, group):
-    """iscsi-test-cu (--dataloss) against the export: every test of each
-    family runs and passes, but for the documented self-skips and known
-    failures."""
-    families = LIBISCSI_GROUPS[group]
-    expected = libiscsi_catalogue(families)
-    assert all(expected.values()), f"families unknown to this libiscsi: {expected}"
-    t0 = time.monotonic()
-    results, summary, out = run_libiscsi(f"iscsi://{PORTAL}/{IQN}/0", families, INITIATOR)
-    took = time.monotonic() - t0
-    print(f"libiscsi {group}: {took:.0f} s\n{_table(results, families)}")
-    # every test of every family ran (a crash or a failed suite set-up would hide some)
-    want = {(f.split(".")[1], t) for f, ts in expected.items() for t in ts}
-    assert set(results) == want, (sorted(want - set(results)), out[-4000:])
-    assert summary is not None and summary[0] == summary[1] == len(want), summary
-    problems = []
-    for key, t in sorted(results.items()):
-        if t.outcome == "passed":
-            continue
-        if t.outcome == "skipped" and key in SELF_SKIPS:
-            continue
-        if t.outcome == "failed" and key in KNOWN_FAILURES:
-            continue
-        problems.append(f"{t.suite}.{t.name}: {t.outcome} {t.why}")
-    assert not problems, "\n".join(problems)
 
 
 # -- 2. fio --verify ------------------------------------------------------------------
