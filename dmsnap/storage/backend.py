@@ -14,7 +14,9 @@ long as it takes.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +50,21 @@ class Base:
 
 
 class Backend(ABC):
+    """Callers never ask which backend a pool has (no ``pool.backend ==``
+    outside the backends): what differs is a method here or one of these
+    capabilities."""
+
     kind: str
+    # each snapshot has a COW area of its own: sized at creation
+    # (--cow-size), grown by autoextend
+    snapshot_areas = False
+    # volumes take pool space as they are written: they may add up to more
+    # than the pool (overcommit); a new volume reserves nothing up front
+    thin_provisioned = False
+    # a restore merges the snapshot into the volume's own device (the
+    # snapshot is consumed, and recovery resumes the merge), rather than
+    # switching the volume to a clone of it
+    restores_in_place = False
 
     def __init__(self, dm: DeviceMapper, catalog: Catalog, pool: Pool, base: Base) -> None:
         self.dm = dm
@@ -58,6 +74,27 @@ class Backend(ABC):
 
     def refresh(self) -> None:
         self.pool = self.catalog.pool_by_id(self.pool.id)
+
+    @staticmethod
+    @abstractmethod
+    def plan_layout(base_sectors: int) -> dict[str, Any]:
+        """The pool config of a new pool on a base of ``base_sectors``
+        (raises NoSpace if it is too small)."""
+
+    @contextlib.contextmanager
+    def suspended(self, names_: list[str]) -> Iterator[None]:
+        """Suspend every device named (with flush), in order; resume those
+        suspended, whatever happens. Suspending all members of a group
+        before touching any makes the group one cut."""
+        done: list[str] = []
+        try:
+            for n in names_:
+                self.dm.suspend(n)
+                done.append(n)
+            yield
+        finally:
+            for n in done:
+                self.dm.resume(n)
 
     # -- naming helpers shared by backends ----------------------------------------
 
@@ -104,7 +141,8 @@ class Backend(ABC):
 
     @abstractmethod
     def format(self) -> None:
-        """Prepare fresh pool metadata on a new pool's base (destroys data)."""
+        """Prepare a new pool's base for its first :meth:`pool_layers`
+        (destroys what it held): called once, by pool creation."""
 
     @abstractmethod
     def txn(self) -> dict[str, Any]:
@@ -113,6 +151,10 @@ class Backend(ABC):
     @abstractmethod
     def check_room(self, what: str, size: int = 0) -> None:
         """Raise NoSpace if ``what`` (needing ``size`` bytes up front) cannot fit."""
+
+    def check_volume_room(self, what: str, size: int) -> None:
+        """Raise NoSpace if a new volume of ``size`` bytes cannot fit."""
+        self.check_room(what, 0 if self.thin_provisioned else size)
 
     @abstractmethod
     def plan_volume(self, size: int) -> dict[str, Any]:
@@ -149,6 +191,20 @@ class Backend(ABC):
     def finish_restore(self, vol: Volume, snap: Snapshot, plan: dict[str, Any]) -> None:
         """Idempotent completion once the catalog records the restore
         (``vol`` already carries the planned fields)."""
+
+    def record_restore_switch(self, payload: dict[str, Any]) -> None:
+        """The catalog's part of a restore at its point of no return (in
+        the caller's transaction): a clone becomes the volume's device."""
+        return None
+
+    def record_restore_done(self, payload: dict[str, Any]) -> None:
+        """The catalog's part of a finished restore (in the caller's
+        transaction): a snapshot merged in place is gone."""
+        return None
+
+    def unmap_granularity(self) -> int | None:
+        """Bytes in which a discard gives space back (None: any)."""
+        return None
 
     def after_assembly(self, volumes: list[Volume]) -> None:
         """Called once a pool's volumes and snapshots are all loaded (after

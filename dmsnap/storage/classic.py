@@ -55,6 +55,8 @@ def _round_up(n: int, to: int) -> int:
 
 class ClassicBackend(Backend):
     kind = "classic"
+    snapshot_areas = True
+    restores_in_place = True
 
     @staticmethod
     def plan_layout(base_sectors: int) -> dict[str, Any]:
@@ -258,18 +260,10 @@ class ClassicBackend(Backend):
             cow = self._cow_layer(snap)
             ensure(self.dm, cow)
             self._zero_header(cow.path)
-        suspended: list[str] = []
-        try:
-            # The origin must be quiet while the exception store registers
-            # with it; suspending all members makes a group one cut.
-            for vol in members:
-                self.dm.suspend(self.vol_name(vol))
-                suspended.append(self.vol_name(vol))
+        # The origin must be quiet while the exception store registers with it.
+        with self.suspended([self.vol_name(v) for v in members]):
             for vol, snap in zip(members, snaps, strict=True):
                 ensure(self.dm, self._snap_layer(snap, vol))
-        finally:
-            for n in suspended:
-                self.dm.resume(n)
 
     def after_assembly(self, volumes: list[Volume]) -> None:
         """dm-snapshot-origin learns how to split writes into its snapshots'
@@ -295,6 +289,9 @@ class ClassicBackend(Backend):
         # Nothing to prepare: the merge itself is the point of no return,
         # and finish_restore starts (or resumes, after a crash) it.
         return None
+
+    def record_restore_done(self, payload: dict[str, Any]) -> None:
+        self.catalog.remove_snapshot(payload["snapshot_id"])
 
     def finish_restore(self, vol: Volume, snap: Snapshot, plan: dict[str, Any]) -> None:
         top = self.vol_name(vol)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from dmsnap.dm import DeviceMapper, DmError
 from dmsnap.dm.targets import Table
+from dmsnap.rules import SECTOR
 
-SECTOR = 512
+__all__ = ["SECTOR", "Layer", "ensure", "remove"]  # SECTOR: the backends take it from here
 
 
 @dataclass(frozen=True)

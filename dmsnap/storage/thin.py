@@ -42,6 +42,7 @@ def metadata_sectors(base_sectors: int) -> int:
 
 class ThinBackend(Backend):
     kind = "thin"
+    thin_provisioned = True
 
     # -- layout -----------------------------------------------------------------------
 
@@ -173,8 +174,9 @@ class ThinBackend(Backend):
 
     def format(self) -> None:
         # dm-thin formats fresh metadata only when the superblock is zeroed;
-        # a reused device may carry an old pool's superblock.
-        fd = os.open(f"/dev/mapper/{self.internal('tmeta')[0]}", os.O_WRONLY | os.O_DIRECT)
+        # a reused device may carry an old pool's superblock. The metadata
+        # starts the base (pool_layers), and the pool is not loaded yet.
+        fd = os.open(self.base.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         try:
             buf = mmap.mmap(-1, MiB)
             os.pwritev(fd, [buf], 0)
@@ -216,17 +218,10 @@ class ThinBackend(Backend):
         """dm-thin's create_snap needs its origin suspended; suspending every
         member first also makes a group one cut."""
         ids = [p["dev_id"] for p in plans]
-        suspended: list[str] = []
-        try:
-            for vol in members:
-                self.dm.suspend(self.vol_name(vol))
-                suspended.append(self.vol_name(vol))
+        with self.suspended([self.vol_name(v) for v in members]):
             for vol, new in zip(members, ids, strict=True):
                 self._msg(f"create_snap {new} {vol.dev_id}")
             self._commit_txid()
-        finally:
-            for n in suspended:
-                self.dm.resume(n)
 
     def delete_snapshot(self, snap: Snapshot) -> None:
         self._delete_ids([snap.dev_id] if snap.dev_id is not None else [])
@@ -248,6 +243,12 @@ class ThinBackend(Backend):
             if snap_active:
                 self.dm.resume(snap_dev)
         self._commit_txid()
+
+    def record_restore_switch(self, payload: dict[str, Any]) -> None:
+        self.catalog.set_volume_dev(payload["volume_id"], payload["dev_id"])
+
+    def unmap_granularity(self) -> int | None:
+        return int(self.pool.config.get("block_sectors", BLOCK_SECTORS)) * SECTOR
 
     def finish_restore(self, vol: Volume, snap: Snapshot, plan: dict[str, Any]) -> None:
         """After the catalog points at the new device: swap the table, drop the old one."""

@@ -163,7 +163,7 @@ def test_failed_fdatasync_is_rewritten_not_checkpointed_past(tmp_path, dm):
         m.pool_create("s", data=fl.path, backend="classic", journal_size=16 * MiB)
         m.volume_create("s", "v", 8 * MiB)
         io = m.open_volume("s", "v")
-        pj = next(iter(m._journals.values()))
+        pj = next(iter(m.journals.by_pool.values()))
         io.write(16384, pattern(3, 4096))  # on the disk before the fault
         pj.sync()
 

@@ -199,7 +199,7 @@ def test_crash_between_kernel_and_catalog_rolls_forward(tmp_path):
     m = Manager(state)
     m.pool_create("c", size=128 * MiB, journal_mode="none")
     m.volume_create("c", "v", 16 * MiB)
-    pool, backend = m._pool("c")
+    pool, backend = m.stack.pool("c")
     vol = m.catalog.volume("c", "v")
     plans = backend.plan_snapshots([vol])
     plans[0].update(volume_id=vol.id, volume="v", name="crash")
@@ -212,7 +212,7 @@ def test_crash_between_kernel_and_catalog_rolls_forward(tmp_path):
     assert [r["result"] for r in rep["recovered"]] == ["forward"]
     assert [s["name"] for s in m.snapshot_list("c")] == ["crash"]
     # A pending create whose kernel part never happened is rolled back.
-    pool, backend = m._pool("c")
+    pool, backend = m.stack.pool("c")
     vol = m.catalog.volume("c", "v")
     plans = backend.plan_snapshots([vol])
     plans[0].update(volume_id=vol.id, volume="v", name="never")
@@ -225,7 +225,7 @@ def test_crash_between_kernel_and_catalog_rolls_forward(tmp_path):
     # Crash after create_snap reached the kernel but before the transaction
     # id committed: rolled back, the half-made device deleted, its id never
     # handed out again.
-    pool, backend = m._pool("c")
+    pool, backend = m.stack.pool("c")
     vol = m.catalog.volume("c", "v")
     plans = backend.plan_snapshots([vol])
     plans[0].update(volume_id=vol.id, volume="v", name="half")
