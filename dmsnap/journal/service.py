@@ -21,16 +21,27 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from dmsnap.journal.journal import Journal, JournalError, JournalStats, Marker, crc32c_impl
-from dmsnap.storage.devices import Holds
 
 log = logging.getLogger("dmsnap.journal")
 
 Json = dict[str, Any]
 # materialize(marker_id, request) -> result (JSON-able); raises on failure.
 Materialize = Callable[[int, Json], Json]
+
+
+class Holds(Protocol):
+    """Exclusive opens of block devices by key (the storage core's
+    ``dmsnap.storage.devices.Holds``, handed in: the journal sits below the
+    storage core and imports nothing of it)."""
+
+    def hold(self, key: object, path: str, what: str) -> int | None: ...
+
+    def release(self, key: object) -> None: ...
+
+    def release_all(self) -> None: ...
 
 
 class PoolJournal:
@@ -41,6 +52,7 @@ class PoolJournal:
         mode: str,
         materialize: Materialize,
         lock: threading.RLock,
+        holds: Holds,
     ) -> None:
         self.pool = pool
         self.journal = journal
@@ -54,7 +66,7 @@ class PoolJournal:
         self.volumes: dict[int, int] = {}  # attached volume id -> size
         # O_EXCL on each attached volume's private dm device: only the
         # journal writes it (no mkfs, mount or other claim meanwhile).
-        self._holds = Holds()
+        self._holds = holds
         self.last_error: str | None = None
         # The gate in front of the C journal: close() shuts it, waits for the
         # calls already inside, and only then frees the journal.

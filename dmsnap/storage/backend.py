@@ -2,13 +2,17 @@
 
 A backend knows how one pool turns volumes and snapshots into device-mapper
 layers above the pool's base device (the writecache, or the data device).
-The Manager does names, the catalog, validation and crash bookkeeping; the
-backend does kernel work only.
+The storage core does names, the catalog, validation and crash bookkeeping
+(:mod:`dmsnap.storage.pending`); the backend does kernel work, and only the
+catalog changes that differ by backend (a restore's: ``record_restore_*``,
+inside the caller's transaction). Callers never ask which backend a pool
+has: what differs is a method here or a capability of :class:`Backend`.
 
 ``create_snapshots`` is *the cut*. Its caller guarantees that every write
-that belongs in the snapshot has completed on the volume devices (today: the
-Manager suspends with flush; with the journal: the flusher at a marker). The
-backend suspends origins only as the kernel target requires, and only for as
+that belongs in the snapshot has completed on the volume devices (a pool
+without a journal: the backend suspends its volumes with flush; with the
+journal: the flusher stands at a marker). The backend suspends origins only
+as the kernel target requires (:meth:`Backend.suspended`), and only for as
 long as it takes.
 """
 
@@ -24,6 +28,7 @@ from dmsnap.dm import DeviceMapper
 from dmsnap.storage import names
 from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
 from dmsnap.storage.layers import Layer
+from dmsnap.units import Sectors
 
 
 def planned_dev_ids(payload: dict[str, Any]) -> list[int]:
@@ -45,7 +50,7 @@ class Base:
     """The device a backend builds on."""
 
     devno: str
-    sectors: int
+    sectors: Sectors
     path: str
 
 

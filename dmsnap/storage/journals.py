@@ -74,7 +74,12 @@ class PoolJournals:
             raise E.Unavailable(f"pool {pool.name}: journal {where}: {e}") from None
         pid = pool.id
         pj = PoolJournal(
-            pool.name, j, mode, lambda mid, req: self._materialize(pid, mid, req), self._lock
+            pool.name,
+            j,
+            mode,
+            lambda mid, req: self._materialize(pid, mid, req),
+            self._lock,
+            devices.Holds(),  # the volumes' dm devices, held while attached
         )
         vols = {v.id: (dm_path(pool.name, v.name), v.size) for v in self.catalog.volumes(pool.name)}
         try:

@@ -13,9 +13,6 @@ from dataclasses import dataclass
 
 from dmsnap.dm import DeviceMapper, DmError
 from dmsnap.dm.targets import Table
-from dmsnap.rules import SECTOR
-
-__all__ = ["SECTOR", "Layer", "ensure", "remove"]  # SECTOR: the backends take it from here
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,9 @@ from dmsnap.storage.catalog import Catalog, Pool
 from dmsnap.storage.catalog import NotFound as CatNotFound
 from dmsnap.storage.classic import ClassicBackend
 from dmsnap.storage.identity import PoolDisks
-from dmsnap.storage.layers import SECTOR, Layer, ensure
+from dmsnap.storage.layers import Layer, ensure
 from dmsnap.storage.thin import ThinBackend
+from dmsnap.units import Sectors
 
 log = logging.getLogger("dmsnap.storage")
 
@@ -200,7 +201,7 @@ class PoolStack:
             name,
             uuid,
             Table.single(
-                pool.size // SECTOR,
+                Sectors.of(pool.size),
                 t.Writecache(
                     "s",
                     data,
@@ -216,9 +217,9 @@ class PoolStack:
     def base(self, pool: Pool) -> Base:
         data, cache = self.devices(pool)
         if cache is None:
-            return Base(data[0], pool.size // SECTOR, data[1])
+            return Base(data[0], Sectors.of(pool.size), data[1])
         layer = self._wc_layer(pool, data[0], cache[0])
-        return Base(ensure(self.dm, layer), pool.size // SECTOR, layer.path)
+        return Base(ensure(self.dm, layer), Sectors.of(pool.size), layer.path)
 
     def backend(self, pool: Pool) -> Backend:
         """The pool's backend, its layers up (activated on first use)."""
@@ -438,7 +439,7 @@ class PoolStack:
                 f"a writecache device needs at least {rules.MIN_CACHE_SIZE // MiB}M"
             )
         data_bytes = data_bytes // MiB * MiB
-        layout = BACKENDS[backend].plan_layout(data_bytes // SECTOR)
+        layout = BACKENDS[backend].plan_layout(Sectors.of(data_bytes))
         layout["journal"] = {
             "mode": journal_mode,
             "path": None

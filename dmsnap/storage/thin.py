@@ -21,7 +21,8 @@ from dmsnap.dm.targets import Table
 from dmsnap.errors import Busy, NoSpace
 from dmsnap.storage.backend import Backend, planned_dev_ids
 from dmsnap.storage.catalog import Snapshot, Volume
-from dmsnap.storage.layers import SECTOR, Layer, ensure
+from dmsnap.storage.layers import Layer, ensure
+from dmsnap.units import Bytes, Sectors
 
 MiB = 1 << 20
 BLOCK_SECTORS = 128  # 64 KiB thin blocks: small snapshot COW cost, modest metadata
@@ -37,7 +38,7 @@ def metadata_sectors(base_sectors: int) -> int:
     blocks = base_sectors // BLOCK_SECTORS
     size = max(8 * MiB, blocks * 64)
     size = min(size, 15 * 1024 * MiB)
-    return (size + MiB - 1) // MiB * (MiB // SECTOR)
+    return (size + MiB - 1) // MiB * Sectors.of(MiB)
 
 
 class ThinBackend(Backend):
@@ -59,7 +60,7 @@ class ThinBackend(Backend):
         meta = metadata_sectors(base_sectors)
         data = (base_sectors - meta) // BLOCK_SECTORS * BLOCK_SECTORS
         if data < 16 * BLOCK_SECTORS:
-            raise NoSpace(f"{base_sectors * SECTOR // MiB} MiB is too small for a thin pool")
+            raise NoSpace(f"{Bytes.of(base_sectors) // MiB} MiB is too small for a thin pool")
         return {"meta_sectors": meta, "data_sectors": data, "block_sectors": BLOCK_SECTORS}
 
     @property
@@ -104,7 +105,7 @@ class ThinBackend(Backend):
             Layer(
                 self.vol_name(vol),
                 self.vol_uuid(vol),
-                Table.single(vol.size // SECTOR, t.Thin(self.pool_devno(), vol.dev_id)),
+                Table.single(Sectors.of(vol.size), t.Thin(self.pool_devno(), vol.dev_id)),
             )
         ]
 
@@ -117,7 +118,7 @@ class ThinBackend(Backend):
             Layer(
                 self.snap_name(snap),
                 self.snap_uuid(snap),
-                Table.single(vol.size // SECTOR, t.Thin(self.pool_devno(), snap.dev_id)),
+                Table.single(Sectors.of(vol.size), t.Thin(self.pool_devno(), snap.dev_id)),
                 read_only=True,
             )
         ]
@@ -185,10 +186,10 @@ class ThinBackend(Backend):
             os.close(fd)
 
     def plan_volume(self, size: int) -> dict[str, Any]:
-        if size > self.data_sectors * SECTOR:
+        if size > Bytes.of(self.data_sectors):
             raise NoSpace(
                 f"a volume of {size // MiB} MiB is larger than pool {self.pool.name}'s "
-                f"{self.data_sectors * SECTOR // MiB} MiB of data space"
+                f"{Bytes.of(self.data_sectors) // MiB} MiB of data space"
             )
         return {"dev_id": self.next_ids(1)[0]}
 
@@ -248,7 +249,7 @@ class ThinBackend(Backend):
         self.catalog.set_volume_dev(payload["volume_id"], payload["dev_id"])
 
     def unmap_granularity(self) -> int | None:
-        return int(self.pool.config.get("block_sectors", BLOCK_SECTORS)) * SECTOR
+        return Bytes.of(int(self.pool.config.get("block_sectors", BLOCK_SECTORS)))
 
     def finish_restore(self, vol: Volume, snap: Snapshot, plan: dict[str, Any]) -> None:
         """After the catalog points at the new device: swap the table, drop the old one."""
@@ -270,7 +271,7 @@ class ThinBackend(Backend):
         if not isinstance(s, st.ThinPoolStatus):
             out["health"].append("thin pool has FAILED (needs thin_check/thin_repair)")
             return out
-        bsz = BLOCK_SECTORS * SECTOR
+        bsz = Bytes.of(BLOCK_SECTORS)
         out.update(
             size=s.total_data_blocks * bsz,
             used=s.used_data_blocks * bsz,

@@ -15,12 +15,13 @@ from dmsnap.dm import DeviceMapper, DmError
 from dmsnap.dm import status as st
 from dmsnap.dm.udev import LINK_DIR
 from dmsnap.journal.service import status_json
-from dmsnap.rules import SECTOR, MiB
+from dmsnap.rules import MiB
 from dmsnap.storage import names
 from dmsnap.storage.backend import Backend, journal_mode
 from dmsnap.storage.catalog import Catalog, Marker, MarkerState, Pool, Snapshot, Volume
 from dmsnap.storage.journals import PoolJournals
 from dmsnap.storage.stack import PoolStack
+from dmsnap.units import Bytes
 
 Json = dict[str, Any]
 
@@ -144,7 +145,7 @@ class Views:
             out["open_count"] = info.open_count
             s = self.dm.status(dm_name, noflush=True)[0].status
             if isinstance(s, st.ThinStatus):
-                out["mapped"] = s.mapped_sectors * SECTOR
+                out["mapped"] = Bytes.of(s.mapped_sectors)
         except DmError:
             pass
         return out

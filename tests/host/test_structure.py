@@ -92,3 +92,48 @@ def test_the_scsi_side_takes_its_rules_from_the_rules_module() -> None:
     for mod in ("dmsnap.scsi.snapcmd", "dmsnap.scsi.initiator", "dmsnap.rules"):
         assert not {d for d in graph[mod] if d.startswith("dmsnap.daemon")}, mod
     assert graph["dmsnap.rules"] == set()  # import-light: initiator hosts load it
+
+
+# What each layer may import (docs/design.md, "Layers"): package -> packages.
+LAYERS = {
+    "errors": set(),
+    "rules": set(),
+    "sizes": {"errors"},
+    "units": {"rules"},
+    "dm": {"errors"},
+    "journal": {"errors"},
+    "scsi": {"errors", "rules"},
+    "storage": {"dm", "journal", "scsi", "rules", "units", "errors"},
+}
+
+
+def test_each_layer_imports_only_the_layers_below_it() -> None:
+    def top(mod: str) -> str:
+        return mod.split(".")[1] if mod.count(".") else mod
+
+    wrong = sorted(
+        f"{m} -> {d}"
+        for m, deps in _imports().items()
+        if top(m) in LAYERS
+        for d in deps
+        if d != "dmsnap" and top(d) != top(m) and top(d) not in LAYERS[top(m)]
+    )
+    assert wrong == []
+
+
+def test_the_catalog_checks_the_rules_lists() -> None:
+    """The catalog's CHECK constraints (SQL, kept as written for existing
+    catalogs) name the same choices as dmsnap.rules."""
+    from dmsnap import rules
+    from dmsnap.storage import catalog
+
+    sql = catalog.SCHEMA
+
+    def choices(column: str) -> tuple[str, ...]:
+        m = re.search(rf"{column} IN \(([^)]*)\)", sql)
+        assert m, column
+        return tuple(x.strip().strip("'") for x in m.group(1).split(","))
+
+    assert choices("backend") == rules.BACKENDS
+    assert choices("kind") == rules.EXPORT_KINDS
+    assert choices("state") == tuple(catalog.MarkerState)

@@ -14,6 +14,7 @@ from dmsnap import errors as E
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
 from dmsnap.dm.udev import Role, make_uuid
+from dmsnap.storage.journals import dm_path
 from dmsnap.storage.manager import Manager
 
 MiB = 1 << 20
@@ -183,7 +184,7 @@ def test_failed_fdatasync_is_rewritten_not_checkpointed_past(tmp_path, dm):
 
         fl.fail_writes(False)
         wait_for(lambda: pj.stats().checkpoint_seq == pj.stats().head_seq, "never checkpointed")
-        disk = read_direct(Manager._dm_path("s", "v"), 0, 5 * 4096)
+        disk = read_direct(dm_path("s", "v"), 0, 5 * 4096)
         assert disk[512:1024] == pattern(1, 512), "acknowledged write lost below the journal"
         assert disk[8192:12288] == pattern(2, 4096), "acknowledged write lost below the journal"
         assert disk[16384:20480] == pattern(3, 4096)
