@@ -24,6 +24,12 @@ def crc32c_impl() -> str:
     return ffi.string(lib.jr_crc32c_impl()).decode()
 
 
+def crc32c(data: bytes | bytearray | memoryview) -> int:
+    """crc32c (Castagnoli) of data: the journal's implementation, for other
+    on-the-wire checksums (the replication stream)."""
+    return lib.jr_crc32c(ffi.from_buffer(data), len(data))
+
+
 _MS_MAX = 0xFFFF_FFFF
 
 

@@ -1,4 +1,6 @@
-"""Fixtures of the journal unit tests (test_journal.py, test_journal_discard.py)."""
+"""Shared fixtures: the journal unit tests' (test_journal.py,
+test_journal_discard.py) and a device-less Manager (test_chap.py,
+test_export_access.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 from test_journal_support import VOL, make_volume
 
 from dmsnap.journal import Journal
+from dmsnap.storage.manager import Manager
 
 
 @pytest.fixture
@@ -32,3 +35,30 @@ def nv(jpath: Path, vol1: Path) -> Iterator[Journal]:
     j.start()
     yield j
     j.close(drain=False)
+
+
+class _NoDm:
+    """The Manager's dm control device, never asked: the checks come first."""
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[Manager]:
+    """A Manager on a catalog with pool p (thin, NV journal) and its 1 MiB
+    volume v, without device-mapper: for the checks that come before the
+    kernel is asked anything (exports, access, CHAP)."""
+    m = Manager(str(tmp_path / "state"), dm=_NoDm())  # type: ignore[arg-type]
+    p = m.catalog.add_pool(
+        "p",
+        "thin",
+        data_dev=None,
+        cache_dev=None,
+        size=1 << 30,
+        cache_size=None,
+        config={"journal": {"mode": "nv"}},
+    )
+    m.catalog.add_volume(p, "v", 1 << 20, dev_id=1)
+    yield m
+    m.catalog.close()

@@ -128,28 +128,6 @@ def test_daemon_does_not_log_chap_secrets(short_dir: Path, caplog) -> None:
 # -- where dmsnapd keeps them ------------------------------------------------------------
 
 
-class _NoDm:
-    def close(self) -> None:
-        pass
-
-
-@pytest.fixture
-def manager(tmp_path: Path):
-    m = Manager(str(tmp_path / "state"), dm=_NoDm())  # type: ignore[arg-type]
-    p = m.catalog.add_pool(
-        "p",
-        "thin",
-        data_dev=None,
-        cache_dev=None,
-        size=1 << 30,
-        cache_size=None,
-        config={"journal": {"mode": "nv"}},
-    )
-    m.catalog.add_volume(p, "v", 1 << 20, dev_id=1)
-    yield m
-    m.catalog.close()
-
-
 def _catalog_bytes(m: Manager) -> bytes:
     out = b""
     for name in os.listdir(m.state_dir):

@@ -8,7 +8,6 @@ LIO side (a login refused to an initiator not listed) is tested in the VM
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -16,30 +15,6 @@ from dmsnap import errors as E
 from dmsnap.storage.manager import Manager
 
 A = "iqn.2026-11.org.example:a"
-
-
-class _NoDm:
-    """The Manager's dm control device, never asked: the checks come first."""
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.fixture
-def manager(tmp_path: Path):
-    m = Manager(str(tmp_path), dm=_NoDm())  # type: ignore[arg-type]
-    p = m.catalog.add_pool(
-        "p",
-        "thin",
-        data_dev=None,
-        cache_dev=None,
-        size=1 << 30,
-        cache_size=None,
-        config={"journal": {"mode": "nv"}},
-    )
-    m.catalog.add_volume(p, "v", 1 << 20, dev_id=1)
-    yield m
-    m.catalog.close()
 
 
 def test_iscsi_export_without_allow_is_refused_and_changes_nothing(manager: Manager) -> None:

@@ -1,4 +1,4 @@
-"""Inputs that crashed a C fuzz target (tools/torture fuzz) stay fixed: each
+"""Inputs that crashed a fuzz target (tools/torture fuzz) stay fixed: each C
 target is built with gcc, AddressSanitizer and UBSan as a plain program
 (tests/torture/fuzz/standalone.c) and fed every file of
 tests/torture/regress/TARGET/ and of its seed corpus."""
@@ -50,3 +50,23 @@ def test_fuzz_inputs_that_crashed_stay_fixed(target: str, tmp_path: Path) -> Non
     )
     assert r.returncode == 0, f"{target} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     assert r.stdout.count("ok ") == len(files)
+
+
+def test_scsi_fuzz_inputs_stay_answered_well() -> None:
+    """The Python target's seeds and every input it ever failed on replay
+    through the same checks in this process (no atheris needed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scsi_fuzz", FUZZ / "scsi_fuzz.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    files = sorted(
+        p
+        for d in ("regress", "corpus")
+        for p in (ROOT / "tests" / "torture" / d / "scsi").glob("*")
+        if p.is_file()
+    )
+    assert len(files) >= 100, "the scsi seed corpus is missing"
+    for f in files:
+        mod.one_input(f.read_bytes())

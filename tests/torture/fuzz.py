@@ -3,7 +3,10 @@
 Targets:
   journal   libFuzzer: the journal's recovery (jr_open_ex on crafted images)
   tcmu      libFuzzer: the TCMU ring handler's command fetch, fast and slow path
-  scsi      hypothesis: the SCSI emulator and the vendor-command codec
+  scsi      atheris (libFuzzer's engine for Python): the SCSI emulator and the
+            vendor-command codec, command sequences on one LUN
+            (tests/torture/fuzz/scsi_fuzz.py; the same checks as the
+            hypothesis properties of tests/host/test_scsi_fuzz.py)
   control   the daemon's control socket: garbage from many clients at once
             (a hypothesis property), silent, trickling and non-reading
             clients beyond the connection cap (tests/host/test_control_hostile.py)
@@ -13,7 +16,7 @@ Targets:
   tools/torture fuzz --target scsi --runs 1000000
 
 The C targets are built with clang -fsanitize=fuzzer,address,undefined into
-build/fuzz/; they start from tests/torture/corpus/TARGET/ (read only: the
+build/fuzz/; every target starts from tests/torture/corpus/TARGET/ (read only: the
 corpus grown by a run goes to build/fuzz/corpus-TARGET/) and write what crashes
 to build/fuzz/crash-TARGET/. Crashing inputs, once fixed, are kept in
 tests/torture/regress/TARGET/ (tests/host/test_fuzz_regress.py replays them).
@@ -38,7 +41,7 @@ C_TARGETS = {
     "journal": ["tests/torture/fuzz/journal_fuzz.c", "csrc/journal.c", "csrc/crc32c.c"],
     "tcmu": ["tests/torture/fuzz/tcmu_fuzz.c", "csrc/journal.c", "csrc/crc32c.c"],
 }
-QUICK_RUNS = {"journal": 20000, "tcmu": 10000, "scsi": 700, "control": 50}
+QUICK_RUNS = {"journal": 20000, "tcmu": 10000, "scsi": 30000, "control": 50}
 PY = sys.executable
 
 
@@ -66,23 +69,28 @@ def build(target: str) -> Path:
     return exe
 
 
-def run_c(target: str, runs: int, seed: int, max_total_time: int) -> bool:
-    exe = build(target)
+def run_libfuzzer(target: str, runs: int, seed: int, max_total_time: int) -> bool:
+    """A C target (clang's libFuzzer) or the Python one (atheris): same
+    options, same statistics, same corpus and crash directories."""
+    if target in C_TARGETS:
+        engine = [str(build(target))]
+    else:
+        engine = [PY, str(HERE / "fuzz" / f"{target}_fuzz.py")]
     corpus = BUILD / f"corpus-{target}"
     crashes = BUILD / f"crash-{target}"
-    corpus.mkdir(exist_ok=True)
+    corpus.mkdir(parents=True, exist_ok=True)
     crashes.mkdir(exist_ok=True)
     cmd = [
-        str(exe), f"-runs={runs}", f"-seed={seed}", "-timeout=10", "-rss_limit_mb=2048",
+        *engine, f"-runs={runs}", f"-seed={seed}", "-timeout=10", "-rss_limit_mb=2048",
         "-print_final_stats=1", f"-artifact_prefix={crashes}/",
         str(corpus), str(HERE / "corpus" / target),
     ]  # fmt: skip
     if max_total_time:
-        cmd.insert(2, f"-max_total_time={max_total_time}")
+        cmd.insert(len(engine), f"-max_total_time={max_total_time}")
     print(f"fuzz: {target}: {' '.join(cmd)}", flush=True)
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
     t0 = time.monotonic()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     dt = time.monotonic() - t0
     execs = re.search(r"stat::number_of_executed_units:\s*(\d+)", r.stderr)
     n = int(execs.group(1)) if execs else 0
@@ -95,27 +103,6 @@ def run_c(target: str, runs: int, seed: int, max_total_time: int) -> bool:
     if found:
         print(r.stderr[-6000:], file=sys.stderr)
     return not found
-
-
-SCSI_PROPERTIES = 7  # the @FUZZ properties of tests/host/test_scsi_fuzz.py
-
-
-def run_scsi(runs: int, seed: int) -> bool:
-    """runs examples in total, shared by the properties."""
-    each = max(1, -(-runs // SCSI_PROPERTIES))
-    env = dict(os.environ, DMSNAP_FUZZ_EXAMPLES_EACH=str(each))
-    cmd = [
-        PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-        f"--hypothesis-seed={seed}", "tests/host/test_scsi_fuzz.py",
-        "-k", "not reads_see_every_write_path and not concurrent_execute",
-    ]  # fmt: skip
-    print(f"fuzz: scsi: DMSNAP_FUZZ_EXAMPLES_EACH={each} {' '.join(cmd)}", flush=True)
-    t0 = time.monotonic()
-    r = subprocess.run(cmd, cwd=ROOT, env=env)
-    dt = time.monotonic() - t0
-    n = each * SCSI_PROPERTIES
-    print(f"fuzz: scsi: {n} examples in {dt:.0f} s ({n / max(dt, 1e-9):.0f}/s), rc {r.returncode}")
-    return r.returncode == 0
 
 
 def run_control(runs: int, seed: int) -> bool:
@@ -137,10 +124,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="tools/torture fuzz", description=__doc__.split("\n")[0])
     names = ["journal", "tcmu", "scsi", "control", "all"]
     ap.add_argument("--target", choices=names, default="all")
-    ap.add_argument("--runs", type=int, help="executions (C) / examples per property (scsi)")
+    ap.add_argument(
+        "--runs", type=int, help="executions (journal, tcmu, scsi) / examples (control)"
+    )
     ap.add_argument("--quick", action="store_true", help="a few seconds per target (CI)")
     ap.add_argument("--seed", type=int, help="random seed (default: from the clock, printed)")
-    ap.add_argument("--max-time", type=int, default=0, help="C targets: stop after N seconds")
+    ap.add_argument("--max-time", type=int, default=0, help="stop a target after N seconds")
     a = ap.parse_args()
     seed = a.seed if a.seed is not None else int(time.time()) % 100000
     print(f"fuzz: seed {seed}", flush=True)
@@ -148,10 +137,8 @@ def main() -> int:
     ok = True
     for t in targets:
         runs = a.runs or (QUICK_RUNS[t] if a.quick else 1_000_000)
-        if t in C_TARGETS:
-            ok &= run_c(t, runs, seed, a.max_time or (60 if a.quick else 0))
-        elif t == "scsi":
-            ok &= run_scsi(runs, seed)
+        if t != "control":
+            ok &= run_libfuzzer(t, runs, seed, a.max_time or (60 if a.quick else 0))
         else:
             ok &= run_control(runs, seed)
     print("fuzz: " + ("ok" if ok else "FAILED"), flush=True)
