@@ -69,13 +69,25 @@
  *
  * IN MEMORY
  * ---------
- * The ring is mirrored in RAM exactly as on disk (4 KiB-aligned mmap), so a
- * group commit is one pwrite (two when it wraps) from the mirror, up to
- * JR_COMMIT_DEPTH of them in flight with durability acknowledged in order, and the
- * flusher and overlay reads never touch the journal device. Positions are
- * logical byte counters (lpos) that only grow; phys = lpos % capacity.
+ * The ring is mirrored in RAM at the same offsets as on disk (a 4 KiB-aligned
+ * mmap of the ring's size), so a group commit is one pwrite (two when it
+ * wraps) from the mirror, up to JR_COMMIT_DEPTH of them in flight with
+ * durability acknowledged in order, and the flusher and overlay reads never
+ * touch the journal device. Positions are logical byte counters (lpos) that
+ * only grow; phys = lpos % capacity.
  *     tail_lpos <= ckpt_lpos <= synced_lpos <= flush_lpos <= durable_lpos <= head_lpos
- * (RAM mode: tail = synced, no checkpoint). The records in [synced, flush)
+ * (RAM mode: tail = synced, no checkpoint).
+ * Only the live window [tail, head) of the mirror is needed, and it is kept
+ * at most j->window bytes (the memory limit; appends wait for room as for a
+ * full ring). When the window is smaller than the ring, the mapping is
+ * MAP_NORESERVE and the pages behind the tail are given back as the tail
+ * moves (set_tail), so resident memory follows the window, not the ring.
+ * Recovery reads the ring through a bounded buffer (the scans) or the
+ * mirror's own window (the walk), and brings at most one window of the
+ * recovered log into memory; the rest, [load_lpos, rec_end_lpos), is the
+ * backlog that the flusher loads as the checkpoint makes room (load_more):
+ * until it is in, reads wait (the overlay index does not cover it yet) and
+ * appends wait for room. The records in [synced, flush)
  * are on their dm devices but not fdatasync()ed yet: kept, since a failed
  * sync has them written again (rewind_flush). Appends reserve space and copy
  * under j->mu. The overlay index is a hash keyed by (vol, 4 KiB block)
@@ -155,6 +167,8 @@
 #define BATCH_IOV 256
 #define IDLE_CKPT_MS 50
 #define FORGET_RESERVE 8 /* ring blocks only FORGET records may take (NV) */
+#define SCAN_BYTES (1u << 20) /* recovery reads the ring in pieces of this size */
+#define PAGE 4096u
 #define RETRY_MS 1000
 
 struct sb_disk {
@@ -210,6 +224,7 @@ struct vol {
     int busy;  /* fds in use outside the lock */
     int is_blk;     /* a block device (else a regular file: discard punches a hole) */
     uint64_t dgran; /* discard granularity in bytes; 0: no discard (write zeros) */
+    uint64_t rec_last; /* recovery: seq of its last WRITE/DISCARD in the log (0: none) */
 };
 
 /* An unflushed DISCARD (see IN MEMORY above). */
@@ -242,6 +257,13 @@ struct jr {
     uint64_t min_gen; /* of the superblock read at open */
     unsigned char *ring;
     size_t ring_map;
+    int is_reg;      /* NV: the journal is a regular file (recovery skips its holes) */
+    uint64_t window; /* most bytes [tail, head) may span: the memory limit (<= cap) */
+    /* Recovery's backlog (see IN MEMORY): the records in [load_lpos,
+     * rec_end_lpos) are not in the mirror yet; load_seq is the first of
+     * them, load_gen its generation (the superblock needs it when the
+     * checkpoint stands there). load_lpos == rec_end_lpos: no backlog. */
+    uint64_t load_lpos, load_seq, load_gen;
     unsigned char *sbbuf; /* JR_SB_SLOT bytes, aligned */
 
     pthread_mutex_t mu;
@@ -375,6 +397,51 @@ static struct rec_disk *hdr_at(const jr_t *j, uint64_t lpos)
 static uint64_t hdr_size(const jr_t *j, const struct rec_disk *h)
 {
     return h->type == REC_PAD ? h->len : rec_size(j, h->len);
+}
+
+/* Give back the mirror's pages that lie wholly inside the ring bytes of
+ * [from, to) (to - from <= cap): their contents are dead. The last page of
+ * the mapping ends at ring_map, past cap, so a range reaching the ring's end
+ * takes it whole. */
+static void ring_release(jr_t *j, uint64_t from, uint64_t to)
+{
+    while (from < to) {
+        uint64_t pa = from % j->cap, pb = pa + (to - from);
+        if (pb > j->cap)
+            pb = j->cap;
+        uint64_t a = round_up(pa, PAGE), b = pb == j->cap ? j->ring_map : pb / PAGE * PAGE;
+        if (a < b)
+            madvise(j->ring + a, b - a, MADV_DONTNEED);
+        from += pb - pa;
+    }
+}
+
+/* Space before lpos is free (locked; the flusher). When the window is
+ * smaller than the ring, the mirror's pages behind the new tail go back to
+ * the system here, before anyone can append into them, so that resident
+ * memory follows the live window instead of growing to the whole ring. */
+static void set_tail(jr_t *j, uint64_t lpos)
+{
+    uint64_t old = j->tail_lpos;
+    j->tail_lpos = lpos;
+    if (j->window >= j->cap || lpos <= old)
+        return;
+    /* the bytes from old's page start are dead too, unless the head has come
+     * round the ring to them (a ring filled to the last block) */
+    uint64_t k = old % j->cap % PAGE;
+    ring_release(j, j->head_lpos + k <= old + j->cap ? old - k : old, lpos);
+}
+
+/* Recovered records not in the mirror yet (see IN MEMORY). */
+static int backlog(const jr_t *j)
+{
+    return j->load_lpos < j->rec_end_lpos;
+}
+
+/* Records before this seq are in the mirror and may be flushed. */
+static uint64_t loaded_seq(const jr_t *j)
+{
+    return backlog(j) ? j->load_seq : j->durable_seq;
 }
 
 static int pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
@@ -775,8 +842,11 @@ static int sb_write(jr_t *j, uint64_t seq, uint64_t lpos, int locked)
 {
     uint64_t sbs = j->sb_seq + 1;
     /* the record at the checkpoint (appended, so its header is in the
-     * mirror) or, if none yet, the next one: written by this generation */
-    uint64_t min_gen = seq < j->head_seq ? hdr_at(j, lpos)->generation : j->generation;
+     * mirror, unless it is the first of the recovery's backlog) or, if none
+     * yet, the next one: written by this generation */
+    uint64_t min_gen = seq >= j->head_seq             ? j->generation
+                       : backlog(j) && lpos == j->load_lpos ? j->load_gen
+                                                          : hdr_at(j, lpos)->generation;
     sb_fill(j->sbbuf, j->align, j->journal_id, j->generation, j->cap, seq, lpos % j->cap, sbs,
             min_gen);
     if (locked)
@@ -904,8 +974,12 @@ static void jr_free_all(jr_t *j)
 
 static int ring_alloc(jr_t *j)
 {
-    j->ring_map = round_up(j->cap, 4096);
-    void *p = mmap(NULL, j->ring_map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    j->ring_map = round_up(j->cap, PAGE);
+    /* only the live window is ever resident (set_tail): reserve no swap or
+     * commit charge for the rest of a large ring */
+    int noreserve = j->window < j->cap ? MAP_NORESERVE : 0;
+    void *p = mmap(NULL, j->ring_map, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | noreserve, -1, 0);
     if (p == MAP_FAILED) {
         j->ring = NULL;
         return -ENOMEM;
@@ -952,8 +1026,9 @@ static void forget_vol(jr_t *j, struct vol *v, uint64_t bound)
     v->unflushed = v->unflushed_bytes = 0;
 }
 
-/* The size of the record at lpos if it continues the log there (see the
- * recovery rules at the top), else 0. start: the walk's first position. */
+/* The size of the record at lpos if its header continues the log there (see
+ * the recovery rules at the top; the data's checksum is rec_data_ok's), else
+ * 0. start: the walk's first position. */
 static uint64_t rec_check(const jr_t *j, uint64_t lpos, uint64_t seq, uint64_t prev_gen,
                           uint64_t start)
 {
@@ -978,10 +1053,6 @@ static uint64_t rec_check(const jr_t *j, uint64_t lpos, uint64_t seq, uint64_t p
         if (h->type == REC_MARKER && (h->len > JR_MAX_PAYLOAD || !h->marker_id))
             return 0;
         size = rec_size(j, h->len);
-        if (size > room)
-            return 0;
-        if (jr_crc32c((const unsigned char *)h + JR_HDR, h->len) != h->data_crc)
-            return 0;
     } else if (h->type == REC_DISCARD) {
         if (!h->vol || h->len || h->data_crc || !h->marker_id || h->marker_id % 512 ||
             h->offset % 512 || h->offset + h->marker_id < h->offset)
@@ -999,59 +1070,249 @@ static uint64_t rec_check(const jr_t *j, uint64_t lpos, uint64_t seq, uint64_t p
     return size;
 }
 
+/* The data (WRITE) or payload (MARKER) of a record rec_check accepted,
+ * whole in the mirror, is intact. */
+static int rec_data_ok(const struct rec_disk *h)
+{
+    if (h->type != REC_WRITE && h->type != REC_MARKER)
+        return 1;
+    return jr_crc32c((const unsigned char *)h + JR_HDR, h->len) == h->data_crc;
+}
+
+/* Recovery's walk: the mirror holds the ring's bytes up to upto, read from
+ * *fill on in SCAN_BYTES pieces (never past stop: one lap from the start). */
+static int ring_fill(jr_t *j, uint64_t *fill, uint64_t upto, uint64_t stop)
+{
+    while (*fill < upto && *fill < stop) {
+        uint64_t phys = *fill % j->cap, n = SCAN_BYTES;
+        if (n > j->cap - phys)
+            n = j->cap - phys;
+        if (n > stop - *fill)
+            n = stop - *fill;
+        int rc = pread_all(j->fd, j->ring + phys, n, JR_RING_START + phys);
+        if (rc < 0)
+            return rc;
+        *fill += n;
+    }
+    return 0;
+}
+
+/* A recovered record, in the mirror at lpos, becomes an unflushed record
+ * for the flusher and the overlay (unless its volume was forgotten after it). */
+static int index_record(jr_t *j, const struct rec_disk *h, uint64_t lpos)
+{
+    if (h->type != REC_WRITE && h->type != REC_DISCARD)
+        return 0;
+    struct vol *v = vol_get(j, h->vol);
+    if (!v)
+        return -ENOMEM;
+    if (h->seq < v->forget_seq)
+        return 0; /* the volume was deleted after this record */
+    int rc = h->type == REC_WRITE ? ix_insert(j, h->vol, h->offset, h->len, h->seq, lpos + JR_HDR)
+                                  : dl_add(j, h->vol, h->offset, h->marker_id, h->seq);
+    if (rc < 0)
+        return rc;
+    v->unflushed++;
+    j->unflushed_records++;
+    if (h->type == REC_WRITE) {
+        v->unflushed_bytes += h->len;
+        j->unflushed_bytes += h->len;
+    }
+    return 0;
+}
+
 static int recover(jr_t *j, uint64_t discard_from)
 {
     uint64_t start = j->ckpt_lpos, lpos = start, seq = j->ckpt_seq, prev_gen = j->min_gen, size;
+    /* the walk reads the ring into the mirror as it goes (fill); records
+     * past the first window's worth are only checked, their pages given back
+     * behind the walk (rel), and loaded again later by the flusher */
+    uint64_t fill = start, stop = start + j->cap, rel = start;
+    int in_window = 1, rc;
+    j->load_lpos = start;
+    j->load_seq = seq;
     /* first pass: the extent of the log, and where each forgotten volume
      * ends (a FORGET drops its volume's records before its bound, also
      * those earlier in this walk) */
-    while ((!discard_from || seq < discard_from) &&
-           (size = rec_check(j, lpos, seq, prev_gen, start))) {
+    while (!discard_from || seq < discard_from) {
+        if (lpos - start >= j->cap)
+            break;
+        if ((rc = ring_fill(j, &fill, lpos + JR_HDR, stop)) < 0)
+            return rc;
+        if (!(size = rec_check(j, lpos, seq, prev_gen, start)))
+            break;
+        if ((rc = ring_fill(j, &fill, lpos + size, stop)) < 0)
+            return rc;
         const struct rec_disk *h = hdr_at(j, lpos);
-        if (h->type == REC_FORGET) {
+        if (!rec_data_ok(h))
+            break;
+        if (h->type == REC_FORGET || h->type == REC_WRITE || h->type == REC_DISCARD) {
             struct vol *v = vol_get(j, h->vol);
             if (!v)
                 return -ENOMEM;
-            if (h->offset > v->forget_seq)
+            if (h->type != REC_FORGET)
+                v->rec_last = h->seq;
+            else if (h->offset > v->forget_seq)
                 v->forget_seq = h->offset;
+        } else if (h->type == REC_MARKER) {
+            j->markers_pending++;
         }
         j->recovered_records++;
         prev_gen = h->generation;
+        if (in_window && lpos + size - start > j->window) {
+            in_window = 0; /* the backlog starts here */
+            j->load_gen = h->generation;
+        }
         lpos += size;
         seq++;
+        if (in_window) {
+            j->load_lpos = rel = lpos;
+            j->load_seq = seq;
+        } else if (lpos - rel >= SCAN_BYTES) {
+            ring_release(j, rel, lpos);
+            uint64_t pg = lpos - lpos % j->cap % PAGE; /* dead from its page's start */
+            rel = pg > j->load_lpos ? pg : j->load_lpos;
+        }
     }
+    ring_release(j, rel, fill); /* what was read past the window or the end */
     uint64_t end = lpos;
     j->rec_end_lpos = end;
     j->rec_prev_gen = prev_gen;
     j->rec.end_seq = seq;
-    /* second pass: index what the flusher will replay */
-    for (lpos = start; lpos < end; lpos += hdr_size(j, hdr_at(j, lpos))) {
-        const struct rec_disk *h = hdr_at(j, lpos);
-        if (h->type == REC_MARKER) {
-            j->markers_pending++;
-            continue;
-        }
-        if (h->type != REC_WRITE && h->type != REC_DISCARD)
-            continue;
-        struct vol *v = vol_get(j, h->vol);
-        if (!v)
-            return -ENOMEM;
-        if (h->seq < v->forget_seq)
-            continue; /* the volume was deleted after this record */
-        int rc = h->type == REC_WRITE
-                     ? ix_insert(j, h->vol, h->offset, h->len, h->seq, lpos + JR_HDR)
-                     : dl_add(j, h->vol, h->offset, h->marker_id, h->seq);
-        if (rc < 0)
+    /* second pass: index what is in the mirror for the flusher to replay */
+    for (lpos = start; lpos < j->load_lpos; lpos += hdr_size(j, hdr_at(j, lpos)))
+        if ((rc = index_record(j, hdr_at(j, lpos), lpos)) < 0)
             return rc;
-        v->unflushed++;
-        j->unflushed_records++;
-        if (h->type == REC_WRITE) {
-            v->unflushed_bytes += h->len;
-            j->unflushed_bytes += h->len;
-        }
-    }
     j->head_lpos = j->durable_lpos = j->submit_lpos = end;
     j->head_seq = j->durable_seq = seq;
+    return 0;
+}
+
+/* The flusher has reached the backlog (locked): bring the next records into
+ * the mirror, as many as the window has room for behind the tail, indexed as
+ * at open. Returns 1 if some came in, 0 if the window is full (the
+ * checkpoint must move first), or -errno (a read error, or the ring no
+ * longer holds what recovery found there: the journal changed under us). */
+static int load_more(jr_t *j)
+{
+    uint64_t from = j->load_lpos, end = j->rec_end_lpos;
+    /* one block past the window: the next record's header, whose
+     * generation the superblock needs if the checkpoint stops before it */
+    uint64_t to = j->tail_lpos + j->window + j->align, fill = from;
+    if (to < from + j->align) /* the window was lowered meanwhile */
+        to = from + j->align;
+    if (to > end)
+        to = end;
+    pthread_mutex_unlock(&j->mu); /* nobody else touches the ring past the load point */
+    int rc = ring_fill(j, &fill, to, to);
+    pthread_mutex_lock(&j->mu);
+    if (rc < 0)
+        return rc;
+    int loaded = 0;
+    while (j->load_lpos < end) {
+        uint64_t lp = j->load_lpos, size = rec_check(j, lp, j->load_seq, j->load_gen, lp);
+        const struct rec_disk *h = hdr_at(j, lp);
+        if (!size || h->generation != j->load_gen)
+            return -EIO;
+        if (lp + size - j->tail_lpos > j->window)
+            break;
+        if (!rec_data_ok(h))
+            return -EIO;
+        if ((rc = index_record(j, h, lp)) < 0)
+            return rc;
+        j->load_lpos = lp + size;
+        j->load_seq++;
+        loaded = 1;
+        if (j->load_lpos < end)
+            j->load_gen = hdr_at(j, j->load_lpos)->generation;
+    }
+    if (!backlog(j))
+        pthread_cond_broadcast(&j->cv_progress); /* readers wait for this */
+    /* an empty window too small for the next record (the minimum limit
+     * holds two of the largest): an error rather than a flusher spinning */
+    if (!loaded && j->load_lpos == j->tail_lpos)
+        return -EFBIG;
+    return loaded;
+}
+
+/* Recovery's scans of the ring: every block in [from, to) (lpos, at most a
+ * lap) that starts like a record header of this journal (magic, journal
+ * id) goes to fn, read through buf (SCAN_BYTES) rather than the mirror, so
+ * that a scan of the whole ring takes no more memory than that. A regular
+ * file's holes hold no record and are skipped. */
+typedef int (*scan_fn)(jr_t *j, const struct rec_disk *h, uint64_t lpos, void *ctx);
+
+static int scan_ring(jr_t *j, unsigned char *buf, uint64_t from, uint64_t to, scan_fn fn, void *ctx)
+{
+    for (uint64_t p = from; p < to;) {
+        uint64_t phys = p % j->cap, lim = j->cap - phys, n = SCAN_BYTES;
+        if (lim > to - p)
+            lim = to - p;
+        if (j->is_reg) {
+            off_t d = lseek(j->fd, (off_t)(JR_RING_START + phys), SEEK_DATA);
+            uint64_t skip = lim; /* ENXIO: a hole to the end of the file */
+            if (d >= 0)
+                skip = ((uint64_t)d - JR_RING_START - phys) / j->align * j->align;
+            if (d >= 0 || errno == ENXIO) {
+                if (skip > lim)
+                    skip = lim;
+                if (skip) {
+                    p += skip;
+                    continue;
+                }
+            }
+        }
+        if (n > lim)
+            n = lim;
+        int rc = pread_all(j->fd, buf, n, JR_RING_START + phys);
+        if (rc < 0)
+            return rc;
+        for (uint64_t o = 0; o < n; o += j->align) {
+            const struct rec_disk *h = (const struct rec_disk *)(buf + o);
+            if (h->magic == JR_REC_MAGIC && h->journal_id == j->journal_id &&
+                (rc = fn(j, h, p + o, ctx)) < 0)
+                return rc;
+        }
+        p += n;
+    }
+    return 0;
+}
+
+/* A record of this journal with a generation the superblock has not
+ * reached (the newest superblock slot was lost and an older one won) was
+ * written by an open whose superblock we cannot see: our generation goes
+ * past it, or records of two opens would share one and a later recovery
+ * would judge the ring differently from this one (the fuzzer's image opened
+ * once and was refused -EUCLEAN at the next open). */
+static int scan_generation(jr_t *j, const struct rec_disk *h, uint64_t lpos, void *ctx)
+{
+    (void)lpos;
+    (void)ctx;
+    if (h->generation >= j->generation && h->generation < JR_COUNTER_MAX / 2 &&
+        h->hdr_crc == jr_crc32c(h, offsetof(struct rec_disk, hdr_crc)))
+        j->generation = h->generation + 1;
+    return 0;
+}
+
+struct after_end {
+    int corrupt, zap;
+};
+
+static int scan_after(jr_t *j, const struct rec_disk *h, uint64_t lpos, void *ctx)
+{
+    struct after_end *a = ctx;
+    uint64_t end_seq = j->rec.end_seq, max_recs = j->cap / j->align;
+    if (h->seq < end_seq || h->seq - end_seq >= max_recs || h->generation < j->rec_prev_gen ||
+        h->generation >= j->generation || h->type < REC_WRITE || h->type > REC_FORGET ||
+        h->hdr_crc != jr_crc32c(h, offsetof(struct rec_disk, hdr_crc)))
+        return 0;
+    j->rec.dropped++;
+    if (h->seq > j->rec.last_seq)
+        j->rec.last_seq = h->seq;
+    if (h->ack_lag && h->seq + 1 - h->ack_lag > end_seq)
+        a->corrupt = 1;
+    if (a->zap) /* past the log's end: not in the mirror's live part */
+        return pwrite_all(j->fd, j->zeros, j->align, JR_RING_START + lpos % j->cap);
     return 0;
 }
 
@@ -1062,32 +1323,12 @@ static int recover(jr_t *j, uint64_t discard_from)
  * was acknowledged and is damaged: returns 1 (corruption in the middle of
  * the log), else 0 (a torn tail: records of commits in flight at a crash).
  * With zap, their headers are zeroed on disk so they never count again. */
-static int scan_after_end(jr_t *j, int zap)
+static int scan_after_end(jr_t *j, unsigned char *buf, int zap)
 {
-    uint64_t start = j->ckpt_lpos, end_seq = j->rec.end_seq, max_recs = j->cap / j->align;
-    int corrupt = 0;
+    struct after_end a = {.corrupt = 0, .zap = zap};
     j->rec.dropped = j->rec.last_seq = 0;
-    for (uint64_t p = j->rec_end_lpos; p < start + j->cap; p += j->align) {
-        struct rec_disk *h = hdr_at(j, p);
-        if (h->magic != JR_REC_MAGIC || h->journal_id != j->journal_id || h->seq < end_seq ||
-            h->seq - end_seq >= max_recs || h->generation < j->rec_prev_gen ||
-            h->generation >= j->generation || h->type < REC_WRITE || h->type > REC_FORGET ||
-            h->hdr_crc != jr_crc32c(h, offsetof(struct rec_disk, hdr_crc)))
-            continue;
-        j->rec.dropped++;
-        if (h->seq > j->rec.last_seq)
-            j->rec.last_seq = h->seq;
-        if (h->ack_lag && h->seq + 1 - h->ack_lag > end_seq)
-            corrupt = 1;
-        if (zap) {
-            uint64_t phys = p % j->cap;
-            memset(j->ring + phys, 0, j->align);
-            int rc = pwrite_all(j->fd, j->ring + phys, j->align, JR_RING_START + phys);
-            if (rc < 0)
-                return rc;
-        }
-    }
-    return corrupt;
+    int rc = scan_ring(j, buf, j->rec_end_lpos, j->ckpt_lpos + j->cap, scan_after, &a);
+    return rc < 0 ? rc : a.corrupt;
 }
 
 static jr_t *jr_alloc(void)
@@ -1122,13 +1363,27 @@ static jr_t *jr_alloc(void)
 
 int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out)
 {
-    return jr_open_ex(path, mode, ram_size, 0, NULL, out);
+    return jr_open_ex(path, mode, ram_size, 0, 0, NULL, out);
 }
 
-int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_from,
-               struct jr_recovery *info, jr_t **out)
+/* The live window a memory limit allows in a ring of cap bytes (the one
+ * place the limit becomes a size). A ring that fits whole (with a page of
+ * margin) is held whole; a smaller window stays two pages short of the ring,
+ * so that set_tail's page rounding never reaches the head's next lap. */
+static uint64_t window_for(uint64_t cap, uint32_t align, uint64_t mem_limit)
 {
-    if (!out || (mode != JR_NV && mode != JR_RAM) || (discard_from && mode != JR_NV))
+    if (!mem_limit)
+        mem_limit = JR_MEM_DEFAULT;
+    if (mem_limit + 2 * PAGE >= cap)
+        return cap;
+    return mem_limit / align * align;
+}
+
+int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t mem_limit,
+               uint64_t discard_from, struct jr_recovery *info, jr_t **out)
+{
+    if (!out || (mode != JR_NV && mode != JR_RAM) || (discard_from && mode != JR_NV) ||
+        (mode == JR_NV && mem_limit && mem_limit < JR_MEM_MIN))
         return -EINVAL;
     *out = NULL;
     if (info)
@@ -1146,6 +1401,7 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_f
         j->cap = cap;
         j->generation = 1;
         j->head_seq = j->durable_seq = j->flush_seq = j->synced_seq = j->ckpt_seq = 1;
+        j->window = cap; /* ram_size is the memory it was given */
         if (ring_alloc(j) < 0) {
             jr_free_all(j);
             return -ENOMEM;
@@ -1159,6 +1415,7 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_f
     if (!j)
         return -ENOMEM;
     j->mode = JR_NV;
+    unsigned char *scan = NULL; /* recovery's read buffer (SCAN_BYTES) */
     int rc = journal_open_fd(j, path);
     if (rc < 0)
         goto fail;
@@ -1208,25 +1465,20 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_f
     j->min_gen = sb->min_gen;
     j->ckpt_seq = j->synced_seq = j->flush_seq = sb->ckpt_seq;
     j->ckpt_lpos = j->tail_lpos = j->flush_lpos = j->synced_lpos = sb->ckpt_pos;
+    j->window = window_for(j->cap, j->align, mem_limit);
+    j->is_reg = !is_blk;
     rc = ring_alloc(j);
     if (rc < 0)
         goto fail;
-    rc = pread_all(j->fd, j->ring, j->cap, JR_RING_START);
+    rc = -ENOMEM;
+    scan = mmap(NULL, SCAN_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (scan == MAP_FAILED) {
+        scan = NULL;
+        goto fail;
+    }
+    rc = scan_ring(j, scan, 0, j->cap, scan_generation, NULL);
     if (rc < 0)
         goto fail;
-    /* A record of this journal with a generation the superblock has not
-     * reached (the newest superblock slot was lost and an older one won)
-     * was written by an open whose superblock we cannot see: our generation
-     * goes past it, or records of two opens would share one and a later
-     * recovery would judge the ring differently from this one (the fuzzer's
-     * image opened once and was refused -EUCLEAN at the next open). */
-    for (uint64_t p = 0; p + JR_HDR <= j->cap; p += j->align) {
-        const struct rec_disk *h = (const struct rec_disk *)(j->ring + p);
-        if (h->magic == JR_REC_MAGIC && h->journal_id == j->journal_id &&
-            h->generation >= j->generation && h->generation < JR_COUNTER_MAX / 2 &&
-            h->hdr_crc == jr_crc32c(h, offsetof(struct rec_disk, hdr_crc)))
-            j->generation = h->generation + 1;
-    }
     rc = -EINVAL;
     if (discard_from && discard_from < j->ckpt_seq) {
         if (info) /* the records before the checkpoint are on the volumes already */
@@ -1237,18 +1489,18 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_f
     if (rc < 0)
         goto fail;
     int cut = discard_from && j->rec.end_seq == discard_from;
-    rc = scan_after_end(j, 0);
+    rc = scan_after_end(j, scan, 0);
     if (rc == 1 && !cut) {
         /* acknowledged records follow a damaged one: never drop them
          * silently; jr_open_ex with discard_from drops them on request */
         j->rec.bad_seq = j->rec.end_seq;
         rc = discard_from ? -ERANGE : -EUCLEAN;
     } else if (rc >= 0 && discard_from) {
-        rc = scan_after_end(j, 1);
+        rc = scan_after_end(j, scan, 1);
         if (rc == -EINVAL && j->direct) {
             rc = journal_direct_fallback(j, path);
             if (rc == 0)
-                rc = scan_after_end(j, 1);
+                rc = scan_after_end(j, scan, 1);
         }
     }
     if (info)
@@ -1265,11 +1517,20 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_f
     if (rc < 0)
         goto fail;
     j->journal_error = 0;
+    munmap(scan, SCAN_BYTES);
     *out = j;
     return 0;
 fail:
+    if (scan)
+        munmap(scan, SCAN_BYTES);
     jr_free_all(j);
     return rc;
+}
+
+/* vol has records in the recovery's backlog (not counted in unflushed yet). */
+static int vol_backlog(const jr_t *j, const struct vol *v)
+{
+    return backlog(j) && v->rec_last >= j->load_seq && v->rec_last >= v->forget_seq;
 }
 
 int jr_pending_volumes(jr_t *j, uint32_t *vols, int max)
@@ -1277,7 +1538,7 @@ int jr_pending_volumes(jr_t *j, uint32_t *vols, int max)
     pthread_mutex_lock(&j->mu);
     int n = 0;
     for (int i = 0; i < j->nvols; i++) {
-        if (!j->vols[i]->unflushed)
+        if (!j->vols[i]->unflushed && !vol_backlog(j, j->vols[i]))
             continue;
         if (n < max && vols)
             vols[n] = j->vols[i]->id;
@@ -1405,13 +1666,14 @@ int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms)
     /* every record of vol on its device, and the device synced by the
      * flusher (not here: a failed fdatasync must make the flusher rewrite
      * the records, see rewind_flush; a failing device keeps us waiting) */
-    while ((v->unflushed || v->busy || (v->dirty && j->started)) && !j->stopping) {
-        if (!v->unflushed && !v->busy && !j->sync_now) {
+    while ((v->unflushed || vol_backlog(j, v) || v->busy || (v->dirty && j->started)) &&
+           !j->stopping) {
+        if (!v->unflushed && !vol_backlog(j, v) && !v->busy && !j->sync_now) {
             j->sync_now = 1;
             pthread_cond_signal(&j->cv_flush);
         }
         if (wait_until(&j->cv_progress, &j->mu, &dl) == ETIMEDOUT &&
-            (v->unflushed || v->busy || v->dirty)) {
+            (v->unflushed || vol_backlog(j, v) || v->busy || v->dirty)) {
             rc = -ETIMEDOUT;
             break;
         }
@@ -1562,7 +1824,7 @@ static int want_sync(const jr_t *j)
      * sync rewrites them from the ring) */
     if (j->full_waiters && j->flush_lpos != j->tail_lpos)
         return 1;
-    if (j->flush_lpos - j->tail_lpos >= j->cap / 8)
+    if (j->flush_lpos - j->tail_lpos >= j->window / 8)
         return 1;
     return 0;
 }
@@ -1728,7 +1990,7 @@ static int sync_ckpt(jr_t *j)
         j->synced_seq = tseq;
         j->synced_lpos = tlpos;
         if (j->mode == JR_RAM)
-            j->tail_lpos = tlpos;
+            set_tail(j, tlpos);
     }
     if (j->redo_end && tseq >= j->redo_end) { /* every rewritten record is synced */
         for (int i = 0; i < j->nvols; i++)
@@ -1742,7 +2004,8 @@ static int sync_ckpt(jr_t *j)
         if (rc < 0)
             return rc;
         j->ckpt_seq = tseq;
-        j->ckpt_lpos = j->tail_lpos = tlpos;
+        j->ckpt_lpos = tlpos;
+        set_tail(j, tlpos);
     }
     pthread_cond_broadcast(&j->cv_progress);
     return 0;
@@ -1772,10 +2035,11 @@ static void flush_marker(jr_t *j, const struct rec_disk *h)
     j->synced_seq = seq + 1; /* no dm write since the sync above */
     j->synced_lpos = lpos + size;
     if (j->mode == JR_RAM)
-        j->tail_lpos = lpos + size;
+        set_tail(j, lpos + size);
     if (j->mode == JR_NV && !j->journal_error && sb_write(j, seq + 1, lpos + size, 1) == 0) {
         j->ckpt_seq = seq + 1;
-        j->ckpt_lpos = j->tail_lpos = lpos + size;
+        j->ckpt_lpos = lpos + size;
+        set_tail(j, lpos + size);
     }
     pthread_cond_broadcast(&j->cv_progress);
 }
@@ -1785,7 +2049,8 @@ static void flush_writes(jr_t *j, struct vol *v)
     struct iovec iov[BATCH_IOV];
     int n = 0;
     uint64_t lp = j->flush_lpos, s = j->flush_seq, off0 = hdr_at(j, lp)->offset, total = 0;
-    while (s < j->durable_seq && n < BATCH_IOV) {
+    uint64_t lim = loaded_seq(j);
+    while (s < lim && n < BATCH_IOV) {
         const struct rec_disk *h = hdr_at(j, lp);
         if (h->type == REC_PAD) {
             lp += h->len;
@@ -1924,6 +2189,22 @@ static void *flusher_main(void *arg)
         if (want_sync(j)) {
             if (sync_ckpt(j) < 0)
                 backoff(j);
+            continue;
+        }
+        if (backlog(j) && j->flush_lpos == j->load_lpos) {
+            /* the recovered log goes on past what is in memory */
+            if (j->journal_error) {
+                pthread_cond_wait(&j->cv_flush, &j->mu);
+                continue;
+            }
+            int rc = load_more(j);
+            if (rc < 0) { /* sticky, as for any journal device error */
+                j->journal_error = rc;
+                wake_durable_all(j);
+                pthread_cond_broadcast(&j->cv_progress);
+            } else if (rc == 0 && sync_ckpt(j) < 0) { /* room comes behind the checkpoint */
+                backoff(j);
+            }
             continue;
         }
         if (j->flush_seq < j->durable_seq) {
@@ -2103,14 +2384,15 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
     uint64_t reserve = j->mode == JR_NV && type != REC_FORGET ? FORGET_RESERVE * j->align : 0;
     struct vol *v = NULL;
     int waited = 0, rc;
-    if (size + reserve > j->cap)
+    if (size + reserve > j->window)
         return -EINVAL;
     for (;;) {
         rc = append_ok(j, type, vol, off, ext, &v);
         if (rc)
             return rc;
+        /* the window, not only the ring, bounds what is live: the memory */
         uint64_t used = j->head_lpos - j->tail_lpos + reserve;
-        uint64_t avail = used < j->cap ? j->cap - used : 0;
+        uint64_t avail = used < j->window ? j->window - used : 0;
         uint64_t to_end = j->cap - j->head_lpos % j->cap;
         if (size > to_end) {
             if (to_end <= avail) {
@@ -2133,7 +2415,7 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
         if (rc == ETIMEDOUT) {
             /* one last look: the space may have come with the timeout */
             used = j->head_lpos - j->tail_lpos + reserve;
-            avail = used < j->cap ? j->cap - used : 0;
+            avail = used < j->window ? j->window - used : 0;
             to_end = j->cap - j->head_lpos % j->cap;
             if (append_ok(j, type, vol, off, ext, &v) || size > to_end || size > avail)
                 return -ETIMEDOUT;
@@ -2395,6 +2677,18 @@ int jr_read(jr_t *j, uint32_t vol, uint64_t offset, void *buf, uint32_t len)
     } else if (offset > v->size || len > v->size - offset) {
         rc = -EINVAL;
     }
+    /* the overlay does not cover the recovery's backlog until it is in
+     * memory: wait for the flusher to bring it in */
+    while (!rc && backlog(j)) {
+        if (j->stopping)
+            rc = -ESHUTDOWN;
+        else if (j->journal_error)
+            rc = j->journal_error;
+        else if (!j->started)
+            rc = -EAGAIN;
+        else
+            pthread_cond_wait(&j->cv_progress, &j->mu);
+    }
     if (rc) {
         leave(j);
         free(covered);
@@ -2545,7 +2839,27 @@ void jr_get_stats(jr_t *j, struct jr_stats *st)
     st->recovery_end_seq = j->rec.end_seq;
     st->sync_rewinds = j->rewinds;
     st->recovery_dropped = j->rec.dropped;
+    st->mem_limit = j->window;
+    st->backlog_bytes = j->rec_end_lpos - j->load_lpos;
     pthread_mutex_unlock(&j->mu);
+}
+
+int jr_set_mem_limit(jr_t *j, uint64_t mem_limit)
+{
+    if (j->mode != JR_NV || (mem_limit && mem_limit < JR_MEM_MIN))
+        return -EINVAL;
+    int rc = enter(j);
+    if (rc < 0)
+        return rc;
+    /* a ring held whole until now gives its pages back as the tail passes
+     * them from here on (set_tail), so within one lap */
+    j->window = window_for(j->cap, j->align, mem_limit);
+    /* a larger window: writers waiting for room may go on; a smaller one:
+     * the flusher's sync threshold (window / 8) changed */
+    pthread_cond_broadcast(&j->cv_progress);
+    pthread_cond_signal(&j->cv_flush);
+    leave(j);
+    return 0;
 }
 
 int jr_stop(jr_t *j, int drain, uint32_t timeout_ms)

@@ -14,9 +14,11 @@
  *   JR_NV   the ring lives on a device or file (O_DIRECT|O_DSYNC where the
  *           file system allows, else buffered + O_DSYNC); a write returns
  *           once its record is durable. One committer thread writes every
- *           record appended meanwhile in one go (group commit). The ring is
- *           mirrored in RAM, so overlay reads and the flusher never read
- *           the journal device.
+ *           record appended meanwhile in one go (group commit). The live
+ *           part of the ring (records not yet checkpointed) is mirrored in
+ *           RAM, so overlay reads and the flusher never read the journal
+ *           device; that part is bounded by the journal's memory limit
+ *           (jr_open_ex, jr_set_mem_limit), not by the ring's size.
  *   JR_RAM  the ring is in RAM only; a write returns once copied. JR_FUA
  *           and jr_sync() wait until the data is on the dm device and the
  *           device has been fdatasync()ed.
@@ -85,6 +87,18 @@ typedef struct jr jr_t;
 #define JR_MAX_PAYLOAD 3584 /* bytes of marker payload (stored after the header: a marker <= 4 KiB) */
 #define JR_MAX_IO (8u << 20) /* largest single write */
 
+/* NV: the most RAM the mirror of the live window (records appended and not
+ * yet checkpointed) may take. Appends wait, as for a full ring, when the
+ * window would grow past it; recovery streams the ring and keeps at most this
+ * much of the recovered log in memory, the flusher bringing in the rest as
+ * the checkpoint frees room. A ring no larger than the limit is simply held
+ * whole. The one default (0 passed to jr_open_ex means it); the minimum holds
+ * two of the largest records. */
+#define JR_MEM_DEFAULT (256ull << 20)
+#ifndef JR_MEM_MIN /* the sanitizer driver lowers it to page through a small ring */
+#define JR_MEM_MIN (16ull << 20)
+#endif
+
 struct jr_stats {
     int32_t mode;
     uint32_t align;
@@ -117,6 +131,8 @@ struct jr_stats {
     uint64_t recovery_end_seq;  /* NV: the first seq after the log recovered at open */
     uint64_t recovery_dropped;  /* NV: records found after it at open, not replayed */
     uint64_t sync_rewinds;      /* failed fdatasyncs whose records were written again */
+    uint64_t mem_limit;         /* NV: bytes the live window may take in RAM (<= capacity) */
+    uint64_t backlog_bytes;     /* NV: recovered log not yet brought into RAM (0: all in) */
 };
 
 /* What recovery found after the end of the log (jr_open_ex). */
@@ -134,13 +150,19 @@ struct jr_recovery {
  * size). journal_id identifies this journal in every record. */
 int jr_format(const char *path, uint64_t size, uint32_t align, uint64_t journal_id);
 
-/* Open and recover. NV: path of a formatted journal, ram_size ignored.
- * RAM: path NULL, ring of ram_size bytes. Threads are not started yet:
- * attach volumes first (recovered records name them), then jr_start. */
+/* Open and recover. NV: path of a formatted journal, ram_size ignored,
+ * memory limit JR_MEM_DEFAULT. RAM: path NULL, ring of ram_size bytes (that
+ * is its memory). Threads are not started yet: attach volumes first
+ * (recovered records name them), then jr_start. */
 int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out);
 
-/* jr_open, saying what recovery found after the log's end (info may be
- * NULL). The log ends at the first record that is not a valid continuation.
+/* jr_open with a memory limit (NV: mem_limit bytes, see JR_MEM_DEFAULT; 0:
+ * the default; below JR_MEM_MIN: -EINVAL; ignored in RAM mode), saying what
+ * recovery found after the log's end (info may be NULL). Recovery reads the
+ * ring through a bounded buffer and keeps at most mem_limit bytes of the
+ * recovered log in memory; a longer log (an older journal, a lowered limit)
+ * is replayed by the flusher in pieces of that size: until it is all in
+ * memory (jr_stats.backlog_bytes 0) reads wait and appends wait for room. The log ends at the first record that is not a valid continuation.
  * Records of this journal found after it are normally the torn tail of a
  * crash (commits that were in flight, never acknowledged): dropped,
  * counted in info->dropped. But if one of them was appended when the
@@ -152,8 +174,13 @@ int jr_open(const char *path, int mode, uint64_t ram_size, jr_t **out);
  * there on is dropped, its header zeroed on disk, counted in
  * info->dropped; -ERANGE (info->bad_seq) if the log is damaged before
  * discard_from (the records after the damage cannot be replayed). */
-int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t discard_from,
-               struct jr_recovery *info, jr_t **out);
+int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t mem_limit,
+               uint64_t discard_from, struct jr_recovery *info, jr_t **out);
+
+/* Change an open NV journal's memory limit (as jr_open_ex's mem_limit; 0:
+ * the default). Lowering it below the live window makes appends wait until
+ * the flusher has shrunk the window under it. RAM mode: -EINVAL. */
+int jr_set_mem_limit(jr_t *j, uint64_t mem_limit);
 
 /* Volume ids (> 0) with records after the checkpoint; returns the number
  * found (at most max written to vols). */

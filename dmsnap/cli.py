@@ -349,11 +349,16 @@ def _journal_text(j: Any) -> str:
     where = j.get("path") or "RAM"
     if not j.get("running"):
         return f"{j.get('mode')} on {where}, not running"
-    return (
+    text = (
         f"{j.get('mode')} on {where}, {_size(j.get('capacity'))}, {_pct(j.get('fill'))} full, "
         f"lag {_count(j.get('lag_records'))} records ({_size(j.get('lag_bytes'))}), "
         f"{_count(j.get('markers_pending'))} marker(s) pending"
     )
+    if j.get("memory"):  # NV: the setting, and what it allows in this ring
+        text += f", memory {_size(j.get('memory'))} (window {_size(j.get('memory_limit'))})"
+    if j.get("backlog_bytes"):
+        text += f", replaying {_size(j.get('backlog_bytes'))} recovered"
+    return text
 
 
 def _print_pools(pools: list[dict[str, Any]]) -> None:
@@ -518,6 +523,15 @@ def pool_create(
             case_sensitive=False,
         ),
     ] = DEFAULT_JOURNAL_MODE,
+    journal_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--journal-memory",
+            metavar="SIZE",
+            help="NV journal: RAM its unflushed writes may take (default 256M, at least 16M); "
+            "writers wait for the flusher beyond it, and recovery uses no more.",
+        ),
+    ] = None,
     sparse: Annotated[
         bool,
         typer.Option(
@@ -533,6 +547,7 @@ def pool_create(
         "journal": _device(journal),
         "journal_size": parse_size(journal_size, what="--journal-size") if journal_size else None,
         "journal_mode": journal_mode.value,
+        "journal_memory": _journal_memory(journal_memory),
         "name": _name("pool", name),
         "data": _device(data),
         "cache": _device(cache),
@@ -661,22 +676,40 @@ def pool_set(
             help="Classic: grow it by this share of its size, from the pool's free space.",
         ),
     ] = None,
+    journal_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--journal-memory",
+            metavar="SIZE",
+            help="NV journal: RAM its unflushed writes may take (at least 16M), at once; "
+            "lower, writers wait until the flusher is under it.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Change a pool's policy (classic COW autoextend)."""
+    """Change a pool's policy (classic COW autoextend, journal memory)."""
     p = _call(
         "pool.set",
         name=_name("pool", name),
         cow_autoextend_threshold=threshold,
         cow_autoextend_percent=percent,
+        journal_memory=_journal_memory(journal_memory),
     )
     if json_out:
         print_json(p)
         return
-    pol = p.get("cow_autoextend") or {}
-    typer.echo(
-        f"pool {name}: COW autoextend at {pol.get('threshold')}% full by {pol.get('percent')}%"
-    )
+    p = p if isinstance(p, dict) else {}
+    if threshold is not None or percent is not None:
+        pol = p.get("cow_autoextend") or {}
+        typer.echo(
+            f"pool {name}: COW autoextend at {pol.get('threshold')}% full by {pol.get('percent')}%"
+        )
+    if journal_memory is not None:
+        typer.echo(f"pool {name}: journal memory {_size((p.get('journal') or {}).get('memory'))}")
+
+
+def _journal_memory(text: str | None) -> int | None:
+    return parse_size(text, what="--journal-memory") if text else None
 
 
 def _host_fs_text(h: Any) -> str | None:

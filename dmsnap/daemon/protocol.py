@@ -271,12 +271,15 @@ OPS: dict[str, Op] = {
     "pool.create": _op(
         "pool_create",
         "name",
-        "data cache backend size cache_size journal journal_size journal_mode sparse",
+        "data cache backend size cache_size journal journal_size journal_mode journal_memory "
+        "sparse",
         "name",
     ),
     "pool.list": _op("pool_list", ro=True),
     "pool.show": _op("pool_show", "name", req="name", ro=True),
-    "pool.set": _op("pool_set", "name", "cow_autoextend_threshold cow_autoextend_percent", "name"),
+    "pool.set": _op(
+        "pool_set", "name", "cow_autoextend_threshold cow_autoextend_percent journal_memory", "name"
+    ),
     "pool.destroy": _op("pool_destroy", "name", "force", "name"),
     "pool.repair": _op("pool_repair", "name discard_after", req="name discard_after"),
     "volume.create": _op("volume_create", "pool vol size", req="pool vol size"),
@@ -330,6 +333,7 @@ _CHECKS: dict[str, Check] = {
     "token": _token,
     "journal": _device,
     "journal_size": _size,
+    "journal_memory": _size,
     "journal_mode": _choice(rules.JOURNAL_MODES),
     "wait": _bool,
     "timeout": _seconds,

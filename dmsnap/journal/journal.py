@@ -103,6 +103,8 @@ class JournalStats:
     recovery_end_seq: int
     recovery_dropped: int
     sync_rewinds: int
+    mem_limit: int
+    backlog_bytes: int
 
     @property
     def fill(self) -> float:
@@ -171,6 +173,9 @@ class Journal:
 
     MAX_PAYLOAD: int = lib.JR_MAX_PAYLOAD
     MAX_IO: int = lib.JR_MAX_IO
+    # NV: RAM the live window may take (csrc/journal.h, the one default)
+    MEM_DEFAULT: int = lib.JR_MEM_DEFAULT
+    MEM_MIN: int = lib.JR_MEM_MIN
 
     def __init__(self, handle: Any, mode: str, path: str | None) -> None:
         self._j = handle
@@ -194,8 +199,13 @@ class Journal:
         _check(rc, f"format journal {path}")
 
     @classmethod
-    def open(cls, path: str | None = None, *, mode: str = "nv", ram_size: int = 0) -> Journal:
-        """Open (and recover) a journal; threads start with :meth:`start`."""
+    def open(
+        cls, path: str | None = None, *, mode: str = "nv", ram_size: int = 0, mem_limit: int = 0
+    ) -> Journal:
+        """Open (and recover) a journal; threads start with :meth:`start`.
+        ``mem_limit`` (NV; 0: :attr:`MEM_DEFAULT`): RAM the records not yet
+        checkpointed may take; recovery keeps no more than that in memory
+        either, and replays a longer log in pieces before reads are served."""
         if mode not in ("nv", "ram"):
             raise ValueError(f"journal mode must be 'nv' or 'ram', not {mode!r}")
         out = ffi.new("jr_t **")
@@ -203,10 +213,13 @@ class Journal:
         if mode == "nv":
             if not path:
                 raise ValueError("an NV journal needs a path")
-            rc = lib.jr_open_ex(os.fsencode(path), lib.JR_NV, 0, 0, info, out)
+            rc = lib.jr_open_ex(os.fsencode(path), lib.JR_NV, 0, mem_limit, 0, info, out)
             if rc == -_errno.EUCLEAN:
                 raise JournalCorrupt(path, int(info.bad_seq), int(info.dropped))
-            _check(rc, f"open journal {path}")
+            reason = None
+            if rc == -_errno.EINVAL and 0 < mem_limit < cls.MEM_MIN:
+                reason = f"memory limit of {mem_limit} bytes is below {cls.MEM_MIN}"
+            _check(rc, f"open journal {path}", reason)
         else:
             if path:
                 raise ValueError("a RAM journal has no path")
@@ -226,7 +239,7 @@ class Journal:
         records after it cannot be replayed in order."""
         out = ffi.new("jr_t **")
         info = ffi.new("struct jr_recovery *")
-        rc = lib.jr_open_ex(os.fsencode(path), lib.JR_NV, 0, discard_from, info, out)
+        rc = lib.jr_open_ex(os.fsencode(path), lib.JR_NV, 0, 0, discard_from, info, out)
         what = f"repair journal {path} from record {discard_from}"
         if rc == -_errno.EINVAL and info.end_seq:
             _check(rc, what, f"records before {info.end_seq} are on the volumes already")
@@ -302,6 +315,24 @@ class Journal:
             _check(lib.jr_start(j), "start journal")
         finally:
             self._leave()
+
+    def set_mem_limit(self, mem_limit: int) -> None:
+        """Change an NV journal's memory limit (0: :attr:`MEM_DEFAULT`); a
+        lower one makes writers wait until the flusher has shrunk the live
+        window under it."""
+        j = self._enter()
+        try:
+            rc = lib.jr_set_mem_limit(j, mem_limit)
+        finally:
+            self._leave()
+        reason = None
+        if rc == -_errno.EINVAL:
+            reason = (
+                "a RAM journal's memory is its size"
+                if self.mode == "ram"
+                else f"memory limit must be at least {self.MEM_MIN} bytes"
+            )
+        _check(rc, f"set the journal's memory limit to {mem_limit}", reason)
 
     # ------------------------------------------------------------ volumes
 

@@ -104,6 +104,48 @@ class PoolJournal:
             target=self._marker_loop, name=f"markers-{self.pool}", daemon=True
         )
         self._thread.start()
+        try:
+            self._replay_backlog()
+        except BaseException:
+            self._stop.set()
+            self._thread.join()
+            raise
+
+    def _replay_backlog(self, stall: float = 120.0) -> None:
+        """A recovered log longer than the journal's memory limit is replayed
+        by the flusher in pieces of that size; until it is all in memory,
+        reads would wait for it and writes for room. Finish it before the
+        pool serves (serving the markers in it here: the caller may hold the
+        Manager's lock). Gives up, the records staying in the journal, once
+        the flusher has made no progress for ``stall`` seconds."""
+        st = self.journal.stats()
+        if not st.backlog_bytes:
+            return
+        log.warning(
+            "pool %s: the journal's log is %d MiB longer than its memory limit (%d MiB): "
+            "replaying it before serving",
+            self.pool,
+            st.backlog_bytes >> 20,
+            st.mem_limit >> 20,
+        )
+        last, since = st.flushed_seq, time.monotonic()
+        while st.backlog_bytes:
+            if st.journal_error:
+                raise JournalError(
+                    -st.journal_error,
+                    f"pool {self.pool}: journal replay: {_errname(st.journal_error)}",
+                )
+            self.serve_markers(0.05)
+            st = self.journal.stats()
+            if st.flushed_seq != last:
+                last, since = st.flushed_seq, time.monotonic()
+            elif time.monotonic() - since > stall:
+                why = _errname(st.flush_error) or "no progress"
+                raise TimeoutError(
+                    f"pool {self.pool}: journal replay stalled for {stall:.0f} s ({why}); "
+                    "its records stay in the journal"
+                )
+        log.info("pool %s: journal replayed", self.pool)
 
     def close(
         self, *, drain: bool = True, timeout: float = 60.0, stall: float | None = None
@@ -398,6 +440,10 @@ def status_json(pj: PoolJournal) -> Json:
     return {
         "mode": pj.mode,
         "capacity": st.capacity,
+        # RAM the live window may take (the pool's journal memory, or the
+        # ring if smaller), and recovered log still on disk only
+        "memory_limit": st.mem_limit,
+        "backlog_bytes": st.backlog_bytes,
         "used": st.used,
         "fill": round(st.used / st.capacity, 4) if st.capacity else 0.0,
         "lag_records": st.unflushed_records,

@@ -60,7 +60,7 @@ class PoolJournals:
             jpath = self._disks.hold_journal(pool, cfg["path"])
         try:
             if mode == "nv":
-                j = Journal.open(jpath, mode="nv")
+                j = Journal.open(jpath, mode="nv", mem_limit=cfg.get("memory") or 0)
             else:
                 j = Journal.open(None, mode="ram", ram_size=cfg["size"])
         except JournalCorrupt as e:

@@ -50,7 +50,7 @@ from dmsnap.storage.journals import PoolJournals, dm_path
 from dmsnap.storage.layers import ensure
 from dmsnap.storage.pending import PendingOps
 from dmsnap.storage.snapshots import SnapshotCuts, WaitFor
-from dmsnap.storage.stack import BACKENDS, PoolStack, zero
+from dmsnap.storage.stack import BACKENDS, PoolStack, check_journal_memory, zero
 from dmsnap.storage.views import Views, link
 from dmsnap.storage.volume_io import VolumeIO
 
@@ -208,11 +208,13 @@ class Manager:
         journal: str | None = None,
         journal_size: int | None = None,
         journal_mode: str = rules.DEFAULT_JOURNAL_MODE,
+        journal_memory: int | None = None,
         sparse: bool = False,
     ) -> Json:
         """``sparse``: create an embedded pool's loop files even if the host
         file system cannot hold them (they are sparse either way; the journal
-        file is always reserved)."""
+        file is always reserved). ``journal_memory``: RAM an NV journal's
+        unflushed records may take (default ``Journal.MEM_DEFAULT``)."""
         names.check_name("pool", name)
         new = self.stack.plan(
             name,
@@ -224,6 +226,7 @@ class Manager:
             journal=journal,
             journal_size=journal_size,
             journal_mode=journal_mode,
+            journal_memory=journal_memory,
             sparse=sparse,
         )
         pending_id = self.catalog.begin_pending(None, "pool.create", {"name": name})
@@ -261,9 +264,11 @@ class Manager:
         *,
         cow_autoextend_threshold: int | None = None,
         cow_autoextend_percent: int | None = None,
+        journal_memory: int | None = None,
     ) -> Json:
         """Change a pool's policy: COW autoextend (threshold 100: off), for
-        a backend whose snapshots have COW areas of their own."""
+        a backend whose snapshots have COW areas of their own; the RAM its
+        NV journal's unflushed records may take, at once."""
         p = self.catalog.pool(names.check_name("pool", name))
         changes = {
             k: v
@@ -273,9 +278,11 @@ class Manager:
             )
             if v is not None
         }
-        if not changes:
+        if not changes and journal_memory is None:
             raise E.InvalidArgument("nothing to set")
-        if not BACKENDS[p.backend].snapshot_areas:
+        if journal_memory is not None:
+            check_journal_memory(journal_memory, journal_mode(p))
+        if changes and not BACKENDS[p.backend].snapshot_areas:
             raise E.InvalidArgument(
                 f"pool {name} is {p.backend}: COW autoextend is for classic pools"
             )
@@ -285,7 +292,14 @@ class Manager:
         pc = changes.get("cow_autoextend_percent")
         if pc is not None and not 1 <= pc <= 1000:
             raise E.InvalidArgument("--cow-autoextend-percent is 1 to 1000")
-        self.catalog.update_pool(p.id, config={**p.config, **changes})
+        config = {**p.config, **changes}
+        if journal_memory is not None:
+            pj = self.journals.by_pool.get(p.id)
+            if pj is not None:  # a lower limit makes writers wait for the flusher
+                pj.journal.set_mem_limit(journal_memory)
+            config["journal"] = {**p.config["journal"], "memory": journal_memory}
+            changes["journal_memory"] = journal_memory
+        self.catalog.update_pool(p.id, config=config)
         log.info("pool %s: %s", name, ", ".join(f"{k}={v}" for k, v in sorted(changes.items())))
         return self.pool_show(name)
 

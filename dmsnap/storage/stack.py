@@ -83,6 +83,19 @@ def zero(path: str, length: int, offset: int = 0) -> None:
         os.close(fd)
 
 
+def check_journal_memory(memory: int | None, mode: str) -> None:
+    """A journal memory setting is for an NV journal (a RAM journal's memory
+    is its size) and holds at least two of the largest writes."""
+    if memory is None:
+        return
+    if mode != "nv":
+        raise E.InvalidArgument(
+            "--journal-memory is for an NV journal (a RAM journal's memory is --journal-size)"
+        )
+    if memory < Journal.MEM_MIN:
+        raise E.InvalidArgument(f"--journal-memory must be at least {Journal.MEM_MIN // MiB}M")
+
+
 @dataclass(frozen=True)
 class NewPool:
     """A pool creation, checked and planned; nothing changed yet."""
@@ -374,6 +387,7 @@ class PoolStack:
         journal: str | None,
         journal_size: int | None,
         journal_mode: str,
+        journal_memory: int | None,
         sparse: bool,
     ) -> NewPool:
         """Check a pool creation against the rules, the devices and the host
@@ -391,6 +405,7 @@ class PoolStack:
             raise E.InvalidArgument("--journal-size is for an embedded or RAM journal")
         if journal_mode == "none" and journal_size is not None:
             raise E.InvalidArgument("--journal-size needs a journal (mode nv or ram)")
+        check_journal_memory(journal_memory, journal_mode)
         jsize = journal_size or rules.DEFAULT_JOURNAL_SIZE
         if journal_mode != "none" and journal is None and jsize < rules.MIN_JOURNAL_SIZE:
             raise E.InvalidArgument(f"a journal needs at least {rules.MIN_JOURNAL_SIZE // MiB}M")
@@ -448,6 +463,8 @@ class PoolStack:
             "size": 0 if journal_mode == "none" else jsize,
             "embedded": journal is None and journal_mode == "nv",
         }
+        if journal_memory is not None:
+            layout["journal"]["memory"] = journal_memory
         labelled = {r: p for r, p in external.items() if p is not None}
         if labelled:
             layout["labels"] = {

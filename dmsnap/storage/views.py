@@ -14,6 +14,7 @@ from dmsnap import errors as E
 from dmsnap.dm import DeviceMapper, DmError
 from dmsnap.dm import status as st
 from dmsnap.dm.udev import LINK_DIR
+from dmsnap.journal.journal import Journal
 from dmsnap.journal.service import status_json
 from dmsnap.rules import MiB
 from dmsnap.storage import names
@@ -109,10 +110,17 @@ class Views:
             return {"mode": "none"}
         pj = self.journals.by_pool.get(pool.id)
         jcfg = pool.config["journal"]
+        # the setting (NV): what the live window may take in RAM
+        memory = jcfg.get("memory") or Journal.MEM_DEFAULT if jcfg["mode"] == "nv" else None
         if pj is None:
             health.append("journal not running")
-            return {"mode": jcfg["mode"], "path": jcfg.get("path"), "running": False}
-        j = {"path": jcfg.get("path"), "running": True, **status_json(pj)}
+            return {
+                "mode": jcfg["mode"],
+                "path": jcfg.get("path"),
+                "memory": memory,
+                "running": False,
+            }
+        j = {"path": jcfg.get("path"), "memory": memory, "running": True, **status_json(pj)}
         for key in ("journal_error", "flush_error", "last_marker_error"):
             if j[key]:
                 health.append(f"journal {key.replace('_', ' ')}: {j[key]}")

@@ -39,6 +39,19 @@ POOLS = [
         "snapshots": 3,
         "embedded": False,
         "devices": [{"role": "data", "path": "/dev/sdb"}, {"role": "cache", "path": "/dev/nvme0"}],
+        "journal": {
+            "mode": "nv",
+            "path": "/dev/nvme1",
+            "running": True,
+            "capacity": 64 * GiB,
+            "fill": 0.001,
+            "lag_records": 3,
+            "lag_bytes": 12288,
+            "markers_pending": 0,
+            "memory": 256 << 20,
+            "memory_limit": 256 << 20,
+            "backlog_bytes": 0,
+        },
     },
     {
         "name": "embedded-default",
@@ -428,6 +441,22 @@ def test_human_output(capsys, daemon) -> None:
     assert "warning: embedded-default: snapshot v@s1 is invalid (COW full)" in out
     rc, out, _ = run(capsys, "daemon", "ping")
     assert rc == 0 and "is running on" in out
+
+
+def test_journal_memory_is_sent_and_shown(capsys, daemon) -> None:
+    _, fake = daemon
+    rc, _, err = run(capsys, "pool", "create", "p", "--journal-memory", "1G")
+    assert rc == 0, err
+    assert fake.calls[-1][2]["journal_memory"] == GiB
+    rc, out, err = run(capsys, "pool", "set", "p", "--journal-memory", "64M")
+    assert rc == 0, err
+    assert fake.calls[-1] == ("pool_set", ("p",), {"journal_memory": 64 << 20})
+    rc, _, err = run(capsys, "pool", "set", "p", "--journal-memory", "lots")
+    assert rc != 0 and "--journal-memory" in one_line(err)
+    rc, out, _ = run(capsys, "pool", "show", "fast")
+    assert rc == 0 and "memory 256M (window 256M)" in out
+    rc, out, _ = run(capsys, "pool", "create", "--help")
+    assert "--journal-memory" in out
 
 
 def test_daemon_errors_are_one_line_with_their_exit_code(capsys, daemon) -> None:

@@ -95,6 +95,7 @@ class FakeManager:
         journal=None,
         journal_size=None,
         journal_mode="nv",
+        journal_memory=None,
         sparse=False,
     ):
         self._record(
@@ -108,6 +109,7 @@ class FakeManager:
             journal=journal,
             journal_size=journal_size,
             journal_mode=journal_mode,
+            journal_memory=journal_memory,
             sparse=sparse,
         )
         return {"name": name, "backend": backend, "size": size}
@@ -120,12 +122,20 @@ class FakeManager:
         self._record("pool_show", name)
         return {"name": name}
 
-    def pool_set(self, name, *, cow_autoextend_threshold=None, cow_autoextend_percent=None):
+    def pool_set(
+        self,
+        name,
+        *,
+        cow_autoextend_threshold=None,
+        cow_autoextend_percent=None,
+        journal_memory=None,
+    ):
         self._record(
             "pool_set",
             name,
             cow_autoextend_threshold=cow_autoextend_threshold,
             cow_autoextend_percent=cow_autoextend_percent,
+            journal_memory=journal_memory,
         )
         return {"name": name}
 
@@ -344,6 +354,16 @@ ROUND_TRIPS = [
         "pool.set",
         {"name": "p", "cow_autoextend_threshold": 80, "cow_autoextend_percent": 20},
         ("pool_set", ("p",), {"cow_autoextend_threshold": 80, "cow_autoextend_percent": 20}),
+    ),
+    (
+        "pool.set",
+        {"name": "p", "journal_memory": "64M"},
+        ("pool_set", ("p",), {"journal_memory": 64 << 20}),
+    ),
+    (
+        "pool.create",
+        {"name": "p5", "journal": "/dev/nvme1n1", "journal_memory": "1G"},
+        ("pool_create", ("p5",), {"journal": "/dev/nvme1n1", "journal_memory": 1 << 30}),
     ),
     (
         "pool.create",

@@ -1,7 +1,11 @@
 """The C journal under sanitizers: a stand-alone driver (no Python) compiled
 with csrc/journal.c and -fsanitize=address,undefined (leaks included), and
 with -fsanitize=thread, exercising writers, discards, overlay reads, markers, sync,
-full-ring waits, forget/detach, close without drain + recovery, RAM mode."""
+full-ring waits, forget/detach, close without drain + recovery, RAM mode, and
+an NV journal whose memory limit is smaller than its ring (the driver lowers
+JR_MEM_MIN), reopened with a still smaller one: the mirror gives pages back
+behind the tail, and recovery replays the log in pieces (a held marker, a
+forgotten volume and a discard in it)."""
 
 from __future__ import annotations
 
@@ -97,7 +101,8 @@ static void *writer(void *arg)
         if (i % 64 == 0) {
             struct jr_stats st;
             jr_get_stats(J, &st);
-            CHECK(st.used <= st.capacity && st.journal_error == 0);
+            CHECK(st.used <= st.mem_limit && st.mem_limit <= st.capacity);
+            CHECK(st.journal_error == 0);
         }
     }
     free(buf);
@@ -121,12 +126,13 @@ static void verify(void)
     free(rb);
 }
 
-static void run(int mode)
+/* mem: 0, or the NV memory limit (the reopen takes half of it) */
+static void run(int mode, uint64_t mem)
 {
     pthread_t ctl, w[NTHR];
     if (mode == JR_NV) {
         CHECK(jr_format(jpath, 8192 + 384 * 1024, 0, 0) == 0);
-        CHECK(jr_open(jpath, JR_NV, 0, &J) == 0);
+        CHECK(jr_open_ex(jpath, JR_NV, 0, mem, 0, NULL, &J) == 0);
     } else {
         CHECK(jr_open(NULL, JR_RAM, 384 * 1024, &J) == 0);
     }
@@ -169,10 +175,12 @@ static void run(int mode)
         /* crash-like close: records stay; reopen recovers them */
         CHECK(r == -ETIMEDOUT);
         CHECK(jr_close(J, 0, 0) == 0);
-        CHECK(jr_open(jpath, JR_NV, 0, &J) == 0);
+        CHECK(jr_open_ex(jpath, JR_NV, 0, mem / 2, 0, NULL, &J) == 0);
         struct jr_stats st;
         jr_get_stats(J, &st);
         CHECK(st.recovered_records > 0 && st.generation == 2);
+        /* a log longer than the memory limit: the rest waits on disk */
+        CHECK(!mem || (st.mem_limit == mem / 2 && st.backlog_bytes > 0));
         uint32_t pv[8];
         /* the forget is in the journal: volume 2's records stay dropped */
         CHECK(jr_pending_volumes(J, pv, 8) == 1 && pv[0] == 1);
@@ -184,6 +192,8 @@ static void run(int mode)
         pthread_create(&ctl, NULL, controller, NULL);
         CHECK(jr_sync(J, 30000) == 0);
         verify();
+        jr_get_stats(J, &st);
+        CHECK(st.backlog_bytes == 0 && st.journal_error == 0);
         ctl_stop = 1;
         pthread_join(ctl, NULL);
         CHECK(jr_close(J, 1, 10000) == 0);
@@ -207,11 +217,13 @@ int main(int argc, char **argv)
         CHECK(fd >= 0 && ftruncate(fd, VOLSZ) == 0);
         close(fd);
     }
-    run(JR_NV);
-    memset(model, 0, sizeof model);
-    for (int v = 0; v < 2; v++)
-        CHECK(truncate(vpath[v], 0) == 0 && truncate(vpath[v], VOLSZ) == 0);
-    run(JR_RAM);
+    uint64_t mems[] = {0, 0, 128 * 1024};
+    for (int r = 0; r < 3; r++) {
+        memset(model, 0, sizeof model);
+        for (int v = 0; v < 2; v++)
+            CHECK(truncate(vpath[v], 0) == 0 && truncate(vpath[v], VOLSZ) == 0);
+        run(r == 1 ? JR_RAM : JR_NV, mems[r]);
+    }
     CHECK(jr_crc32c("123456789", 9) == 0xe3069283u);
     puts("OK");
     return 0;
@@ -234,8 +246,9 @@ def test_c_journal_under_sanitizer(tmp_path: Path, san: str) -> None:
     exe = tmp_path / "driver"
     cmd = [
         cc, "-std=c11", "-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wextra", "-Werror",
-        "-pthread", *SANITIZERS[san], f"-I{ROOT / 'csrc'}", str(ROOT / "csrc" / "journal.c"),
-        str(ROOT / "csrc" / "crc32c.c"), str(src), "-o", str(exe),
+        "-pthread", *SANITIZERS[san], "-DJR_MEM_MIN=65536", f"-I{ROOT / 'csrc'}",
+        str(ROOT / "csrc" / "journal.c"), str(ROOT / "csrc" / "crc32c.c"),
+        str(src), "-o", str(exe),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode and "sanitize" in res.stderr and "cannot find" in res.stderr:

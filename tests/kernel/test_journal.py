@@ -433,3 +433,89 @@ def test_full_thin_pool_refuses_new_writes_and_keeps_acknowledged_ones(mgr):
             assert read_direct(act["path"], i * MiB, MiB) == data, i
     finally:
         mgr.snapshot_deactivate("n", "a", "after")
+
+
+MEM_CHILD = r"""
+import os, sys, threading
+sys.path[:0] = [os.path.dirname(os.path.abspath(sys.argv[1]))]
+from jmodel import pattern
+from dmsnap.storage.manager import Manager
+
+MiB = 1 << 20
+m = Manager(sys.argv[2])
+m.assemble()
+# the marker is never made here: the flusher stands at it, so every write
+# after it stays unflushed in the journal when this process dies
+# (which holds the Manager's lock: take what needs it first)
+m._materialize = lambda *a: threading.Event().wait()
+io = m.open_volume("mm", "v")
+pj = m.journals.by_pool[m.catalog.pool("mm").id]
+r = m.snapshot_create([["mm", "v"]], "held")
+for i in range(int(sys.argv[3])):
+    io.write(i * MiB, pattern(i, MiB))
+print(r["marker"], pj.stats().unflushed_bytes, flush=True)
+os._exit(0)
+"""
+
+
+def test_journal_memory_limit_and_a_longer_log_replayed_before_serving(tmp_path):
+    """The pool's journal memory (create, show, set), and a log longer than
+    the limit: 40 MiB of writes behind a held marker when the daemon dies,
+    then the limit lowered to 16 MiB; the next start replays the log in
+    pieces before the pool serves, makes the held snapshot on the way, and
+    every acknowledged write is on the volume (docs/journal.md, "Memory")."""
+    state, n = str(tmp_path / "state"), 40
+    m = Manager(state)
+    try:
+        p = m.pool_create("mm", size=256 * MiB, journal_size=96 * MiB, journal_memory=64 * MiB)
+        assert p["journal"]["memory"] == 64 * MiB and p["journal"]["memory_limit"] == 64 * MiB
+        assert p["journal"]["capacity"] > 64 * MiB
+        before = m.catalog.counts()
+        for kw in ({"journal_memory": MiB}, {"journal_mode": "ram", "journal_memory": 64 * MiB}):
+            with pytest.raises(E.InvalidArgument):
+                m.pool_create("bad", **kw)
+        with pytest.raises(E.InvalidArgument):
+            m.pool_set("mm", journal_memory=MiB)
+        assert m.catalog.counts() == before
+        m.volume_create("mm", "v", 64 * MiB)
+    finally:
+        m.close(drain=True)
+    script = tmp_path / "child.py"
+    script.write_text(MEM_CHILD)
+    here = os.path.abspath(__file__)
+    out = subprocess.run(
+        [sys.executable, str(script), here, state, str(n)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(here)))},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    marker, unflushed = map(int, out.stdout.split())
+    assert unflushed == n * MiB
+
+    m = Manager(state)
+    try:
+        m.pool_set("mm", journal_memory=16 * MiB)  # takes effect at the start below
+        assert m.assemble()["pools"]["mm"] == "ok"
+        j = m.pool_show("mm")["journal"]
+        # replayed before serving: nothing left on disk only, the held snapshot made
+        assert j["memory"] == 16 * MiB and j["memory_limit"] == 16 * MiB, j
+        assert j["backlog_bytes"] == 0 and j["journal_error"] is None, j
+        assert m.snapshot_request("mm", marker=marker)["state"] == "done"
+        io = m.open_volume("mm", "v")
+        for i in range(n):
+            assert io.read(i * MiB, MiB) == pattern(i, MiB), f"write {i} lost"
+        path = m.snapshot_activate("mm", "v", "held")["path"]
+        try:
+            assert read_direct(path, 0, n * MiB) == bytes(n * MiB)  # made before the writes
+        finally:
+            m.snapshot_deactivate("mm", "v", "held")
+        m.pool_set("mm", journal_memory=32 * MiB)  # at once, on the running journal
+        assert m.pool_show("mm")["journal"]["memory_limit"] == 32 * MiB
+        io.write(0, pattern(99, MiB))
+        assert io.read(0, MiB) == pattern(99, MiB)
+    finally:
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()

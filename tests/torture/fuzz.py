@@ -63,6 +63,7 @@ def build(target: str) -> Path:
         cmd = [
             clang, "-g", "-O2", "-fsanitize=fuzzer,address,undefined",
             "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-pthread",
+            "-DJR_MEM_MIN=65536",  # the journal target pages through small rings
             f"-I{ROOT / 'csrc'}", *map(str, srcs), "-o", str(exe),
         ]  # fmt: skip
         subprocess.run(cmd, check=True)

@@ -15,9 +15,11 @@
  *               where its length fits in the ring)
  *   FL_DISCARD  open with discard_from (the repair) = a value from the input
  * Every open result is accepted (it is hostile input); what must not happen is
- * a crash or a sanitizer report. Two invariants are checked: a journal that
- * opens reopens with the same log (recovery is idempotent), and the file is
- * never grown or shrunk. */
+ * a crash or a sanitizer report. Three invariants are checked: a journal that
+ * opens reopens with the same log (recovery is idempotent), also with a
+ * memory window smaller than the ring (built with JR_MEM_MIN lowered to 64
+ * KiB: recovery then streams the ring and leaves a backlog, and must find
+ * the same log), and the file is never grown or shrunk. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -92,10 +94,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     return 0;
 }
 
-static int open_once(uint64_t discard_from, struct jr_recovery *info, struct jr_stats *st)
+static int open_once(uint64_t mem, uint64_t discard_from, struct jr_recovery *info,
+                     struct jr_stats *st)
 {
     jr_t *j = NULL;
-    int rc = jr_open_ex(path, JR_NV, 0, discard_from, info, &j);
+    int rc = jr_open_ex(path, JR_NV, 0, mem, discard_from, info, &j);
     if (rc == 0) {
         uint32_t vols[8];
         jr_pending_volumes(j, vols, 8);
@@ -103,6 +106,20 @@ static int open_once(uint64_t discard_from, struct jr_recovery *info, struct jr_
         jr_close(j, 0, 0);
     }
     return rc;
+}
+
+/* A superblock on file has a counter at the limit: the next open refuses. */
+static int exhausted(void)
+{
+    struct sb_disk w[2];
+    if (pread(fd, &w[0], sizeof w[0], 0) != sizeof w[0] ||
+        pread(fd, &w[1], sizeof w[1], 4096) != sizeof w[1])
+        abort();
+    int out = 0;
+    for (int i = 0; i < 2; i++)
+        out |= w[i].magic == SB_MAGIC &&
+               (w[i].sb_seq >= COUNTER_LIMIT || w[i].generation >= COUNTER_LIMIT);
+    return out;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -155,7 +172,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct jr_stats s1, s2;
     memset(&s1, 0, sizeof s1);
     memset(&s2, 0, sizeof s2);
-    int rc = open_once(discard_from, &r1, &s1);
+    int rc = open_once(0, discard_from, &r1, &s1);
     struct stat stt;
     if (fstat(fd, &stt) || (uint64_t)stt.st_size != fsize) {
         fprintf(stderr, "journal-fuzz: jr_open changed the file's size\n");
@@ -163,16 +180,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     if (rc == 0) {
         /* Reopened (no repair this time: it is done) the log must be the same. */
-        int rc2 = open_once(0, &r2, &s2);
-        struct sb_disk w[2];
-        if (pread(fd, &w[0], sizeof w[0], 0) != sizeof w[0] ||
-            pread(fd, &w[1], sizeof w[1], 4096) != sizeof w[1])
-            abort();
-        int exhausted = 0;
-        for (int i = 0; i < 2; i++)
-            exhausted |= w[i].magic == SB_MAGIC &&
-                         (w[i].sb_seq >= COUNTER_LIMIT || w[i].generation >= COUNTER_LIMIT);
-        if (rc2 == -EBADMSG && exhausted)
+        int rc2 = open_once(0, 0, &r2, &s2);
+        if (rc2 == -EBADMSG && exhausted())
             return 0;
         if (rc2 != 0 || r2.end_seq != r1.end_seq || s2.recovered_records != s1.recovered_records ||
             s2.unflushed_records != s1.unflushed_records) {
@@ -184,6 +193,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     (unsigned long long)s2.recovered_records,
                     (unsigned long long)s1.unflushed_records,
                     (unsigned long long)s2.unflushed_records);
+            abort();
+        }
+        /* the smallest window: only its part of the log is read into memory */
+        struct jr_recovery r3;
+        struct jr_stats s3;
+        memset(&s3, 0, sizeof s3);
+        int rc3 = open_once(JR_MEM_MIN, 0, &r3, &s3);
+        if (rc3 == -EBADMSG && exhausted())
+            return 0;
+        if (rc3 != 0 || r3.end_seq != r1.end_seq || s3.recovered_records != s1.recovered_records ||
+            r3.dropped != r2.dropped || s3.markers_pending != s2.markers_pending ||
+            (!s3.backlog_bytes && s3.unflushed_records != s1.unflushed_records) ||
+            s3.unflushed_records > s1.unflushed_records) {
+            fprintf(stderr,
+                    "journal-fuzz: small window differs: rc %d end %llu/%llu recovered %llu/%llu "
+                    "dropped %llu/%llu backlog %llu\n",
+                    rc3, (unsigned long long)r1.end_seq, (unsigned long long)r3.end_seq,
+                    (unsigned long long)s1.recovered_records,
+                    (unsigned long long)s3.recovered_records, (unsigned long long)r2.dropped,
+                    (unsigned long long)r3.dropped, (unsigned long long)s3.backlog_bytes);
             abort();
         }
     }
