@@ -243,10 +243,13 @@ class ClassicBackend(Backend):
 
     def _zero_header(self, path: str) -> None:
         # A reused extent may hold an old COW header; "P" would load its
-        # stale exceptions instead of starting empty.
+        # stale exceptions instead of starting empty. The first exception
+        # area (the next chunk) too: dm-snapshot writes its new header and
+        # zeroes that area with two plain writes, and a crash that keeps the
+        # header and loses the zeroing would load the old area's exceptions.
         fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
         try:
-            os.pwritev(fd, [mmap.mmap(-1, Bytes.of(CHUNK_SECTORS))], 0)
+            os.pwritev(fd, [mmap.mmap(-1, Bytes.of(2 * CHUNK_SECTORS))], 0)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -161,6 +161,23 @@ class Manager:
                 report["pools"][pool.name] = msg
                 self.pool_errors[pool.name] = msg
         report["recovered"] = self.pending.recover()
+        if any(r["result"] == "forward" for r in report["recovered"]):
+            # Recovery recorded what the kernel had done before the crash (a
+            # volume, a classic snapshot): bring it up too, before the
+            # journals start. A journal attaches every volume of its pool
+            # (a missing one refused the pool), and an origin copies old
+            # data only into the snapshots loaded under it (one left out
+            # would later show the data written after it).
+            for pool in self.catalog.pools():
+                if pool.name in self.pool_errors:
+                    continue
+                try:
+                    self._assemble_pool(pool)
+                except (E.UserError, DmError, OSError) as e:
+                    msg = getattr(e, "message", None) or str(e)
+                    log.error("pool %s not assembled after recovery: %s", pool.name, msg)
+                    report["pools"][pool.name] = msg
+                    self.pool_errors[pool.name] = msg
         # Journals start after recovery: a replayed marker then sees the
         # catalog as it is, and its snapshot is made exactly once.
         for pool in self.catalog.pools():
@@ -178,19 +195,33 @@ class Manager:
 
     def _assemble_pool(self, pool: Pool) -> None:
         backend = self.stack.backend(pool)
-        restoring = {
-            p.payload.get("volume_id") for p in self.catalog.pending() if p.kind == "volume.restore"
+        pending = self.catalog.pending()
+        restoring = {p.payload.get("volume_id") for p in pending if p.kind == "volume.restore"}
+        # A deletion the kernel may have done before a crash (the catalog
+        # commit lost): recovery finishes it; loading the deleted device
+        # first would fail (a deleted thin device: ENODATA, the pool refused).
+        deleting = {p.payload.get("volume_id") for p in pending if p.kind == "volume.delete"}
+        deleting_snaps = {
+            p.payload.get("snapshot_id") for p in pending if p.kind == "snapshot.delete"
         }
         for vol in self.catalog.volumes(pool.name):
             if vol.id in restoring and backend.restores_in_place:
                 continue  # recovery resumes the merge on this volume
+            if vol.id in deleting:
+                continue
             for layer in backend.volume_layers(vol):
                 ensure(self.dm, layer)
         for snap in self.catalog.snapshots(pool.name):
+            if snap.id in deleting_snaps or snap.volume_id in deleting:
+                continue
             for layer in backend.snapshot_layers(snap, active=snap.active):
                 ensure(self.dm, layer)
         backend.after_assembly(
-            [v for v in self.catalog.volumes(pool.name) if v.id not in restoring]
+            [
+                v
+                for v in self.catalog.volumes(pool.name)
+                if v.id not in restoring and v.id not in deleting
+            ]
         )
 
     # -- pools ------------------------------------------------------------------------------

@@ -137,3 +137,114 @@ def test_expect_masks_unacknowledged_writes() -> None:
     assert cl.expect(events, 2).mask.sectors(1) == 0  # not issued yet: nothing unknown
     issued = cl.expect(events, 3)  # issued, not acknowledged: unknown, not expected
     assert issued.mask.sectors(1) == 1 and issued.model.state(1) == bytes(4096)
+
+
+def test_expect_ram_journal_needs_a_completed_flush() -> None:
+    # RAM journal: a write is durable once a FLUSH called after its
+    # acknowledgement has returned; until then the volume may lack it, but a
+    # snapshot acknowledged after it must hold it
+    events = [
+        ["pool", "tc", "ram", False],
+        ["vol+", "a", 1, 4096],
+        ["intent", 10, 1, 0, 512, "write"],
+        ["ack", 10, 5],
+        ["flush", 11],
+        ["intent", 12, 1, 512, 512, "write"],
+        ["ack", 12, 6],
+        ["flushed", 11],
+        ["intent", 13, 1, 1024, 512, "write"],
+        ["ack", 13, 7],
+        ["marker", 3, 8, "s0", [["a", 1]]],
+    ]
+    ex = cl.expect(events, len(events))
+    assert ex.vmask is not None
+    assert ex.mask.sectors(1) == 0  # every write acknowledged
+    # 10 flushed; 12 acknowledged after the flush was called; 13 after it
+    assert ex.vmask.sectors(1) == 2
+    vm = ex.vmask.apply(1, bytes(ex.model.state(1)))
+    assert vm[:512] == cl.pattern(10, 512) and vm[512:1536] == bytes(1024)
+    assert ex.model.state(1, 8)[1024:1536] == cl.pattern(13, 512)  # the snapshot has it
+    before_flush = cl.expect(events, 7)  # the flush had not returned
+    assert before_flush.vmask is not None and before_flush.vmask.sectors(1) == 2
+    nv = cl.expect([["pool", "tc", "nv", False], *events[1:]], len(events))
+    assert nv.vmask is not None and nv.vmask.sectors(1) == 0  # NV: acknowledged is durable
+
+
+def test_expect_snapshot_deletions() -> None:
+    events = [
+        ["pool", "tc", "nv", False],
+        ["vol+", "a", 1, 4096],
+        ["vol+", "b", 2, 4096],
+        ["marker", 3, 6, "s0", [["a", 1], ["b", 2]]],
+        ["snap-intent", "s0", "a"],
+        ["snap-", "s0", "a"],
+        ["snap-intent", "s0", "b"],
+    ]
+    ex = cl.expect(events, len(events))
+    assert ex.snap_gone == {("s0", "a")} and ex.snap_maybe == {("s0", "b")}
+    assert cl.expect(events, 4).snap_gone == set()
+
+
+def test_cache_device_states_only_while_the_others_are_quiet(tmp_path) -> None:
+    logs = {
+        "data": [mark(0), mark(1), mark(2), w(5, 1), (0, 0, LOG_FLUSH, b""), mark(3)],
+        "state": [mark(0), mark(1), mark(2), mark(3)],
+        "cache": [
+            mark(0),
+            mark(1),
+            w(1, 2),
+            w(4, 1),
+            (0, 0, LOG_FLUSH, b""),
+            mark(2),
+            w(8, 1, LOG_FUA),
+            mark(3),
+        ],
+    }
+    r = recording(tmp_path, logs)
+    r.cuts = [0, 2, 2, 2]
+    lg = cl.Logs(r)
+    assert lg.devs == ("data", "state", "cache")
+    states = cl.generate(lg, 3)
+    cl_ = lg.entries["cache"]
+    cvol = [s for s in states if s.kind == "cvol"]
+    assert cvol and all(cl_[i].flags == 0 for s in cvol for i, _ in dict(s.extra)["cache"])
+    # cext at c1 (data and state quiet), not at c2 (the data device wrote)
+    assert {s.cut for s in states if s.kind == "cext"} == {1}
+    # and no dext: at c2 the data device's flush came while the cache wrote
+    assert not any(s.kind == "dext" for s in states)
+
+
+def test_host_check_reads_thin_dump_and_a_classic_cow_store(tmp_path) -> None:
+    import hostcheck as hc
+
+    xml = """<superblock uuid="" time="1" transaction="3" data_block_size="128">
+  <device dev_id="1" mapped_blocks="3" transaction="0">
+    <single_mapping origin_block="0" data_block="7" time="0"/>
+    <range_mapping origin_begin="4" data_begin="20" length="2" time="0"/>
+  </device>
+  <device dev_id="2" mapped_blocks="0" transaction="1">
+  </device>
+</superblock>"""
+    assert hc.parse_thin_dump(xml) == {1: {0: 7, 4: 20, 5: 21}, 2: {}}
+    # a COW area of 4 KiB chunks: header, one metadata area whose two
+    # exceptions put old chunks 1 and 3 in new chunks 2 and 3, then the end
+    cs = 4096
+    cow = bytearray(8 * cs)
+    cow[:16] = struct.pack("<IIII", hc.COW_MAGIC, 1, 1, cs // S)
+    cow[cs : cs + 48] = struct.pack("<QQQQQQ", 1, 2, 3, 3, 0, 0)
+    cow[2 * cs : 3 * cs] = b"\x11" * cs
+    cow[3 * cs : 4 * cs] = b"\x33" * cs
+    data = tmp_path / "data.img"
+    data.write_bytes(bytes(16 * cs) + bytes(cow))  # the COW area at chunk 16
+    vols = hc.Volumes.__new__(hc.Volumes)
+    vols.data_img = str(data)
+
+    class Snap:
+        volume, name, cow_start, cow_size = "a", "s", 16 * cs // S, len(cow)
+
+    origin = b"\xee" * (5 * cs)
+    got = vols.read_classic_snap(Snap, origin, [])
+    assert got == b"\xee" * cs + b"\x11" * cs + b"\xee" * cs + b"\x33" * cs + b"\xee" * cs
+    cow[:4] = bytes(4)  # never initialised: the origin itself
+    data.write_bytes(bytes(16 * cs) + bytes(cow))
+    assert vols.read_classic_snap(Snap, origin, []) == origin
