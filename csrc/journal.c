@@ -318,6 +318,7 @@ struct jr {
     struct jr_recovery rec;
     uint64_t appends, commits, dm_writes, full_waits, flush_errors;
     int journal_error, flush_error;
+    int no_space; /* jr_set_no_space: the pool below cannot allocate */
     uint32_t flush_error_volume, waiting_volume;
     int full_waiters;
 
@@ -2155,6 +2156,13 @@ static void flush_discard(jr_t *j, struct vol *v, const struct rec_disk *h)
 {
     uint64_t seq = h->seq, off = h->offset, len = h->marker_id;
     uint64_t next = j->flush_lpos + rec_size(j, 0);
+    if (j->no_space) {
+        /* a read-only thin pool "completes" a discard without unmapping:
+         * keep it (the overlay reads zeros) until the pool can take it */
+        flush_failed(j, j->no_space, v->id);
+        backoff(j);
+        return;
+    }
     v->busy++;
     pthread_mutex_unlock(&j->mu);
     int rc = vol_discard(j, v, off, len);
@@ -2841,6 +2849,14 @@ void jr_get_stats(jr_t *j, struct jr_stats *st)
     st->recovery_dropped = j->rec.dropped;
     st->mem_limit = j->window;
     st->backlog_bytes = j->rec_end_lpos - j->load_lpos;
+    st->no_space = j->no_space;
+    pthread_mutex_unlock(&j->mu);
+}
+
+void jr_set_no_space(jr_t *j, int err)
+{
+    pthread_mutex_lock(&j->mu);
+    j->no_space = err;
     pthread_mutex_unlock(&j->mu);
 }
 

@@ -133,6 +133,7 @@ struct jr_stats {
     uint64_t sync_rewinds;      /* failed fdatasyncs whose records were written again */
     uint64_t mem_limit;         /* NV: bytes the live window may take in RAM (<= capacity) */
     uint64_t backlog_bytes;     /* NV: recovered log not yet brought into RAM (0: all in) */
+    int32_t no_space;           /* -errno set by jr_set_no_space, or 0 */
 };
 
 /* What recovery found after the end of the log (jr_open_ex). */
@@ -268,6 +269,15 @@ int jr_next_marker(jr_t *j, uint32_t timeout_ms, uint64_t *marker_id, uint64_t *
 int jr_marker_done(jr_t *j, uint64_t marker_id);
 
 void jr_get_stats(jr_t *j, struct jr_stats *st);
+
+/* The daemon's word that the devices below cannot take new blocks (a thin
+ * pool out of metadata space, hence read-only): -errno (-ENOSPC), or 0 when
+ * they can again. While set, the flusher applies no DISCARD (a read-only
+ * thin pool answers one with success and unmaps nothing, so the range would
+ * read its old data): it stays in the journal, read as zeros, until cleared.
+ * Writers (the SCSI fast path, the Python writer) read it in jr_stats and
+ * refuse new writes. */
+void jr_set_no_space(jr_t *j, int err);
 
 /* The first part of jr_close without freeing: refuse new appends (-ESHUTDOWN),
  * drain as below, stop the threads and wake every waiter (they return

@@ -270,11 +270,13 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
 }
 
-/* Whether the pool behind the journal is known to be out of data space:
- * the flusher's last dm write failed with ENOSPC (a thin pool with
- * error_if_no_space). The journal is per pool, so one volume's failure
- * stands for all of them. Cleared by the flusher's next successful write,
- * once space is freed. */
+/* Whether the pool behind the journal is known to be out of space: the
+ * flusher's last dm write failed with ENOSPC (a thin pool with
+ * error_if_no_space), or the daemon said so (jr_set_no_space: a thin pool
+ * out of metadata space, read-only, whose writes fail with EIO). The
+ * journal is per pool, so one volume's failure stands for all of them.
+ * Cleared by the flusher's next successful write, once space is freed, or
+ * by the daemon once the pool is writable again. */
 static int pool_full(tc_dev_t *d)
 {
     uint64_t now = now_ns();
@@ -284,7 +286,8 @@ static int pool_full(tc_dev_t *d)
                                     __ATOMIC_RELAXED)) {
         struct jr_stats js;
         jr_get_stats(d->j, &js);
-        __atomic_store_n(&d->pool_full, js.flush_error == -ENOSPC, __ATOMIC_RELAXED);
+        __atomic_store_n(&d->pool_full, js.flush_error == -ENOSPC || js.no_space,
+                         __ATOMIC_RELAXED);
     }
     return __atomic_load_n(&d->pool_full, __ATOMIC_RELAXED);
 }

@@ -523,6 +523,15 @@ def pool_create(
             case_sensitive=False,
         ),
     ] = DEFAULT_JOURNAL_MODE,
+    metadata_size: Annotated[
+        str | None,
+        typer.Option(
+            "--metadata-size",
+            metavar="SIZE",
+            help="Thin pools: size of the metadata device, 2M to 15G (default: ~64 bytes "
+            "per 64 KiB of data, at least 8M); like lvcreate's --poolmetadatasize.",
+        ),
+    ] = None,
     journal_memory: Annotated[
         str | None,
         typer.Option(
@@ -555,6 +564,9 @@ def pool_create(
         "size": parse_size(size, what="--size") if size is not None else None,
         "cache_size": parse_size(cache_size, what="--cache-size") if cache_size else None,
         "sparse": sparse or None,
+        "metadata_size": parse_size(metadata_size, what="--metadata-size")
+        if metadata_size
+        else None,
     }
     pool = _call("pool.create", **args)
     if json_out:
@@ -599,6 +611,7 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
         ("free", _size(free)),
         ("data used", _pct(p.get("data_used_fraction"))),
         ("metadata used", _pct(p.get("metadata_used_fraction"))),
+        ("metadata size", _size(p.get("metadata_size"))),
         ("writecache", _writecache(p.get("writecache"))),
         ("journal", _journal_text(p.get("journal"))),
         ("host fs", _host_fs_text(p.get("host_fs"))),
@@ -608,8 +621,8 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
     ]
     shown = {
         "name", "backend", "embedded", "size", "used", "free",
-        "data_used_fraction", "metadata_used_fraction", "writecache", "volumes", "snapshots",
-        "health", "devices", "journal", "host_fs",
+        "data_used_fraction", "metadata_used_fraction", "metadata_size", "writecache", "volumes",
+        "snapshots", "health", "devices", "journal", "host_fs",
     }  # fmt: skip
     rows += _extra(p, shown)
     print_kv(rows)
@@ -710,6 +723,28 @@ def pool_set(
 
 def _journal_memory(text: str | None) -> int | None:
     return parse_size(text, what="--journal-memory") if text else None
+
+
+@pool_app.command("extend-metadata")
+def pool_extend_metadata(
+    name: PoolArg,
+    size: Annotated[
+        str,
+        typer.Option("--size", metavar="SIZE", help="How much metadata to add, e.g. 64M."),
+    ],
+    json_out: JsonOpt = False,
+) -> None:
+    """Give a thin pool more metadata (a reserved file in the state
+    directory); a pool out of metadata space takes writes again."""
+    p = _call(
+        "pool.extend_metadata",
+        name=_name("pool", name),
+        size=parse_size(size, what="--size"),
+    )
+    if json_out:
+        print_json(p)
+        return
+    typer.echo(f"pool {name}: thin metadata now {_size(p.get('metadata_size'))}")
 
 
 def _host_fs_text(h: Any) -> str | None:

@@ -272,7 +272,7 @@ OPS: dict[str, Op] = {
         "pool_create",
         "name",
         "data cache backend size cache_size journal journal_size journal_mode journal_memory "
-        "sparse",
+        "sparse metadata_size",
         "name",
     ),
     "pool.list": _op("pool_list", ro=True),
@@ -280,6 +280,7 @@ OPS: dict[str, Op] = {
     "pool.set": _op(
         "pool_set", "name", "cow_autoextend_threshold cow_autoextend_percent journal_memory", "name"
     ),
+    "pool.extend_metadata": _op("pool_extend_metadata", "name size", req="name size"),
     "pool.destroy": _op("pool_destroy", "name", "force", "name"),
     "pool.repair": _op("pool_repair", "name discard_after", req="name discard_after"),
     "volume.create": _op("volume_create", "pool vol size", req="pool vol size"),
@@ -353,6 +354,7 @@ _CHECKS: dict[str, Check] = {
     "chap": _chap,
     "cow_size": _size,
     "sparse": _bool,
+    "metadata_size": _size,
     "cow_autoextend_threshold": _percent,
     "cow_autoextend_percent": _percent,
 }

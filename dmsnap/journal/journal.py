@@ -105,6 +105,7 @@ class JournalStats:
     sync_rewinds: int
     mem_limit: int
     backlog_bytes: int
+    no_space: int
 
     @property
     def fill(self) -> float:
@@ -518,6 +519,15 @@ class Journal:
             return None
         _check(rc, "wait for marker")
         return Marker(int(mid[0]), int(seq[0]), bytes(ffi.buffer(payload, ln[0])))
+
+    def set_no_space(self, err: int) -> None:
+        """The pool below cannot take new blocks (-errno) or can again (0):
+        see jr_set_no_space."""
+        j = self._enter()
+        try:
+            lib.jr_set_no_space(j, err)
+        finally:
+            self._leave()
 
     def marker_done(self, marker_id: int) -> None:
         j = self._enter()

@@ -30,6 +30,9 @@ log = logging.getLogger("dmsnap.journal")
 Json = dict[str, Any]
 # materialize(marker_id, request) -> result (JSON-able); raises on failure.
 Materialize = Callable[[int, Json], Json]
+# space_probe() -> why the pool below cannot take new blocks (a thin pool out
+# of metadata space), or None when it can; called without the Manager's lock.
+SpaceProbe = Callable[[], str | None]
 
 
 class Holds(Protocol):
@@ -53,6 +56,7 @@ class PoolJournal:
         materialize: Materialize,
         lock: threading.RLock,
         holds: Holds,
+        space_probe: SpaceProbe | None = None,
     ) -> None:
         self.pool = pool
         self.journal = journal
@@ -75,6 +79,8 @@ class PoolJournal:
         self._closing = False
         self._full_checked = 0.0
         self._pool_full = False
+        self._space_probe = space_probe
+        self.no_space_reason: str | None = None
         self._replayed: tuple[int, Callable[[], None]] | None = None
 
     # -- life cycle -----------------------------------------------------------------
@@ -99,6 +105,7 @@ class PoolJournal:
             self.forget(vid)
         for vid, (path, size) in volumes.items():
             self.attach(vid, path, size)
+        self.check_space()  # before the first write is taken
         self.journal.start()
         self._thread = threading.Thread(
             target=self._marker_loop, name=f"markers-{self.pool}", daemon=True
@@ -375,6 +382,7 @@ class PoolJournal:
     def _marker_loop(self) -> None:
         while not self._stop.is_set():
             self._check_replayed()
+            self.check_space()
             try:
                 m = self.journal.next_marker(0.25)
             except JournalError as e:
@@ -386,6 +394,31 @@ class PoolJournal:
             if m is not None:
                 self._handle(m)
 
+    def check_space(self) -> None:
+        """Ask the pool whether it can take new blocks and tell the C
+        journal (the SCSI fast path refuses writes while it cannot; the
+        flusher keeps discards). A thin pool out of metadata space fails the
+        flusher's writes with EIO, which alone says nothing about space;
+        the marker thread asks about every 0.25 s, and so does start()."""
+        if self._space_probe is None:
+            return
+        try:
+            reason = self._space_probe()
+        except Exception as e:  # never let monitoring kill the marker thread
+            log.error("pool %s: space check failed: %s", self.pool, e)
+            return
+        if reason == self.no_space_reason:
+            return
+        try:
+            self.journal.set_no_space(-errno.ENOSPC if reason else 0)
+        except JournalError:
+            return  # closing
+        if reason:
+            log.warning("pool %s: new writes refused: %s", self.pool, reason)
+        else:
+            log.info("pool %s: writable again; new writes accepted", self.pool)
+        self.no_space_reason = reason
+
     # -- data path (no Manager lock) ------------------------------------------------
 
     def write(
@@ -396,14 +429,17 @@ class PoolJournal:
             return self.journal.write(vol, offset, data, fua=fua)
 
     def _refuse_if_pool_full(self) -> None:
-        """While the flusher's writes fail with ENOSPC (a full thin pool), a
-        new write could only fill the journal and then time out: refuse it
+        """While the flusher's writes fail with ENOSPC (a full thin pool), or
+        the pool cannot take new blocks (out of thin metadata: check_space),
+        a new write could only fill the journal and then time out: refuse it
         now, as the dm device itself would. Writes already acknowledged stay
-        in the journal and land once space is freed (the flusher retries)."""
+        in the journal and land once there is room (the flusher retries)."""
         now = time.monotonic()
         if now - self._full_checked > 0.05:  # stats take the journal's lock: not per write
             self._pool_full = self.journal.stats().flush_error == -errno.ENOSPC
             self._full_checked = now
+        if self.no_space_reason:
+            raise JournalError(errno.ENOSPC, self.no_space_reason)
         if self._pool_full:
             raise JournalError(
                 errno.ENOSPC,
@@ -454,6 +490,8 @@ def status_json(pj: PoolJournal) -> Json:
         "journal_error": _errname(st.journal_error),
         "flush_error": _errname(st.flush_error),
         "flush_error_volume": st.flush_error_volume or None,
+        # why new writes are refused (the pool below cannot take new blocks)
+        "no_space": pj.no_space_reason,
         # failed fdatasyncs whose records were written again from the journal
         "sync_rewinds": st.sync_rewinds,
         "flusher_waiting_volume": st.waiting_volume or None,

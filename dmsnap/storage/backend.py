@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dmsnap.dm import DeviceMapper
+from dmsnap.errors import InvalidArgument
 from dmsnap.storage import names
 from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
 from dmsnap.storage.layers import Layer
@@ -82,9 +83,17 @@ class Backend(ABC):
 
     @staticmethod
     @abstractmethod
-    def plan_layout(base_sectors: int) -> dict[str, Any]:
+    def plan_layout(base_sectors: int, metadata_size: int | None = None) -> dict[str, Any]:
         """The pool config of a new pool on a base of ``base_sectors``
-        (raises NoSpace if it is too small)."""
+        (raises NoSpace if it is too small); ``metadata_size`` as
+        :meth:`check_layout_options` took it."""
+
+    @staticmethod
+    def check_layout_options(metadata_size: int | None) -> None:
+        """Refuse a layout option this backend does not have, or a value it
+        cannot take, before anything changes."""
+        if metadata_size is not None:
+            raise InvalidArgument("--metadata-size is for thin pools")
 
     @contextlib.contextmanager
     def suspended(self, names_: list[str]) -> Iterator[None]:
@@ -205,6 +214,35 @@ class Backend(ABC):
     def record_restore_done(self, payload: dict[str, Any]) -> None:
         """The catalog's part of a finished restore (in the caller's
         transaction): a snapshot merged in place is gone."""
+        return None
+
+    # -- extension devices (thin: metadata extensions), attached by the stack --
+
+    def extension_count(self) -> int:
+        """How many extension devices the pool's layers are built on."""
+        return 0
+
+    def set_extension_devnos(self, devnos: list[str]) -> None:
+        """MAJ:MIN of each extension device, in order (before pool_layers)."""
+        return None
+
+    def check_metadata_extension(self, size: int) -> None:
+        """Refuse an extension of ``size`` bytes of pool metadata that this
+        pool cannot take (before anything changes)."""
+        raise InvalidArgument(
+            f"pool {self.pool.name} is {self.kind}: only thin pools have metadata"
+        )
+
+    def add_metadata_extension(self, devno: str, size: int) -> None:
+        """Record the extension device ``devno`` (``size`` bytes) in the pool's
+        config and have the kernel use it; undone on failure."""
+        raise InvalidArgument(
+            f"pool {self.pool.name} is {self.kind}: only thin pools have metadata"
+        )
+
+    def no_space_reason(self) -> str | None:
+        """For the journal (no control lock): why the pool cannot take new
+        blocks now, or None."""
         return None
 
     def unmap_granularity(self) -> int | None:

@@ -60,7 +60,7 @@ class ClassicBackend(Backend):
     restores_in_place = True
 
     @staticmethod
-    def plan_layout(base_sectors: int) -> dict[str, Any]:
+    def plan_layout(base_sectors: int, metadata_size: int | None = None) -> dict[str, Any]:
         if base_sectors < 8 * ALIGN:
             raise NoSpace(f"{Bytes.of(base_sectors) // MiB} MiB is too small for a pool")
         return {

@@ -19,7 +19,7 @@ from dmsnap.dm import DeviceMapper
 from dmsnap.journal.journal import Journal, JournalCorrupt, JournalError
 from dmsnap.journal.service import PoolJournal
 from dmsnap.storage import devices, names
-from dmsnap.storage.backend import journal_mode
+from dmsnap.storage.backend import Backend, journal_mode
 from dmsnap.storage.catalog import Catalog, MarkerState, Pool, Volume
 from dmsnap.storage.catalog import NotFound as CatNotFound
 from dmsnap.storage.identity import PoolDisks
@@ -44,9 +44,13 @@ class PoolJournals:
         lock: threading.RLock,
         materialize: Materialize,
         pool_errors: dict[str, str],
+        backends: dict[int, Backend],
     ) -> None:
         self.dm, self.catalog, self._disks, self._holds = dm, catalog, disks, holds
         self._lock, self._materialize, self._pool_errors = lock, materialize, pool_errors
+        # the active backends (PoolStack.backends): a journal asks its pool's
+        # whether it can take new blocks, from the marker thread, unlocked
+        self._backends = backends
         self.by_pool: dict[int, PoolJournal] = {}  # pool id -> its running journal
 
     def start(self, pool: Pool) -> None:
@@ -73,6 +77,11 @@ class PoolJournals:
             where = cfg.get("path") or "in RAM"
             raise E.Unavailable(f"pool {pool.name}: journal {where}: {e}") from None
         pid = pool.id
+
+        def space_probe() -> str | None:
+            b = self._backends.get(pid)
+            return b.no_space_reason() if b is not None else None
+
         pj = PoolJournal(
             pool.name,
             j,
@@ -80,6 +89,7 @@ class PoolJournals:
             lambda mid, req: self._materialize(pid, mid, req),
             self._lock,
             devices.Holds(),  # the volumes' dm devices, held while attached
+            space_probe=space_probe,
         )
         vols = {v.id: (dm_path(pool.name, v.name), v.size) for v in self.catalog.volumes(pool.name)}
         try:

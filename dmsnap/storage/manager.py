@@ -108,6 +108,7 @@ class Manager:
             self.lock,
             lambda pid, mid, req: self._materialize(pid, mid, req),
             self.pool_errors,
+            self.stack.backends,
         )
         self.views = Views(self.dm, self.catalog, self.stack, self.journals, self.pool_errors)
         # Set when the daemon stops: requests waiting for a snapshot answer.
@@ -241,8 +242,11 @@ class Manager:
         journal_mode: str = rules.DEFAULT_JOURNAL_MODE,
         journal_memory: int | None = None,
         sparse: bool = False,
+        metadata_size: int | None = None,
     ) -> Json:
-        """``sparse``: create an embedded pool's loop files even if the host
+        """``metadata_size``: a thin pool's metadata device (default: sized
+        from the pool, ~64 bytes per 64 KiB block, at least 8 MiB).
+        ``sparse``: create an embedded pool's loop files even if the host
         file system cannot hold them (they are sparse either way; the journal
         file is always reserved). ``journal_memory``: RAM an NV journal's
         unflushed records may take (default ``Journal.MEM_DEFAULT``)."""
@@ -259,6 +263,7 @@ class Manager:
             journal_mode=journal_mode,
             journal_memory=journal_memory,
             sparse=sparse,
+            metadata_size=metadata_size,
         )
         pending_id = self.catalog.begin_pending(None, "pool.create", {"name": name})
         try:
@@ -332,6 +337,24 @@ class Manager:
             changes["journal_memory"] = journal_memory
         self.catalog.update_pool(p.id, config=config)
         log.info("pool %s: %s", name, ", ".join(f"{k}={v}" for k, v in sorted(changes.items())))
+        return self.pool_show(name)
+
+    @locked_user_errors
+    def pool_extend_metadata(self, name: str, size: int) -> Json:
+        """Give a thin pool ``size`` more metadata: a new file in the pool's
+        state directory (reserved, so the host file system cannot fail it),
+        appended to the metadata device. dm-thin grows its metadata when the
+        pool resumes and leaves out-of-metadata-space mode; writes the
+        journal held land, new writes and snapshots are taken again. Works
+        for every thin pool (the data device is used to its end, so the
+        extension cannot go there). A pool whose metadata needs check is
+        refused: dm-thin will not grow it before thin_check/thin_repair."""
+        p, backend = self.stack.pool(names.check_name("pool", name))
+        path = self.stack.extend_metadata(p, backend, size)
+        log.info("pool %s: thin metadata extended by %d MiB (%s)", name, size // MiB, path)
+        pj = self.journals.by_pool.get(p.id)
+        if pj is not None:
+            pj.check_space()  # take writes again now, not at the marker thread's next look
         return self.pool_show(name)
 
     @locked

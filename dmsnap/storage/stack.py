@@ -11,6 +11,8 @@ of the operations above it (it never calls back into the Manager).
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import mmap
 import os
@@ -134,9 +136,15 @@ class PoolStack:
         d = self.pool_dir(name)
         return os.path.join(d, "data.img"), os.path.join(d, "cache.img")
 
+    def meta_ext_file(self, name: str, n: int) -> str:
+        """The ``n``-th (from 1) metadata extension of a pool."""
+        return os.path.join(self.pool_dir(name), f"metadata-{n}.img")
+
     def detach_loops(self, name: str) -> None:
-        """Detach the loop devices of an embedded pool's files, if attached."""
-        for f in self.embedded_files(name):
+        """Detach the loop devices of a pool's files (embedded data and
+        cache, metadata extensions), if attached."""
+        exts = sorted(glob.glob(os.path.join(glob.escape(self.pool_dir(name)), "metadata-*.img")))
+        for f in [*self.embedded_files(name), *exts]:
             dev = loop.find(f)
             if dev:
                 loop.detach(dev)
@@ -239,6 +247,12 @@ class PoolStack:
         b = self.backends.get(pool.id)
         if b is None:
             b = BACKENDS[pool.backend](self.dm, self.catalog, pool, self.base(pool))
+            b.set_extension_devnos(
+                [
+                    self._loop_for(self.meta_ext_file(pool.name, i)).devno
+                    for i in range(1, b.extension_count() + 1)
+                ]
+            )
             for layer in b.pool_layers():
                 ensure(self.dm, layer)
             self.backends[pool.id] = b
@@ -389,6 +403,7 @@ class PoolStack:
         journal_mode: str,
         journal_memory: int | None,
         sparse: bool,
+        metadata_size: int | None = None,
     ) -> NewPool:
         """Check a pool creation against the rules, the devices and the host
         (raising before anything changes) and plan its layout."""
@@ -405,6 +420,7 @@ class PoolStack:
             raise E.InvalidArgument("--journal-size is for an embedded or RAM journal")
         if journal_mode == "none" and journal_size is not None:
             raise E.InvalidArgument("--journal-size needs a journal (mode nv or ram)")
+        BACKENDS[backend].check_layout_options(metadata_size)
         check_journal_memory(journal_memory, journal_mode)
         jsize = journal_size or rules.DEFAULT_JOURNAL_SIZE
         if journal_mode != "none" and journal is None and jsize < rules.MIN_JOURNAL_SIZE:
@@ -454,7 +470,7 @@ class PoolStack:
                 f"a writecache device needs at least {rules.MIN_CACHE_SIZE // MiB}M"
             )
         data_bytes = data_bytes // MiB * MiB
-        layout = BACKENDS[backend].plan_layout(Sectors.of(data_bytes))
+        layout = BACKENDS[backend].plan_layout(Sectors.of(data_bytes), metadata_size)
         layout["journal"] = {
             "mode": journal_mode,
             "path": None
@@ -513,6 +529,30 @@ class PoolStack:
             if jcfg["embedded"]:
                 reserve(jcfg["path"], jcfg["size"])
         return b
+
+    def extend_metadata(self, pool: Pool, backend: Backend, size: int) -> str:
+        """Give the pool ``size`` more metadata: a new file in its state
+        directory (reserved, so the host file system cannot fail it), on a
+        loop device, appended by the backend. Returns the file's path."""
+        backend.check_metadata_extension(size)
+        n = backend.extension_count() + 1
+        path = self.meta_ext_file(pool.name, n)
+        os.makedirs(self.pool_dir(pool.name), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+        lo = None
+        try:
+            reserve(path, size)
+            lo = self._loop_for(path)
+            backend.add_metadata_extension(lo.devno, size)
+        except BaseException:
+            if lo is not None:
+                with contextlib.suppress(Exception):
+                    loop.detach(lo)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return path
 
     def undo_create(self, name: str) -> None:
         """Remove what a pool creation that never committed left behind."""

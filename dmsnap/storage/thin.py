@@ -18,7 +18,7 @@ from dmsnap.dm import DmError
 from dmsnap.dm import status as st
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
-from dmsnap.errors import Busy, NoSpace
+from dmsnap.errors import Busy, InvalidArgument, NoSpace
 from dmsnap.storage.backend import Backend, planned_dev_ids
 from dmsnap.storage.catalog import Snapshot, Volume
 from dmsnap.storage.layers import Layer, ensure
@@ -30,6 +30,16 @@ MAX_DEV_ID = (1 << 24) - 1
 # Refuse new snapshots/volumes above this data use: past it, a full pool is
 # one burst of writes away, and full pools error writes (error_if_no_space).
 FULL_FRACTION = 0.95
+# Health warns from this metadata use on, while there is time to extend it
+# (dm-thin's own metadata low-water event comes at 75 % of a small device).
+METADATA_WARN = 0.8
+METADATA_BLOCK = 4096
+
+
+# An administrator's --metadata-size: LVM's bounds for --poolmetadatasize
+# (2 MiB; dm-thin uses at most ~15.9 GiB of a metadata device).
+MIN_METADATA = 2 * MiB
+MAX_METADATA = 15 * 1024 * MiB
 
 
 def metadata_sectors(base_sectors: int) -> int:
@@ -37,13 +47,29 @@ def metadata_sectors(base_sectors: int) -> int:
     at most the kernel's limit (~16 GiB), rounded to MiB."""
     blocks = base_sectors // BLOCK_SECTORS
     size = max(8 * MiB, blocks * 64)
-    size = min(size, 15 * 1024 * MiB)
+    size = min(size, MAX_METADATA)
     return (size + MiB - 1) // MiB * Sectors.of(MiB)
+
+
+def check_metadata_size(size: int) -> None:
+    """A metadata size the administrator asked for: whole MiB, within LVM's
+    bounds (the layout is in MiB; dm-thin cannot use more)."""
+    if size % MiB:
+        raise InvalidArgument(f"--metadata-size {size} is not a whole number of MiB")
+    if not MIN_METADATA <= size <= MAX_METADATA:
+        raise InvalidArgument(
+            f"--metadata-size must be {MIN_METADATA // MiB}M to {MAX_METADATA // MiB // 1024}G"
+        )
 
 
 class ThinBackend(Backend):
     kind = "thin"
     thin_provisioned = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # MAJ:MIN of each metadata extension, in order (the Manager attaches them)
+        self.meta_ext_devnos: list[str] = []
 
     # -- layout -----------------------------------------------------------------------
 
@@ -56,10 +82,20 @@ class ThinBackend(Backend):
         return int(self.pool.config["data_sectors"])
 
     @staticmethod
-    def plan_layout(base_sectors: int) -> dict[str, int]:
-        meta = metadata_sectors(base_sectors)
+    def plan_layout(base_sectors: int, metadata_size: int | None = None) -> dict[str, int]:
+        """``metadata_size``: the administrator's (checked), else sized from the pool."""
+        if metadata_size is not None:
+            check_metadata_size(metadata_size)
+            meta = Sectors.of(metadata_size)
+        else:
+            meta = metadata_sectors(base_sectors)
         data = (base_sectors - meta) // BLOCK_SECTORS * BLOCK_SECTORS
         if data < 16 * BLOCK_SECTORS:
+            if metadata_size is not None:
+                raise InvalidArgument(
+                    f"--metadata-size {metadata_size // MiB}M leaves too little of the pool's "
+                    f"{Bytes.of(base_sectors) // MiB} MiB for data"
+                )
             raise NoSpace(f"{Bytes.of(base_sectors) // MiB} MiB is too small for a thin pool")
         return {"meta_sectors": meta, "data_sectors": data, "block_sectors": BLOCK_SECTORS}
 
@@ -67,13 +103,26 @@ class ThinBackend(Backend):
     def tpool(self) -> tuple[str, str]:
         return self.internal("tpool")
 
+    @property
+    def meta_ext_sectors(self) -> list[int]:
+        """Sizes of the metadata extensions (`pool extend-metadata`), in order."""
+        return [int(n) for n in self.pool.config.get("meta_ext", [])]
+
+    def meta_table(self) -> Table:
+        """The metadata device: its first part on the base device, then each
+        extension (a device of its own: the data follows the first part)."""
+        lines = [t.TableLine(0, self.meta_sectors, t.Linear(self.base.devno, 0))]
+        at = self.meta_sectors
+        for devno, n in zip(self.meta_ext_devnos, self.meta_ext_sectors, strict=True):
+            lines.append(t.TableLine(at, n, t.Linear(devno, 0)))
+            at += n
+        return Table(tuple(lines))
+
     def pool_layers(self) -> list[Layer]:
         meta_name, meta_uuid = self.internal("tmeta")
         data_name, data_uuid = self.internal("tdata")
         pool_name, pool_uuid = self.tpool
-        meta = Layer(
-            meta_name, meta_uuid, Table.single(self.meta_sectors, t.Linear(self.base.devno, 0))
-        )
+        meta = Layer(meta_name, meta_uuid, self.meta_table())
         data = Layer(
             data_name,
             data_uuid,
@@ -152,6 +201,36 @@ class ThinBackend(Backend):
             raise NoSpace("thin device ids exhausted in this pool")
         return list(range(first, first + n))
 
+    def _extend_hint(self) -> str:
+        return f"`dmsnap pool extend-metadata {self.pool.name} --size SIZE` gives it more"
+
+    def _read_only_why(self, s: st.ThinPoolStatus) -> str | None:
+        """Why a pool in mode ``ro`` is: dmsnap never asks for read-only, so
+        it is dm-thin's out-of-metadata-space mode, or (needs_check) a failed
+        metadata operation that only thin_check/thin_repair clears."""
+        if s.mode != "ro":
+            return None
+        if s.needs_check:
+            return (
+                f"pool {self.pool.name}'s thin metadata is read-only and needs check: "
+                "thin_check/thin_repair (docs/storage.md, 'Thin metadata full')"
+            )
+        return (
+            f"pool {self.pool.name} is out of thin metadata space (read-only); "
+            + self._extend_hint()
+        )
+
+    def no_space_reason(self) -> str | None:
+        """For the journal (no Manager lock): why the pool cannot take new
+        blocks now, or None. Data space is the flusher's ENOSPC's business."""
+        try:
+            s = self.pool_status()
+        except DmError:
+            return None  # gone or going (destroy, teardown): nothing to say
+        if not isinstance(s, st.ThinPoolStatus):
+            return f"pool {self.pool.name}'s thin pool has failed (needs thin_check/thin_repair)"
+        return self._read_only_why(s)
+
     def check_room(self, what: str, size: int = 0) -> None:
         s = self.pool_status()
         if not isinstance(s, st.ThinPoolStatus):
@@ -161,6 +240,8 @@ class ThinBackend(Backend):
                 f"cannot create {what}: pool {self.pool.name} is out of data space; "
                 "delete snapshots or volumes to free some"
             )
+        if why := self._read_only_why(s):
+            raise NoSpace(f"cannot create {what}: {why}")
         if s.mode != "rw":
             raise NoSpace(f"cannot create {what}: pool {self.pool.name} is read-only ({s.mode})")
         if s.data_used_fraction >= FULL_FRACTION:
@@ -169,7 +250,10 @@ class ThinBackend(Backend):
                 f"{s.data_used_fraction:.0%} full"
             )
         if s.metadata_used_fraction >= FULL_FRACTION:
-            raise NoSpace(f"cannot create {what}: pool {self.pool.name} metadata is full")
+            raise NoSpace(
+                f"cannot create {what}: pool {self.pool.name} thin metadata is "
+                f"{s.metadata_used_fraction:.0%} full; " + self._extend_hint()
+            )
 
     # -- operations -----------------------------------------------------------------------
 
@@ -278,6 +362,7 @@ class ThinBackend(Backend):
             free=(s.total_data_blocks - s.used_data_blocks) * bsz,
             data_used_fraction=s.data_used_fraction,
             metadata_used_fraction=s.metadata_used_fraction,
+            metadata_size=s.total_metadata_blocks * METADATA_BLOCK,
             mode=s.mode,
             transaction_id=s.transaction_id,
         )
@@ -286,16 +371,87 @@ class ThinBackend(Backend):
                 "thin pool is OUT OF DATA SPACE: writes that need new blocks fail; "
                 "delete snapshots or volumes to free space"
             )
+        elif s.mode == "ro" and not s.needs_check:
+            out["health"].append(
+                "thin pool is OUT OF METADATA SPACE (dm-thin made it read-only): new writes "
+                "and snapshots are refused, acknowledged writes wait in the journal; "
+                f"`dmsnap pool extend-metadata {self.pool.name} --size SIZE` gives it more"
+            )
         elif s.mode != "rw":
             out["health"].append(f"thin pool is {s.mode}")
         if s.needs_check:
-            out["health"].append("thin pool metadata needs check")
+            out["health"].append(
+                "thin pool metadata needs check (read-only): thin_check/thin_repair, "
+                "steps in docs/storage.md, 'Thin metadata full'"
+            )
         frac = s.data_used_fraction
         if frac >= 0.9:
             out["health"].append(f"thin pool data {frac:.0%} full (low water)")
-        if s.metadata_used_fraction >= 0.9:
-            out["health"].append("thin pool metadata over 90% full")
+        mfrac = s.metadata_used_fraction
+        if s.mode == "rw" and mfrac >= METADATA_WARN:
+            out["health"].append(
+                f"thin pool metadata {mfrac:.0%} full (warning from {METADATA_WARN:.0%}; "
+                f"snapshots refused from {FULL_FRACTION:.0%}): "
+                f"`dmsnap pool extend-metadata {self.pool.name} --size SIZE` before it fills"
+            )
         return out
+
+    @staticmethod
+    def check_layout_options(metadata_size: int | None) -> None:
+        if metadata_size is not None:
+            check_metadata_size(metadata_size)
+
+    def extension_count(self) -> int:
+        return len(self.meta_ext_sectors)
+
+    def set_extension_devnos(self, devnos: list[str]) -> None:
+        self.meta_ext_devnos = devnos
+
+    def check_metadata_extension(self, size: int) -> None:
+        """Whole MiB, within dm-thin's limit, and not while the metadata
+        needs check (dm-thin will not grow it before thin_check/thin_repair)."""
+        name = self.pool.name
+        if size % MiB or size <= 0:
+            raise InvalidArgument(f"--size {size} is not a whole, positive number of MiB")
+        total = Bytes.of(self.meta_sectors + sum(self.meta_ext_sectors)) + size
+        if total > MAX_METADATA:
+            raise InvalidArgument(
+                f"pool {name} would have {total // MiB} MiB of metadata; dm-thin uses at most "
+                f"{MAX_METADATA // MiB} MiB"
+            )
+        s = self.pool_status()
+        if isinstance(s, st.ThinPoolStatus) and s.needs_check:
+            raise Busy(
+                f"pool {name}'s thin metadata needs check: dm-thin does not grow it before "
+                "thin_check/thin_repair (docs/storage.md, 'Thin metadata full')"
+            )
+
+    def add_metadata_extension(self, devno: str, size: int) -> None:
+        old = self.pool.config
+        self.catalog.update_pool(
+            self.pool.id, config={**old, "meta_ext": [*self.meta_ext_sectors, Sectors.of(size)]}
+        )
+        self.refresh()
+        try:
+            self.extend_metadata(devno, Sectors.of(size))
+        except BaseException:
+            self.catalog.update_pool(self.pool.id, config=old)
+            self.refresh()
+            self.meta_ext_devnos = self.meta_ext_devnos[:-1]
+            with contextlib.suppress(Exception):
+                for layer in self.pool_layers()[:1]:
+                    ensure(self.dm, layer)
+            raise
+
+    def extend_metadata(self, devno: str, sectors: int) -> None:
+        """Append an extension to the metadata device and have dm-thin use
+        it: it grows its metadata space map when the pool resumes, and
+        leaves out-of-metadata-space mode for write mode."""
+        self.meta_ext_devnos = [*self.meta_ext_devnos, devno]
+        name, uuid = self.internal("tmeta")
+        ensure(self.dm, Layer(name, uuid, self.meta_table()))
+        self.dm.suspend(self.tpool[0])
+        self.dm.resume(self.tpool[0])
 
     def recover(self, kind: str, payload: dict[str, Any]) -> str:
         """Creates and restores roll forward only if the kernel committed the

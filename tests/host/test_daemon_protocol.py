@@ -122,6 +122,10 @@ class FakeManager:
         self._record("pool_show", name)
         return {"name": name}
 
+    def pool_extend_metadata(self, name, size):
+        self._record("pool_extend_metadata", name, size)
+        return {"name": name}
+
     def pool_set(
         self,
         name,
@@ -350,6 +354,11 @@ ROUND_TRIPS = [
         ),
     ),
     ("pool.show", {"name": "p"}, ("pool_show", ("p",), {})),
+    (
+        "pool.extend_metadata",
+        {"name": "p", "size": "64M"},
+        ("pool_extend_metadata", ("p", 64 << 20), {}),
+    ),
     (
         "pool.set",
         {"name": "p", "cow_autoextend_threshold": 80, "cow_autoextend_percent": 20},

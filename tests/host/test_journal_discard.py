@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,27 @@ def test_later_format_is_refused_with_a_clear_error(jpath: Path) -> None:
         Journal.open(str(jpath))
     assert ei.value.errno == errno.EPROTONOSUPPORT
     assert "later on-disk format" in str(ei.value)
+
+
+def test_no_space_keeps_a_discard_in_the_journal_until_cleared(nv: Journal, vol1: Path) -> None:
+    """A read-only thin pool (out of metadata space) answers a discard with
+    success and unmaps nothing: while the daemon says the pool has no space
+    (jr_set_no_space), the flusher keeps the discard, the overlay reads
+    zeros, and it is applied once the pool has room again."""
+    nv.write(1, 0, pattern(1, 64 * KiB))
+    nv.sync()
+    nv.set_no_space(-errno.ENOSPC)
+    nv.discard(1, 0, 64 * KiB)
+    deadline = time.monotonic() + 5
+    while nv.stats().flush_error != -errno.ENOSPC and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st = nv.stats()
+    assert st.no_space == -errno.ENOSPC and st.flush_error == -errno.ENOSPC, st
+    assert st.dm_discards == 0 and st.unflushed_records == 1, st
+    assert nv.read(1, 0, 64 * KiB) == bytes(64 * KiB)  # the journal answers zeros
+    assert vol1.read_bytes()[: 64 * KiB] == pattern(1, 64 * KiB)  # not applied below
+    nv.set_no_space(0)
+    nv.sync(10.0)
+    st = nv.stats()
+    assert st.dm_discards == 1 and st.unflushed_records == 0 and st.flush_error == 0, st
+    assert vol1.read_bytes()[: 64 * KiB] == bytes(64 * KiB)
