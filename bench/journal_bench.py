@@ -340,7 +340,19 @@ def build_c_driver(work: str, cflags: list[str]) -> str | None:
     exe = os.path.join(work, "jr_append")
     csrc = os.path.join(REPO, "csrc")
     subprocess.run(
-        [cc, "-O2", "-pthread", *cflags, "-I", csrc, f"{csrc}/journal.c", C_DRIVER, "-o", exe],
+        [
+            cc,
+            "-O2",
+            "-pthread",
+            *cflags,
+            "-I",
+            csrc,
+            f"{csrc}/journal.c",
+            f"{csrc}/crc32c.c",
+            C_DRIVER,
+            "-o",
+            exe,
+        ],
         check=True,
     )
     return exe

@@ -1,6 +1,7 @@
-"""cffi API-mode builder for the C hot path: the journal (csrc/journal.c) and
-the TCMU ring handler (csrc/tcmu.c), one module ``dmsnap._hotpath`` because
-the ring handler calls the journal directly.
+"""cffi API-mode builder for the C hot path: the journal (csrc/journal.c,
+with its checksum csrc/crc32c.c) and the TCMU ring handler (csrc/tcmu.c),
+one module ``dmsnap._hotpath`` because the ring handler calls the journal
+directly.
 
 The C side owns the threads (group committer, flusher) and never calls back
 into Python; cffi releases the GIL around every call, so Python threads
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _rel = Path.cwd().resolve() == ROOT
 CSRC = "csrc" if _rel else str(ROOT / "csrc")
 
-HEADERS = ("journal.h", "tcmu.h")  # the C API, in include order
+HEADERS = ("crc32c.h", "journal.h", "tcmu.h")  # the C API, in include order
 
 # What the headers take from the system headers they include.
 _SYSTEM = "struct iovec { void *iov_base; size_t iov_len; ...; };\n"
@@ -64,7 +65,7 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "dmsnap._hotpath",
     '#include "journal.h"\n#include "tcmu.h"',
-    sources=[f"{CSRC}/journal.c", f"{CSRC}/tcmu.c"],
+    sources=[f"{CSRC}/crc32c.c", f"{CSRC}/journal.c", f"{CSRC}/tcmu.c"],
     include_dirs=[CSRC],
     extra_compile_args=_cflags,
     extra_link_args=_ldflags,

@@ -141,11 +141,6 @@
 #define JR_INLINE_COMMIT 1
 #endif
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <nmmintrin.h>
-#define JR_HAVE_SSE42 1
-#endif
-
 #define JR_SB_MAGIC 0x3142534a4e534d44ULL  /* "DMSNJSB1" */
 #define JR_REC_MAGIC 0x3143524a4e534d44ULL /* "DMSNJRC1" */
 #define JR_VERSION 3
@@ -209,161 +204,6 @@ struct rec_disk {
 };
 _Static_assert(sizeof(struct rec_disk) == 72, "record header layout");
 _Static_assert(offsetof(struct rec_disk, hdr_crc) == 68, "record header layout");
-
-/* ------------------------------------------------------------ crc32c */
-
-/* Three implementations of one function. The SSE4.2 instruction is the
- * fastest on hardware, but a CPU emulator (QEMU TCG) runs it as a helper call
- * per 8 bytes and is then slower than slicing-by-8 tables, whose loads and
- * xors it translates to host code. As the kernel does for its RAID6 and XOR
- * routines, crc_init times the candidates once and keeps the faster. */
-static uint32_t crc_tab[8][256];
-static uint32_t (*crc_impl)(uint32_t, const void *, size_t);
-static const char *crc_impl_name; /* set by crc_init with crc_impl */
-
-static uint32_t crc32c_byte(uint32_t crc, const void *buf, size_t len)
-{
-    const unsigned char *p = buf;
-    while (len--)
-        crc = crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
-    return crc;
-}
-
-static uint32_t crc32c_slice8(uint32_t crc, const void *buf, size_t len)
-{
-    const unsigned char *p = buf;
-    while (len && ((uintptr_t)p & 7)) {
-        crc = crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
-        len--;
-    }
-    while (len >= 8) {
-        uint32_t lo, hi;
-        memcpy(&lo, p, 4);
-        memcpy(&hi, p + 4, 4);
-        lo ^= crc; /* little-endian: the first byte is the low one */
-        crc = crc_tab[7][lo & 0xff] ^ crc_tab[6][(lo >> 8) & 0xff] ^
-              crc_tab[5][(lo >> 16) & 0xff] ^ crc_tab[4][lo >> 24] ^ crc_tab[3][hi & 0xff] ^
-              crc_tab[2][(hi >> 8) & 0xff] ^ crc_tab[1][(hi >> 16) & 0xff] ^ crc_tab[0][hi >> 24];
-        p += 8;
-        len -= 8;
-    }
-    while (len--)
-        crc = crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
-    return crc;
-}
-_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "crc32c_slice8 assumes little-endian");
-
-#ifdef JR_HAVE_SSE42
-__attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const void *buf,
-                                                             size_t len)
-{
-    const unsigned char *p = buf;
-    uint64_t c = crc;
-    while (len && ((uintptr_t)p & 7)) {
-        c = _mm_crc32_u8((uint32_t)c, *p++);
-        len--;
-    }
-    while (len >= 8) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        c = _mm_crc32_u64(c, v);
-        p += 8;
-        len -= 8;
-    }
-    while (len--)
-        c = _mm_crc32_u8((uint32_t)c, *p++);
-    return (uint32_t)c;
-}
-
-/* Best of a few runs over 64 KiB, in ns. */
-static uint64_t crc_time(uint32_t (*f)(uint32_t, const void *, size_t), const void *buf,
-                         size_t len)
-{
-    uint64_t best = UINT64_MAX;
-    volatile uint32_t sink = 0;
-    for (int r = 0; r < 3; r++) {
-        struct timespec a, b;
-        clock_gettime(CLOCK_MONOTONIC, &a);
-        sink ^= f(~0u, buf, len);
-        clock_gettime(CLOCK_MONOTONIC, &b);
-        uint64_t ns = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000u + (uint64_t)b.tv_nsec -
-                      (uint64_t)a.tv_nsec;
-        if (ns < best)
-            best = ns;
-    }
-    (void)sink;
-    return best;
-}
-#endif
-
-static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
-
-static void crc_init(void)
-{
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = (c & 1) ? (c >> 1) ^ 0x82f63b78u : c >> 1;
-        crc_tab[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc_tab[t][i] = (crc_tab[t - 1][i] >> 8) ^ crc_tab[0][crc_tab[t - 1][i] & 0xff];
-    crc_impl = crc32c_slice8;
-    crc_impl_name = "slice8";
-#ifdef JR_HAVE_SSE42
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("sse4.2")) {
-        static unsigned char probe[64 << 10];
-        for (size_t i = 0; i < sizeof probe; i++)
-            probe[i] = (unsigned char)(i * 131u + 7u);
-        if (crc_time(crc32c_hw, probe, sizeof probe) <=
-            crc_time(crc32c_slice8, probe, sizeof probe)) {
-            crc_impl = crc32c_hw;
-            crc_impl_name = "sse4.2";
-        }
-    }
-#endif
-}
-
-const char *jr_crc32c_impl(void)
-{
-    pthread_once(&crc_once, crc_init);
-    return crc_impl_name;
-}
-
-uint32_t jr_crc32c_variant(int which, const void *buf, size_t len)
-{
-    pthread_once(&crc_once, crc_init);
-    switch (which) {
-    case 1:
-        return ~crc32c_slice8(~0u, buf, len);
-#ifdef JR_HAVE_SSE42
-    case 2:
-        if (__builtin_cpu_supports("sse4.2"))
-            return ~crc32c_hw(~0u, buf, len);
-        return ~crc32c_byte(~0u, buf, len);
-#endif
-    default:
-        return ~crc32c_byte(~0u, buf, len);
-    }
-}
-
-static uint32_t crc32c(const void *buf, size_t len)
-{
-    pthread_once(&crc_once, crc_init);
-    return ~crc_impl(~0u, buf, len);
-}
-
-uint32_t jr_crc32c(const void *buf, size_t len)
-{
-    return crc32c(buf, len);
-}
-
-uint32_t jr_crc32c_table(const void *buf, size_t len)
-{
-    return jr_crc32c_variant(0, buf, len);
-}
 
 /* ------------------------------------------------------------ types */
 
@@ -980,7 +820,7 @@ static void sb_fill(unsigned char *buf, uint32_t align, uint64_t journal_id, uin
         .sb_seq = sb_seq,
         .min_gen = min_gen,
     };
-    sb.crc = crc32c(&sb, offsetof(struct sb_disk, crc));
+    sb.crc = jr_crc32c(&sb, offsetof(struct sb_disk, crc));
     memset(buf, 0, JR_SB_SLOT);
     memcpy(buf, &sb, sizeof sb);
 }
@@ -988,7 +828,7 @@ static void sb_fill(unsigned char *buf, uint32_t align, uint64_t journal_id, uin
 static int sb_valid(const struct sb_disk *sb)
 {
     return sb->magic == JR_SB_MAGIC && sb->version >= JR_VERSION_MIN && sb->version <= JR_VERSION &&
-           sb->crc == crc32c(sb, offsetof(struct sb_disk, crc)) && sb->align >= 512 &&
+           sb->crc == jr_crc32c(sb, offsetof(struct sb_disk, crc)) && sb->align >= 512 &&
            sb->align <= 4096 && !(sb->align & (sb->align - 1)) && sb->capacity >= JR_MIN_CAPACITY &&
            sb->capacity % sb->align == 0 && sb->ckpt_pos < sb->capacity &&
            sb->ckpt_pos % sb->align == 0 && sb->ckpt_seq >= 1 && sb->min_gen >= 1 &&
@@ -1199,7 +1039,7 @@ static uint64_t rec_check(const jr_t *j, uint64_t lpos, uint64_t seq, uint64_t p
     uint64_t phys = lpos % j->cap, room = j->cap - phys, size;
     if (h->magic != JR_REC_MAGIC || h->journal_id != j->journal_id || h->seq != seq)
         return 0;
-    if (h->hdr_crc != crc32c(h, offsetof(struct rec_disk, hdr_crc)))
+    if (h->hdr_crc != jr_crc32c(h, offsetof(struct rec_disk, hdr_crc)))
         return 0;
     if (h->generation < prev_gen || h->generation >= j->generation)
         return 0;
@@ -1237,7 +1077,7 @@ static int rec_data_ok(const struct rec_disk *h)
 {
     if (h->type != REC_WRITE && h->type != REC_MARKER)
         return 1;
-    return crc32c((const unsigned char *)h + JR_HDR, h->len) == h->data_crc;
+    return jr_crc32c((const unsigned char *)h + JR_HDR, h->len) == h->data_crc;
 }
 
 /* Recovery's walk: the mirror holds the ring's bytes up to upto, read from
@@ -1450,7 +1290,7 @@ static int scan_generation(jr_t *j, const struct rec_disk *h, uint64_t lpos, voi
     (void)lpos;
     (void)ctx;
     if (h->generation >= j->generation && h->generation < JR_COUNTER_MAX / 2 &&
-        h->hdr_crc == crc32c(h, offsetof(struct rec_disk, hdr_crc)))
+        h->hdr_crc == jr_crc32c(h, offsetof(struct rec_disk, hdr_crc)))
         j->generation = h->generation + 1;
     return 0;
 }
@@ -1465,7 +1305,7 @@ static int scan_after(jr_t *j, const struct rec_disk *h, uint64_t lpos, void *ct
     uint64_t end_seq = j->rec.end_seq, max_recs = j->cap / j->align;
     if (h->seq < end_seq || h->seq - end_seq >= max_recs || h->generation < j->rec_prev_gen ||
         h->generation >= j->generation || h->type < REC_WRITE || h->type > REC_FORGET ||
-        h->hdr_crc != crc32c(h, offsetof(struct rec_disk, hdr_crc)))
+        h->hdr_crc != jr_crc32c(h, offsetof(struct rec_disk, hdr_crc)))
         return 0;
     j->rec.dropped++;
     if (h->seq > j->rec.last_seq)
@@ -1549,7 +1389,7 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t mem_limit
     *out = NULL;
     if (info)
         memset(info, 0, sizeof *info);
-    pthread_once(&crc_once, crc_init);
+    (void)jr_crc32c_impl(); /* choose the implementation now, not on a first write */
     if (mode == JR_RAM) {
         uint64_t cap = ram_size / 512 * 512;
         if (cap < JR_MIN_CAPACITY || path)
@@ -1601,7 +1441,7 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t mem_limit
         for (int i = 0; i < 2; i++) {
             const struct sb_disk *x = i ? &s1 : &s0;
             if (x->magic == JR_SB_MAGIC && x->version > JR_VERSION &&
-                x->crc == crc32c(x, offsetof(struct sb_disk, crc)))
+                x->crc == jr_crc32c(x, offsetof(struct sb_disk, crc)))
                 rc = -EPROTONOSUPPORT;
         }
         goto fail;
@@ -2483,7 +2323,7 @@ static void put_record(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint6
                        ? (uint32_t)(j->head_seq - j->durable_seq + 1)
                        : UINT32_MAX,
     };
-    h.hdr_crc = crc32c(&h, offsetof(struct rec_disk, hdr_crc));
+    h.hdr_crc = jr_crc32c(&h, offsetof(struct rec_disk, hdr_crc));
     memcpy(p, &h, sizeof h);
     memset(p + sizeof h, 0, JR_HDR - sizeof h);
     if (type != REC_PAD) {
@@ -2715,7 +2555,6 @@ int64_t jr_writev(jr_t *j, uint32_t vol, uint64_t offset, const struct iovec *io
     if (!vol || !iov || iovcnt <= 0 || offset % 512)
         return -EINVAL;
     uint64_t len = 0;
-    pthread_once(&crc_once, crc_init);
     uint32_t crc = ~0u;
     for (int i = 0; i < iovcnt; i++) {
         if (!iov[i].iov_base && iov[i].iov_len)
@@ -2723,7 +2562,7 @@ int64_t jr_writev(jr_t *j, uint32_t vol, uint64_t offset, const struct iovec *io
         len += iov[i].iov_len;
         if (len > JR_MAX_IO)
             return -EINVAL;
-        crc = crc_impl(crc, iov[i].iov_base, iov[i].iov_len);
+        crc = jr_crc32c_update(crc, iov[i].iov_base, iov[i].iov_len);
     }
     if (!len || len % 512)
         return -EINVAL;
@@ -2775,7 +2614,7 @@ int64_t jr_marker(jr_t *j, uint64_t marker_id, const void *payload, uint32_t len
 {
     if (!marker_id || len > JR_MAX_PAYLOAD || (len && !payload))
         return -EINVAL;
-    uint32_t crc = crc32c(payload ? payload : "", len);
+    uint32_t crc = jr_crc32c(payload ? payload : "", len);
     struct timespec dl;
     deadline_in(&dl, timeout_ms);
     int rc = enter(j);

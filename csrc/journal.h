@@ -75,6 +75,8 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "crc32c.h" /* the checksum of superblocks and records */
+
 typedef struct jr jr_t;
 
 #define JR_NV 1
@@ -283,17 +285,6 @@ void jr_set_no_space(jr_t *j, int err);
  * wrapper calls this, waits for its own callers to leave, then jr_close.
  * Idempotent (later calls return 0). */
 int jr_stop(jr_t *j, int drain, uint32_t timeout_ms);
-
-/* crc32c (Castagnoli) as used on disk, by the fastest implementation on
- * this CPU (timed once: the SSE4.2 instruction or slicing-by-8 tables; a CPU
- * emulator runs the instruction slowly). jr_crc32c_impl names the one in
- * use ("sse4.2" or "slice8"). For tests: the byte-wise table version, and
- * each variant by number (0 byte-wise, 1 slicing-by-8, 2 SSE4.2, or the
- * byte-wise one where the CPU lacks it). */
-uint32_t jr_crc32c(const void *buf, size_t len);
-uint32_t jr_crc32c_table(const void *buf, size_t len);
-uint32_t jr_crc32c_variant(int which, const void *buf, size_t len);
-const char *jr_crc32c_impl(void);
 
 /* Stop. With drain, first wait (up to timeout_ms) until every record is
  * flushed and checkpointed (markers still need the controller). Frees j

@@ -25,14 +25,14 @@ from typing import Annotated, Any
 
 import typer
 
-from dmsnap import __version__
+from dmsnap import __version__, rules
 from dmsnap.client import Client, default_socket
-from dmsnap.daemon.protocol import DEFAULT_SOCKET, check_label
+from dmsnap.daemon.protocol import DEFAULT_SOCKET, to_jsonable
 from dmsnap.errors import InvalidArgument, UserError
 from dmsnap.errors import NotFound as E_NotFound
 from dmsnap.schedule import cli as schedule_cli
 from dmsnap.sizes import format_size, parse_size
-from dmsnap.storage.names import NameError_, check_name, parse_ref
+from dmsnap.storage.names import BadName, check_name, parse_ref
 
 app = typer.Typer(
     help="dmsnap: exact point-in-time snapshots for Linux block storage.",
@@ -69,22 +69,9 @@ class CliError(Exception):
         self.code = code
 
 
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        d = {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        d.setdefault("type", type(obj).__name__)
-        return d
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_jsonable(x) for x in obj]
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    return obj
-
-
 def print_json(obj: Any) -> None:
-    json.dump(_jsonable(obj), sys.stdout, indent=2, sort_keys=True)
+    # typed dm status (dataclasses) say which type they are
+    json.dump(to_jsonable(obj, tagged=True), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
 
 
@@ -109,7 +96,7 @@ def describe_status(status: object) -> str:
         v = getattr(status, f.name)
         if v is None or v == () or f.name in ("target_type", "params"):
             continue
-        parts.append(f"{f.name}={_jsonable(v)}")
+        parts.append(f"{f.name}={to_jsonable(v, tagged=True)}")
     for prop in ("data_used_fraction", "metadata_used_fraction"):
         if hasattr(status, prop):
             parts.append(f"{prop.removesuffix('_fraction')}={getattr(status, prop):.1%}")
@@ -166,14 +153,14 @@ def _confirm(question: str, yes: bool, refusal: str) -> None:
 def _name(kind: str, text: str) -> str:
     try:
         return check_name(kind, text)
-    except NameError_ as e:
+    except BadName as e:
         raise InvalidArgument(str(e)) from None
 
 
 def _ref(text: str, *, snapshot: bool) -> tuple[str, str, str | None]:
     try:
         return parse_ref(text, snapshot=snapshot)
-    except NameError_ as e:
+    except BadName as e:
         raise InvalidArgument(str(e)) from None
 
 
@@ -202,7 +189,8 @@ def _labels(items: list[str] | None) -> dict[str, str] | None:
         key, eq, value = item.partition("=")
         if not eq:
             raise InvalidArgument(f"label {item!r}: expected KEY=VALUE")
-        check_label(key, value)
+        if (why := rules.label_problem(key, value)) is not None:
+            raise InvalidArgument(why)
         if key in out:
             raise InvalidArgument(f"label {key!r} given twice")
         out[key] = value
@@ -270,11 +258,7 @@ def _writecache(v: Any) -> str:
     if v is None or v is False:
         return "-"
     if isinstance(v, dict):
-        state = str(v.get("state") or "?")
-        dirty = _get(v, "dirty_fraction", "dirty")
-        if isinstance(dirty, float):
-            state += f" ({_pct(dirty)} dirty)"
-        return state
+        return str(v.get("state") or "?")
     return str(v)
 
 
@@ -339,8 +323,8 @@ def _pool_row(p: dict[str, Any]) -> list[object]:
         p.get("name"),
         p.get("backend"),
         _size(p.get("size")),
-        _size(_get(p, "used", "used_bytes")),
-        _size(_get(p, "free", "free_bytes")),
+        _size(p.get("used")),
+        _size(p.get("free")),
         _pct(p.get("data_used_fraction")),
         _pct(p.get("metadata_used_fraction")),
         _writecache(p.get("writecache")),
@@ -484,15 +468,11 @@ SnapshotArg = Annotated[
 # -------------------------------------------------------------------- pool
 
 
-class Backend(enum.StrEnum):
-    thin = "thin"
-    classic = "classic"
-
-
-class JournalMode(enum.StrEnum):
-    nv = "nv"
-    ram = "ram"
-    none = "none"
+# typer's choices, from the rules' lists
+Backend = enum.StrEnum("Backend", {b: b for b in rules.BACKENDS})  # type: ignore[misc]
+JournalMode = enum.StrEnum("JournalMode", {m: m for m in rules.JOURNAL_MODES})  # type: ignore[misc]
+DEFAULT_BACKEND = Backend(rules.DEFAULT_BACKEND)
+DEFAULT_JOURNAL_MODE = JournalMode(rules.DEFAULT_JOURNAL_MODE)
 
 
 @pool_app.command("create")
@@ -512,7 +492,7 @@ def pool_create(
     ] = None,
     backend: Annotated[
         Backend, typer.Option("--backend", help="Snapshot backend.", case_sensitive=False)
-    ] = Backend.thin,
+    ] = DEFAULT_BACKEND,
     size: Annotated[
         str | None,
         typer.Option("--size", metavar="SIZE", help="Size of the embedded pool, e.g. 10G."),
@@ -543,7 +523,7 @@ def pool_create(
             "memory (FLUSH waits for the volume); none: no journal, snapshots suspend I/O.",
             case_sensitive=False,
         ),
-    ] = JournalMode.nv,
+    ] = DEFAULT_JOURNAL_MODE,
     metadata_size: Annotated[
         str | None,
         typer.Option(
@@ -621,8 +601,8 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(p)
         return
-    used = _get(p, "used", "used_bytes")
-    free = _get(p, "free", "free_bytes")
+    used = p.get("used")
+    free = p.get("free")
     rows: list[tuple[str, object]] = [
         ("name", p.get("name")),
         ("backend", p.get("backend")),
@@ -641,7 +621,7 @@ def pool_show(name: PoolArg, json_out: JsonOpt = False) -> None:
         ("health", _health(p.get("health"))),
     ]
     shown = {
-        "name", "backend", "embedded", "size", "used", "used_bytes", "free", "free_bytes",
+        "name", "backend", "embedded", "size", "used", "free",
         "data_used_fraction", "metadata_used_fraction", "metadata_size", "writecache", "volumes",
         "snapshots", "health", "devices", "journal", "host_fs",
     }  # fmt: skip
@@ -1128,6 +1108,30 @@ def _chap_entries(source: str) -> list[list[str]]:
         raise InvalidArgument(str(e)) from None
 
 
+def _export_list(json_out: bool) -> None:
+    rows = _call("export.list")
+    if json_out:
+        print_json(rows)
+    elif not rows:
+        typer.echo("no exports")
+    else:
+        print_table(
+            EXPORT_HEADERS,
+            [
+                [
+                    r.get("ref"),
+                    r.get("kind"),
+                    r.get("serial"),
+                    r.get("iqn") or r.get("disk") or "-",
+                    _allow_text(r),
+                    _rights_text(r.get("snapshot_allow")),
+                    _yesno(r.get("running")),
+                ]
+                for r in rows
+            ],
+        )
+
+
 @app.command("export")
 def export(
     ref: Annotated[
@@ -1199,28 +1203,11 @@ def export(
     in-band; --snapshot-allow IQN (iSCSI with --allow) names the ones that
     may, --no-snapshot lets none. --update changes a running export's
     --allow list and snapshot rights without dropping other sessions."""
-    if ref == "list":
-        rows = _call("export.list")
-        if json_out:
-            print_json(rows)
-        elif not rows:
-            typer.echo("no exports")
-        else:
-            print_table(
-                EXPORT_HEADERS,
-                [
-                    [
-                        r.get("ref"),
-                        r.get("kind"),
-                        r.get("serial"),
-                        r.get("iqn") or r.get("disk") or "-",
-                        _allow_text(r),
-                        _rights_text(r.get("snapshot_allow")),
-                        _yesno(r.get("running")),
-                    ]
-                    for r in rows
-                ],
-            )
+    if ref == "list":  # `dmsnap export list`: the one word that is not POOL/VOL[@SNAP]
+        given = (local, iscsi, iqn, portal, allow, allow_any, chap_file, chap, snapshot_allow)
+        if any(given) or no_snapshot or update:
+            raise InvalidArgument("export list takes no other option than --json")
+        _export_list(json_out)
         return
     if chap is not None:
         # argv is in ps, /proc and shell history: no secret there
@@ -1509,9 +1496,7 @@ def status(json_out: JsonOpt = False) -> None:
     else:
         typer.echo("no pools")
     snaps = st.get("snapshots")
-    active = _get(st, "active_snapshots", "snapshots_active")
-    if active is None and isinstance(snaps, list):
-        active = sum(1 for s in snaps if isinstance(s, dict) and s.get("active"))
+    active = st.get("active_snapshots")
     typer.echo("")
     summary = (
         f"{len(pools)} pool{'s' if len(pools) != 1 else ''}, "
@@ -1691,7 +1676,7 @@ def run(argv: list[str] | None = None, entry: Callable[..., Any] | None = None) 
     except UserError as e:
         typer.echo(f"dmsnap: {e.message}", err=True)
         return e.exit_code
-    except NameError_ as e:
+    except BadName as e:
         typer.echo(f"dmsnap: {e}", err=True)
         return InvalidArgument.exit_code
     except (DmError, TableError) as e:

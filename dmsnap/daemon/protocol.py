@@ -22,14 +22,14 @@ import dataclasses
 import enum
 import json
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dmsnap import rules
 from dmsnap.errors import InvalidArgument, UserError
 from dmsnap.sizes import parse_size
-from dmsnap.storage.names import NameError_, check_name
+from dmsnap.storage.names import BadName, check_name
 
 VERSION = 1
 DEFAULT_SOCKET = "/run/dmsnap/dmsnapd.sock"
@@ -75,7 +75,7 @@ def _name(kind: str) -> Check:
             raise InvalidArgument(f"{arg}: expected a {kind} name (string)")
         try:
             return check_name(kind, value)
-        except NameError_ as e:
+        except BadName as e:
             raise InvalidArgument(str(e)) from None
 
     return check
@@ -107,10 +107,13 @@ def _device(arg: str, value: Any) -> str:
     return value
 
 
-def _backend(arg: str, value: Any) -> str:
-    if value not in BACKENDS:
-        raise InvalidArgument(f"{arg} {value!r}: expected one of {', '.join(BACKENDS)}")
-    return value
+def _choice(choices: tuple[str, ...]) -> Check:
+    def check(arg: str, value: Any) -> str:
+        if value not in choices:
+            raise InvalidArgument(f"{arg} {value!r}: expected one of {', '.join(choices)}")
+        return str(value)
+
+    return check
 
 
 def _token(arg: str, value: Any) -> str:
@@ -133,21 +136,10 @@ def _refs(arg: str, value: Any) -> list[list[str]]:
     return out
 
 
-LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")  # fullmatch: no trailing newline
-MAX_LABEL_VALUE = 256
-
-
 def check_label(key: str, value: str) -> None:
-    """Labels are for people and schedulers: short keys, one-line values."""
-    if not LABEL_KEY_RE.fullmatch(key):
-        raise InvalidArgument(
-            f"label key {key!r} may only contain letters, digits, '.', '_', '-', '/' "
-            "(at most 63, starting with a letter or digit)"
-        )
-    if len(value) > MAX_LABEL_VALUE or any(c in value for c in "\n\r\0"):
-        raise InvalidArgument(
-            f"label {key!r}: value must be one line of at most {MAX_LABEL_VALUE} characters"
-        )
+    """A label as :mod:`dmsnap.rules` takes it, else InvalidArgument."""
+    if (why := rules.label_problem(key, value)) is not None:
+        raise InvalidArgument(why)
 
 
 def _labels(arg: str, value: Any) -> dict[str, str]:
@@ -206,18 +198,6 @@ def _percent(arg: str, value: Any) -> int:
     return value
 
 
-def _journal_mode(arg: str, value: Any) -> str:
-    if value not in JOURNAL_MODES:
-        raise InvalidArgument(f"{arg} {value!r}: expected one of {', '.join(JOURNAL_MODES)}")
-    return value
-
-
-def _export_kind(arg: str, value: Any) -> str:
-    if value not in ("local", "iscsi"):
-        raise InvalidArgument(f"{arg} {value!r}: expected local or iscsi")
-    return value
-
-
 def _text(arg: str, value: Any) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= 256 or "\0" in value:
         raise InvalidArgument(f"{arg}: expected a string of 1 to 256 characters")
@@ -268,9 +248,6 @@ def _min_free(arg: str, value: Any) -> int:
 
 # arguments whose values are never written to a log
 SECRET_ARGS = frozenset({"chap"})
-
-BACKENDS = ("thin", "classic")
-JOURNAL_MODES = ("nv", "ram", "none")
 
 
 @dataclass(frozen=True)
@@ -389,7 +366,7 @@ _CHECKS: dict[str, Check] = {
     "vol": _name("volume"),
     "data": _device,
     "cache": _device,
-    "backend": _backend,
+    "backend": _choice(rules.BACKENDS),
     "size": _size,
     "cache_size": _size,
     "force": _bool,
@@ -400,7 +377,7 @@ _CHECKS: dict[str, Check] = {
     "journal": _device,
     "journal_size": _size,
     "journal_memory": _size,
-    "journal_mode": _journal_mode,
+    "journal_mode": _choice(rules.JOURNAL_MODES),
     "wait": _bool,
     "timeout": _seconds,
     "marker": _marker,
@@ -410,7 +387,7 @@ _CHECKS: dict[str, Check] = {
     "content": _data,
     "fua": _bool,
     "snap": _name("snapshot"),
-    "kind": _export_kind,
+    "kind": _choice(rules.EXPORT_KINDS),
     "iqn": _text,
     "portal": _text,
     "allow": _texts,
@@ -491,19 +468,26 @@ class Request:
     args: dict[str, Any]
 
 
-def to_jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any, *, tagged: bool = False) -> Any:
     """Manager results are meant to be JSON-able already; be lenient with the
-    usual Python leftovers (tuples, enums, dataclasses, paths) anyway."""
+    usual Python leftovers (tuples, enums, dataclasses, paths) anyway. With
+    ``tagged`` a dataclass also says its ``type`` (the CLI's typed dm status)."""
+    if isinstance(obj, enum.Enum):
+        return to_jsonable(obj.value)
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v, tagged=tagged) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(x) for x in obj]
-    if isinstance(obj, enum.Enum):
-        return to_jsonable(obj.value)
+        return [to_jsonable(x, tagged=tagged) for x in obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        d = {
+            f.name: to_jsonable(getattr(obj, f.name), tagged=tagged)
+            for f in dataclasses.fields(obj)
+        }
+        if tagged:
+            d.setdefault("type", type(obj).__name__)
+        return d
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"cannot encode {type(obj).__name__} as JSON")

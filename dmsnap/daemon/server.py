@@ -33,7 +33,7 @@ from dmsnap import __version__
 from dmsnap.daemon import protocol as proto
 from dmsnap.daemon.notify import Heartbeat, Notifier
 from dmsnap.errors import Busy, InvalidArgument, PermissionDenied, Unavailable, UserError
-from dmsnap.storage.names import NameError_
+from dmsnap.storage.names import BadName
 
 log = logging.getLogger("dmsnapd")
 
@@ -495,7 +495,7 @@ class Server:
         except UserError as e:
             log.info("%s: %s failed: %s: %s", who, op, e.code, e.message)
             return proto.error(req_id, e.code, e.message)
-        except NameError_ as e:  # the Manager checks names too
+        except BadName as e:  # the Manager checks names too
             log.info("%s: %s failed: %s", who, op, e)
             return proto.error(req_id, InvalidArgument.code, str(e))
         except Exception as e:

@@ -1,7 +1,8 @@
 """dmsnap's device-mapper layer: ioctls, typed tables, parsed status, udev.
 
 Re-exports what other packages need, so ``from dmsnap.dm import X``
-is the one import site.
+is the one import site. Imports nothing of dmsnap's but ``errors``: every
+layer above builds on it.
 """
 
 from dmsnap.dm.device import DeviceInfo, DeviceMapper, StatusLine

@@ -21,10 +21,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from dmsnap.journal.journal import Journal, JournalError, JournalStats, Marker, crc32c_impl
-from dmsnap.storage.devices import Holds
 
 log = logging.getLogger("dmsnap.journal")
 
@@ -36,6 +35,18 @@ Materialize = Callable[[int, Json], Json]
 SpaceProbe = Callable[[], str | None]
 
 
+class Holds(Protocol):
+    """Exclusive opens of block devices by key (the storage core's
+    ``dmsnap.storage.devices.Holds``, handed in: the journal sits below the
+    storage core and imports nothing of it)."""
+
+    def hold(self, key: object, path: str, what: str) -> int | None: ...
+
+    def release(self, key: object) -> None: ...
+
+    def release_all(self) -> None: ...
+
+
 class PoolJournal:
     def __init__(
         self,
@@ -44,6 +55,7 @@ class PoolJournal:
         mode: str,
         materialize: Materialize,
         lock: threading.RLock,
+        holds: Holds,
         space_probe: SpaceProbe | None = None,
     ) -> None:
         self.pool = pool
@@ -58,7 +70,7 @@ class PoolJournal:
         self.volumes: dict[int, int] = {}  # attached volume id -> size
         # O_EXCL on each attached volume's private dm device: only the
         # journal writes it (no mkfs, mount or other claim meanwhile).
-        self._holds = Holds()
+        self._holds = holds
         self.last_error: str | None = None
         # The gate in front of the C journal: close() shuts it, waits for the
         # calls already inside, and only then frees the journal.

@@ -27,8 +27,7 @@ from typing import IO
 from xml.etree import ElementTree
 
 from dmsnap import errors as E
-
-SECTOR = 512
+from dmsnap.units import Bytes
 
 
 class DeltaError(Exception):
@@ -109,7 +108,7 @@ def _block_size(el: ElementTree.Element) -> int:
     sectors = _int(el, "data_block_size")
     if sectors == 0:
         raise DeltaError("thin metadata answer: data_block_size 0")
-    return sectors * SECTOR
+    return Bytes.of(sectors)
 
 
 # thin_delta's diff elements: what the receiver does with each

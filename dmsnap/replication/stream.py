@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import IO
 
 from dmsnap.journal.journal import crc32c
+from dmsnap.rules import SECTOR
 
 PREAMBLE = b"DMSNAPRS"
 VERSION = 1
-SECTOR = 512
 MAX_PAYLOAD = 16 << 20  # a DATA record's bytes; bounds a reader's memory
 MAX_NAME = 255
 

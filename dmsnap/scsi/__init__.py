@@ -7,6 +7,13 @@
   both the target and the initiator (``docs/scsi-snapshot-command.md``).
 * ``sense``: status codes and sense data (fixed and descriptor format).
 * ``cdb``: operation codes and CDB field decoding.
+* ``target``: an export at run time (backstores, rings, emulators);
+  ``lio``: LIO configfs through rtslib-fb; ``tcmu``: the C ring handler's face;
+  ``initiator``/``sgio``: the client side.
+
+Below the storage core: imports ``errors`` and ``rules`` only (the codec
+runs on initiator hosts too); the in-band command's target side is the
+storage core's (``dmsnap.storage.inband``).
 """
 
 # How much nicer than dmsnapd the fast-path workers run (dmsnapd

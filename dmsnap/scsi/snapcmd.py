@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import enum
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from dmsnap.daemon.protocol import LABEL_KEY_RE, MAX_LABEL_VALUE
+from dmsnap import rules
+from dmsnap.rules import LABEL_KEY_RE, MAX_LABELS, MAX_NAME
 from dmsnap.scsi import sense as S
 
 OPCODE = 0xC0
@@ -63,19 +63,14 @@ MAGIC = b"DMSN"
 VERSION = 1
 TOKEN_LEN = 16
 HANDLE_LEN = 4
-MAX_NAME = 48
-MAX_LABELS = 16
-MAX_KEY = 63
-MAX_VALUE_BYTES = 1024
+MAX_KEY = rules.MAX_LABEL_KEY
+MAX_VALUE_BYTES = rules.MAX_LABEL_VALUE_BYTES
 MAX_PARAM_LEN = 4096  # a CREATE parameter list longer than this is refused
 MAX_RESPONSE = 0xFFFF  # the largest allocation length the CDB can carry
 HEADER_LEN = 12
 DELETE_LEN = 24  # magic, version, reserved, token
 LIST_MAX = 64  # LIST reports at most this many requests (a page of the not deleted, newest first)
 MAX_ERROR_BYTES = 1024
-
-# same rule as dmsnap.storage.names.check_name (kept import-light for the initiator)
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")  # fullmatch: no trailing newline
 
 # offsets in the CREATE parameter list
 OFF_MAGIC = 0
@@ -207,27 +202,13 @@ def parse_token(text: str) -> bytes:
 
 
 def check_name(name: str) -> str | None:
-    """Why the snapshot name is not acceptable, or None."""
-    if not name:
-        return "the snapshot name is empty"
-    if len(name) > MAX_NAME:
-        return f"the snapshot name is longer than {MAX_NAME} characters"
-    if not NAME_RE.fullmatch(name):
-        return (
-            "a snapshot name may only contain letters, digits, '.', '_' and '-', "
-            "and must not start with '-', '.' or '_'"
-        )
-    return None
+    """Why the snapshot name is not acceptable (:mod:`dmsnap.rules`), or None."""
+    return rules.name_problem("snapshot", name)
 
 
 def check_label(key: str, value: str) -> str | None:
-    if not LABEL_KEY_RE.fullmatch(key):
-        return f"label key {key!r} is not acceptable"
-    if len(value) > MAX_LABEL_VALUE or any(c in value for c in "\n\r\0"):
-        return f"label {key!r}: value must be one line of at most {MAX_LABEL_VALUE} characters"
-    if len(value.encode()) > MAX_VALUE_BYTES:
-        return f"label {key!r}: value longer than {MAX_VALUE_BYTES} bytes"
-    return None
+    """Why ``key=value`` is not an acceptable label (:mod:`dmsnap.rules`), or None."""
+    return rules.label_problem(key, value)
 
 
 # -- CDBs (initiator) ---------------------------------------------------------------------

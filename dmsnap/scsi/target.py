@@ -1,6 +1,7 @@
 """What one export is at run time: a LIO user backstore, its TCMU ring
-(served in C against the pool's journal), the SPC/SBC emulator for the rest,
-and the in-band snapshot command wired to the Manager."""
+(served in C against the pool's journal) and the SPC/SBC emulator for the
+rest. The in-band snapshot command's target side is the storage core's
+(:mod:`dmsnap.storage.inband`); it reaches this module as ``snapshots``."""
 
 from __future__ import annotations
 
@@ -9,15 +10,12 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any
 
-from dmsnap import errors as E
 from dmsnap.scsi import DEFAULT_WORKER_NICE, lio
-from dmsnap.scsi import snapcmd as SC
-from dmsnap.scsi.emulation import Emulator, Limits, Lun, TokenBucket, naa_from_serial
+from dmsnap.scsi.emulation import Emulator, Limits, TokenBucket, naa_from_serial
 from dmsnap.scsi.tcmu import Command, Reply, TcmuDevice, uio_for
 
 log = logging.getLogger("dmsnap.scsi")
@@ -89,171 +87,6 @@ class SnapshotDeviceLun:
         raise OSError(errno.EROFS, "read-only snapshot")
 
 
-_KIND = {
-    E.InvalidArgument: SC.ErrorKind.INVALID_NAME,
-    E.AlreadyExists: SC.ErrorKind.INVALID_NAME,
-    E.NoSpace: SC.ErrorKind.NO_SPACE,
-    E.Unavailable: SC.ErrorKind.NOT_READY,
-    E.NotFound: SC.ErrorKind.FAILED,
-}
-
-
-class InbandSnapshots:
-    """The vendor command's target side: a request token is the Manager's
-    request token (hex). What one export's initiators reach is its pool's
-    volumes *visible* to them (:meth:`_visible`): GROUP cuts those, LIST
-    and STATUS show the requests that cut one of them (and of a group's
-    snapshots, those)."""
-
-    def __init__(self, manager: Any, pool: str, vol: str, wait_timeout: float = 30.0) -> None:
-        self.m, self.pool, self.vol, self.wait_timeout = manager, pool, vol, wait_timeout
-
-    def _visible(self) -> dict[int, str]:
-        """Volume id -> name of the pool's volumes that every initiator able
-        to send the command here may snapshot through an export of its own:
-        TCMU does not say which initiator sent it, so the whole set of
-        senders of this path must hold the right (an ``--allow-any``
-        export's senders are everyone). This volume always."""
-        from dmsnap.storage.exports import snapshot_senders
-
-        exports = [e for e in self.m.catalog.exports(self.pool) if e.snapshot is None]
-        mine = next((e for e in exports if e.volume == self.vol), None)
-        out: dict[int, str] = {}
-        if mine is not None:
-            senders = snapshot_senders(mine)
-            for e in exports:
-                theirs = snapshot_senders(e)
-                if theirs is None or (senders and theirs is not None and senders <= theirs):
-                    out[e.volume_id] = e.volume
-        own = self.m.catalog.volume(self.pool, self.vol)
-        out[own.id] = own.name
-        return out
-
-    def create(self, lun: Lun, request: SC.CreateRequest) -> None:
-        with self.m.lock:
-            p = self.m.catalog.pool(self.pool)
-            earlier = self.m.catalog.marker_by_token(p.id, request.token.hex())
-        if earlier is not None and earlier.state == "failed":  # a retry is not a new request
-            why = earlier.error or "failed"
-            raise SC.SnapshotError(SC.ErrorKind.FAILED, why, marker=earlier.id)
-        if earlier is not None and earlier.state == "done":
-            return  # made already (and maybe deleted since): a retry makes nothing new
-        if request.group:
-            with self.m.lock:
-                refs = [[self.pool, n] for n in sorted(self._visible().values())]
-        else:
-            refs = [[self.pool, self.vol]]
-        try:
-            r = self.m.snapshot_create(
-                refs,
-                request.name,
-                labels=request.labels or None,
-                token=request.token.hex(),
-                wait=request.wait,
-                timeout=self.wait_timeout,
-            )
-        except E.UserError as e:
-            if isinstance(e, E.Unavailable) and "not made within" in e.message:
-                raise SC.SnapshotError(SC.ErrorKind.IN_PROGRESS, e.message) from None
-            kind = next((k for t, k in _KIND.items() if isinstance(e, t)), SC.ErrorKind.FAILED)
-            raise SC.SnapshotError(kind, e.message) from None
-        if r.get("state") == "failed":
-            raise SC.SnapshotError(SC.ErrorKind.FAILED, r.get("error") or "snapshot failed")
-
-    def _groups(self) -> dict[int, list[Any]]:
-        """The pool's snapshots by group (a request's group_id)."""
-        out: dict[int, list[Any]] = {}
-        for s in self.m.catalog.snapshots(self.pool):
-            out.setdefault(s.group_id, []).append(s)
-        return out
-
-    def _entry(
-        self, mk: Any, groups: dict[int, list[Any]], visible: dict[int, str]
-    ) -> SC.SnapEntry:
-        state = {"pending": SC.State.PENDING, "done": SC.State.DONE}.get(mk.state, SC.State.FAILED)
-        members = groups.get(mk.group_id, []) if mk.group_id is not None else []
-        members = [s for s in members if s.volume_id in visible]
-        snaps = tuple(f"{s.pool}/{s.volume}@{s.name}" for s in members)
-        error = mk.error or ""
-        if state is SC.State.DONE and not members:  # every snapshot it made is gone
-            state = SC.State.DELETED
-        elif state is SC.State.DONE:
-            # made, but a classic COW area overflowed since: its content is lost
-            bad = [s for s in members if self.m.snapshot_state(s) == "invalid"]
-            if bad:
-                state = SC.State.FAILED
-                error = f"snapshot {bad[0].pool}/{bad[0].volume}@{bad[0].name} is invalid"
-        try:
-            token = bytes.fromhex(mk.token or "")
-        except ValueError:
-            token = b""
-        return SC.SnapEntry(
-            token=token if len(token) == SC.TOKEN_LEN else bytes(SC.TOKEN_LEN),
-            name=mk.name,
-            state=state,
-            group=len(mk.request.get("volumes", [])) > 1,
-            marker=mk.id,
-            requested=int(mk.created),
-            snapshots=snaps,
-            labels=mk.request.get("labels") or {},
-            error=error,
-        )
-
-    def _markers(self, visible: dict[int, str]) -> list[Any]:
-        """The pool's requests, newest first, that cut a visible volume."""
-        with self.m.lock:
-            p = self.m.catalog.pool(self.pool)
-            return [
-                mk
-                for mk in reversed(self.m.catalog.markers(p.id))
-                if any(v in visible for v in mk.request.get("volumes", []))
-            ]
-
-    def status(self, lun: Lun, handle: bytes) -> Sequence[SC.SnapEntry]:
-        suffix = handle.hex()
-        with self.m.lock:
-            groups, visible = self._groups(), self._visible()
-            return [
-                self._entry(mk, groups, visible)
-                for mk in self._markers(visible)
-                if (mk.token or "").endswith(suffix)
-            ]
-
-    def list(self, lun: Lun, skip: int = 0) -> Sequence[SC.SnapEntry]:
-        # Deleted requests are left out (STATUS still reports them), so the
-        # window holds what exists: a long-running `schedule --keep` stays in it.
-        with self.m.lock:
-            groups, visible = self._groups(), self._visible()
-            live = (self._entry(mk, groups, visible) for mk in self._markers(visible))
-            kept = (e for e in live if e.state is not SC.State.DELETED)
-            return list(islice(kept, skip, skip + SC.LIST_MAX))
-
-    def delete(self, lun: Lun, token: bytes) -> None:
-        with self.m.lock:
-            p = self.m.catalog.pool(self.pool)
-            mk = self.m.catalog.marker_by_token(p.id, token.hex())
-            if mk is None or mk.state == "failed":
-                raise SC.SnapshotError(SC.ErrorKind.UNKNOWN, f"no snapshot made by {token.hex()}")
-            if mk.state == "pending":
-                raise SC.SnapshotError(SC.ErrorKind.IN_PROGRESS, marker=mk.id)
-            vol_id = self.m.catalog.volume(self.pool, self.vol).id
-            if vol_id not in mk.request.get("volumes", []):  # another volume's request
-                raise SC.SnapshotError(SC.ErrorKind.UNKNOWN, f"{token.hex()}: not {self.vol}")
-            groups = self._groups() if mk.group_id is not None else {}
-            mine = [s for s in groups.get(mk.group_id, []) if s.volume_id == vol_id]
-            if not mine:
-                return  # deleted already: a retry changes nothing
-        try:
-            self.m.snapshot_delete(self.pool, self.vol, mine[0].name)
-        except E.NotFound:
-            return  # deleted meanwhile
-        except E.UserError as e:
-            kind = {E.Busy: SC.ErrorKind.IN_USE, E.Unavailable: SC.ErrorKind.NOT_READY}.get(
-                type(e), SC.ErrorKind.FAILED
-            )
-            raise SC.SnapshotError(kind, e.message, marker=mk.id) from None
-
-
 @dataclass
 class LunPath:
     """One user backstore of an export with its ring and emulator. An export
@@ -315,7 +148,7 @@ def start_device(
     *,
     journal: Any | None,
     vol_id: int,
-    snapshots: InbandSnapshots | None,
+    snapshots: Any | None,  # dmsnap.storage.inband.InbandSnapshots
     snapshot_allowed: Callable[[str], bool],
     initiator: str,
     unmap_granularity: int = Limits.unmap_granularity,

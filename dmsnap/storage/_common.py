@@ -1,14 +1,18 @@
-"""What :mod:`dmsnap.storage.manager` and :mod:`dmsnap.storage.exports` share.
+"""How the storage core's public operations are wrapped: the lock they take
+and the errors they map. Shared by :mod:`dmsnap.storage.manager` and the
+modules beside it; it imports none of them.
 
-A module of its own because manager.py imports exports.py (the Manager
-inherits its export methods): exports.py cannot import manager.py back.
+``@locked`` takes the control lock, ``@user_errors`` maps the catalog's,
+naming and journal errors to :class:`dmsnap.errors.UserError` (they carry
+clear text already), ``@locked_user_errors`` does both: a control operation.
 """
 
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from dmsnap import errors as E
 from dmsnap.journal.journal import JournalError
@@ -16,15 +20,17 @@ from dmsnap.storage import names
 from dmsnap.storage.catalog import Exists as CatExists
 from dmsnap.storage.catalog import NotFound as CatNotFound
 
-if TYPE_CHECKING:  # for the annotation only: importing it at run time would be a cycle
-    from dmsnap.storage.manager import Manager
-
 Json = dict[str, Any]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _journal_error(e: JournalError) -> E.UserError:
+class HasLock(Protocol):
+    lock: threading.RLock
+
+
+def journal_error(e: JournalError) -> E.UserError:
+    """A journal's error as the user sees it."""
     if e.errno in (errno.EINVAL, errno.ERANGE):
         return E.InvalidArgument(str(e))
     if e.errno == errno.ENXIO:
@@ -34,8 +40,8 @@ def _journal_error(e: JournalError) -> E.UserError:
     return E.Unavailable(str(e))
 
 
-def _errors_to_user(fn: _F) -> _F:
-    """Map catalog, naming and journal errors to UserError; they carry clear text already."""
+def user_errors(fn: _F) -> _F:
+    """Map catalog, naming and journal errors to UserError (no lock)."""
 
     def wrapper(*a: Any, **kw: Any) -> Any:
         try:
@@ -44,21 +50,21 @@ def _errors_to_user(fn: _F) -> _F:
             raise E.NotFound(str(e)) from None
         except CatExists as e:
             raise E.AlreadyExists(str(e)) from None
-        except names.NameError_ as e:
+        except names.BadName as e:
             raise E.InvalidArgument(str(e)) from None
         except JournalError as e:
-            raise _journal_error(e) from None
+            raise journal_error(e) from None
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return cast(_F, wrapper)
 
 
-def _locked(fn: _F) -> _F:
-    """Under the Manager's control lock (the daemon's own calls: assemble,
+def locked(fn: _F) -> _F:
+    """Under the object's control lock (the daemon's own calls: assemble,
     health, teardown), errors as they are."""
 
-    def wrapper(self: Manager, *a: Any, **kw: Any) -> Any:
+    def wrapper(self: HasLock, *a: Any, **kw: Any) -> Any:
         with self.lock:
             return fn(self, *a, **kw)
 
@@ -67,6 +73,6 @@ def _locked(fn: _F) -> _F:
     return cast(_F, wrapper)
 
 
-def _user_errors(fn: _F) -> _F:
-    """A control operation: under the Manager's lock, user errors mapped."""
-    return _locked(_errors_to_user(fn))
+def locked_user_errors(fn: _F) -> _F:
+    """A control operation: under the control lock, user errors mapped."""
+    return locked(user_errors(fn))

@@ -15,6 +15,7 @@ or back.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sqlite3
@@ -234,6 +235,14 @@ class Snapshot:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+class MarkerState(enum.StrEnum):
+    """Where a snapshot request (a journal marker) stands."""
+
+    PENDING = "pending"  # durable in the journal; the flusher has not reached it
+    DONE = "done"  # its snapshot group exists (group_id)
+    FAILED = "failed"  # no snapshot; error says why
+
+
 @dataclass(frozen=True)
 class Marker:
     id: int
@@ -241,7 +250,7 @@ class Marker:
     name: str
     token: str | None
     request: dict[str, Any]
-    state: str
+    state: MarkerState
     group_id: int | None
     error: str | None
     created: float
@@ -627,7 +636,7 @@ class Catalog:
         row = self.db.execute("SELECT * FROM markers WHERE id=?", (marker_id,)).fetchone()
         return None if row is None else _from_row(Marker, row)
 
-    def markers(self, pool_id: int, state: str | None = None) -> list[Marker]:
+    def markers(self, pool_id: int, state: MarkerState | None = None) -> list[Marker]:
         q, args = "SELECT * FROM markers WHERE pool_id=?", [pool_id]
         if state is not None:
             q += " AND state=?"
@@ -644,7 +653,7 @@ class Catalog:
     def finish_marker(
         self, marker_id: int, *, group_id: int | None = None, error: str | None = None
     ) -> None:
-        state = "failed" if error is not None else "done"
+        state = MarkerState.FAILED if error is not None else MarkerState.DONE
         with self.tx() as db:
             db.execute(
                 "UPDATE markers SET state=?, group_id=?, error=?, finished=? WHERE id=?",
@@ -764,6 +773,7 @@ _DECODE: dict[str, Callable[[Any], Any]] = {
     "embedded": bool,
     "active": bool,
     "snapshot_allow": _json_tuple,
+    "state": MarkerState,
 }
 
 _Row = TypeVar("_Row")

@@ -32,10 +32,11 @@ from dmsnap.errors import Busy, NoSpace, Unavailable
 from dmsnap.storage import loop
 from dmsnap.storage.backend import Backend
 from dmsnap.storage.catalog import Snapshot, Volume
-from dmsnap.storage.layers import SECTOR, Layer, ensure, remove
+from dmsnap.storage.layers import Layer, ensure, remove
+from dmsnap.units import Bytes, Sectors
 
 MiB = 1 << 20
-ALIGN = MiB // SECTOR  # extents start on MiB boundaries
+ALIGN = Sectors.of(MiB)  # extents start on MiB boundaries
 CHUNK_SECTORS = 8  # 4 KiB COW chunks: the smallest copy per first write
 MIN_COW = 4 * MiB
 MERGE_TIMEOUT = 600.0
@@ -55,11 +56,13 @@ def _round_up(n: int, to: int) -> int:
 
 class ClassicBackend(Backend):
     kind = "classic"
+    snapshot_areas = True
+    restores_in_place = True
 
     @staticmethod
-    def plan_layout(base_sectors: int) -> dict[str, Any]:
+    def plan_layout(base_sectors: int, metadata_size: int | None = None) -> dict[str, Any]:
         if base_sectors < 8 * ALIGN:
-            raise NoSpace(f"{base_sectors * SECTOR // MiB} MiB is too small for a pool")
+            raise NoSpace(f"{Bytes.of(base_sectors) // MiB} MiB is too small for a pool")
         return {
             "data_sectors": base_sectors // ALIGN * ALIGN,
             "cow_fraction": 0.25,
@@ -70,7 +73,7 @@ class ClassicBackend(Backend):
 
     def _extents(self) -> list[tuple[int, int]]:
         used = [
-            (v.extent_start, _round_up(v.size // SECTOR, ALIGN))
+            (v.extent_start, _round_up(Sectors.of(v.size), ALIGN))
             for v in self.catalog.volumes(self.pool.name)
             if v.extent_start is not None
         ]
@@ -79,7 +82,7 @@ class ClassicBackend(Backend):
             if s.cow_start is None or s.cow_size is None:
                 continue
             more = extra.get(s.id, [])
-            first = s.cow_size // SECTOR - sum(n for _, n in more)
+            first = Sectors.of(s.cow_size) - sum(n for _, n in more)
             used.append((s.cow_start, _round_up(first, ALIGN)))
             used += more
         return sorted(used)
@@ -97,10 +100,10 @@ class ClassicBackend(Backend):
 
     def free_bytes(self) -> int:
         used = sum(length for _, length in self._extents())
-        return (int(self.pool.config["data_sectors"]) - used) * SECTOR
+        return Bytes.of(int(self.pool.config["data_sectors"]) - used)
 
     def check_room(self, what: str, size: int = 0) -> None:
-        if size and self._allocate(size // SECTOR, self._extents()) is None:
+        if size and self._allocate(Sectors.of(size), self._extents()) is None:
             raise NoSpace(
                 f"cannot create {what}: needs {size // MiB} MiB contiguous, pool "
                 f"{self.pool.name} has {self.free_bytes() // MiB} MiB free"
@@ -135,7 +138,7 @@ class ClassicBackend(Backend):
         return Layer(
             name,
             uuid,
-            Table.single(vol.size // SECTOR, t.Linear(self.base.devno, vol.extent_start)),
+            Table.single(Sectors.of(vol.size), t.Linear(self.base.devno, vol.extent_start)),
         )
 
     def volume_layers(self, vol: Volume) -> list[Layer]:
@@ -144,7 +147,7 @@ class ClassicBackend(Backend):
         top = Layer(
             self.vol_name(vol),
             self.vol_uuid(vol),
-            Table.single(vol.size // SECTOR, t.SnapshotOrigin(real_dev)),
+            Table.single(Sectors.of(vol.size), t.SnapshotOrigin(real_dev)),
         )
         return [real, top]
 
@@ -154,7 +157,7 @@ class ClassicBackend(Backend):
         assert snap.cow_start is not None and snap.cow_size is not None
         if extra is None:
             extra = self.catalog.cow_extents(self.pool.name).get(snap.id, []) if snap.id else []
-        first = snap.cow_size // SECTOR - sum(n for _, n in extra)
+        first = Sectors.of(snap.cow_size) - sum(n for _, n in extra)
         pieces = [(first, t.Linear(self.base.devno, snap.cow_start))]
         pieces += [(n, t.Linear(self.base.devno, start)) for start, n in extra]
         return Layer(name, uuid, Table.of(pieces))
@@ -164,7 +167,9 @@ class ClassicBackend(Backend):
         real = self.dm.info(self._real(vol.name)[0]).devno
         cow = self.dm.info(self._cow(snap)[0]).devno
         return Layer(
-            name, uuid, Table.single(vol.size // SECTOR, t.Snapshot(real, cow, "P", CHUNK_SECTORS))
+            name,
+            uuid,
+            Table.single(Sectors.of(vol.size), t.Snapshot(real, cow, "P", CHUNK_SECTORS)),
         )
 
     def snapshot_layers(self, snap: Snapshot, *, active: bool) -> list[Layer]:
@@ -179,7 +184,7 @@ class ClassicBackend(Backend):
                     self.snap_name(snap),
                     self.snap_uuid(snap),
                     Table.single(
-                        vol.size // SECTOR, t.Linear(self.dm.info(layers[1].name).devno, 0)
+                        Sectors.of(vol.size), t.Linear(self.dm.info(layers[1].name).devno, 0)
                     ),
                     read_only=True,
                 )
@@ -196,7 +201,7 @@ class ClassicBackend(Backend):
 
     def plan_volume(self, size: int) -> dict[str, Any]:
         self.check_room(f"volume of {size // MiB} MiB", size)
-        start = self._allocate(size // SECTOR, self._extents())
+        start = self._allocate(Sectors.of(size), self._extents())
         assert start is not None
         return {"extent_start": start}
 
@@ -208,7 +213,7 @@ class ClassicBackend(Backend):
 
     def _zero_extent(self, start: int, size: int) -> None:
         try:
-            loop.zero_range(self.base.path, start * SECTOR, size)
+            loop.zero_range(self.base.path, Bytes.of(start), size)
         except OSError as e:
             raise Unavailable(
                 f"cannot zero the new volume's extent on {self.base.path}: "
@@ -226,13 +231,13 @@ class ClassicBackend(Backend):
         plans = []
         for vol in members:
             size = self.cow_size(vol, cow_size)
-            start = self._allocate(size // SECTOR, taken)
+            start = self._allocate(Sectors.of(size), taken)
             if start is None:
                 raise NoSpace(
                     f"cannot snapshot {vol.pool}/{vol.name}: its COW area needs {size // MiB} MiB,"
                     f" pool {self.pool.name} has {self.free_bytes() // MiB} MiB free"
                 )
-            taken.append((start, _round_up(size // SECTOR, ALIGN)))
+            taken.append((start, _round_up(Sectors.of(size), ALIGN)))
             plans.append({"cow_start": start, "cow_size": size})
         return plans
 
@@ -244,7 +249,7 @@ class ClassicBackend(Backend):
         # header and loses the zeroing would load the old area's exceptions.
         fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
         try:
-            os.pwritev(fd, [mmap.mmap(-1, 2 * CHUNK_SECTORS * SECTOR)], 0)
+            os.pwritev(fd, [mmap.mmap(-1, Bytes.of(2 * CHUNK_SECTORS))], 0)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -261,18 +266,10 @@ class ClassicBackend(Backend):
             cow = self._cow_layer(snap)
             ensure(self.dm, cow)
             self._zero_header(cow.path)
-        suspended: list[str] = []
-        try:
-            # The origin must be quiet while the exception store registers
-            # with it; suspending all members makes a group one cut.
-            for vol in members:
-                self.dm.suspend(self.vol_name(vol))
-                suspended.append(self.vol_name(vol))
+        # The origin must be quiet while the exception store registers with it.
+        with self.suspended([self.vol_name(v) for v in members]):
             for vol, snap in zip(members, snaps, strict=True):
                 ensure(self.dm, self._snap_layer(snap, vol))
-        finally:
-            for n in suspended:
-                self.dm.resume(n)
 
     def after_assembly(self, volumes: list[Volume]) -> None:
         """dm-snapshot-origin learns how to split writes into its snapshots'
@@ -299,12 +296,15 @@ class ClassicBackend(Backend):
         # and finish_restore starts (or resumes, after a crash) it.
         return None
 
+    def record_restore_done(self, payload: dict[str, Any]) -> None:
+        self.catalog.remove_snapshot(payload["snapshot_id"])
+
     def finish_restore(self, vol: Volume, snap: Snapshot, plan: dict[str, Any]) -> None:
         top = self.vol_name(vol)
         remove(self.dm, self.snap_name(snap))
         real = ensure(self.dm, self._real_layer(vol))
         cow = ensure(self.dm, self._cow_layer(snap))
-        merge = Table.single(vol.size // SECTOR, t.SnapshotMerge(real, cow, "P", CHUNK_SECTORS))
+        merge = Table.single(Sectors.of(vol.size), t.SnapshotMerge(real, cow, "P", CHUNK_SECTORS))
         if not self.dm.exists(top):
             self.dm.create(top, self.vol_uuid(vol), merge)
         elif self.dm.table(top) != merge:
@@ -327,13 +327,13 @@ class ClassicBackend(Backend):
         ensure(
             self.dm,
             Layer(
-                top, self.vol_uuid(vol), Table.single(vol.size // SECTOR, t.SnapshotOrigin(real))
+                top, self.vol_uuid(vol), Table.single(Sectors.of(vol.size), t.SnapshotOrigin(real))
             ),
         )
         remove(self.dm, self._cow(snap)[0])
 
     def usage(self) -> dict[str, Any]:
-        data = int(self.pool.config["data_sectors"]) * SECTOR
+        data = Bytes.of(int(self.pool.config["data_sectors"]))
         free = self.free_bytes()
         out: dict[str, Any] = {
             "backend": "classic",
@@ -412,12 +412,12 @@ class ClassicBackend(Backend):
                 continue
             assert snap.cow_size is not None
             ref = f"{self.pool.name}/{snap.volume}@{snap.name}"
-            want = _round_up(max(MiB, snap.cow_size * percent // 100) // SECTOR, ALIGN)
+            want = _round_up(Sectors.of(max(MiB, snap.cow_size * percent // 100)), ALIGN)
             got = self._grow_cow(snap, want)
             if got:
                 out.append(
                     f"snapshot {ref}: COW area {s.used_fraction:.0%} full, grown by "
-                    f"{got * SECTOR // MiB} MiB to {(snap.cow_size + got * SECTOR) // MiB} MiB"
+                    f"{Bytes.of(got) // MiB} MiB to {(snap.cow_size + Bytes.of(got)) // MiB} MiB"
                 )
             else:
                 out.append(

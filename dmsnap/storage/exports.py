@@ -1,10 +1,11 @@
 """Exports: journaled volumes and snapshots served over SCSI through LIO,
 as a local disk (tcm_loop) or an iSCSI target.
 
-The export operations are methods of :class:`dmsnap.storage.manager.Manager`
-(the control protocol maps requests 1:1 onto its methods); they live here,
-in :class:`ExportsMixin`, so that the file layout shows the export plumbing
-apart from pools, volumes and snapshots.
+:class:`Exports` is composed into the storage core (``Manager.exports``)
+and reaches it only through :class:`StorageCore`, a narrow interface: the
+catalog, the lock, a pool's journal, a volume's data path, a snapshot's
+activation. The control protocol's ``export.*`` requests go to the
+Manager's ``export_*`` methods, which hand them on here.
 """
 
 from __future__ import annotations
@@ -17,22 +18,18 @@ import os
 import re
 import stat
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from dmsnap import errors as E
 from dmsnap.dm.udev import LINK_DIR
+from dmsnap.journal.service import PoolJournal
 from dmsnap.scsi import chap as chap_mod
 from dmsnap.storage import names
-from dmsnap.storage._common import Json, _user_errors
+from dmsnap.storage._common import Json, locked_user_errors
 from dmsnap.storage.catalog import Catalog, Pool
-from dmsnap.storage.layers import SECTOR
-from dmsnap.storage.thin import BLOCK_SECTORS as THIN_BLOCK_SECTORS
+from dmsnap.storage.inband import InbandSnapshots, SnapshotCore
+from dmsnap.storage.volume_io import VolumeIO
 
-if TYPE_CHECKING:  # annotations only: manager.py imports this module
-    from dmsnap.journal.service import PoolJournal
-    from dmsnap.storage.manager import VolumeIO
-
-# the Manager's logger: export messages read as before the split
 log = logging.getLogger("dmsnap.storage")
 
 
@@ -196,30 +193,39 @@ def _check_portal(portal: str) -> str:
     return portal
 
 
-class ExportsMixin:
-    """The Manager's export operations. A mixin, not a class of its own:
-    they need the Manager's catalog, pools, journals and lock (an export
-    serves a volume through its pool's journal, and volume and snapshot
-    operations refuse while one is exported), so :class:`Manager` inherits
-    them and callers keep calling ``manager.export_create(...)``."""
+class StorageCore(SnapshotCore, Protocol):
+    """What the exports use of the storage core (the Manager)."""
 
-    # Set by Manager.__init__; declared here for readers and type checkers.
     catalog: Catalog
     lock: threading.RLock
-    _exports: dict[int, Any]  # export id -> dmsnap.scsi.target.Running
-    export_errors: dict[int, str]
+    state_dir: str
+    worker_nice: int  # the fast-path threads' nice (dmsnapd --worker-nice)
 
-    if TYPE_CHECKING:  # Manager methods the exports use
+    def journal_of(self, pool: Pool) -> PoolJournal | None: ...
 
-        def _journal(self, pool: Pool) -> PoolJournal | None: ...
+    def link(self, pool: str, vol: str, snap: str | None = None) -> str: ...
 
-        def _link(self, pool: str, vol: str, snap: str | None = None) -> str: ...
+    def open_volume(self, pool: str, vol: str) -> VolumeIO: ...
 
-        def open_volume(self, pool: str, vol: str) -> VolumeIO: ...
+    def snapshot_activate(self, pool: str, vol: str, name: str) -> Json: ...
 
-        def snapshot_activate(self, pool: str, vol: str, name: str) -> Json: ...
+    def check_snapshot_valid(self, s: Any) -> None: ...
 
-        def _check_snapshot_valid(self, s: Any) -> None: ...
+    def unmap_granularity(self, pool: Pool) -> int | None: ...
+
+
+class Exports:
+    """The export operations. An export serves a volume through its pool's
+    journal; volume and snapshot operations refuse while one is exported
+    (:meth:`check_not_exported`)."""
+
+    def __init__(self, core: StorageCore) -> None:
+        self.core = core
+        self.catalog = core.catalog
+        self.lock = core.lock  # the core's one control lock (@locked_user_errors)
+        self.state_dir = core.state_dir
+        self.running: dict[int, Any] = {}  # export id -> dmsnap.scsi.target.Running
+        self.errors: dict[int, str] = {}  # export id -> why it is not running
 
     def _export_json(self, ex: Any) -> Json:
         out: Json = {
@@ -235,12 +241,12 @@ class ExportsMixin:
             "chap": _chap_modes(ex),
             # who may send the snapshot command: "all" or a list (empty: nobody)
             "snapshot_allow": "all" if ex.snapshot_allow is None else list(ex.snapshot_allow),
-            "running": ex.id in self._exports,
+            "running": ex.id in self.running,
         }
-        if ex.id in self.export_errors:
-            out["error"] = self.export_errors[ex.id]
-        if ex.id in self._exports:
-            out["stats"] = self._exports[ex.id].stats()
+        if ex.id in self.errors:
+            out["error"] = self.errors[ex.id]
+        if ex.id in self.running:
+            out["stats"] = self.running[ex.id].stats()
         return out
 
     def _find_export(self, pool: str, vol: str, snap: str | None) -> Any:
@@ -249,8 +255,8 @@ class ExportsMixin:
                 return ex
         return None
 
-    @_user_errors
-    def export_create(
+    @locked_user_errors
+    def create(
         self,
         pool: str,
         vol: str,
@@ -298,13 +304,13 @@ class ExportsMixin:
         p = self.catalog.pool(pool)
         v = self.catalog.volume(pool, vol)
         s = self.catalog.snapshot(pool, vol, snap) if snap is not None else None
-        if snap is None and self._journal(p) is None:
+        if snap is None and self.core.journal_of(p) is None:
             raise E.InvalidArgument(
                 f"pool {pool} has no journal: its volumes are block devices already "
-                f"({self._link(pool, vol)}); exports serve journaled volumes"
+                f"({self.core.link(pool, vol)}); exports serve journaled volumes"
             )
         if s is not None:
-            self._check_snapshot_valid(s)  # an overflowed snapshot's content is not its own
+            self.core.check_snapshot_valid(s)  # an overflowed snapshot's content is not its own
         if self._find_export(pool, vol, snap) is not None:
             ref = f"{pool}/{vol}" + (f"@{snap}" if snap else "")
             raise E.AlreadyExists(f"{ref} is already exported")
@@ -333,17 +339,17 @@ class ExportsMixin:
                 p.id, v.id, s.id if s else None, kind, serial, config, snapshot_allow=rights
             )
         except BaseException:
-            self._drop_chap(serial)
+            self.drop_chap(serial)
             raise
         try:
             if s is not None and not s.active:
-                self.snapshot_activate(pool, vol, snap)
-            self._start_export(ex)
+                self.core.snapshot_activate(pool, vol, snap)
+            self.start(ex)
         except BaseException:
             with contextlib.suppress(Exception):
-                self._stop_export(ex.id, keep=False)
+                self.stop(ex.id, keep=False)
             self.catalog.remove_export(ex.id)
-            self._drop_chap(serial)
+            self.drop_chap(serial)
             raise
         log.info("exported %s (%s)", ex.ref, kind)
         if allow_any:
@@ -407,7 +413,7 @@ class ExportsMixin:
         except (ValueError, TypeError) as e:
             raise E.Unavailable(f"{path}: not a dmsnap CHAP file ({e})") from None
 
-    def _drop_chap(self, serial: str) -> None:
+    def drop_chap(self, serial: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._chap_path(serial))
 
@@ -472,20 +478,17 @@ class ExportsMixin:
             path = f"/dev/mapper/{names.dm_snapshot(ex.pool, ex.volume, ex.snapshot)}"
             lun = target.SnapshotDeviceLun(path, v.size, ex.serial)
             return PathSource(config, v.size, lun, None, None, 0, target.Limits.unmap_granularity)
-        pj = self._journal(p)
+        pj = self.core.journal_of(p)
         assert pj is not None
-        io = self.open_volume(ex.pool, ex.volume)
+        io = self.core.open_volume(ex.pool, ex.volume)
         # one LUN object for every path: the same identity (serial, NAA from
         # the volume), the same journal (writes from any path are ordered in
         # it, so a marker follows every completed write)
         lun = target.VolumeLun(io, wce=pj.mode == "ram", serial=ex.serial)
-        service = target.InbandSnapshots(self, ex.pool, ex.volume)
-        # UNMAP gives space back in whole thin blocks; a classic volume gets
-        # zeros at any granularity
-        if p.backend == "thin":
-            unmap_gran = int(p.config.get("block_sectors", THIN_BLOCK_SECTORS)) * SECTOR
-        else:
-            unmap_gran = target.Limits.optimal_granularity
+        service = InbandSnapshots(self.core, ex.pool, ex.volume)
+        # UNMAP gives space back in the backend's units (thin: whole thin
+        # blocks); where any range gets zeros, the optimal granularity
+        unmap_gran = self.core.unmap_granularity(p) or target.Limits.optimal_granularity
         return PathSource(config, v.size, lun, service, pj.journal, v.id, unmap_gran)
 
     def _open_path(self, ex: Any, src: PathSource, second: bool, may: bool) -> Any:
@@ -503,11 +506,11 @@ class ExportsMixin:
             snapshot_allowed=(lambda _i, may=may: may),
             initiator=ex.ref,
             unmap_granularity=src.unmap_gran,
-            worker_nice=self.worker_nice,
+            worker_nice=self.core.worker_nice,
         )
         return target.LunPath(bs, device, emu, may)
 
-    def _start_export(self, ex: Any) -> None:
+    def start(self, ex: Any) -> None:
         from dmsnap.scsi import lio, target
 
         ex = self._restore_legacy_open(ex)
@@ -545,8 +548,8 @@ class ExportsMixin:
             for pa in paths:
                 pa.device.close()
             raise
-        self._exports[ex.id] = target.Running(paths, fabric, source=src)
-        self.export_errors.pop(ex.id, None)
+        self.running[ex.id] = target.Running(paths, fabric, source=src)
+        self.errors.pop(ex.id, None)
         if ex.kind == "local" and ex.snapshot is None:
             disk = lio.scsi_disk_for(ex.serial, timeout=30)
             if disk:
@@ -556,12 +559,12 @@ class ExportsMixin:
                     os.unlink(link)
                 os.symlink(disk, link)
 
-    def _stop_export(self, export_id: int, *, keep: bool) -> None:
+    def stop(self, export_id: int, *, keep: bool) -> None:
         """keep: a daemon stop (LIO holds new commands until we are back);
         else the export goes away (unexport, teardown)."""
         from dmsnap.scsi import lio
 
-        run = self._exports.pop(export_id, None)
+        run = self.running.pop(export_id, None)
         ex = next((e for e in self.catalog.exports() if e.id == export_id), None)
         if run is None:
             if ex is not None and not keep:
@@ -589,8 +592,8 @@ class ExportsMixin:
         for pa in run.paths:
             lio.delete_backstore(pa.backstore)
 
-    @_user_errors
-    def export_update(
+    @locked_user_errors
+    def update(
         self,
         pool: str,
         vol: str,
@@ -601,7 +604,7 @@ class ExportsMixin:
     ) -> Json:
         """Change a running export in place: ``allow`` (iSCSI: the new list of
         initiators that may log in) and ``snapshot_allow`` (as for
-        :meth:`export_create`; None keeps the rights, less initiators that
+        :meth:`create`; None keeps the rights, less initiators that
         are no longer allowed). Sessions of initiators that stay, with the
         same rights, go on untouched; an initiator taken off the list is
         logged out. Refused, changing nothing, where LIO cannot follow live:
@@ -624,9 +627,9 @@ class ExportsMixin:
             raise E.InvalidArgument(
                 "nothing to change: give --allow, --snapshot-allow or --no-snapshot"
             )
-        run = self._exports.get(ex.id)
+        run = self.running.get(ex.id)
         if run is None:
-            why = self.export_errors.get(ex.id, "not started")
+            why = self.errors.get(ex.id, "not started")
             raise E.Unavailable(f"{ref} is not running ({why}): nothing to change live")
         config = dict(ex.config)
         if allow is not None:
@@ -732,28 +735,80 @@ class ExportsMixin:
             return gone
         return None
 
-    @_user_errors
-    def export_list(self, pool: str | None = None) -> list[Json]:
+    @locked_user_errors
+    def list(self, pool: str | None = None) -> list[Json]:
         if pool is not None:
             names.check_name("pool", pool)
             self.catalog.pool(pool)
         return [self._export_json(ex) for ex in self.catalog.exports(pool)]
 
-    @_user_errors
-    def export_delete(self, pool: str, vol: str, *, snap: str | None = None) -> None:
+    @locked_user_errors
+    def delete(self, pool: str, vol: str, *, snap: str | None = None) -> None:
         names.check_name("pool", pool)
         names.check_name("volume", vol)
         ex = self._find_export(pool, vol, snap)
         if ex is None:
             ref = f"{pool}/{vol}" + (f"@{snap}" if snap else "")
             raise E.NotFound(f"{ref} is not exported")
-        self._stop_export(ex.id, keep=False)
+        self.stop(ex.id, keep=False)
         self.catalog.remove_export(ex.id)
-        self._drop_chap(ex.serial)
-        self.export_errors.pop(ex.id, None)
+        self.drop_chap(ex.serial)
+        self.errors.pop(ex.id, None)
         log.info("unexported %s", ex.ref)
 
-    def _check_not_exported(self, pool: str, vol: str, snap: str | None = None) -> None:
+    def check_not_exported(self, pool: str, vol: str, snap: str | None = None) -> None:
         for ex in self.catalog.exports(pool):
             if ex.volume == vol and (snap is None or ex.snapshot == snap):
                 raise E.Busy(f"{ex.ref} is exported; unexport it first")
+
+    # -- what the storage core asks of its exports ----------------------------------------
+
+    def visible(self, pool: str, vol: str) -> dict[int, str]:
+        """Volume id -> name of the pool's volumes that every initiator able
+        to send the in-band command to POOL/VOL's export may snapshot
+        through an export of its own: TCMU does not say which initiator
+        sent it, so the whole set of senders of this path must hold the
+        right (an ``--allow-any`` export's senders are everyone). This
+        volume always."""
+        exports = [e for e in self.catalog.exports(pool) if e.snapshot is None]
+        mine = next((e for e in exports if e.volume == vol), None)
+        out: dict[int, str] = {}
+        if mine is not None:
+            senders = snapshot_senders(mine)
+            for e in exports:
+                theirs = snapshot_senders(e)
+                if theirs is None or (senders and theirs is not None and senders <= theirs):
+                    out[e.volume_id] = e.volume
+        own = self.catalog.volume(pool, vol)
+        out[own.id] = own.name
+        return out
+
+    def start_all(self, pool: str | None = None, *, skip: Any = ()) -> None:
+        """Start the catalog's exports (not those of the pools in ``skip``;
+        with ``pool``, those of that pool not running yet); one that fails
+        is recorded in :attr:`errors` and the rest of its pool keeps working."""
+        for ex in self.catalog.exports():
+            if ex.pool in skip:
+                continue
+            if pool is not None and (ex.pool != pool or ex.id in self.running):
+                continue
+            try:
+                self.start(ex)
+            except Exception as e:
+                msg = getattr(e, "message", None) or str(e)
+                log.error("export of %s not started: %s", ex.ref, msg)
+                self.errors[ex.id] = msg
+
+    def stop_all(self, *, keep: bool) -> None:
+        for eid in list(self.running):
+            self.stop(eid, keep=keep)
+
+    def remove_pool(self, pool: str, *, force: bool) -> None:
+        """A pool being destroyed: its exports go (with ``force``; else the
+        first one refuses the destroy), their CHAP secrets with them."""
+        for ex in self.catalog.exports(pool):
+            if not force:
+                raise E.Busy(f"{ex.ref} is exported; unexport it first or use --force")
+            self.stop(ex.id, keep=False)
+            self.catalog.remove_export(ex.id)
+            self.drop_chap(ex.serial)  # its secrets go with it

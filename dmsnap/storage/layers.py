@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from dmsnap.dm import DeviceMapper, DmError
 from dmsnap.dm.targets import Table
 
-SECTOR = 512
-
 
 @dataclass(frozen=True)
 class Layer:

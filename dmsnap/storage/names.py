@@ -1,10 +1,9 @@
 """Names users give, and the kernel/udev names derived from them.
 
-User names are ``[A-Za-z0-9._-]``, 1 to 48 characters, not starting with
-``-``, ``.`` or ``_`` (matched whole: no trailing newline), so every link is
-a safe path component. Three names of 48 make a dm name or UUID longer than
-the kernel takes: :func:`check_volume_ref` and :func:`check_snapshot_ref`
-check every derived name before a volume or snapshot is promised.
+User names follow :mod:`dmsnap.rules` (``[A-Za-z0-9._-]``, 1 to 48
+characters, not starting with ``-``, ``.`` or ``_``). Three names of 48
+make a dm name or UUID longer than the kernel takes: :func:`check_volume_ref`
+and :func:`check_snapshot_ref` check every derived name before a volume or snapshot is promised.
 
 dm UUIDs carry the pool's short id (so two pools created under the same
 name over time never share a UUID) and join the names with ``:`` and
@@ -20,14 +19,10 @@ ambiguity:
 
 from __future__ import annotations
 
-import re
-
 from dmsnap.dm._dmffi import lib as _dm
 from dmsnap.dm.udev import Role, make_uuid
+from dmsnap.rules import name_problem
 
-# checked with fullmatch: ``$`` would let a trailing newline through
-NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,47}")
-MAX_NAME = 48
 # the kernel's limits (include/uapi/linux/dm-ioctl.h), NUL included
 DM_NAME_MAX = _dm.DM_NAME_LEN - 1
 DM_UUID_MAX = _dm.DM_UUID_LEN - 1
@@ -35,20 +30,14 @@ DM_UUID_MAX = _dm.DM_UUID_LEN - 1
 _SHORT_ID = "0" * 8
 
 
-class NameError_(ValueError):
+class BadName(ValueError):
     """A user-supplied name is not acceptable (checked before any change)."""
 
 
 def check_name(kind: str, name: str) -> str:
-    if not name:
-        raise NameError_(f"{kind} name must not be empty")
-    if len(name) > MAX_NAME:
-        raise NameError_(f"{kind} name {name!r} is longer than {MAX_NAME} characters")
-    if not NAME_RE.fullmatch(name) or name.startswith("_"):
-        raise NameError_(
-            f"{kind} name {name!r} may only contain letters, digits, '.', '_' and '-', "
-            "and must not start with '-', '.' or '_'"
-        )
+    """``name`` if it is an acceptable ``kind`` name (:mod:`dmsnap.rules`)."""
+    if (why := name_problem(kind, name)) is not None:
+        raise BadName(why)
     return name
 
 
@@ -109,7 +98,7 @@ def _check_derived(pool: str, vol: str, snap: str | None) -> None:
             # the longest derived name is a classic snapshot's internal
             # layer's UUID: 28 bytes of dmsnap's own plus the three names
             budget = DM_UUID_MAX - 28
-            raise NameError_(
+            raise BadName(
                 f"{ref}: names too long for the kernel: its {what} would be {n} bytes, "
                 f"the limit is {limit} (pool, volume and snapshot names together at most "
                 f"{budget} characters)"
@@ -138,16 +127,16 @@ def parse_ref(ref: str, *, snapshot: bool | None = None) -> tuple[str, str, str 
     """``POOL/VOL`` or ``POOL/VOL@SNAP`` → (pool, vol, snap), checked."""
     pool, sep, rest = ref.partition("/")
     if not sep:
-        raise NameError_(f"{ref!r}: expected POOL/VOLUME" + ("@SNAPSHOT" if snapshot else ""))
+        raise BadName(f"{ref!r}: expected POOL/VOLUME" + ("@SNAPSHOT" if snapshot else ""))
     vol, at, snap = rest.partition("@")
     check_name("pool", pool)
     check_name("volume", vol)
     if at:
         check_name("snapshot", snap)
     if snapshot is True and not at:
-        raise NameError_(f"{ref!r}: expected POOL/VOLUME@SNAPSHOT")
+        raise BadName(f"{ref!r}: expected POOL/VOLUME@SNAPSHOT")
     if snapshot is False and at:
-        raise NameError_(f"{ref!r}: expected POOL/VOLUME (no @SNAPSHOT here)")
+        raise BadName(f"{ref!r}: expected POOL/VOLUME (no @SNAPSHOT here)")
     return pool, vol, (snap if at else None)
 
 

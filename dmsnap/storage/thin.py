@@ -21,7 +21,8 @@ from dmsnap.dm.targets import Table
 from dmsnap.errors import Busy, InvalidArgument, NoSpace
 from dmsnap.storage.backend import Backend, planned_dev_ids
 from dmsnap.storage.catalog import Snapshot, Volume
-from dmsnap.storage.layers import SECTOR, Layer, ensure
+from dmsnap.storage.layers import Layer, ensure
+from dmsnap.units import Bytes, Sectors
 
 MiB = 1 << 20
 BLOCK_SECTORS = 128  # 64 KiB thin blocks: small snapshot COW cost, modest metadata
@@ -47,7 +48,7 @@ def metadata_sectors(base_sectors: int) -> int:
     blocks = base_sectors // BLOCK_SECTORS
     size = max(8 * MiB, blocks * 64)
     size = min(size, MAX_METADATA)
-    return (size + MiB - 1) // MiB * (MiB // SECTOR)
+    return (size + MiB - 1) // MiB * Sectors.of(MiB)
 
 
 def check_metadata_size(size: int) -> None:
@@ -63,6 +64,7 @@ def check_metadata_size(size: int) -> None:
 
 class ThinBackend(Backend):
     kind = "thin"
+    thin_provisioned = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -84,7 +86,7 @@ class ThinBackend(Backend):
         """``metadata_size``: the administrator's (checked), else sized from the pool."""
         if metadata_size is not None:
             check_metadata_size(metadata_size)
-            meta = metadata_size // SECTOR
+            meta = Sectors.of(metadata_size)
         else:
             meta = metadata_sectors(base_sectors)
         data = (base_sectors - meta) // BLOCK_SECTORS * BLOCK_SECTORS
@@ -92,9 +94,9 @@ class ThinBackend(Backend):
             if metadata_size is not None:
                 raise InvalidArgument(
                     f"--metadata-size {metadata_size // MiB}M leaves too little of the pool's "
-                    f"{base_sectors * SECTOR // MiB} MiB for data"
+                    f"{Bytes.of(base_sectors) // MiB} MiB for data"
                 )
-            raise NoSpace(f"{base_sectors * SECTOR // MiB} MiB is too small for a thin pool")
+            raise NoSpace(f"{Bytes.of(base_sectors) // MiB} MiB is too small for a thin pool")
         return {"meta_sectors": meta, "data_sectors": data, "block_sectors": BLOCK_SECTORS}
 
     @property
@@ -152,7 +154,7 @@ class ThinBackend(Backend):
             Layer(
                 self.vol_name(vol),
                 self.vol_uuid(vol),
-                Table.single(vol.size // SECTOR, t.Thin(self.pool_devno(), vol.dev_id)),
+                Table.single(Sectors.of(vol.size), t.Thin(self.pool_devno(), vol.dev_id)),
             )
         ]
 
@@ -165,7 +167,7 @@ class ThinBackend(Backend):
             Layer(
                 self.snap_name(snap),
                 self.snap_uuid(snap),
-                Table.single(vol.size // SECTOR, t.Thin(self.pool_devno(), snap.dev_id)),
+                Table.single(Sectors.of(vol.size), t.Thin(self.pool_devno(), snap.dev_id)),
                 read_only=True,
             )
         ]
@@ -257,8 +259,9 @@ class ThinBackend(Backend):
 
     def format(self) -> None:
         # dm-thin formats fresh metadata only when the superblock is zeroed;
-        # a reused device may carry an old pool's superblock.
-        fd = os.open(f"/dev/mapper/{self.internal('tmeta')[0]}", os.O_WRONLY | os.O_DIRECT)
+        # a reused device may carry an old pool's superblock. The metadata
+        # starts the base (pool_layers), and the pool is not loaded yet.
+        fd = os.open(self.base.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         try:
             buf = mmap.mmap(-1, MiB)
             os.pwritev(fd, [buf], 0)
@@ -267,10 +270,10 @@ class ThinBackend(Backend):
             os.close(fd)
 
     def plan_volume(self, size: int) -> dict[str, Any]:
-        if size > self.data_sectors * SECTOR:
+        if size > Bytes.of(self.data_sectors):
             raise NoSpace(
                 f"a volume of {size // MiB} MiB is larger than pool {self.pool.name}'s "
-                f"{self.data_sectors * SECTOR // MiB} MiB of data space"
+                f"{Bytes.of(self.data_sectors) // MiB} MiB of data space"
             )
         return {"dev_id": self.next_ids(1)[0]}
 
@@ -300,17 +303,10 @@ class ThinBackend(Backend):
         """dm-thin's create_snap needs its origin suspended; suspending every
         member first also makes a group one cut."""
         ids = [p["dev_id"] for p in plans]
-        suspended: list[str] = []
-        try:
-            for vol in members:
-                self.dm.suspend(self.vol_name(vol))
-                suspended.append(self.vol_name(vol))
+        with self.suspended([self.vol_name(v) for v in members]):
             for vol, new in zip(members, ids, strict=True):
                 self._msg(f"create_snap {new} {vol.dev_id}")
             self._commit_txid()
-        finally:
-            for n in suspended:
-                self.dm.resume(n)
 
     def delete_snapshot(self, snap: Snapshot) -> None:
         self._delete_ids([snap.dev_id] if snap.dev_id is not None else [])
@@ -333,6 +329,12 @@ class ThinBackend(Backend):
                 self.dm.resume(snap_dev)
         self._commit_txid()
 
+    def record_restore_switch(self, payload: dict[str, Any]) -> None:
+        self.catalog.set_volume_dev(payload["volume_id"], payload["dev_id"])
+
+    def unmap_granularity(self) -> int | None:
+        return Bytes.of(int(self.pool.config.get("block_sectors", BLOCK_SECTORS)))
+
     def finish_restore(self, vol: Volume, snap: Snapshot, plan: dict[str, Any]) -> None:
         """After the catalog points at the new device: swap the table, drop the old one."""
         for layer in self.volume_layers(vol):
@@ -353,7 +355,7 @@ class ThinBackend(Backend):
         if not isinstance(s, st.ThinPoolStatus):
             out["health"].append("thin pool has FAILED (needs thin_check/thin_repair)")
             return out
-        bsz = BLOCK_SECTORS * SECTOR
+        bsz = Bytes.of(BLOCK_SECTORS)
         out.update(
             size=s.total_data_blocks * bsz,
             used=s.used_data_blocks * bsz,
@@ -393,6 +395,53 @@ class ThinBackend(Backend):
                 f"`dmsnap pool extend-metadata {self.pool.name} --size SIZE` before it fills"
             )
         return out
+
+    @staticmethod
+    def check_layout_options(metadata_size: int | None) -> None:
+        if metadata_size is not None:
+            check_metadata_size(metadata_size)
+
+    def extension_count(self) -> int:
+        return len(self.meta_ext_sectors)
+
+    def set_extension_devnos(self, devnos: list[str]) -> None:
+        self.meta_ext_devnos = devnos
+
+    def check_metadata_extension(self, size: int) -> None:
+        """Whole MiB, within dm-thin's limit, and not while the metadata
+        needs check (dm-thin will not grow it before thin_check/thin_repair)."""
+        name = self.pool.name
+        if size % MiB or size <= 0:
+            raise InvalidArgument(f"--size {size} is not a whole, positive number of MiB")
+        total = Bytes.of(self.meta_sectors + sum(self.meta_ext_sectors)) + size
+        if total > MAX_METADATA:
+            raise InvalidArgument(
+                f"pool {name} would have {total // MiB} MiB of metadata; dm-thin uses at most "
+                f"{MAX_METADATA // MiB} MiB"
+            )
+        s = self.pool_status()
+        if isinstance(s, st.ThinPoolStatus) and s.needs_check:
+            raise Busy(
+                f"pool {name}'s thin metadata needs check: dm-thin does not grow it before "
+                "thin_check/thin_repair (docs/storage.md, 'Thin metadata full')"
+            )
+
+    def add_metadata_extension(self, devno: str, size: int) -> None:
+        old = self.pool.config
+        self.catalog.update_pool(
+            self.pool.id, config={**old, "meta_ext": [*self.meta_ext_sectors, Sectors.of(size)]}
+        )
+        self.refresh()
+        try:
+            self.extend_metadata(devno, Sectors.of(size))
+        except BaseException:
+            self.catalog.update_pool(self.pool.id, config=old)
+            self.refresh()
+            self.meta_ext_devnos = self.meta_ext_devnos[:-1]
+            with contextlib.suppress(Exception):
+                for layer in self.pool_layers()[:1]:
+                    ensure(self.dm, layer)
+            raise
 
     def extend_metadata(self, devno: str, sectors: int) -> None:
         """Append an extension to the metadata device and have dm-thin use

@@ -138,13 +138,13 @@ def _catalog_bytes(m: Manager) -> bytes:
 
 def test_secrets_are_kept_in_a_0600_file_not_the_catalog(manager: Manager) -> None:
     creds = chap.parse(FILE, "f")
-    path = manager._save_chap("ser1", creds)
+    path = manager.exports._save_chap("ser1", creds)
     st = os.stat(path)
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
-    assert manager._load_chap("ser1") == {c.initiator: c for c in creds}
+    assert manager.exports._load_chap("ser1") == {c.initiator: c for c in creds}
     assert SECRET_A.encode() not in _catalog_bytes(manager)
-    manager._drop_chap("ser1")
+    manager.exports.drop_chap("ser1")
     assert not os.path.exists(path)
 
 
@@ -166,12 +166,12 @@ def test_an_older_catalog_secret_moves_to_the_file(manager: Manager, caplog) -> 
            "chap": ["olduser", "old-secret-123"]}  # fmt: skip
     ex = manager.catalog.add_export(p.id, v.id, None, "iscsi", "ser9", cfg)
     with caplog.at_level(logging.WARNING, logger="dmsnap.storage"):
-        ex, creds = manager._chap_of(ex)
+        ex, creds = manager.exports._chap_of(ex)
     assert set(creds) == {A, B} and creds[A].secret == "old-secret-123"
     assert ex.config["chap"] == {A: "one-way", B: "one-way"}
     (row,) = manager.catalog.exports()
     assert "old-secret-123" not in repr(row.config)
-    assert manager._load_chap("ser9")[B].userid == "olduser"
+    assert manager.exports._load_chap("ser9")[B].userid == "olduser"
     assert not any("old-secret-123" in r.getMessage() for r in caplog.records)
     assert any("moved" in r.getMessage() for r in caplog.records)
     # shown as who has CHAP, never the secret

@@ -43,7 +43,7 @@ from dmsnap.errors import (
     Unavailable,
     UserError,
 )
-from dmsnap.storage.names import NameError_
+from dmsnap.storage.names import BadName
 
 REPO = Path(__file__).resolve().parents[2]
 ME = frozenset({os.getuid()})
@@ -680,7 +680,7 @@ def test_user_errors_keep_their_class_and_message(daemon: Daemon, exc) -> None:
 
 
 def test_name_error_from_manager_is_invalid(daemon: Daemon) -> None:
-    daemon.fake.fail = NameError_("volume name 'x' is odd")
+    daemon.fake.fail = BadName("volume name 'x' is odd")
     with daemon.client() as c, pytest.raises(InvalidArgument, match="is odd"):
         c.call("volume.show", pool="p", vol="x")
 

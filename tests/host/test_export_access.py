@@ -58,8 +58,8 @@ def test_an_open_export_of_an_older_catalog_is_restored_as_allow_any(
         {"iqn": "iqn.2026-11.x:u", "portal": "0.0.0.0:3260", "allow": [A]},
     )
     with caplog.at_level(logging.WARNING, logger="dmsnap.storage"):
-        restored = manager._restore_legacy_open(old)
-        assert manager._restore_legacy_open(closed) is closed
+        restored = manager.exports._restore_legacy_open(old)
+        assert manager.exports._restore_legacy_open(closed) is closed
     assert restored.config["allow_any"] is True
     rows = {r["serial"]: r for r in manager.export_list()}
     assert rows["ser"]["allow_any"] is True and not rows["ser2"].get("allow_any")

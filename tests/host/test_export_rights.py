@@ -18,7 +18,7 @@ from dmsnap.scsi import snapcmd as SC
 from dmsnap.scsi.emulation import Emulator
 from dmsnap.scsi.sense import Key
 from dmsnap.storage.catalog import SCHEMA_VERSION, Catalog, Export
-from dmsnap.storage.manager import export_paths, snapshot_rights
+from dmsnap.storage.exports import export_paths, snapshot_rights
 
 A = "iqn.2026-11.org.example:a"
 B = "iqn.2026-11.org.example:b"

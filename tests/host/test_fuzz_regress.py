@@ -15,8 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ = ROOT / "tests" / "torture" / "fuzz"
 TARGETS = {
-    "journal": [FUZZ / "journal_fuzz.c", ROOT / "csrc" / "journal.c"],
-    "tcmu": [FUZZ / "tcmu_fuzz.c", ROOT / "csrc" / "journal.c"],
+    "journal": [FUZZ / "journal_fuzz.c", ROOT / "csrc" / "journal.c", ROOT / "csrc" / "crc32c.c"],
+    "tcmu": [FUZZ / "tcmu_fuzz.c", ROOT / "csrc" / "journal.c", ROOT / "csrc" / "crc32c.c"],
 }
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")

@@ -18,7 +18,7 @@ from dmsnap.scsi import sense as S
 from dmsnap.scsi import snapcmd as SC
 from dmsnap.scsi.emulation import Emulator
 from dmsnap.scsi.sense import Key
-from dmsnap.scsi.target import InbandSnapshots
+from dmsnap.storage.inband import InbandSnapshots
 from dmsnap.storage.manager import Manager
 
 A = "iqn.2026-11.org.example:a"

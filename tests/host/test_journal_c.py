@@ -247,7 +247,7 @@ def test_c_journal_under_sanitizer(tmp_path: Path, san: str) -> None:
     cmd = [
         cc, "-std=c11", "-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wextra", "-Werror",
         "-pthread", *SANITIZERS[san], "-DJR_MEM_MIN=65536", f"-I{ROOT / 'csrc'}",
-        str(ROOT / "csrc" / "journal.c"),
+        str(ROOT / "csrc" / "journal.c"), str(ROOT / "csrc" / "crc32c.c"),
         str(src), "-o", str(exe),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)

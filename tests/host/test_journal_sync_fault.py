@@ -175,7 +175,7 @@ def test_failed_fdatasync_is_rewritten_from_the_journal(tmp_path: Path) -> None:
         cc, "-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-pthread",
         "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
         "-Dfdatasync=jr_test_fdatasync", f"-I{ROOT / 'csrc'}",
-        str(ROOT / "csrc" / "journal.c"), str(src), "-o", str(exe),
+        str(ROOT / "csrc" / "journal.c"), str(ROOT / "csrc" / "crc32c.c"), str(src), "-o", str(exe),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode and "sanitize" in res.stderr and "cannot find" in res.stderr:

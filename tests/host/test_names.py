@@ -19,8 +19,8 @@ from dmsnap.dm._dmffi import lib as dmlib
 from dmsnap.scsi import sense as S
 from dmsnap.scsi import snapcmd as SC
 from dmsnap.scsi.sense import FieldPointer
-from dmsnap.scsi.target import InbandSnapshots
 from dmsnap.storage import exports, names
+from dmsnap.storage.inband import InbandSnapshots
 from dmsnap.storage.manager import Manager
 
 TOKEN = bytes(range(1, 17))
@@ -34,7 +34,7 @@ ok_names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,47}\Z")
 
 @pytest.mark.parametrize("bad", ["tank\n", "tank\r\n", "ta\nnk", "\ntank"])
 def test_storage_names_refuse_newlines(bad: str) -> None:
-    with pytest.raises(names.NameError_):
+    with pytest.raises(names.BadName):
         names.check_name("pool", bad)
 
 
@@ -68,7 +68,7 @@ def test_inband_name_with_a_trailing_newline_is_refused_with_a_field_pointer() -
 
 @given(ok_names, st.sampled_from(["\n", "\r", "\x00", " "]))
 def test_any_name_with_a_control_tail_is_refused_everywhere(name: str, tail: str) -> None:
-    with pytest.raises(names.NameError_):
+    with pytest.raises(names.BadName):
         names.check_name("volume", name + tail)
     assert SC.check_name(name + tail) is not None
 
@@ -104,7 +104,7 @@ def _derived_fit(pool: str, vol: str, snap: str | None) -> bool:
 def test_every_accepted_snapshot_name_has_derived_names_that_fit(pool, vol, snap) -> None:
     try:
         names.check_snapshot_ref(pool, vol, snap)
-    except names.NameError_ as e:
+    except names.BadName as e:
         assert "\n" not in str(e) and "too long" in str(e)
         assert not _derived_fit(pool, vol, snap)
     else:
@@ -115,7 +115,7 @@ def test_every_accepted_snapshot_name_has_derived_names_that_fit(pool, vol, snap
 def test_every_accepted_volume_name_has_derived_names_that_fit(pool, vol) -> None:
     try:
         names.check_volume_ref(pool, vol)
-    except names.NameError_:
+    except names.BadName:
         assert not _derived_fit(pool, vol, None)
     else:
         assert _derived_fit(pool, vol, None)

@@ -227,12 +227,12 @@ def test_cdb_field_pointers(cdb, pointer):
 
 @given(st.text(max_size=60))
 def test_name_rule_matches_the_storage_layer(name):
-    from dmsnap.storage.names import NameError_, check_name
+    from dmsnap.storage.names import BadName, check_name
 
     try:
         check_name("snapshot", name)
         ok = True
-    except NameError_:
+    except BadName:
         ok = False
     assert (SC.check_name(name) is None) == ok
 

@@ -175,7 +175,7 @@ def test_journal_full_writers_wait_then_continue(mgr):
         ts, errors = run_writers({vid: io}, model, [vid], threads=4, writes=200, seed=2)
         deadline = time.monotonic() + 60
         # the journal's own stats: the held marker holds the Manager's lock
-        pj = mgr._journals[mgr.catalog.pool("f").id]
+        pj = mgr.journals.by_pool[mgr.catalog.pool("f").id]
         while (st := pj.stats()).used < 0.9 * st.capacity:
             assert time.monotonic() < deadline, f"journal never filled: {st} {errors}"
             time.sleep(0.05)
@@ -449,7 +449,7 @@ m.assemble()
 # (which holds the Manager's lock: take what needs it first)
 m._materialize = lambda *a: threading.Event().wait()
 io = m.open_volume("mm", "v")
-pj = m._journals[m.catalog.pool("mm").id]
+pj = m.journals.by_pool[m.catalog.pool("mm").id]
 r = m.snapshot_create([["mm", "v"]], "held")
 for i in range(int(sys.argv[3])):
     io.write(i * MiB, pattern(i, MiB))

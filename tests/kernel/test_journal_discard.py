@@ -32,7 +32,7 @@ def mgr(tmp_path):
 
 
 def used_blocks(m: Manager, pool: str) -> int:
-    s = m._backend(m.catalog.pool(pool)).pool_status()
+    s = m.stack.backend(m.catalog.pool(pool)).pool_status()
     assert isinstance(s, st.ThinPoolStatus), s
     return s.used_data_blocks
 

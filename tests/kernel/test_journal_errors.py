@@ -12,6 +12,7 @@ from faultdev import FaultDevice
 from jmodel import pattern, read_direct
 
 from dmsnap import errors as E
+from dmsnap.storage.journals import dm_path
 from dmsnap.storage.manager import Manager
 
 MiB = 1 << 20
@@ -136,7 +137,7 @@ def test_failed_fdatasync_is_rewritten_not_checkpointed_past(tmp_path, dm):
         m.pool_create("s", data=fl.path, backend="classic", journal_size=16 * MiB)
         m.volume_create("s", "v", 8 * MiB)
         io = m.open_volume("s", "v")
-        pj = next(iter(m._journals.values()))
+        pj = next(iter(m.journals.by_pool.values()))
         io.write(16384, pattern(3, 4096))  # on the disk before the fault
         pj.sync()
 
@@ -156,7 +157,7 @@ def test_failed_fdatasync_is_rewritten_not_checkpointed_past(tmp_path, dm):
 
         fl.fail_writes(False)
         wait_for(lambda: pj.stats().checkpoint_seq == pj.stats().head_seq, "never checkpointed")
-        disk = read_direct(Manager._dm_path("s", "v"), 0, 5 * 4096)
+        disk = read_direct(dm_path("s", "v"), 0, 5 * 4096)
         assert disk[512:1024] == pattern(1, 512), "acknowledged write lost below the journal"
         assert disk[8192:12288] == pattern(2, 4096), "acknowledged write lost below the journal"
         assert disk[16384:20480] == pattern(3, 4096)

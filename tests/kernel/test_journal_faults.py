@@ -262,7 +262,7 @@ def test_power_cut_of_journal_and_data_devices_loses_nothing_acknowledged(
         done_before = {mk.id for mk in m.catalog.markers(m.catalog.pool(pool).id, "done")}
         report = m.assemble()
         assert report["pools"][pool] == "ok", report
-        pj = m._journals[m.catalog.pool(pool).id]
+        pj = m.journals.by_pool[m.catalog.pool(pool).id]
         recovered = pj.stats().recovered_records
         print(
             f"\n{backend}: {len(ev.acked)} of {len(ev.intents)} writes and "

@@ -114,7 +114,7 @@ def test_full_thin_pool_refuses_writes_at_once_and_keeps_acknowledged_ones(full_
 
     # Free space: the acknowledged writes land, new writes are taken again.
     m.volume_delete("f", "b")
-    pj = m._journals[m.catalog.pool("f").id]
+    pj = m.journals.by_pool[m.catalog.pool("f").id]
     deadline = time.monotonic() + 60
     while pj.stats().unflushed_records and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -206,7 +206,7 @@ def test_classic_snapshot_rolled_forward_is_loaded_before_writes(tmp_path):
     m.pool_create("c", backend="classic", size=128 * MiB, journal_mode="none")
     path = m.volume_create("c", "v", 16 * MiB)["path"]
     write(path, 0, block(0x51))
-    pool, backend = m._pool("c")
+    pool, backend = m.stack.pool("c")
     vol = m.catalog.volume("c", "v")
     plans = backend.plan_snapshots([vol])
     plans[0].update(volume_id=vol.id, volume="v", name="cut")
@@ -244,7 +244,7 @@ def test_volume_rolled_forward_is_up_before_the_journal_starts(tmp_path, backend
     m = Manager(state)
     m.pool_create("c", backend=backend, size=128 * MiB)
     m.volume_create("c", "a", 16 * MiB)
-    pool, be = m._pool("c")
+    pool, be = m.stack.pool("c")
     plan = be.plan_volume(16 * MiB)
     payload = {"name": "v", "size": 16 * MiB, **plan, **be.txn()}
     m.catalog.begin_pending(pool.id, "volume.create", payload)
@@ -274,9 +274,9 @@ def test_volume_delete_done_in_the_kernel_is_finished_at_start(tmp_path, backend
     m.pool_create("d", backend=backend, size=128 * MiB)
     m.volume_create("d", "keep", 16 * MiB)
     m.volume_create("d", "v", 16 * MiB)
-    pool, be = m._pool("d")
+    pool, be = m.stack.pool("d")
     vol = m.catalog.volume("d", "v")
-    m._journal(pool).detach(vol.id)  # as volume_delete does first
+    m.journal_of(pool).detach(vol.id)  # as volume_delete does first
     m.catalog.begin_pending(
         pool.id, "volume.delete", {"volume_id": vol.id, "name": "v", **be.txn()}
     )
@@ -313,7 +313,7 @@ def test_classic_cow_area_is_zero_before_the_snapshot_loads(tmp_path, monkeypatc
     write(path, 0, block(0x32) * 8)  # exceptions in s0's first area
     first = m.catalog.snapshot("z", "v", "s0").cow_start
     m.snapshot_delete("z", "v", "s0")
-    _, be = m._pool("z")
+    _, be = m.stack.pool("z")
     seen: list[bytes] = []
     load = be._snap_layer
 
@@ -336,7 +336,7 @@ def test_crash_between_kernel_and_catalog_rolls_forward(tmp_path):
     m = Manager(state)
     m.pool_create("c", size=128 * MiB, journal_mode="none")
     m.volume_create("c", "v", 16 * MiB)
-    pool, backend = m._pool("c")
+    pool, backend = m.stack.pool("c")
     vol = m.catalog.volume("c", "v")
     plans = backend.plan_snapshots([vol])
     plans[0].update(volume_id=vol.id, volume="v", name="crash")
@@ -349,7 +349,7 @@ def test_crash_between_kernel_and_catalog_rolls_forward(tmp_path):
     assert [r["result"] for r in rep["recovered"]] == ["forward"]
     assert [s["name"] for s in m.snapshot_list("c")] == ["crash"]
     # A pending create whose kernel part never happened is rolled back.
-    pool, backend = m._pool("c")
+    pool, backend = m.stack.pool("c")
     vol = m.catalog.volume("c", "v")
     plans = backend.plan_snapshots([vol])
     plans[0].update(volume_id=vol.id, volume="v", name="never")
@@ -362,7 +362,7 @@ def test_crash_between_kernel_and_catalog_rolls_forward(tmp_path):
     # Crash after create_snap reached the kernel but before the transaction
     # id committed: rolled back, the half-made device deleted, its id never
     # handed out again.
-    pool, backend = m._pool("c")
+    pool, backend = m.stack.pool("c")
     vol = m.catalog.volume("c", "v")
     plans = backend.plan_snapshots([vol])
     plans[0].update(volume_id=vol.id, volume="v", name="half")

@@ -68,12 +68,12 @@ class Full:
     rounds: int = 0
 
     def status(self) -> st.ThinPoolStatus:
-        s = self.m._backend(self.m.catalog.pool("m")).pool_status()
+        s = self.m.stack.backend(self.m.catalog.pool("m")).pool_status()
         assert isinstance(s, st.ThinPoolStatus), s
         return s
 
     def journal(self) -> PoolJournal:
-        return self.m._journals[self.m.catalog.pool("m").id]
+        return self.m.journals.by_pool[self.m.catalog.pool("m").id]
 
     def write(self, off: int, gen: int) -> None:
         data = pattern(off, gen)

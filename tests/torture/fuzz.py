@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "tests" / "torture"
 BUILD = ROOT / "build" / "fuzz"
 C_TARGETS = {
-    "journal": ["tests/torture/fuzz/journal_fuzz.c", "csrc/journal.c"],
-    "tcmu": ["tests/torture/fuzz/tcmu_fuzz.c", "csrc/journal.c"],
+    "journal": ["tests/torture/fuzz/journal_fuzz.c", "csrc/journal.c", "csrc/crc32c.c"],
+    "tcmu": ["tests/torture/fuzz/tcmu_fuzz.c", "csrc/journal.c", "csrc/crc32c.c"],
 }
 QUICK_RUNS = {"journal": 20000, "tcmu": 10000, "scsi": 30000, "control": 50}
 PY = sys.executable
