@@ -104,6 +104,7 @@ LAYERS = {
     "journal": {"errors"},
     "scsi": {"errors", "rules"},
     "storage": {"dm", "journal", "scsi", "rules", "units", "errors"},
+    "schedule": {"storage", "rules", "errors"},
     "replication": {"journal", "rules", "units", "errors"},
 }
 
