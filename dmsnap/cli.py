@@ -17,6 +17,7 @@ import dataclasses
 import datetime as _dt
 import enum
 import errno
+import inspect
 import json
 import os
 import sys
@@ -1712,3 +1713,24 @@ def main() -> None:
 # `dmsnap schedule` lives in its own package (dmsnap.schedule); it is built
 # on the helpers above, handed over rather than imported back.
 app.add_typer(schedule_cli.build(sys.modules[__name__]), name="schedule")
+
+
+def _reflow(doc: str) -> str:
+    """A docstring as help: paragraphs stay, the line breaks that wrap them
+    for the source go (typer's formatter keeps them after the first
+    paragraph, which broke help mid-sentence at any terminal width)."""
+    paras = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paras)
+
+
+def _reflow_help(t: typer.Typer) -> None:
+    for c in t.registered_commands:
+        doc = c.help or (c.callback.__doc__ if c.callback else None)
+        if doc:
+            c.help = _reflow(doc)
+    for g in t.registered_groups:
+        if g.typer_instance is not None:
+            _reflow_help(g.typer_instance)
+
+
+_reflow_help(app)
