@@ -1,0 +1,97 @@
+"""docs/cli.md and the CLI agree: every command and option the reference
+shows exists, and every command and option the CLI has is shown there
+(issue 21: the reference had drifted from the code)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from dmsnap import cli
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*|-[a-zA-Z])(?![\w-])")
+
+
+def documented() -> dict[tuple[str, ...], set[str]]:
+    """Synopsis lines of the reference's code blocks: `dmsnap CMD... ARGS`,
+    continued on indented lines."""
+    out: dict[tuple[str, ...], set[str]] = {}
+    in_code, current = False, None
+    for line in DOC.read_text().splitlines():
+        if line.startswith("```"):
+            in_code, current = not in_code, None
+            continue
+        if not in_code:
+            continue
+        if line.startswith("dmsnap "):
+            words = line.split()[1:]
+            path: list[str] = []
+            alternatives = [""]
+            for w in words:
+                if re.fullmatch(r"[a-z][a-z-]*(\|[a-z][a-z-]*)*", w):
+                    *head, last = w.split("|") if "|" in w else [w]
+                    if head:  # `dm list|status`: one synopsis, two commands
+                        alternatives = [*head, last]
+                        break
+                    path.append(w)
+                else:
+                    break
+            if path == ["export", "list"]:  # a word in export's POOL/VOL place
+                path = ["export"]
+            paths = [tuple([*path, a] if a else path) for a in alternatives]
+            current = paths[0]
+            for p in paths:
+                out.setdefault(p, set()).update(OPTION.findall(line.split(" -- ")[0]))
+        elif current is not None and line.startswith((" ", "\t")) and "#" not in line[:4]:
+            out[current].update(OPTION.findall(line))
+        else:
+            current = None
+    return out
+
+
+def implemented() -> dict[tuple[str, ...], list[set[str]]]:
+    """Each command's options, each as the set of its spellings."""
+    out: dict[tuple[str, ...], list[set[str]]] = {}
+
+    def walk(cmd: Any, path: tuple[str, ...]) -> None:
+        if hasattr(cmd, "commands"):  # a group (typer vendors click)
+            for name, sub in cmd.commands.items():
+                walk(sub, (*path, name))
+            return
+        out[path] = [
+            {*p.opts, *p.secondary_opts}
+            for p in cmd.params
+            if p.param_type_name == "option" and p.name != "help" and not p.hidden
+        ]
+
+    walk(typer.main.get_command(cli.app), ())
+    return out
+
+
+def test_every_documented_command_and_option_exists() -> None:
+    code = implemented()
+    missing = []
+    for path, opts in documented().items():
+        if not path:  # the global synopsis: `dmsnap [--socket PATH] COMMAND`
+            continue
+        if path not in code:
+            missing.append(" ".join(path))
+            continue
+        spellings = set().union(*code[path]) if code[path] else set()
+        missing += [f"{' '.join(path)} {o}" for o in sorted(opts - spellings)]
+    assert missing == []
+
+
+def test_every_command_and_option_is_documented() -> None:
+    doc = documented()
+    missing = []
+    for path, options in implemented().items():
+        if path not in doc:
+            missing.append(" ".join(path))
+            continue
+        missing += [f"{' '.join(path)} {'/'.join(sorted(o))}" for o in options if not o & doc[path]]
+    assert missing == []
