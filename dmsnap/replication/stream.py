@@ -178,6 +178,22 @@ class End:
 Record = Data | Zero | Cursor
 
 
+def _bad_range(pos: int, offset: int, length: int, volume_size: int) -> str | None:
+    """Why a record's range breaks the stream's rules (None: it does not):
+    the writer refuses to write what the reader would refuse to read."""
+    if offset % SECTOR or length % SECTOR or length <= 0:
+        return f"range {offset}+{length} is not whole sectors"
+    if offset < pos or offset + length > volume_size:
+        return f"range {offset}+{length} goes backwards or past the volume"
+    return None
+
+
+def _bad_cursor(pos: int, offset: int, volume_size: int) -> str | None:
+    if offset < pos or offset > volume_size or offset % SECTOR:
+        return f"cursor {offset} is behind what was sent or past the volume"
+    return None
+
+
 def _frame(rtype: int, payload: bytes | memoryview) -> bytes:
     head = _REC.pack(rtype, 0, 0, len(payload))
     crc = crc32c(head + bytes(payload))
@@ -200,10 +216,8 @@ class Writer:
     def _range(self, offset: int, length: int) -> None:
         if self.ended:
             raise ValueError("the stream has ended")
-        if offset % SECTOR or length % SECTOR or length <= 0:
-            raise ValueError(f"range {offset}+{length} is not whole sectors")
-        if offset < self.pos or offset + length > self.header.volume_size:
-            raise ValueError(f"range {offset}+{length} goes backwards or past the volume")
+        if why := _bad_range(self.pos, offset, length, self.header.volume_size):
+            raise ValueError(why)
         self.pos = offset + length
 
     def data(self, offset: int, data: bytes | memoryview) -> None:
@@ -221,8 +235,8 @@ class Writer:
         self.records += 1
 
     def cursor(self, offset: int) -> None:
-        if offset < self.pos or offset > self.header.volume_size or offset % SECTOR:
-            raise ValueError(f"cursor {offset} is behind what was sent or past the volume")
+        if why := _bad_cursor(self.pos, offset, self.header.volume_size):
+            raise ValueError(why)
         self.pos = offset
         self.out.write(_frame(T_CURSOR, _U64.pack(offset)))
         self.records += 1
@@ -288,11 +302,8 @@ class Reader:
         return rtype, payload
 
     def _range(self, offset: int, length: int) -> None:
-        h = self.header
-        if offset % SECTOR or length % SECTOR or length <= 0:
-            raise StreamError(f"range {offset}+{length} is not whole sectors")
-        if offset < self.pos or offset + length > h.volume_size:
-            raise StreamError(f"range {offset}+{length} goes backwards or past the volume")
+        if why := _bad_range(self.pos, offset, length, self.header.volume_size):
+            raise StreamError(why)
         self.pos = offset + length
 
     def __iter__(self) -> Iterator[Record]:
@@ -334,8 +345,8 @@ class Reader:
                 if len(p) != _U64.size:
                     raise StreamError("CURSOR record has the wrong length")
                 (off,) = _U64.unpack(p)
-                if off < self.pos or off > self.header.volume_size or off % SECTOR:
-                    raise StreamError(f"cursor {off} is behind what was sent or past the volume")
+                if why := _bad_cursor(self.pos, off, self.header.volume_size):
+                    raise StreamError(why)
                 self.pos = off
                 yield Cursor(off)
             elif rtype & OPTIONAL:
