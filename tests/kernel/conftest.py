@@ -157,3 +157,31 @@ def loopdev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     yield make
     for dev in reversed(made):
         loop.detach(dev)
+    # the guest's /tmp is RAM: a factory directory outlives the test unless
+    # removed here (pytest's retention policy covers tmp_path only)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[object]:
+    """A directory for a module-scoped fixture, removed with the module: the
+    guest's /tmp is RAM, and factory directories otherwise stay to the end."""
+    d = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _tmp_space_guard(request) -> Iterator[None]:
+    """Name the test that leaves a lot behind in the guest's RAM /tmp, before
+    a later test fails with "disk is full" far from the cause."""
+
+    def used() -> int:
+        st = os.statvfs("/tmp")
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    before = used()
+    yield
+    grown = used() - before
+    if grown > 64 * 2**20:
+        print(f"\n/tmp grew by {grown >> 20} MiB during {request.node.nodeid}")

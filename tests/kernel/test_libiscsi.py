@@ -150,14 +150,14 @@ def _manager(state: Path):
 
 
 @pytest.fixture(scope="module")
-def targets(tmp_path_factory):
+def targets(module_tmp):
     """name -> iscsi:// URL: "dmsnap", a journaled volume exported by dmsnap;
     "iblock", LIO's iblock backstore on a thin volume of a journal-less pool
     of the same size. Both admit libiscsi's two initiator names only."""
     if (why := lio.available()) is not None:
         pytest.fail(why)
     allow = [INITIATOR, INITIATOR_2]
-    with _manager(tmp_path_factory.mktemp("conf") / "state") as m:
+    with _manager(module_tmp / "state") as m:
         m.pool_create("cfd", size=256 * MiB, journal_size=16 * MiB)
         m.volume_create("cfd", "v", VOL_SIZE)
         m.export_create("cfd", "v", kind="iscsi", iqn=DMSNAP_IQN,

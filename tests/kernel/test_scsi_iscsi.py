@@ -68,11 +68,11 @@ def _manager(state: Path):
 
 
 @pytest.fixture(scope="module")
-def iscsi_export(tmp_path_factory):
+def iscsi_export(module_tmp):
     """A journaled volume exported over iSCSI on 127.0.0.1 to open-iscsi's
     initiator name (an ACL: an export is closed by default)."""
     _needs_lio()
-    with _manager(tmp_path_factory.mktemp("iscsi") / "state") as m:
+    with _manager(module_tmp / "state") as m:
         # its own pool name: the module's pool lives beside the tests' own
         m.pool_create("isc", size=256 * MiB, journal_size=16 * MiB)
         m.volume_create("isc", "v", ISCSI_VOL)

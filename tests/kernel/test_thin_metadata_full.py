@@ -93,10 +93,10 @@ def _settle(full: Full) -> None:
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory) -> Iterator[Full]:
+def full(module_tmp) -> Iterator[Full]:
     if (why := lio.available()) is not None:
         pytest.fail(why)
-    state = str(tmp_path_factory.mktemp("metafull") / "state")
+    state = str(module_tmp / "state")
     f = Full(Manager(state), state)
     try:
         # sparse: the guest's /tmp is smaller than the pool, which stays
