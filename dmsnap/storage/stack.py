@@ -39,7 +39,7 @@ from dmsnap.storage.classic import ClassicBackend
 from dmsnap.storage.identity import PoolDisks
 from dmsnap.storage.layers import Layer, ensure
 from dmsnap.storage.thin import ThinBackend
-from dmsnap.units import Sectors
+from dmsnap.units import Bytes, Sectors
 
 log = logging.getLogger("dmsnap.storage")
 
@@ -391,7 +391,7 @@ class PoolStack:
         unallocated = 0
         for f in files:
             s = os.stat(f)
-            unallocated += max(0, s.st_size - s.st_blocks * 512)
+            unallocated += max(0, s.st_size - Bytes.of(s.st_blocks))  # st_blocks: 512 B units
         return {"path": self.pool_dir(pool.name), "free": du.free, "unallocated": unallocated}
 
     # -- a new pool ----------------------------------------------------------------------
