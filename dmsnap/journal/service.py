@@ -34,6 +34,12 @@ Materialize = Callable[[int, Json], Json]
 # of metadata space), or None when it can; called without the Manager's lock.
 SpaceProbe = Callable[[], str | None]
 
+# TEST ONLY: while the file this names exists, the journal does not look at
+# the pool below (no no-space transition, no confirmation), so a test can
+# hold open the window between dm-thin's switch to read-only and that look
+# (tests/kernel/test_thin_metadata_full.py). Never set it in production.
+HOLD_PROBE_ENV = "DMSNAP_TEST_HOLD_SPACE_PROBE"
+
 
 class Holds(Protocol):
     """Exclusive opens of block devices by key (the storage core's
@@ -402,6 +408,9 @@ class PoolJournal:
         the marker thread asks about every 0.25 s, and so does start()."""
         if self._space_probe is None:
             return
+        hold = os.environ.get(HOLD_PROBE_ENV)
+        if hold and os.path.exists(hold):
+            return  # test only: the window held open
         try:
             reason = self._space_probe()
         except Exception as e:  # never let monitoring kill the marker thread
