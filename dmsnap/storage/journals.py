@@ -78,9 +78,11 @@ class PoolJournals:
             raise E.Unavailable(f"pool {pool.name}: journal {where}: {e}") from None
         pid = pool.id
 
-        def space_probe() -> str | None:
+        def space_probe() -> tuple[str | None, bool]:
             b = self._backends.get(pid)
-            return b.no_space_reason() if b is not None else None
+            return b.space_state() if b is not None else (None, False)
+
+        b = self._backends.get(pid)
 
         pj = PoolJournal(
             pool.name,
@@ -90,6 +92,7 @@ class PoolJournals:
             self._lock,
             devices.Holds(),  # the volumes' dm devices, held while attached
             space_probe=space_probe,
+            confirm=b is not None and b.confirms_durability,
         )
         vols = {v.id: (dm_path(pool.name, v.name), v.size) for v in self.catalog.volumes(pool.name)}
         try:

@@ -235,9 +235,14 @@ class Manager:
         extension cannot go there). A pool whose metadata needs check is
         refused: dm-thin will not grow it before thin_check/thin_repair."""
         p, backend = self.stack.pool(names.check_name("pool", name))
+        pj = self.journals.by_pool.get(p.id)
+        if pj is not None:
+            # A pool that went read-only since the journal's last look must be
+            # seen so before the resume makes it writable: that look rewinds
+            # the journal to what was confirmed, which the pool may have lost.
+            pj.check_space()
         path = self.stack.extend_metadata(p, backend, size)
         log.info("pool %s: thin metadata extended by %d MiB (%s)", name, size // MiB, path)
-        pj = self.journals.by_pool.get(p.id)
         if pj is not None:
             pj.check_space()  # take writes again now, not at the marker thread's next look
         return self.pool_show(name)
