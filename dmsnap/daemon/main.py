@@ -367,6 +367,10 @@ def _worker_nice(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dmsnapd",
         description="dmsnap daemon: owns the storage stack and serves the dmsnap CLI.",
@@ -411,7 +415,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
     p.add_argument("--version", action="version", version=f"dmsnapd {__version__}")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,6 +7,7 @@ daemon's ``--metrics`` option, its safe default and a taken port."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -364,3 +365,14 @@ def test_a_taken_metrics_port_stops_the_daemon_before_anything(
     assert not (short_dir / "s.sock").exists()
     lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "--no-metrics" in lines[0]
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool (Debian: prometheus) missing")
+def test_the_alert_rules_load_and_name_only_our_series() -> None:
+    rules = Path(__file__).resolve().parents[2] / "contrib" / "prometheus" / "dmsnap-alerts.yml"
+    r = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # every dmsnap_ series a rule uses is one the collector serves (docs/metrics.md)
+    doc = (rules.parents[2] / "docs" / "metrics.md").read_text()
+    used = set(re.findall(r"dmsnap_[a-z_]+", rules.read_text()))
+    assert used and all(f"`{n}" in doc or f"{n}`" in doc or f"{n}{{" in doc for n in used), used
