@@ -155,8 +155,10 @@ class _Metrics:
         if schedules is not None:
             self.info.schedules = schedules.list
         from dmsnap.storage.inband import request_counts
+        from dmsnap.storage.snapshots import MARKER_BOUNDS, marker_latencies
 
         self.info.inband = request_counts
+        self.info.markers, self.info.marker_bounds = marker_latencies, MARKER_BOUNDS
 
     def stop(self) -> None:
         if self.lag is not None:

@@ -66,6 +66,9 @@ class DaemonInfo:
     errors: Callable[[], int] = lambda: 0
     schedules: Callable[[], list[Json]] | None = None
     inband: Callable[[], Mapping[tuple[str, str], int]] | None = None
+    # pool -> (bucket counts: bounds then +Inf, sum of seconds), and the bounds
+    markers: Callable[[], Mapping[str, tuple[Sequence[int], float]]] | None = None
+    marker_bounds: Sequence[float] = ()
 
 
 class LagClock:
@@ -187,6 +190,8 @@ class Collector:
             yield from self._part("schedules", self._schedules)
         if self.daemon.inband is not None:
             yield from self._part("inband", self._inband)
+        if self.daemon.markers is not None:
+            yield from self._part("markers", self._markers)
         yield from self._daemon(status)
 
     # -- pools and journals ---------------------------------------------------------------
@@ -401,6 +406,17 @@ class Collector:
             reqs.add_metric([pool, result], n)
         return [reqs]
 
+    def _markers(self) -> list[Metric]:
+        assert self.daemon.markers is not None
+        fam = HistogramMetricFamily(
+            "dmsnap_snapshot_marker_latency_seconds",
+            "Journaled snapshot requests: marker recorded to snapshot made",
+            labels=["pool"],
+        )
+        for pool, (counts, total) in sorted(self.daemon.markers().items()):
+            fam.add_metric([pool], _cumulative(self.daemon.marker_bounds, counts), total)
+        return [fam]
+
     def _daemon(self, status: Json) -> list[Metric]:
         info = _g("dmsnap_daemon_info", "dmsnapd's version (1)", ["version"])
         info.add_metric([self.daemon.version], 1)
@@ -416,6 +432,6 @@ class Collector:
         if "health" in status:
             health.add_metric([], len(status["health"]))
         scrape = _c("dmsnap_scrape_errors", "Parts of a scrape that failed, by part", ["part"])
-        for part in ("pools", "snapshots", "exports", "schedules", "inband"):
+        for part in ("pools", "snapshots", "exports", "schedules", "inband", "markers"):
             scrape.add_metric([part], self.scrape_errors[part])
         return [info, started, starts, errors, health, scrape]

@@ -162,6 +162,8 @@ def served():
         errors=lambda: 2,
         schedules=lambda: schedules,
         inband=lambda: {("tank", "accepted"): 5, ("tank", "denied"): 1},
+        markers=lambda: {"tank": ([0, 2, 1], 0.4)},
+        marker_bounds=(0.1, 1.0),
     )
     lag = LagClock(core.journal_stats)
     col = Collector(core, info, LATENCY_BOUNDS, lag=lag, clock=lambda: 6000.0)
@@ -204,6 +206,9 @@ def test_a_scrape_reports_pools_journals_exports_snapshots_schedules(served) -> 
     assert _get(s, "dmsnap_schedule_failures_total", **sl) == 1
     assert _get(s, "dmsnap_schedule_last_success_timestamp_seconds", **sl) == 1234.5
     assert _get(s, "dmsnap_inband_requests_total", pool="tank", result="accepted") == 5
+    assert _get(s, "dmsnap_snapshot_marker_latency_seconds_bucket", pool="tank", le="1.0") == 2
+    assert _get(s, "dmsnap_snapshot_marker_latency_seconds_count", pool="tank") == 3
+    assert _get(s, "dmsnap_snapshot_marker_latency_seconds_sum", pool="tank") == 0.4
     assert _get(s, "dmsnap_daemon_starts_total") == 3
     assert _get(s, "dmsnap_daemon_errors_total") == 2
     assert _get(s, "dmsnap_health_problems") == 0

@@ -122,6 +122,8 @@ def test_scraped_figures_follow_writes_snapshots_and_the_journal(exported, tmp_p
     _, m3 = scrape()
     assert value(m3, "dmsnap_snapshots", pool="p", state="valid") == 2
     assert value(m3, "dmsnap_inband_requests_total", pool="p", result="accepted") == 1
+    # both were journaled requests: two markers, each made into its snapshot
+    assert value(m3, "dmsnap_snapshot_marker_latency_seconds_count", pool="p") == 2
 
     # A real Prometheus server scrapes dmsnapd; its query answers the bytes written.
     prom = shutil.which("prometheus")
