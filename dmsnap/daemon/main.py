@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dmsnap import __version__
+from dmsnap.daemon.devwatch import DeviceWatcher, EventHook
 from dmsnap.daemon.events import HealthWatcher
 from dmsnap.daemon.lock import acquire_state_lock
 from dmsnap.daemon.notify import Notifier
@@ -193,6 +194,7 @@ def run_daemon(
     install_signals: bool = True,
     on_serving: Callable[[Server], None] | None = None,
     metrics: str | None = None,
+    on_event: str | None = None,
 ) -> int:
     """Run the daemon to completion; return its exit code.
 
@@ -201,6 +203,11 @@ def run_daemon(
     ``metrics``: the metrics endpoint's ADDR:PORT (None: none).
     """
     state_dir = os.path.abspath(state_dir)
+    try:
+        hook = EventHook(on_event) if on_event else None
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     try:
         lock = acquire_state_lock(state_dir)
     except UserError as e:
@@ -220,7 +227,7 @@ def run_daemon(
         try:
             return _run_locked(
                 state_dir, socket_path, manager_factory, notifier, policy, install_signals,
-                on_serving, exporter,
+                on_serving, exporter, hook,
             )  # fmt: skip
         finally:
             if exporter is not None:
@@ -236,6 +243,7 @@ def _run_locked(
     install_signals: bool,
     on_serving: Callable[[Server], None] | None,
     exporter: _Metrics | None,
+    hook: EventHook | None,
 ) -> int:
     notifier = notifier if notifier is not None else Notifier()
     server = Server(socket_path, policy=policy, notifier=notifier)
@@ -255,7 +263,9 @@ def _run_locked(
         server.close()
         return 1
     try:
-        return _run_manager(state_dir, server, notifier, manager_factory, on_serving, exporter)
+        return _run_manager(
+            state_dir, server, notifier, manager_factory, on_serving, exporter, hook
+        )
     finally:
         server.close()
 
@@ -267,6 +277,7 @@ def _run_manager(
     manager_factory: Callable[[str], Any] | None,
     on_serving: Callable[[Server], None] | None,
     exporter: _Metrics | None = None,
+    on_event: EventHook | None = None,
 ) -> int:
     notifier.status("assembling")
     try:
@@ -301,14 +312,22 @@ def _run_manager(
             server.services["schedules"] = schedules
         if exporter is not None and callable(getattr(manager, "status", None)):
             exporter.attach(manager, schedules)
-        watcher = None
+        watcher = devwatch = None
         if callable(getattr(manager, "health", None)):
             tick = getattr(manager, "autoextend", None)
-            watcher = HealthWatcher(manager.health, tick if callable(tick) else None)
+            watcher = HealthWatcher(manager.health, tick if callable(tick) else None, on_event)
             watcher.start()
+            devwatch = DeviceWatcher(watcher.poke)
+            try:
+                devwatch.start()
+            except Exception as e:  # no udev: dm events and re-checks still run
+                log.warning("device events unavailable: %s", e)
+                devwatch = None
         try:
             teardown = server.serve(manager)
         finally:
+            if devwatch is not None:
+                devwatch.stop()
             if schedules is not None:
                 schedules.stop()  # before the manager closes: no run may start after
             if watcher is not None:
@@ -408,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
         "env DMSNAP_WORKER_NICE; default %(default)s)",
     )
     p.add_argument(
+        "--on-event",
+        default=os.environ.get("DMSNAP_ON_EVENT") or None,
+        metavar="COMMAND",
+        help="run COMMAND (split as a shell would, not run by one) for every health "
+        "problem that appears or clears: a device under a pool gone, a pool or journal "
+        "full or failing, a snapshot invalidated; environment DMSNAP_EVENT "
+        "(problem|recovered), DMSNAP_POOL, DMSNAP_MESSAGE (env DMSNAP_ON_EVENT)",
+    )
+    p.add_argument(
         "--metrics",
         default=os.environ.get("DMSNAP_METRICS") or DEFAULT_METRICS,
         metavar="ADDR:PORT",
@@ -436,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             notifier=notifier,
             manager_factory=factory,
             metrics=metrics,
+            on_event=args.on_event,
         )
     )
 

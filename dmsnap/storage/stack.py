@@ -119,6 +119,9 @@ class PoolStack:
     ) -> None:
         self.dm, self.catalog, self.disks, self.state_dir = dm, catalog, disks, state_dir
         self.backends: dict[int, Backend] = {}  # pool id -> its active backend
+        # pool id -> role -> (MAJ:MIN, path) of the data and cache devices
+        # its layers were built on (health: is each still there?)
+        self.under: dict[int, dict[str, tuple[str, str]]] = {}
 
     def _recorded(self, name: str) -> bool:
         try:
@@ -237,6 +240,7 @@ class PoolStack:
 
     def base(self, pool: Pool) -> Base:
         data, cache = self.devices(pool)
+        self.under[pool.id] = {"data": data} | ({"cache": cache} if cache else {})
         if cache is None:
             return Base(data[0], Sectors.of(pool.size), data[1])
         layer = self._wc_layer(pool, data[0], cache[0])
@@ -305,6 +309,21 @@ class PoolStack:
         self.teardown_devices(self.pool_devices(pool.name, pool.uuid[:8]))
         self.detach_loops(pool.name)
         self.backends.pop(pool.id, None)
+        self.under.pop(pool.id, None)
+
+    def gone(self, pool: Pool) -> list[str]:
+        """One line per device under the assembled pool that is no longer
+        there (its I/O fails until the device is back): data, cache,
+        journal."""
+        under = dict(self.under.get(pool.id, {}))
+        if (j := self.disks.held_journal(pool)) is not None:
+            under["journal"] = (j, pool.config.get("journal", {}).get("path", j))
+        return [
+            f"{role} device {path} ({devno}) is gone: the pool is degraded, "
+            "its I/O fails until the device is back"
+            for role, (devno, path) in sorted(under.items())
+            if not devices.present(devno)
+        ]
 
     def open_count(self, dm_name: str, grace: float = 2.0) -> int:
         """Open count, allowing ``grace`` seconds for transient openers: udev

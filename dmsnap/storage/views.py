@@ -81,6 +81,7 @@ class Views:
                     f"than the pool's sparse files may still take "
                     f"({host['unallocated'] // MiB} MiB): its writes fail once it fills"
                 )
+        out["health"] += self.stack.gone(pool)
         if pool.name in self.pool_errors:
             out["health"].append(self.pool_errors[pool.name])
             return out
