@@ -112,6 +112,19 @@ class CliError(Exception):
         self.code = code
 
 
+def _done(json_out: bool, result: dict[str, Any], line: str) -> None:
+    """What a mutating command without a result of its own says: ``line``,
+    or with --json ``result`` (what it did, naming what it did it to)."""
+    if json_out:
+        print_json(result)
+    else:
+        typer.echo(line)
+
+
+def _snap_json(what: str, pool: str, vol: str, snap: str) -> dict[str, Any]:
+    return {what: "snapshot", "pool": pool, "volume": vol, "snapshot": snap}
+
+
 def print_json(obj: Any) -> None:
     # typed dm status (dataclasses) say which type they are
     json.dump(to_jsonable(obj, tagged=True), sys.stdout, indent=2, sort_keys=True)
@@ -807,13 +820,14 @@ def pool_destroy(
         bool, typer.Option("--force", help="Also delete its volumes and snapshots.")
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Destroy a pool (refused while it has volumes, unless --force)."""
     _name("pool", name)
     what = " and every volume and snapshot in it" if force else ""
     _confirm(f"Destroy pool {name}{what}?", yes, f"not destroying pool {name}")
     _call("pool.destroy", name=name, force=force or None)
-    typer.echo(f"destroyed pool {name}")
+    _done(json_out, {"destroyed": "pool", "pool": name}, f"destroyed pool {name}")
 
 
 # ------------------------------------------------------------------ volume
@@ -881,11 +895,16 @@ def volume_show(ref: VolumeArg, json_out: JsonOpt = False) -> None:
 def volume_delete(
     ref: VolumeArg,
     force: Annotated[bool, typer.Option("--force", help="Also delete its snapshots.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Delete a volume (refused while it has snapshots, unless --force)."""
     pool, vol, _ = _ref(ref, snapshot=False)
     _call("volume.delete", pool=pool, vol=vol, force=force or None)
-    typer.echo(f"deleted volume {pool}/{vol}")
+    _done(
+        json_out,
+        {"deleted": "volume", "pool": pool, "volume": vol},
+        f"deleted volume {pool}/{vol}",
+    )
 
 
 IO_CHUNK = 256 << 10  # the protocol's MAX_IO
@@ -903,6 +922,7 @@ def volume_write(
     sync: Annotated[
         bool, typer.Option("--sync", help="FLUSH at the end (a RAM journal: onto the volume).")
     ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Write into a journaled volume through dmsnapd (the local writer's path;
     a whole number of 512-byte sectors)."""
@@ -929,6 +949,9 @@ def volume_write(
             total += len(chunk)
         if sync:
             c.call("volume.flush", pool=pool, vol=vol)
+    if json_out:
+        print_json({"pool": pool, "volume": vol, "offset": at, "written": total, "synced": sync})
+        return
     typer.echo(f"wrote {total} bytes to {pool}/{vol} at {at}", err=True)
 
 
@@ -969,6 +992,7 @@ def volume_discard(
         typer.Option("--length", metavar="SIZE", help="How much (default: to the end)."),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Discard (zero) a range of a journaled volume through dmsnapd: it reads
     zeros from now on, ordered with the writes and snapshots around it, and
@@ -979,6 +1003,9 @@ def volume_discard(
     what = f"{n} bytes" if n is not None else "everything"
     _confirm(f"Discard {what} of {pool}/{vol} from {at}?", yes, f"not discarding {pool}/{vol}")
     r = _call("volume.discard", pool=pool, vol=vol, offset=at, size=n)
+    if json_out:
+        print_json({"pool": pool, "volume": vol, "offset": at, **r})
+        return
     typer.echo(f"discarded {r['discarded']} bytes of {pool}/{vol} at {at}")
 
 
@@ -1078,11 +1105,11 @@ def _snap(ref: str) -> tuple[str, str, str]:
 
 
 @snapshot_app.command("delete")
-def snapshot_delete(ref: SnapshotArg) -> None:
+def snapshot_delete(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
     """Delete a snapshot."""
     pool, vol, snap = _snap(ref)
     _call("snapshot.delete", pool=pool, vol=vol, name=snap)
-    typer.echo(f"deleted snapshot {ref}")
+    _done(json_out, _snap_json("deleted", pool, vol, snap), f"deleted snapshot {ref}")
 
 
 @snapshot_app.command("activate")
@@ -1098,19 +1125,23 @@ def snapshot_activate(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
 
 
 @snapshot_app.command("deactivate")
-def snapshot_deactivate(ref: SnapshotArg) -> None:
+def snapshot_deactivate(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
     """Remove a snapshot's read-only device (the snapshot stays)."""
     pool, vol, snap = _snap(ref)
     _call("snapshot.deactivate", pool=pool, vol=vol, name=snap)
-    typer.echo(f"deactivated snapshot {ref}")
+    _done(json_out, _snap_json("deactivated", pool, vol, snap), f"deactivated snapshot {ref}")
 
 
 @snapshot_app.command("restore")
-def snapshot_restore(ref: SnapshotArg) -> None:
+def snapshot_restore(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
     """Roll the volume back to the snapshot (its newer data is lost)."""
     pool, vol, snap = _snap(ref)
     _call("snapshot.restore", pool=pool, vol=vol, name=snap)
-    typer.echo(f"restored {pool}/{vol} to snapshot {snap}")
+    _done(
+        json_out,
+        _snap_json("restored", pool, vol, snap),
+        f"restored {pool}/{vol} to snapshot {snap}",
+    )
 
 
 # ---------------------------------------------------------------- exports
@@ -1313,11 +1344,16 @@ def export(
 @app.command("unexport")
 def unexport(
     ref: Annotated[str, typer.Argument(metavar="POOL/VOL[@SNAP]", autocompletion=complete_volume)],
+    json_out: JsonOpt = False,
 ) -> None:
     """Stop serving a volume or snapshot over SCSI."""
     pool, vol, snap = _ref(ref, snapshot=None)
     _call("export.delete", pool=pool, vol=vol, snap=snap)
-    typer.echo(f"unexported {ref}")
+    _done(
+        json_out,
+        {"unexported": ref, "pool": pool, "volume": vol, "snapshot": snap},
+        f"unexported {ref}",
+    )
 
 
 # ---------------------------------------------------------------- initiator
@@ -1426,6 +1462,7 @@ def initiator_delete(
         str | None,
         typer.Option("--token", metavar="HEX", help="The request token that made it (exact)."),
     ] = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Delete a snapshot of the LUN's volume in-band (by NAME or --token)."""
     from dmsnap.scsi import initiator, snapcmd
@@ -1438,14 +1475,22 @@ def initiator_delete(
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         initiator.delete(device, tok)
-        typer.echo(f"deleted the snapshot of request {tok.hex()}")
+        _done(
+            json_out,
+            {"deleted": "snapshot", "device": device, "token": tok.hex()},
+            f"deleted the snapshot of request {tok.hex()}",
+        )
         return
     assert name is not None
     why = snapcmd.check_name(name)
     if why:
         raise InvalidArgument(why)
     e = initiator.delete_named(device, name)
-    typer.echo(f"deleted snapshot {name} (token {e.token.hex()})")
+    _done(
+        json_out,
+        {"deleted": "snapshot", "device": device, "name": name, "token": e.token.hex()},
+        f"deleted snapshot {name} (token {e.token.hex()})",
+    )
 
 
 @initiator_app.command(
@@ -1532,12 +1577,17 @@ def initiator_schedule(
 
 @app.command()
 def status(json_out: JsonOpt = False) -> None:
-    """Summarise pools (space, writecache, health), volumes and snapshots."""
+    """Summarise health (what is degraded and why), pools (space, journal,
+    writecache), volumes, snapshots, exports and schedules."""
     st = _call("status")
-    if json_out:
-        print_json(st)
-        return
     st = st if isinstance(st, dict) else {}
+    problems = _status_problems(st)
+    if json_out:
+        # the daemon's status, with every problem found (exports, schedules too)
+        print_json({**st, "degraded": bool(problems), "problems": problems})
+        return
+    n = len(problems)
+    typer.echo(f"health: DEGRADED, {n} problem{'s' if n != 1 else ''}" if n else "health: ok")
     pools = [p for p in st.get("pools") or [] if isinstance(p, dict)]
     if pools:
         _print_pools(pools)
@@ -1556,12 +1606,36 @@ def status(json_out: JsonOpt = False) -> None:
     pending = st.get("pending")
     if isinstance(pending, int) and pending:
         typer.echo(f"{pending} operation(s) pending recovery")
-    # The daemon's own summary if it gives one, else each pool's.
+    for line in problems:
+        typer.echo(f"warning: {line}")
+
+
+def _status_problems(st: dict[str, Any]) -> list[str]:
+    """Every problem an operator must see: the pools' (the daemon's health
+    lines, else each pool's), exports not serving, schedules whose last
+    attempt failed. A daemon that cannot list exports or schedules (an
+    older one) leaves them out."""
+    pools = [p for p in st.get("pools") or [] if isinstance(p, dict)]
     problems = st.get("health")
     if not isinstance(problems, list):
         problems = [f"{p.get('name')}: {h}" for p in pools for h in (p.get("health") or [])]
-    for line in problems:
-        typer.echo(f"warning: {line}")
+    problems = [str(x) for x in problems]
+    try:
+        exports = _call("export.list")
+    except UserError:
+        exports = []
+    for ex in exports if isinstance(exports, list) else []:
+        if isinstance(ex, dict) and (ex.get("error") or not ex.get("running", True)):
+            why = ex.get("error") or "not running"
+            problems.append(f"export {ex.get('ref')}: not serving: {why}")
+    try:
+        schedules = _call("schedule.list")
+    except UserError:
+        schedules = []
+    for sch in schedules if isinstance(schedules, list) else []:
+        if isinstance(sch, dict) and sch.get("last_error"):
+            problems.append(f"schedule {sch.get('name')}: {sch.get('last_error')}")
+    return problems
 
 
 @daemon_app.command("ping")
@@ -1584,9 +1658,13 @@ def daemon_stop(
         bool,
         typer.Option("--teardown", help="Also deactivate every pool, volume and snapshot."),
     ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Stop dmsnapd (devices stay up unless --teardown)."""
     _call("daemon.stop", teardown=teardown)
+    if json_out:
+        print_json({"stopping": True, "teardown": teardown})
+        return
     typer.echo(
         "dmsnapd is stopping"
         + (" and tearing down every device" if teardown else " (devices stay up)")

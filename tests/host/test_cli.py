@@ -578,3 +578,38 @@ def test_help_and_no_args(capsys) -> None:
     assert rc == 0 and "snapshot" in out
     rc, out, err = run(capsys, "pool")
     assert rc == 2 and "create" in out + err  # the group's help, as click does
+
+
+def test_status_says_first_whether_degraded_and_why(capsys, daemon) -> None:
+    rc, out, err = run(capsys, "status")
+    assert rc == 0, err
+    lines = out.splitlines()
+    # the pool's problem and the export that does not serve: two, each with its why
+    assert lines[0] == "health: DEGRADED, 2 problems"
+    assert "warning: embedded-default: snapshot v@s1 is invalid (COW full)" in lines
+    assert "warning: export fast/db@nightly: not serving: not running" in lines
+    rc, out, err = run(capsys, "status", "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["degraded"] is True and len(doc["problems"]) == 2
+    assert doc["volumes"] == 3  # the daemon's own answer is all there
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["snapshot", "delete", "fast/db@nightly"], {"deleted": "snapshot", "snapshot": "nightly"}),
+        (["snapshot", "restore", "fast/db@nightly"], {"restored": "snapshot", "volume": "db"}),
+        (["snapshot", "deactivate", "fast/db@nightly"], {"deactivated": "snapshot"}),
+        (["volume", "delete", "fast/logs"], {"deleted": "volume", "volume": "logs"}),
+        (["pool", "destroy", "fast", "--force", "--yes"], {"destroyed": "pool", "pool": "fast"}),
+        (["unexport", "fast/db"], {"unexported": "fast/db", "snapshot": None}),
+        (["volume", "discard", "fast/db", "--yes"], {"discarded": 1 << 20, "offset": 0}),
+        (["daemon", "stop"], {"stopping": True, "teardown": False}),
+    ],
+)
+def test_mutating_commands_answer_json(capsys, daemon, argv, want) -> None:
+    rc, out, err = run(capsys, *argv, "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert want.items() <= doc.items(), doc

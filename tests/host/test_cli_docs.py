@@ -94,3 +94,24 @@ def test_every_command_and_option_is_documented() -> None:
             continue
         missing += [f"{' '.join(path)} {'/'.join(sorted(o))}" for o in options if not o & doc[path]]
     assert missing == []
+
+
+def test_dmsnapd_options_match_its_reference() -> None:
+    """docs/cli.md's `dmsnapd` synopsis names every option dmsnapd has, and
+    no other."""
+    from dmsnap.daemon.main import build_parser
+
+    have = {o for a in build_parser()._actions for o in a.option_strings} - {"-h", "--help"}
+    shown: set[str] = set()
+    in_code = in_synopsis = False
+    for line in DOC.read_text().splitlines():
+        if line.startswith("```"):
+            in_code, in_synopsis = not in_code, False
+        elif in_code and line.startswith("dmsnapd "):
+            in_synopsis = True
+            shown |= set(OPTION.findall(line))
+        elif in_code and in_synopsis and line.startswith(" "):
+            shown |= set(OPTION.findall(line))
+        else:
+            in_synopsis = False
+    assert shown == have
