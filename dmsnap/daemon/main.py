@@ -218,12 +218,18 @@ def run_daemon(
         if metrics is not None:
             try:
                 exporter = _Metrics(metrics, state_dir)
+            except UserError as e:  # a malformed --metrics: the administrator's to fix
+                log.error("%s", e.message)
+                return 1
+            try:
                 exporter.start()
             except UserError as e:
-                log.error("%s", e.message)
-                if exporter is not None:
-                    exporter.stop()
-                return 1
+                # A port someone else took must not keep the storage down
+                # (initiators' commands time out in the ring meanwhile);
+                # Prometheus sees the target down and alerts.
+                log.error("%s; serving storage without metrics", e.message)
+                exporter.stop()
+                exporter = None
         try:
             return _run_locked(
                 state_dir, socket_path, manager_factory, notifier, policy, install_signals,

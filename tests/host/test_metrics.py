@@ -349,15 +349,17 @@ def test_daemon_serves_metrics_and_counts_its_starts(tmp_path: Path, short_dir: 
         assert ("process_cpu_seconds_total", ()) in s
 
 
-def test_a_taken_metrics_port_stops_the_daemon_before_anything(
+def test_a_taken_metrics_port_does_not_keep_the_storage_down(
     tmp_path: Path, short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Storage first: a port someone else took costs the metrics, not the
+    # pools (initiators' commands would time out while dmsnapd stays down).
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         made: list[str] = []
-        rc = run_daemon(
+        run_daemon(
             str(tmp_path / "state"),
             str(short_dir / "s.sock"),
             manager_factory=lambda state: made.append(state),
@@ -366,10 +368,28 @@ def test_a_taken_metrics_port_stops_the_daemon_before_anything(
             install_signals=False,
             metrics=f"127.0.0.1:{port}",
         )
-    assert rc == 1 and made == []
-    assert not (short_dir / "s.sock").exists()
+    assert made  # the storage core was started
     lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "--no-metrics" in lines[0]
+    taken_lines = [m for m in lines if f"127.0.0.1:{port}" in m]
+    assert len(taken_lines) == 1 and "serving storage without metrics" in taken_lines[0]
+
+
+def test_a_malformed_metrics_address_stops_the_daemon_in_one_line(
+    tmp_path: Path, short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    made: list[str] = []
+    rc = run_daemon(
+        str(tmp_path / "state"),
+        str(short_dir / "s.sock"),
+        manager_factory=lambda state: made.append(state),
+        notifier=Notifier(env={}),
+        policy=PeerPolicy(ME),
+        install_signals=False,
+        metrics="localhost",
+    )
+    assert rc == 1 and made == []
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(lines) == 1 and "expected ADDR:PORT" in lines[0]
 
 
 @pytest.mark.skipif(not shutil.which("promtool"), reason="promtool (Debian: prometheus) missing")
