@@ -63,13 +63,18 @@ def _stack(tid: int) -> str:
         return ""
 
 
-def _in_lun_scan(pid: int) -> list[tuple[int, str]]:
+# the configfs call of each change, and what the kernel does in it then
+IN_CALL = {"create": "configfs_symlink", "delete": "configfs_unlink"}
+
+
+def _in_lun_scsi(pid: int, op: str) -> list[tuple[int, str]]:
     """(tid, kernel stack) of the tasks of ``pid`` (or its children) inside a
-    LUN's configfs symlink, waiting on the SCSI scan it started."""
+    LUN's configfs symlink (``create``: scanning the new disk) or unlink
+    (``delete``: removing it), waiting on a SCSI command."""
     out = []
     for tid in _tasks(pid):
         st = _stack(tid)
-        if "configfs_symlink" in st and "scsi" in st:
+        if IN_CALL[op] in st and "scsi" in st:
             out.append((tid, st))
     return out
 
@@ -153,22 +158,29 @@ def daemon(tmp_path):
         d.stop(teardown=True)
 
 
-def test_daemon_killed_inside_a_local_exports_scan(daemon):
-    """SIGKILL while the kernel scans a new local export's disk (a task in
-    the LUN's configfs symlink, waiting on INQUIRY in the export's ring):
-    the process is gone within seconds, a new dmsnapd starts and serves
+@pytest.mark.parametrize("op", ["create", "delete"])
+def test_daemon_killed_inside_a_local_exports_scan(daemon, op):
+    """SIGKILL while the kernel scans a new local export's disk (``create``:
+    a task in the LUN's configfs symlink, waiting on INQUIRY in the export's
+    ring) or removes it at unexport (``delete``: in the unlink, waiting on
+    the SYNCHRONIZE CACHE that sd sends a write-back disk, as a RAM journal's
+    LUN is): the process is gone within seconds, a new dmsnapd starts and serves
     well within cmd_time_out, a writer on another export of the same
     daemon sees no I/O error and reads back every acknowledged write, and
     the interrupted export is wholly there (listed, running, one disk
     with its serial, reading and writing) or wholly absent (not listed, no
     backstore, no disk)."""
     d = daemon
-    d.cli("pool", "create", "p", "--size", "256M")
+    # a RAM journal: its LUN is write-back (WCE), so removing its disk syncs it
+    mode = ["--journal-mode", "ram"] if op == "delete" else []
+    d.cli("pool", "create", "p", "--size", "256M", *mode)
     d.cli("volume", "create", "p/s", "--size", "16M")
     d.cli("volume", "create", "p/e", "--size", "16M")
     d.cli("export", "p/s", "--local")
     disk_s = os.path.realpath("/dev/dmsnap/p/s")
     assert disk_s.startswith("/dev/sd"), disk_s
+    if op == "delete":
+        d.cli("export", "p/e", "--local")
     writer = Writer(disk_s)
     writer.start()
 
@@ -179,36 +191,38 @@ def test_daemon_killed_inside_a_local_exports_scan(daemon):
         pid = d.proc.pid
         result: list[object] = []
 
-        def export(result=result) -> None:
+        def change(result=result) -> None:
+            args = {"kind": "local"} if op == "create" else {}
             try:
                 with Client(d.sock, timeout=600) as c:
-                    result.append(c.call("export.create", pool="p", vol="e", kind="local"))
+                    result.append(c.call(f"export.{op}", pool="p", vol="e", **args))
             except Exception as e:  # the daemon killed under it
                 result.append(e)
 
-        th = threading.Thread(target=export, daemon=True)
+        th = threading.Thread(target=change, daemon=True)
         th.start()
         while th.is_alive() and not caught:
-            if _in_lun_scan(pid):
+            if _in_lun_scsi(pid, op):
                 os.kill(pid, signal.SIGSTOP)
-                caught = _in_lun_scan(pid)  # still there with dmsnapd stopped: it stays
+                caught = _in_lun_scsi(pid, op)  # still there with dmsnapd stopped: it stays
                 if not caught:
                     os.kill(pid, signal.SIGCONT)
         if not caught:
             th.join(timeout=120)
             assert result and not isinstance(result[0], Exception), result
-            d.cli("unexport", "p/e")
-    assert caught, f"no task of dmsnapd seen inside the LUN's scan in {attempts} attempts"
+            # undo it for the next attempt
+            d.cli(*(["unexport", "p/e"] if op == "create" else ["export", "p/e", "--local"]))
+    assert caught, f"no task of dmsnapd seen in the LUN's {IN_CALL[op]} in {attempts} attempts"
     assert not writer.errors, writer.errors
 
     t_kill = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     if not _wait_gone(pid, d.proc, DIES_WITHIN):
-        stuck = "\n".join(f"task {tid}:\n{st}" for tid, st in _in_lun_scan(pid))
+        stuck = "\n".join(f"task {tid}:\n{st}" for tid, st in _in_lun_scsi(pid, op))
         _unstick(d.proc)
         pytest.fail(
-            f"dmsnapd (pid {pid}) still alive {DIES_WITHIN:.0f} s after SIGKILL, inside the "
-            f"LUN's scan (attempt {attempts}):\n{stuck}",
+            f"dmsnapd (pid {pid}) still alive {DIES_WITHIN:.0f} s after SIGKILL in export.{op}, "
+            f"inside the LUN's {IN_CALL[op]} (attempt {attempts}):\n{stuck}",
             pytrace=False,
         )
     gone = time.monotonic() - t_kill
@@ -252,6 +266,7 @@ def test_daemon_killed_inside_a_local_exports_scan(daemon):
         assert len(targets) == 1, targets
         state = "not exported"
     print(
-        f"killed in the scan on attempt {attempts}: gone after {gone:.1f} s, back after "
-        f"{back:.1f} s; other export: {writer.count} writes, none failed; p/e {state}"
+        f"killed in export.{op}'s {IN_CALL[op]} on attempt {attempts}: gone after "
+        f"{gone:.1f} s, back after {back:.1f} s; other export: {writer.count} writes, "
+        f"none failed; p/e {state}"
     )
