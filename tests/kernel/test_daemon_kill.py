@@ -244,7 +244,8 @@ def test_daemon_killed_inside_a_local_exports_scan(daemon, op):
     # the interrupted export: wholly there or wholly absent
     deadline = time.monotonic() + 90
     while True:
-        exports = {e["volume"]: e for e in d.json("export", "list", "p")}  # type: ignore[union-attr]
+        listed: list[dict] = d.json("export", "list")  # type: ignore[assignment]
+        exports = {e["volume"]: e for e in listed if e["pool"] == "p"}
         e = exports.get("e")
         disks = lio.scsi_disks_with_serial(e["serial"]) if e else []
         if e is None or (e["running"] and len(disks) == 1 and os.path.exists("/dev/dmsnap/p/e")):
