@@ -182,8 +182,8 @@ def delete_backstore(bs: Backstore) -> None:
 # error handler's retries: minutes), no new dmsnapd can start, and the other
 # exports' initiators get I/O errors. So a short-lived child (coreutils) makes
 # those two calls and dmsnapd only waits for it, which a kill ends at once;
-# the next dmsnapd serves the ring again and the child's call completes.
-# (docs/scsi.md, "A killed daemon".)
+# the next dmsnapd serves the ring again and the child's call completes
+# (docs/scsi.md, "A kill while the kernel waits for dmsnapd itself").
 
 LUN_LINK = "dmsnap"  # the LUN's link name: fixed, so a link made twice is seen as one
 
@@ -226,10 +226,11 @@ def _unlink_lun(lun: Any) -> None:
 def _unlink_target(target: Any, so_path: str | None = None) -> None:
     """Every LUN of ``target`` (those serving ``so_path``, or all) let go
     of its backstore."""
+    want = os.path.realpath(so_path) if so_path is not None else None
     for tpg in target.tpgs:
         for lun in tpg.luns:
             links = [x for x in glob.glob(f"{lun.path}/*") if os.path.islink(x)]
-            if so_path is None or any(os.path.realpath(x) == so_path for x in links):
+            if want is None or any(os.path.realpath(x) == want for x in links):
                 _unlink_lun(lun)
 
 
