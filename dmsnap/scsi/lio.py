@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -160,26 +162,108 @@ def control(bs: Backstore, action: str, value: int) -> None:
 
 def delete_backstore(bs: Backstore) -> None:
     with contextlib.suppress(Exception):
-        _storage_object(bs).delete()
+        so = _storage_object(bs)
+        for t in _targets_of(bs):  # a LUN still on it: unlinked in a child (below)
+            _unlink_target(t, so.path)
+        so.delete()
+
+
+# -- LUN links: calls that wait for our own ring ------------------------------------
+#
+# Linking a backstore into a TPG as a LUN (a configfs symlink) and unlinking
+# it can make the kernel wait for the backstore's ring inside that system
+# call: on tcm_loop the link scans the new SCSI disk there and then (INQUIRY,
+# VPD pages: scsi_add_device) and the unlink removes it (a SYNCHRONIZE CACHE
+# for a write-back disk, its dirty pages); any LUN's unlink waits for the
+# LUN's commands in flight. dmsnapd answers that ring itself. A task of
+# dmsnapd asleep there (uninterruptibly) when dmsnapd is killed cannot exit,
+# so the process cannot finish dying: it keeps every other export's ring and
+# the daemon's lock until the commands time out (cmd_time_out, then the SCSI
+# error handler's retries: minutes), no new dmsnapd can start, and the other
+# exports' initiators get I/O errors. So a short-lived child (coreutils) makes
+# those two calls and dmsnapd only waits for it, which a kill ends at once;
+# the next dmsnapd serves the ring again and the child's call completes
+# (docs/scsi.md, "A kill while the kernel waits for dmsnapd itself").
+
+LUN_LINK = "dmsnap"  # the LUN's link name: fixed, so a link made twice is seen as one
+
+
+def _in_child(*argv: str) -> subprocess.CompletedProcess[str]:
+    # close_fds (the default): the child must not hold our rings or lock
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+def _link_lun(so_path: str, lun_dir: str) -> None:
+    """``lun_dir`` (a TPG's LUN, made) serves the storage object at
+    ``so_path``. The same link made before (a killed daemon's child, still
+    finishing) counts as made: ours waits for it on the directory's lock."""
+    link = f"{lun_dir}/{LUN_LINK}"
+    r = _in_child("ln", "-sT", so_path, link)  # -T: never a link inside the backstore
+    if r.returncode != 0 and not (
+        os.path.islink(link) and os.path.realpath(link) == os.path.realpath(so_path)
+    ):
+        raise LioError(f"cannot link {so_path} as {lun_dir}: {r.stderr.strip()}")
+
+
+def _unlink(link: str) -> None:
+    r = _in_child("unlink", link)
+    if r.returncode != 0 and os.path.lexists(link):
+        raise LioError(f"cannot unlink {link}: {r.stderr.strip()}")
+
+
+def _unlink_lun(lun: Any) -> None:
+    """A TPG LUN (rtslib) let go of its backstore, the ACLs' mappings of it
+    first as rtslib does; its directory stays for rtslib to remove (that
+    waits for nothing)."""
+    with contextlib.suppress(Exception):  # a LUN without a link has no mappings
+        for mlun in lun.mapped_luns:
+            mlun.delete()
+    for link in glob.glob(f"{lun.path}/*"):
+        if os.path.islink(link):
+            _unlink(link)
+
+
+def _unlink_target(target: Any, so_path: str | None = None) -> None:
+    """Every LUN of ``target`` (those serving ``so_path``, or all) let go
+    of its backstore."""
+    want = os.path.realpath(so_path) if so_path is not None else None
+    for tpg in target.tpgs:
+        for lun in tpg.luns:
+            links = [x for x in glob.glob(f"{lun.path}/*") if os.path.islink(x)]
+            if want is None or any(os.path.realpath(x) == want for x in links):
+                _unlink_lun(lun)
 
 
 # -- fabrics ----------------------------------------------------------------------
 
 
+def _local_wwn(bs: Backstore | BlockBackstore) -> str:
+    """The tcm_loop target's WWN for a backstore: derived from its name, so
+    a daemon started after one killed while making the target finds it."""
+    return "naa.5001405" + hashlib.sha256(bs.name.encode()).hexdigest()[:9]
+
+
 def export_local(bs: Backstore | BlockBackstore) -> str:
-    """A tcm_loop target with the backstore as LUN 0; returns its naa WWN."""
+    """A tcm_loop target with the backstore as LUN 0; returns its naa WWN.
+    Completes one a killed daemon left half made (each step is made only
+    if missing)."""
     rts = _rtslib()
-    fm = rts.FabricModule("loopback")
-    target = rts.Target(fm)
-    tpg = rts.TPG(target, 1)
-    rts.LUN(tpg, 0, _storage_object(bs))
+    so = _storage_object(bs)
+    target = rts.Target(rts.FabricModule("loopback"), _local_wwn(bs))
+    tpg = rts.TPG(target, 1)  # with its nexus (tcm_loop's initiator side)
+    lun_dir = f"{tpg.path}/lun/lun_0"
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(lun_dir)  # the LUN item alone: nothing reaches the ring yet
+    _link_lun(so.path, lun_dir)
     return target.wwn
 
 
 def unexport_local(wwn: str) -> None:
     rts = _rtslib()
     with contextlib.suppress(Exception):
-        rts.Target(rts.FabricModule("loopback"), wwn, mode="lookup").delete()
+        target = rts.Target(rts.FabricModule("loopback"), wwn, mode="lookup")
+        _unlink_target(target)
+        target.delete()
 
 
 def export_iscsi(
@@ -309,13 +393,16 @@ def remove_iscsi_lun(iqn: str, index: int) -> None:
     """Drop a TPG LUN (and any ACL mapping of it)."""
     for lun in _tpg(iqn).luns:
         if lun.lun == index:
+            _unlink_lun(lun)
             lun.delete()
 
 
 def unexport_iscsi(iqn: str) -> None:
     rts = _rtslib()
     with contextlib.suppress(Exception):
-        rts.Target(rts.FabricModule("iscsi"), iqn, mode="lookup").delete()
+        target = rts.Target(rts.FabricModule("iscsi"), iqn, mode="lookup")
+        _unlink_target(target)
+        target.delete()
 
 
 def scsi_disks_with_serial(serial: str) -> list[tuple[str, str]]:
@@ -361,6 +448,19 @@ def _targets_of(bs: Backstore | BlockBackstore):
 
 def find_local(bs: Backstore) -> str | None:
     """The tcm_loop target already serving this backstore (a daemon restart)."""
+    wwn = _local_wwn(bs)
+    target = f"{CONFIGFS}/loopback/{wwn}"
+    if os.path.isdir(target):
+        # Only this target's LUN is looked at: another export's LUN whose
+        # link a killed daemon's child is still making stays locked until
+        # that export's ring is served again, which may come after ours.
+        link = f"{target}/tpgt_1/lun/lun_0/{LUN_LINK}"
+        with contextlib.suppress(Exception):
+            so = _storage_object(bs).path
+            if os.path.islink(link) and os.path.realpath(link) == os.path.realpath(so):
+                return wwn
+        return None  # half made: export_local completes it
+    # made by an older dmsnap, with a random WWN
     with contextlib.suppress(Exception):
         for t in _targets_of(bs):
             if t.fabric_module.name == "loopback":
@@ -373,7 +473,10 @@ def iscsi_exists(iqn: str) -> bool:
 
 
 def remove_fabrics(bs: Backstore | BlockBackstore) -> None:
-    """Every target exporting this backstore goes (each serves one volume)."""
+    """Every target exporting this backstore goes (each serves one volume),
+    also its tcm_loop target left without its LUN by a killed daemon."""
     with contextlib.suppress(Exception):
         for t in _targets_of(bs):
+            _unlink_target(t)
             t.delete()
+    unexport_local(_local_wwn(bs))
