@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import shlex
 import subprocess
@@ -53,7 +54,7 @@ class DeviceWatcher:
 
 class EventHook:
     """Runs the administrator's ``--on-event`` command, one at a time, in
-    order, on its own thread. Environment: DMSNAP_EVENT (``problem`` or
+    order, on one worker thread. Environment: DMSNAP_EVENT (``problem`` or
     ``recovered``), DMSNAP_POOL (when the line names one), DMSNAP_MESSAGE
     (the health line as logged)."""
 
@@ -61,35 +62,44 @@ class EventHook:
         self.argv = shlex.split(command)
         if not self.argv:
             raise ValueError("--on-event: empty command")
-        self._lock = threading.Lock()
+        # one worker draining a queue: in order ("problem" before its
+        # "recovered"), and the watcher never waits for a slow command
+        self._queue: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
 
     def __call__(self, event: str, line: str) -> None:
-        threading.Thread(
-            target=self._run, args=(event, line), name="event-hook", daemon=True
-        ).start()
+        self._queue.put((event, line))
+        with self._start_lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._drain, name="event-hook", daemon=True)
+                self._worker.start()
+
+    def _drain(self) -> None:
+        while True:
+            self._run(*self._queue.get())
 
     def _run(self, event: str, line: str) -> None:
         env = dict(os.environ, DMSNAP_EVENT=event, DMSNAP_MESSAGE=line)
         if m := _POOL.match(line):
             env["DMSNAP_POOL"] = m.group(1)
-        with self._lock:  # in order: "problem" before its "recovered"
-            try:
-                r = subprocess.run(
-                    self.argv,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=HOOK_TIMEOUT,
-                    check=False,
-                )
-            except (OSError, subprocess.TimeoutExpired) as e:
-                log.error("event hook %s: %s", self.argv[0], e)
-                return
-            if r.returncode != 0:
-                err = r.stderr.decode(errors="replace").strip().splitlines()
-                log.error(
-                    "event hook %s exited %d%s",
-                    self.argv[0],
-                    r.returncode,
-                    f": {err[-1]}" if err else "",
-                )
+        try:
+            r = subprocess.run(
+                self.argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=HOOK_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.error("event hook %s: %s", self.argv[0], e)
+            return
+        if r.returncode != 0:
+            err = r.stderr.decode(errors="replace").strip().splitlines()
+            log.error(
+                "event hook %s exited %d%s",
+                self.argv[0],
+                r.returncode,
+                f": {err[-1]}" if err else "",
+            )
