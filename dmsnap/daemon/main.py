@@ -173,6 +173,11 @@ def _run_manager(
         schedules = _start_schedules(manager, state_dir)
         if schedules is not None:
             server.services["schedules"] = schedules
+        replicas = getattr(manager, "replicas", None)
+        if replicas is not None:
+            from dmsnap.replication.service import Replication
+
+            server.services["replication"] = Replication(replicas)
         watcher = None
         if callable(getattr(manager, "health", None)):
             tick = getattr(manager, "autoextend", None)

@@ -49,6 +49,7 @@ from dmsnap.storage.inband import RequestView
 from dmsnap.storage.journals import PoolJournals, dm_path
 from dmsnap.storage.layers import ensure
 from dmsnap.storage.pending import PendingOps
+from dmsnap.storage.replica import Replicas
 from dmsnap.storage.snapshots import SnapshotCuts, WaitFor
 from dmsnap.storage.stack import BACKENDS, PoolStack, check_journal_memory, zero
 from dmsnap.storage.views import Views, link
@@ -123,6 +124,11 @@ class Manager:
             self._interrupted,
         )
         self.exports = Exports(self)
+        # replication's view of the core (dmsnap.replication uses it; the
+        # core never imports replication)
+        self.replicas = Replicas(
+            self.dm, self.catalog, self.stack, self.pending, self.journals, self.lock
+        )
 
     def interrupt_waits(self) -> None:
         """Make every request waiting for a snapshot answer now (daemon stop).
@@ -519,7 +525,7 @@ class Manager:
         with self.journals.detached(p, v):
             self.stack.check_not_open(names.dm_volume(pool, vol), f"volume {pool}/{vol}")
             for s in snaps:
-                self.snapshot_delete(pool, vol, s.name)
+                self.snapshot_delete(pool, vol, s.name, force=True)
             payload = {"volume_id": v.id, "name": vol, **backend.txn()}
 
             def kernel() -> None:
@@ -658,8 +664,10 @@ class Manager:
         self.catalog.set_snapshot_active(s.id, False)
 
     @locked_user_errors
-    def snapshot_delete(self, pool: str, vol: str, name: str) -> None:
+    def snapshot_delete(self, pool: str, vol: str, name: str, *, force: bool = False) -> None:
+        """``force``: also a snapshot a replication target holds."""
         s = self._snap(pool, vol, name)
+        self.replicas.check_deletable(s, force)
         self.exports.check_not_exported(pool, vol, name)
         p, backend = self.stack.pool(pool)
         dm_name = names.dm_snapshot(pool, vol, name)

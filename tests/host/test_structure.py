@@ -105,7 +105,7 @@ LAYERS = {
     "scsi": {"errors", "rules"},
     "storage": {"dm", "journal", "scsi", "rules", "units", "errors"},
     "schedule": {"storage", "rules", "errors"},
-    "replication": {"journal", "rules", "units", "errors"},
+    "replication": {"storage", "journal", "rules", "units", "errors"},
 }
 
 
