@@ -244,8 +244,19 @@ class Replicas:
         with self.lock:
             _, backend = self.stack.pool(pool)
             meta_lock = self._meta_locks.setdefault(pool, threading.Lock())
-        with meta_lock, backend.metadata_snapshot() as path:
-            yield path
+        with meta_lock:
+            cm = backend.metadata_snapshot()
+            try:
+                path = cm.__enter__()
+            except DmError as e:
+                raise E.Unavailable(
+                    f"pool {pool}: cannot reserve its metadata snapshot ({e}); another "
+                    "tool may hold one (`dmsetup status` shows a held root)"
+                ) from None
+            try:
+                yield path
+            finally:
+                cm.__exit__(None, None, None)
 
     # -- receiver ----------------------------------------------------------------------
 
