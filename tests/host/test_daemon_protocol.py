@@ -245,8 +245,8 @@ class FakeManager:
         self._record("snapshot_list", pool, vol)
         return []
 
-    def snapshot_delete(self, pool, vol, name):
-        self._record("snapshot_delete", pool, vol, name)
+    def snapshot_delete(self, pool, vol, name, *, force=False):
+        self._record("snapshot_delete", pool, vol, name, force=force)
 
     def snapshot_activate(self, pool, vol, name):
         self._record("snapshot_activate", pool, vol, name)
@@ -412,6 +412,11 @@ ROUND_TRIPS = [
         )
         for op in ("delete", "activate", "deactivate", "restore")
     ],
+    (
+        "snapshot.delete",
+        {"pool": "p", "vol": "v", "name": "s", "force": True},
+        ("snapshot_delete", ("p", "v", "s"), {"force": True}),
+    ),
     (
         "pool.create",
         {"name": "p3", "journal": "/dev/nvme1n1", "journal_mode": "nv"},
