@@ -139,3 +139,25 @@ def test_the_catalog_checks_the_rules_lists() -> None:
     assert choices("backend") == rules.BACKENDS
     assert choices("kind") == rules.EXPORT_KINDS
     assert choices("state") == tuple(catalog.MarkerState)
+
+
+def test_replication_reaches_the_storage_core_only_through_its_interface() -> None:
+    """dmsnap.replication uses storage.replica (Manager.replicas), nothing
+    else of the core: the Manager stays small and the core never learns
+    about streams."""
+    graph = _imports()
+    wrong = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if m.startswith("dmsnap.replication")
+        for d in deps
+        if d.startswith("dmsnap.storage") and d != "dmsnap.storage.replica"
+    )
+    assert wrong == []
+    assert not {
+        d
+        for m, deps in graph.items()
+        if m.startswith("dmsnap.storage")
+        for d in deps
+        if d.startswith("dmsnap.replication")
+    }
