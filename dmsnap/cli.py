@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from dmsnap import __version__, rules
 from dmsnap.client import Client, default_socket
@@ -58,6 +59,47 @@ initiator_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(initiator_app, name="initiator")
+
+
+class _ServeContext(typer.Context):
+    """The default command's context: its path is its group's (``dmsnap
+    export [OPTIONS] POOL/VOL[@SNAP]`` in its help and its errors)."""
+
+    @property
+    def command_path(self) -> str:
+        return self.parent.command_path if self.parent else super().command_path
+
+
+class _ServeCommand(TyperCommand):
+    context_class = _ServeContext
+
+
+class _DefaultGroup(TyperGroup):
+    """A group with a default command (``DEFAULT``): a first word that names
+    none of its commands is the default command's (``dmsnap export
+    POOL/VOL`` is ``dmsnap export serve POOL/VOL``, a reference always has a
+    '/'), and so is ``--help``; ``dmsnap export list`` is a command of its
+    own."""
+
+    DEFAULT = "serve"
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if (args or not ctx.resilient_parsing) and (not args or args[0] not in self.commands):
+            args = [self.DEFAULT, *args]  # (completing the first word: shell_complete)
+        return super().parse_args(ctx, args)
+
+    def shell_complete(self, ctx: typer.Context, incomplete: str) -> list[Any]:
+        """The first word: a command's name, or the default command's own."""
+        default = self.commands[self.DEFAULT]
+        sub = default.make_context(self.DEFAULT, [], parent=ctx, resilient_parsing=True)
+        first = next(p for p in default.params if p.param_type_name == "argument")
+        return [*super().shell_complete(ctx, incomplete), *first.shell_complete(sub, incomplete)]
+
+
+export_app = typer.Typer(
+    cls=_DefaultGroup, help="Serve a volume or snapshot over SCSI; list the exports."
+)
+app.add_typer(export_app, name="export")
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -1150,13 +1192,20 @@ def _export_list(json_out: bool) -> None:
         )
 
 
-@app.command("export")
+@export_app.command("list")
+def export_list(json_out: JsonOpt = False) -> None:
+    """The exports: what each serves, its target, who may log in and who
+    may snapshot, whether it runs."""
+    _export_list(json_out)
+
+
+@export_app.command(_DefaultGroup.DEFAULT, cls=_ServeCommand, hidden=True)
 def export(
     ref: Annotated[
         str,
         typer.Argument(
-            metavar="POOL/VOL[@SNAP] | list",
-            help="What to serve (a snapshot: read-only); 'list' lists the exports.",
+            metavar="POOL/VOL[@SNAP]",
+            help="What to serve (a snapshot: read-only).",
             autocompletion=complete_volume,
         ),
     ],
@@ -1221,12 +1270,10 @@ def export(
     in-band; --snapshot-allow IQN (iSCSI with --allow) names the ones that
     may, --no-snapshot lets none. --update changes a running export's
     --allow list and snapshot rights without dropping other sessions."""
-    if ref == "list":  # `dmsnap export list`: the one word that is not POOL/VOL[@SNAP]
-        given = (local, iscsi, iqn, portal, allow, allow_any, chap_file, chap, snapshot_allow)
-        if any(given) or no_snapshot or update:
-            raise InvalidArgument("export list takes no other option than --json")
-        _export_list(json_out)
-        return
+    if "/" not in ref:  # a mistyped command, most likely
+        raise InvalidArgument(
+            f"export: {ref!r} is not POOL/VOL[@SNAP] ('dmsnap export list' lists the exports)"
+        )
     if chap is not None:
         # argv is in ps, /proc and shell history: no secret there
         raise InvalidArgument(

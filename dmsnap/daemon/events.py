@@ -38,13 +38,20 @@ def problem_key(problem: str) -> str:
 
 class HealthWatcher:
     def __init__(
-        self, health: Callable[[], list[str]], tick: Callable[[], None] | None = None
+        self,
+        health: Callable[[], list[str]],
+        tick: Callable[[], None] | None = None,
+        on_change: Callable[[str, str], None] | None = None,
     ) -> None:
         """``health`` returns the current health problems (Manager.health,
         which takes the control lock itself); ``tick`` runs every
-        POLL_SECONDS (Manager.autoextend, likewise)."""
+        POLL_SECONDS (Manager.autoextend, likewise); ``on_change(event,
+        line)`` hears each problem that appears ("problem") or clears
+        ("recovered")."""
         self._health = health
         self._tick = tick
+        self._on_change = on_change
+        self._poked = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.known: dict[str, str] = {}  # problem_key -> text as last logged
@@ -53,6 +60,12 @@ class HealthWatcher:
         self.update(self._check())
         self._thread = threading.Thread(target=self._run, name="dm-events", daemon=True)
         self._thread.start()
+
+    def poke(self) -> None:
+        """Re-check now (within POLL_SECONDS), not at the next dm event or
+        periodic re-check: something changed that dm raises no event for
+        (a device under a pool went away)."""
+        self._poked.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -78,11 +91,12 @@ class HealthWatcher:
                 # read then still wakes the next poll instead of waiting for
                 # the periodic re-check.
                 ctl.arm_poll()
+                self._poked.clear()
                 self.update(self._check())
                 waited = 0.0
                 while not self._stop.is_set() and waited < RECHECK_SECONDS:
                     self.tick()
-                    if ctl.poll(POLL_SECONDS):
+                    if ctl.poll(POLL_SECONDS) or self._poked.is_set():
                         break
                     waited += POLL_SECONDS
 
@@ -98,9 +112,19 @@ class HealthWatcher:
         current = {problem_key(h): h for h in now}
         for key in sorted(current.keys() - self.known.keys()):
             log.warning("health: %s", current[key])
+            self._tell("problem", current[key])
         for key in sorted(self.known.keys() - current.keys()):
             log.info("health recovered: %s", self.known[key])
+            self._tell("recovered", self.known[key])
         for key in sorted(current.keys() & self.known.keys()):
             if current[key] != self.known[key]:
                 log.debug("health: %s", current[key])
         self.known = current
+
+    def _tell(self, event: str, line: str) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(event, line)
+        except Exception as e:  # never let monitoring kill the daemon
+            log.error("event hook failed: %s", e)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dmsnap import __version__
+from dmsnap.daemon.devwatch import DeviceWatcher, EventHook
 from dmsnap.daemon.events import HealthWatcher
 from dmsnap.daemon.lock import acquire_state_lock
 from dmsnap.daemon.notify import Notifier
@@ -99,6 +100,7 @@ def run_daemon(
     policy: PeerPolicy | None = None,
     install_signals: bool = True,
     on_serving: Callable[[Server], None] | None = None,
+    on_event: str | None = None,
 ) -> int:
     """Run the daemon to completion; return its exit code.
 
@@ -106,6 +108,11 @@ def run_daemon(
     parameters so the daemon's own logic can be exercised without a kernel.
     """
     state_dir = os.path.abspath(state_dir)
+    try:
+        hook = EventHook(on_event) if on_event else None
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     try:
         lock = acquire_state_lock(state_dir)
     except UserError as e:
@@ -130,7 +137,7 @@ def run_daemon(
             server.close()
             return 1
         try:
-            return _run_manager(state_dir, server, notifier, manager_factory, on_serving)
+            return _run_manager(state_dir, server, notifier, manager_factory, on_serving, hook)
         finally:
             server.close()
 
@@ -141,6 +148,7 @@ def _run_manager(
     notifier: Notifier,
     manager_factory: Callable[[str], Any] | None,
     on_serving: Callable[[Server], None] | None,
+    on_event: EventHook | None = None,
 ) -> int:
     notifier.status("assembling")
     try:
@@ -178,14 +186,22 @@ def _run_manager(
             from dmsnap.replication.service import Replication
 
             server.services["replication"] = Replication(replicas)
-        watcher = None
+        watcher = devwatch = None
         if callable(getattr(manager, "health", None)):
             tick = getattr(manager, "autoextend", None)
-            watcher = HealthWatcher(manager.health, tick if callable(tick) else None)
+            watcher = HealthWatcher(manager.health, tick if callable(tick) else None, on_event)
             watcher.start()
+            devwatch = DeviceWatcher(watcher.poke)
+            try:
+                devwatch.start()
+            except Exception as e:  # no udev: dm events and re-checks still run
+                log.warning("device events unavailable: %s", e)
+                devwatch = None
         try:
             teardown = server.serve(manager)
         finally:
+            if devwatch is not None:
+                devwatch.stop()
             if schedules is not None:
                 schedules.stop()  # before the manager closes: no run may start after
             if watcher is not None:
@@ -280,6 +296,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "the kernel's SCSI fabric threads win a short CPU (0: same; "
         "env DMSNAP_WORKER_NICE; default %(default)s)",
     )
+    p.add_argument(
+        "--on-event",
+        default=os.environ.get("DMSNAP_ON_EVENT") or None,
+        metavar="COMMAND",
+        help="run COMMAND (split as a shell would, not run by one) for every health "
+        "problem that appears or clears: a device under a pool gone, a pool or journal "
+        "full or failing, a snapshot invalidated; environment DMSNAP_EVENT "
+        "(problem|recovered), DMSNAP_POOL, DMSNAP_MESSAGE (env DMSNAP_ON_EVENT)",
+    )
     p.add_argument("--version", action="version", version=f"dmsnapd {__version__}")
     return p.parse_args(argv)
 
@@ -292,7 +317,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(var, None)
     factory = functools.partial(_real_manager, worker_nice=args.worker_nice)
-    sys.exit(run_daemon(args.state_dir, args.socket, notifier=notifier, manager_factory=factory))
+    sys.exit(
+        run_daemon(
+            args.state_dir,
+            args.socket,
+            notifier=notifier,
+            manager_factory=factory,
+            on_event=args.on_event,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -44,6 +44,13 @@ def devno(rdev: int) -> str:
     return f"{os.major(rdev)}:{os.minor(rdev)}"
 
 
+def present(devno_: str) -> bool:
+    """Whether the block device MAJ:MIN is still there: the kernel removes
+    its /sys/dev/block entry when the disk goes (unplugged, deleted, its
+    path lost), even while a dm table or a descriptor still refers to it."""
+    return os.path.exists(f"/sys/dev/block/{devno_}")
+
+
 def open_exclusive(path: str, what: str, flags: int = os.O_RDWR) -> int:
     """An ``O_EXCL`` descriptor on the block device ``path``; a clear
     :class:`dmsnap.errors.Busy` when something else holds it."""
@@ -93,6 +100,11 @@ class Holds:
 
     def __contains__(self, key: object) -> bool:
         return key in self._fds
+
+    def rdev(self, key: object) -> int | None:
+        """The device number of what ``key`` holds (None: nothing held)."""
+        fd = self._fds.get(key)
+        return None if fd is None else os.fstat(fd).st_rdev
 
 
 def check_private_dir(path: str) -> None:

@@ -33,14 +33,28 @@ from dmsnap.storage.volume_io import VolumeIO
 log = logging.getLogger("dmsnap.storage")
 
 
-# fullmatch: ``$`` would let a trailing newline through
-_IQN_RE = re.compile(r"iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?")
+# RFC 3720/3722 as LIO (rtslib-fb) takes them: a reversed domain of two
+# labels or more, lower case, no underscore; anything laxer reached rtslib
+# and failed inside export.create. fullmatch: ``$`` would let "\n" through.
+_IQN_RE = re.compile(r"iqn\.[0-9]{4}-(0[1-9]|1[0-2])\.[a-z0-9-]+(\.[a-z0-9-]+)+(:[a-z0-9.:-]+)?")
 
 
 def _check_iqn(iqn: str) -> str:
     if not _IQN_RE.fullmatch(iqn) or len(iqn) > 223:
-        raise E.InvalidArgument(f"{iqn!r} is not an iSCSI name (iqn.YYYY-MM.domain[:name])")
+        raise E.InvalidArgument(
+            f"{iqn!r} is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:name],"
+            " lower case, no underscore)"
+        )
     return iqn
+
+
+def default_iqn(pool: str, vol: str, snap: str | None) -> str:
+    """The target name of an export made without ``--iqn``. Storage names may
+    hold capitals and underscores, iSCSI names may not: lower-cased, with
+    ``_`` as ``-`` (names differing only so share a default IQN; ``--iqn``
+    tells them apart)."""
+    tail = ".".join(n for n in (pool, vol, snap) if n is not None)
+    return "iqn.2026-11.org.dmsnap:" + tail.lower().replace("_", "-")
 
 
 def snapshot_rights(
@@ -318,9 +332,7 @@ class Exports:
             raise E.Unavailable(f"cannot export: {why}")
         config: Json = {}
         if kind == "iscsi":
-            config["iqn"] = _check_iqn(
-                iqn or f"iqn.2026-11.org.dmsnap:{pool}.{vol}" + (f".{snap}" if snap else "")
-            )
+            config["iqn"] = _check_iqn(iqn or default_iqn(pool, vol, snap))
             config["portal"] = _check_portal(portal or "0.0.0.0:3260")
             config["allow"] = [_check_iqn(a) for a in (allow or [])]
             if len(set(config["allow"])) != len(config["allow"]):

@@ -110,6 +110,12 @@ class PoolDisks:
                 pool.name,
             )
 
+    def held_journal(self, pool: Pool) -> str | None:
+        """MAJ:MIN of the journal device held for ``pool`` (None: a file, or
+        not running)."""
+        rdev = self.holds.rdev(("journal", pool.id))
+        return None if rdev is None else devices.devno(rdev)
+
     def hold_journal(self, pool: Pool, path: str) -> str:
         """Hold the journal device O_EXCL and check its label through that
         descriptor; the journal then opens that very device (by descriptor)."""

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from dmsnap.storage._loopffi import ffi, lib
+from dmsnap.units import Bytes
 
 LOOP_CONTROL = "/dev/loop-control"
 
@@ -37,7 +38,7 @@ class LoopDevice:
     @property
     def size(self) -> int:
         with open(f"/sys/block/loop{self.number}/size") as f:
-            return int(f.read()) * 512
+            return Bytes.of(int(f.read()))  # sysfs counts 512-byte sectors
 
 
 def _ioctl(fd: int, req: int, arg: object, what: str) -> int:

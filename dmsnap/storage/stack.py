@@ -19,6 +19,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ from dmsnap.storage.classic import ClassicBackend
 from dmsnap.storage.identity import PoolDisks
 from dmsnap.storage.layers import Layer, ensure
 from dmsnap.storage.thin import ThinBackend
-from dmsnap.units import Sectors
+from dmsnap.units import Bytes, Sectors
 
 log = logging.getLogger("dmsnap.storage")
 
@@ -119,6 +120,9 @@ class PoolStack:
     ) -> None:
         self.dm, self.catalog, self.disks, self.state_dir = dm, catalog, disks, state_dir
         self.backends: dict[int, Backend] = {}  # pool id -> its active backend
+        # pool id -> role -> (MAJ:MIN, path) of the data and cache devices
+        # its layers were built on (health: is each still there?)
+        self.under: dict[int, dict[str, tuple[str, str]]] = {}
 
     def _recorded(self, name: str) -> bool:
         try:
@@ -237,6 +241,7 @@ class PoolStack:
 
     def base(self, pool: Pool) -> Base:
         data, cache = self.devices(pool)
+        self.under[pool.id] = {"data": data} | ({"cache": cache} if cache else {})
         if cache is None:
             return Base(data[0], Sectors.of(pool.size), data[1])
         layer = self._wc_layer(pool, data[0], cache[0])
@@ -305,6 +310,21 @@ class PoolStack:
         self.teardown_devices(self.pool_devices(pool.name, pool.uuid[:8]))
         self.detach_loops(pool.name)
         self.backends.pop(pool.id, None)
+        self.under.pop(pool.id, None)
+
+    def gone(self, pool: Pool) -> list[str]:
+        """One line per device under the assembled pool that is no longer
+        there (its I/O fails until the device is back): data, cache,
+        journal."""
+        under = dict(self.under.get(pool.id, {}))
+        if (j := self.disks.held_journal(pool)) is not None:
+            under["journal"] = (j, pool.config.get("journal", {}).get("path", j))
+        return [
+            f"{role} device {path} ({devno}) is gone: the pool is degraded, "
+            "its I/O fails until the device is back"
+            for role, (devno, path) in sorted(under.items())
+            if not devices.present(devno)
+        ]
 
     def open_count(self, dm_name: str, grace: float = 2.0) -> int:
         """Open count, allowing ``grace`` seconds for transient openers: udev
@@ -320,6 +340,12 @@ class PoolStack:
             if count == 0 or time.monotonic() >= deadline:
                 return count
             time.sleep(0.05)
+
+    def remove(self, dm_name: str) -> None:
+        """The device gone, whether it was there or not."""
+        with contextlib.suppress(DmError):
+            if self.dm.exists(dm_name):
+                self.dm.remove(dm_name)
 
     def check_not_open(self, dm_name: str, what: str) -> None:
         count = self.open_count(dm_name)
@@ -384,7 +410,7 @@ class PoolStack:
         unallocated = 0
         for f in files:
             s = os.stat(f)
-            unallocated += max(0, s.st_size - s.st_blocks * 512)
+            unallocated += max(0, s.st_size - Bytes.of(s.st_blocks))  # st_blocks: 512 B units
         return {"path": self.pool_dir(pool.name), "free": du.free, "unallocated": unallocated}
 
     # -- a new pool ----------------------------------------------------------------------
@@ -554,6 +580,37 @@ class PoolStack:
             raise
         return path
 
+    @contextlib.contextmanager
+    def creating(self, new: NewPool) -> Iterator[Pool]:
+        """Make the pool ``new`` plans: its files, then its catalog row with
+        its labels and layers in one transaction (a crash leaves the pending
+        record, and the row commits only with the kernel work). What the
+        body does with the new pool (start its journal) is part of the
+        creation: if anything fails, everything is undone."""
+        pending_id = self.catalog.begin_pending(None, "pool.create", {"name": new.name})
+        try:
+            self.create_files(new)
+            with self.catalog.tx():
+                pool = self.catalog.add_pool(
+                    new.name,
+                    new.backend,
+                    data_dev=new.data,
+                    cache_dev=new.cache,
+                    size=new.data_bytes,
+                    cache_size=new.cache_bytes,
+                    config=new.layout,
+                )
+                b = self.build(pool, new)
+                self.catalog.end_pending(pending_id)
+            self.backends[pool.id] = b
+            yield pool
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.undo_create(new.name)
+            with contextlib.suppress(Exception):
+                self.catalog.end_pending(pending_id)
+            raise
+
     def undo_create(self, name: str) -> None:
         """Remove what a pool creation that never committed left behind."""
         if self._recorded(name):
@@ -561,3 +618,30 @@ class PoolStack:
         self.teardown_devices(self.pool_devices(name))
         self.detach_loops(name)
         shutil.rmtree(self.pool_dir(name), ignore_errors=True)
+
+    def check_unused(self, pool: Pool, held: set[str]) -> list[str]:
+        """The pool's dm devices, refused if anything but the pool itself
+        (its internal layers, ``held``: what the journal holds) has one open."""
+        devs = self.pool_devices(pool.name, pool.uuid[:8])
+        for d in devs:
+            if d.startswith(names.dm_internal(pool.name, "")) or d in held:
+                continue
+            if self.open_count(d):
+                raise E.Busy(f"/dev/mapper/{d} is in use; unmount or stop using it first")
+        return devs
+
+    def destroy(self, pool: Pool, devs: list[str]) -> None:
+        """The pool gone: its devices (``check_unused``'s), its disks' labels
+        (or an NV journal's superblock: never mistaken for a live journal
+        later), its loop files, its catalog rows, its directory."""
+        self.teardown_devices(devs)
+        jcfg = pool.config.get("journal", {})
+        if "labels" in pool.config:
+            self.disks.wipe(self.catalog.pool_by_id(pool.id))
+        elif jcfg.get("mode") == "nv" and not jcfg.get("embedded"):
+            with contextlib.suppress(OSError):
+                zero(jcfg["path"], 2 * 4096)
+        self.backends.pop(pool.id, None)
+        self.detach_loops(pool.name)
+        self.catalog.remove_pool(pool.id)
+        shutil.rmtree(self.pool_dir(pool.name), ignore_errors=True)

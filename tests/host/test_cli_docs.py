@@ -40,8 +40,6 @@ def documented() -> dict[tuple[str, ...], set[str]]:
                     path.append(w)
                 else:
                     break
-            if path == ["export", "list"]:  # a word in export's POOL/VOL place
-                path = ["export"]
             paths = [tuple([*path, a] if a else path) for a in alternatives]
             current = paths[0]
             for p in paths:
@@ -59,8 +57,9 @@ def implemented() -> dict[tuple[str, ...], list[set[str]]]:
 
     def walk(cmd: Any, path: tuple[str, ...]) -> None:
         if hasattr(cmd, "commands"):  # a group (typer vendors click)
+            default = getattr(cmd, "DEFAULT", None)  # reached by the group's own name
             for name, sub in cmd.commands.items():
-                walk(sub, (*path, name))
+                walk(sub, path if name == default else (*path, name))
             return
         out[path] = [
             {*p.opts, *p.secondary_opts}

@@ -173,3 +173,34 @@ def test_inband_create_of_a_name_too_long_for_the_kernel_is_a_sense_not_good(
     sense = r.decoded_sense()
     assert sense is not None and sense.field == FieldPointer(SC.OFF_NAME, 7, cdb=False)
     assert manager.catalog.markers(manager.catalog.pool(POOL).id) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "iqn.2026-12.test:client",  # one-label naming authority: LIO refuses it
+        "iqn.2026-12.org.example:host_1",  # RFC 3722: no underscore
+        "iqn.2026-12.org.example:Host",  # iSCSI names are lower case
+        "iqn.2026-13.org.example:a",  # no 13th month
+    ],
+)
+def test_iscsi_names_lio_would_refuse_are_refused_in_one_line(bad: str) -> None:
+    # before: accepted here, then rtslib-fb refused it inside export.create
+    # and the user saw "internal error in export.create: RTSLibError"
+    with pytest.raises(E.InvalidArgument, match="not an iSCSI name"):
+        exports._check_iqn(bad)
+
+
+def test_iscsi_names_lio_accepts_pass() -> None:
+    from rtslib_fb.utils import normalize_wwn
+
+    for good in [IQN, "iqn.1994-05.com.redhat:3f1a2b", "iqn.2026-11.org.dmsnap:p.v.s1"]:
+        assert exports._check_iqn(good) == good
+        assert normalize_wwn(["iqn"], good) == (good, "iqn")
+
+
+def test_default_iqn_of_any_storage_name_is_an_iscsi_name() -> None:
+    # pool and volume names may hold capitals and underscores
+    iqn = exports.default_iqn("Tank_1", "db.Main", "before_upgrade")
+    assert iqn == "iqn.2026-11.org.dmsnap:tank-1.db.main.before-upgrade"
+    assert exports._check_iqn(iqn) == iqn

@@ -38,10 +38,11 @@ class Daemon:
         self.sock = str(tmp / "dmsnapd.sock")
         self.log = tmp / "dmsnapd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []  # more dmsnapd arguments
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [DMSNAPD, "--state-dir", str(self.state), "--socket", self.sock],
+            [DMSNAPD, "--state-dir", str(self.state), "--socket", self.sock, *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=open(self.log, "ab"),  # noqa: SIM115 - owned by the process
         )
