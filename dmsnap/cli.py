@@ -32,6 +32,7 @@ from dmsnap.client import Client, default_socket
 from dmsnap.daemon.protocol import DEFAULT_SOCKET, to_jsonable
 from dmsnap.errors import InvalidArgument, UserError
 from dmsnap.errors import NotFound as E_NotFound
+from dmsnap.replication import cli as replication_cli
 from dmsnap.schedule import cli as schedule_cli
 from dmsnap.sizes import format_size, parse_size
 from dmsnap.storage.names import BadName, check_name, parse_ref
@@ -190,6 +191,13 @@ def _call(op: str, **args: Any) -> Any:
     """One request to dmsnapd (connecting only now: after every local check)."""
     with Client(_session.socket_path) as c:
         return c.call(op, **args)
+
+
+def _call_fds(op: str, fds: list[int], **args: Any) -> Any:
+    """A request that passes file descriptors to dmsnapd (a stream's stdin
+    or stdout: replication.send/receive)."""
+    with Client(_session.socket_path) as c:
+        return c.call(op, fds=fds, **args)
 
 
 def _confirm(question: str, yes: bool, refusal: str) -> None:
@@ -1105,10 +1113,20 @@ def _snap(ref: str) -> tuple[str, str, str]:
 
 
 @snapshot_app.command("delete")
-def snapshot_delete(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
+def snapshot_delete(
+    ref: SnapshotArg,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Also a snapshot a replication target holds (its next sync is then a full one).",
+        ),
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
     """Delete a snapshot."""
     pool, vol, snap = _snap(ref)
-    _call("snapshot.delete", pool=pool, vol=vol, name=snap)
+    _call("snapshot.delete", pool=pool, vol=vol, name=snap, force=force or None)
     _done(json_out, _snap_json("deleted", pool, vol, snap), f"deleted snapshot {ref}")
 
 
@@ -1838,6 +1856,8 @@ def main() -> None:
 # `dmsnap schedule` lives in its own package (dmsnap.schedule); it is built
 # on the helpers above, handed over rather than imported back.
 app.add_typer(schedule_cli.build(sys.modules[__name__]), name="schedule")
+# `dmsnap send`, `receive` and `replication` likewise (dmsnap.replication).
+replication_cli.register(app, sys.modules[__name__])
 
 
 def _reflow(doc: str) -> str:

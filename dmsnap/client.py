@@ -96,13 +96,20 @@ class Client:
         self._rfile = s.makefile("rb")
         return s
 
-    def call(self, op: str, **args: Any) -> Any:
-        """Send one request and return its result, or raise its error."""
+    def call(self, op: str, *, fds: list[int] | None = None, **args: Any) -> Any:
+        """Send one request and return its result, or raise its error.
+        ``fds``: file descriptors passed with it (SCM_RIGHTS), for the ops
+        that read or write a stream there (replication.send/receive)."""
         req_id = next(self._ids)
         args = {k: v for k, v in args.items() if v is not None}
         sock = self._connect()
         try:
-            sock.sendall(proto.request(req_id, op, args))
+            data = proto.request(req_id, op, args)
+            if fds:
+                # the descriptors ride with the first byte; the rest follows
+                n = socket.send_fds(sock, [data], fds)
+                data = data[n:]
+            sock.sendall(data)
             line = self._rfile.readline(proto.MAX_RESPONSE + 1)
         except TimeoutError:
             self.close()

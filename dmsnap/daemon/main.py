@@ -318,6 +318,11 @@ def _run_manager(
             server.services["schedules"] = schedules
         if exporter is not None and callable(getattr(manager, "status", None)):
             exporter.attach(manager, schedules)
+        replicas = getattr(manager, "replicas", None)
+        if replicas is not None:
+            from dmsnap.replication.service import Replication
+
+            server.services["replication"] = Replication(replicas)
         watcher = devwatch = None
         if callable(getattr(manager, "health", None)):
             tick = getattr(manager, "autoextend", None)

@@ -267,6 +267,9 @@ class Op:
     # who answers: the Manager, or a capability of its own package the
     # server was given (Server.services: "schedules" -> dmsnap.schedule)
     service: str = "manager"
+    # takes one file descriptor passed with the request (SCM_RIGHTS), as its
+    # ``fd`` keyword: a stream read or written there, never on the socket
+    fd: bool = False
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -282,6 +285,7 @@ def _op(
     ro: bool = False,
     data: bool = False,
     service: str = "manager",
+    fd: bool = False,
 ) -> Op:
     return Op(
         method,
@@ -290,10 +294,12 @@ def _op(
         frozenset(req.split()),
         mutating=not ro and not data,
         service=service,
+        fd=fd,
     )
 
 
 _SCHED = "schedules"  # dmsnap.schedule.runner.Scheduler
+_REPL = "replication"  # dmsnap.replication.service.Replication
 
 
 OPS: dict[str, Op] = {
@@ -321,7 +327,7 @@ OPS: dict[str, Op] = {
     ),
     "snapshot.request": _op("snapshot_request", "pool", "marker token", "pool", ro=True),
     "snapshot.list": _op("snapshot_list", "pool vol", ro=True),
-    "snapshot.delete": _op("snapshot_delete", "pool vol name", req="pool vol name"),
+    "snapshot.delete": _op("snapshot_delete", "pool vol name", "force", "pool vol name"),
     "snapshot.activate": _op("snapshot_activate", "pool vol name", req="pool vol name"),
     "snapshot.deactivate": _op("snapshot_deactivate", "pool vol name", req="pool vol name"),
     "snapshot.restore": _op("snapshot_restore", "pool vol name", req="pool vol name"),
@@ -356,6 +362,17 @@ OPS: dict[str, Op] = {
     "schedule.pause": _op("pause", "name", req="name", service=_SCHED),
     "schedule.resume": _op("resume", "name", req="name", service=_SCHED),
     "schedule.delete": _op("delete", "name", req="name", service=_SCHED),
+    "replication.send": _op(
+        "send", "pool vol snap", "base resume", "pool vol snap", service=_REPL, fd=True
+    ),
+    "replication.receive": _op("receive", "pool vol", "force", "pool vol", service=_REPL, fd=True),
+    "replication.state": _op("state", "pool vol", req="pool vol", ro=True, service=_REPL),
+    "replication.abort": _op("abort", "pool vol", req="pool vol", service=_REPL),
+    "replication.hold": _op(
+        "hold", "pool vol snap target", req="pool vol snap target", service=_REPL
+    ),
+    "replication.release": _op("release", "pool vol target", req="pool vol target", service=_REPL),
+    "replication.holds": _op("holds", "pool vol", req="pool vol", ro=True, service=_REPL),
     "daemon.ping": _op(None, ro=True),
     "daemon.stop": _op(None, kw="teardown"),
 }
@@ -409,6 +426,9 @@ _CHECKS: dict[str, Check] = {
     "keep_yearly": _count,
     "keep": _count,
     "min_free": _min_free,
+    "base": _name("snapshot"),
+    "resume": _text,
+    "target": _token,
 }
 
 
@@ -442,8 +462,9 @@ def check_args(op_name: str, args: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def call_manager(manager: Any, op_name: str, args: Mapping[str, Any]) -> Any:
-    """Call the Manager method behind ``op_name`` with checked ``args``."""
+def call_manager(manager: Any, op_name: str, args: Mapping[str, Any], fd: int | None = None) -> Any:
+    """Call the Manager method behind ``op_name`` with checked ``args`` (and,
+    for an op that takes one, the file descriptor passed with the request)."""
     op = OPS[op_name]
     assert op.method is not None, op_name
     pos = [args.get(a) for a in op.positional]
@@ -452,6 +473,12 @@ def call_manager(manager: Any, op_name: str, args: Mapping[str, Any]) -> Any:
     while pos and pos[-1] is None and op.positional[len(pos) - 1] not in op.required:
         pos.pop()
     kw = {a: args[a] for a in op.keyword if a in args}
+    if op.fd:
+        if fd is None:
+            raise InvalidArgument(
+                f"{op_name} needs a file descriptor passed with the request (SCM_RIGHTS)"
+            )
+        kw["fd"] = fd
     result = getattr(manager, op.method)(*pos, **kw)
     if isinstance(result, bytes):  # volume.read
         return {"content": base64.b64encode(result).decode("ascii"), "length": len(result)}

@@ -13,6 +13,7 @@ again, so a socket path or mode changed by mistake does not open the stack.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import grp
@@ -54,6 +55,9 @@ EVICT_IDLE_AFTER = 10.0
 DRAIN_TIMEOUT = 60.0
 # The serve loop wakes at least this often, to refresh the watchdog heartbeat.
 TICK = 1.0
+# File descriptors a request may carry (SCM_RIGHTS): a stream's stdin or
+# stdout for replication.send/receive. More are closed unread.
+MAX_FDS = 4
 
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
@@ -125,6 +129,8 @@ class _Conn:
     # monotonic time since when it waits for a request with nothing read (None:
     # reading or serving one); under the server's lock
     idle_since: float | None = None
+    # file descriptors passed (SCM_RIGHTS) with the request being read
+    fds: list[int] = field(default_factory=list)
 
     def who(self) -> str:
         return f"pid {self.pid} uid {self.uid}"
@@ -431,9 +437,11 @@ class Server:
                 )
                 return False
             self._inflight += 1
+        fds, conn.fds = conn.fds, []
         try:
-            return self._send(conn, self.handle_line(line, conn.who()))
+            return self._send(conn, self.handle_line(line, conn.who(), fds))
         finally:
+            _close_fds(fds)  # the daemon's copies: the client keeps its own
             with self._cond:
                 self._inflight -= 1
                 self._cond.notify_all()
@@ -458,7 +466,7 @@ class Server:
             if deadline is not None and deadline <= now:
                 raise TimeoutError
             conn.sock.settimeout(None if deadline is None else deadline - now)
-            data = conn.sock.recv(1 << 16)
+            data = self._recv(conn)
             with self._cond:
                 conn.idle_since = None
             if not data:
@@ -466,6 +474,22 @@ class Server:
                 buf.clear()
                 return line
             buf += data
+
+    @staticmethod
+    def _recv(conn: _Conn) -> bytes:
+        """Bytes of the request stream, and any file descriptors sent with
+        them (kept for the request they came with, closed if unused)."""
+        data, anc, flags, _ = conn.sock.recvmsg(
+            1 << 16, socket.CMSG_SPACE(MAX_FDS * _FD.itemsize), socket.MSG_CMSG_CLOEXEC
+        )
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(cdata[: len(cdata) - len(cdata) % got.itemsize])
+                conn.fds.extend(got)
+        if flags & socket.MSG_CTRUNC:
+            log.warning("%s: more than %d file descriptors passed; dropped", conn.who(), MAX_FDS)
+        return data
 
     def _send(self, conn: _Conn, data: bytes) -> bool:
         try:
@@ -478,15 +502,16 @@ class Server:
 
     # ------------------------------------------------------------- requests
 
-    def handle_line(self, line: bytes, who: str = "local") -> bytes:
-        """One request line in, one response line out; never raises."""
+    def handle_line(self, line: bytes, who: str = "local", fds: list[int] | None = None) -> bytes:
+        """One request line in (with the file descriptors passed with it),
+        one response line out; never raises."""
         t0 = time.monotonic()
         req_id: Any = None
         op = "?"
         try:
             req = proto.parse_request(line)
             req_id, op = req.id, req.op
-            result = self._dispatch(req)
+            result = self._dispatch(req, fds or [])
             out = proto.ok(req_id, result)
         except proto.ProtocolError as e:
             req_id = e.req_id
@@ -516,7 +541,7 @@ class Server:
         )
         return out
 
-    def _dispatch(self, req: proto.Request) -> Any:
+    def _dispatch(self, req: proto.Request, fds: list[int] | None = None) -> Any:
         if req.op == "daemon.ping":
             return {
                 "version": __version__,
@@ -538,10 +563,26 @@ class Server:
         target = self.manager if spec.service == "manager" else self.services.get(spec.service)
         if target is None:
             raise Unavailable(f"{req.op}: this dmsnapd runs no {spec.service}")
-        result = proto.call_manager(target, req.op, req.args)
+        fd = None
+        if spec.fd:
+            if len(fds or []) != 1:
+                raise InvalidArgument(
+                    f"{req.op} needs one file descriptor passed with the request (SCM_RIGHTS)"
+                )
+            fd = (fds or [])[0]
+        result = proto.call_manager(target, req.op, req.args, fd)
         if req.op in ("pool.create", "pool.destroy"):
             self.notifier.status(serving_status(self.manager))
         return result
+
+
+_FD = array.array("i")
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def serving_status(manager: Any) -> str:

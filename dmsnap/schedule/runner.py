@@ -103,7 +103,8 @@ def _iso(t: float | None) -> str | None:
 
 def cuts(snaps: list[Json], owned: set[int]) -> dict[int, tuple[retention.Cut, list[Json]]]:
     """The pool's snapshot groups as retention sees them, with their members.
-    A group is held while any member is activated (in use)."""
+    A group is held while any member is activated (in use) or held by a
+    replication target (the base of its next incremental)."""
     groups: dict[int, list[Json]] = defaultdict(list)
     for s in snaps:
         groups[int(s["group"])].append(s)
@@ -113,7 +114,7 @@ def cuts(snaps: list[Json], owned: set[int]) -> dict[int, tuple[retention.Cut, l
                 gid,
                 min(float(m["created"]) for m in members),
                 owned=gid in owned,
-                held=any(m.get("active") for m in members),
+                held=any(m.get("active") or m.get("holds") for m in members),
             ),
             members,
         )

@@ -8,7 +8,8 @@ down), ``pending`` (every kernel change recorded, rolled forward or back),
 set``, COW autoextend), ``snapshots`` (request, cut, wait), ``views`` (JSON
 answers), ``volume_io`` (a journaled volume's data path); ``exports`` and
 ``inband`` reach the core through a narrow interface and its public
-methods. ``backend`` is the
+methods; ``replica`` is replication's side of the core
+(``Manager.replicas``). ``backend`` is the
 snapshot-backend interface (``thin``, ``classic``); ``catalog`` the SQLite
 catalog; ``names``, ``label``, ``identity``, ``devices``, ``loop``,
 ``layers`` the naming and device helpers. May import ``dm``, ``journal``,

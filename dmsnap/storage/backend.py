@@ -71,6 +71,11 @@ class Backend(ABC):
     # snapshot is consumed, and recovery resumes the merge), rather than
     # switching the volume to a clone of it
     restores_in_place = False
+    # replication (docs/replication.md): the blocks that differ between two
+    # snapshots can be read from the kernel's metadata (else a send is a full
+    # stream); and the pool can take a stream (a staging device per receive)
+    incremental_send = False
+    receives_streams = False
 
     def __init__(self, dm: DeviceMapper, catalog: Catalog, pool: Pool, base: Base) -> None:
         self.dm = dm
@@ -262,6 +267,41 @@ class Backend(ABC):
         """Called once a pool's volumes and snapshots are all loaded (after
         a reboot or a daemon start); for fix-ups a target needs."""
         return None
+
+    # -- replication (called by dmsnap.storage.replica) --------------------------
+
+    @contextlib.contextmanager
+    def metadata_snapshot(self) -> Iterator[str]:
+        """The path of a metadata device holding a frozen copy of the pool's
+        mappings (read with ``thin_delta -m``), released afterwards whatever
+        happens. Only for a backend with ``incremental_send``."""
+        raise InvalidArgument(
+            f"pool {self.pool.name} is {self.kind}: its snapshots are sent as full streams"
+        )
+        yield ""  # pragma: no cover
+
+    def plan_stage(self) -> dict[str, Any]:
+        """Catalog fields of a new staging device (a receive's)."""
+        raise InvalidArgument(
+            f"pool {self.pool.name} is {self.kind}: only thin pools receive replication streams"
+        )
+
+    def create_stage(self, plan: dict[str, Any], base: Snapshot | None) -> None:
+        """A writable device sharing ``base``'s blocks (None: reading zeros)."""
+        raise NotImplementedError
+
+    def clone_device(self, plan: dict[str, Any], dev_id: int) -> None:
+        """A new device (``plan``'s) sharing every block of ``dev_id``, whose
+        own dm device is not loaded."""
+        raise NotImplementedError
+
+    def stage_layer(self, name: str, uuid: str, dev_id: int, size: int) -> Layer:
+        """The writable dm device of a staging device."""
+        raise NotImplementedError
+
+    def delete_devices(self, dev_ids: list[int]) -> None:
+        """Drop staging or replaced devices (gone already is fine)."""
+        raise NotImplementedError
 
     def snapshot_state(self, snap: Snapshot) -> str:
         """ "valid", or why the snapshot's content cannot be trusted

@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 from dmsnap.units import Bytes
 
-SCHEMA_VERSION = 6  # 2: markers, 3: exports, 4: exports.snapshot_allow, 5: AUTOINCREMENT,
-# 6: schedules, schedule_snapshots
+SCHEMA_VERSION = 7  # 2: markers, 3: exports, 4: exports.snapshot_allow, 5: AUTOINCREMENT,
+# 6: schedules, schedule_snapshots, 7: volumes.uuid, snapshots.uuid, receives, holds
 
 # Ids are never handed out twice (AUTOINCREMENT: SQLite keeps the largest id
 # ever used in sqlite_sequence). The journal keys records by volume id and a
@@ -43,6 +43,7 @@ _NEVER_REUSED = (
     "exports",
     "pending",
     "schedules",
+    "receives",
 )
 
 # Statements are split on ';', so comments in here must not contain one.
@@ -71,6 +72,7 @@ CREATE TABLE IF NOT EXISTS volumes (
     dev_id INTEGER,           -- thin device id (thin backend)
     extent_start INTEGER,     -- sectors on the pool data device (classic backend)
     created REAL NOT NULL,
+    uuid TEXT,                -- 32 hex digits, a replica keeps its source volume's
     UNIQUE (pool_id, name)
 );
 CREATE TABLE IF NOT EXISTS snap_groups (
@@ -92,6 +94,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     cow_size INTEGER,         -- classic: bytes
     active INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
+    uuid TEXT,                -- 32 hex digits, a received snapshot keeps its source's
     UNIQUE (volume_id, name)
 );
 CREATE INDEX IF NOT EXISTS snapshots_group ON snapshots (group_id);
@@ -170,6 +173,34 @@ CREATE TABLE IF NOT EXISTS schedule_snapshots (
     created REAL NOT NULL,
     PRIMARY KEY (schedule_id, group_id)
 );
+-- Replication (dmsnap/replication, docs/replication.md). A stream being
+-- received: its data goes into the thin device dev_id (a snapshot of the
+-- base, or a new thin device for a full stream), which is no snapshot of
+-- the catalog's until the stream is complete and checked. cursor: every
+-- byte below it is applied and synced (where a resumed stream starts).
+CREATE TABLE IF NOT EXISTS receives (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    pool_id INTEGER NOT NULL REFERENCES pools (id) ON DELETE CASCADE,
+    volume TEXT NOT NULL,     -- the volume's name (a full stream creates it at the end)
+    volume_uuid TEXT NOT NULL,
+    base_uuid TEXT,           -- NULL: a full stream
+    target_uuid TEXT NOT NULL,
+    target_name TEXT NOT NULL,
+    size INTEGER NOT NULL,    -- bytes of the volume
+    dev_id INTEGER NOT NULL,  -- the staging thin device
+    cursor INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    UNIQUE (pool_id, volume)
+);
+-- The source keeps the last snapshot each target received completely (one
+-- per target and volume): delete and retention refuse it unless forced.
+CREATE TABLE IF NOT EXISTS holds (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots (id) ON DELETE CASCADE,
+    target TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (snapshot_id, target)
+);
 CREATE TABLE IF NOT EXISTS pending (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     pool_id INTEGER,
@@ -219,6 +250,7 @@ class Volume:
     dev_id: int | None
     extent_start: int | None
     created: float
+    uuid: str = ""
 
 
 @dataclass(frozen=True)
@@ -235,6 +267,7 @@ class Snapshot:
     active: bool
     created: float
     labels: dict[str, str] = field(default_factory=dict)
+    uuid: str = ""
 
 
 class MarkerState(enum.StrEnum):
@@ -282,6 +315,24 @@ class Export:
 
 
 @dataclass(frozen=True)
+class Receive:
+    """A replication stream being received (table ``receives``)."""
+
+    id: int
+    pool_id: int
+    volume: str
+    volume_uuid: str
+    base_uuid: str | None
+    target_uuid: str
+    target_name: str
+    size: int
+    dev_id: int
+    cursor: int
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
 class Pending:
     id: int
     pool_id: int | None
@@ -322,9 +373,20 @@ class Catalog:
                 # 4 the exports' snapshot_allow column (NULL: every initiator, as
                 # before), 5 AUTOINCREMENT ids (_rebuild_for_autoincrement), 6 the
                 # schedules and schedule_snapshots tables (created above, empty).
+                # 7 the uuid columns of volumes and snapshots (each existing
+                # row gets a new random one) and the receives and holds tables.
                 cols = {r[1] for r in self.db.execute("PRAGMA table_info(exports)")}
                 if "snapshot_allow" not in cols:
                     self.db.execute("ALTER TABLE exports ADD COLUMN snapshot_allow TEXT")
+                for table in ("volumes", "snapshots"):
+                    if "uuid" not in _columns(self.db, table):
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN uuid TEXT")
+                    for (rid,) in self.db.execute(
+                        f"SELECT id FROM {table} WHERE uuid IS NULL"
+                    ).fetchall():
+                        self.db.execute(
+                            f"UPDATE {table} SET uuid=? WHERE id=?", (uuidlib.uuid4().hex, rid)
+                        )
                 self.db.execute(
                     "UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),)
                 )
@@ -466,6 +528,7 @@ class Catalog:
         *,
         dev_id: int | None = None,
         extent_start: int | None = None,
+        uuid: str | None = None,
     ) -> Volume:
         with self.tx() as db:
             if db.execute(
@@ -473,9 +536,9 @@ class Catalog:
             ).fetchone():
                 raise Exists(f"volume {pool.name}/{name} already exists")
             db.execute(
-                "INSERT INTO volumes (pool_id, name, size, dev_id, extent_start, created)"
-                " VALUES (?,?,?,?,?,?)",
-                (pool.id, name, size, dev_id, extent_start, time.time()),
+                "INSERT INTO volumes (pool_id, name, size, dev_id, extent_start, created, uuid)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (pool.id, name, size, dev_id, extent_start, time.time(), uuid or _new_uuid()),
             )
             return self.volume(pool.name, name)
 
@@ -538,7 +601,7 @@ class Catalog:
             for vol, fields in members:
                 db.execute(
                     "INSERT INTO snapshots (volume_id, group_id, name, dev_id, cow_start,"
-                    " cow_size, created) VALUES (?,?,?,?,?,?,?)",
+                    " cow_size, created, uuid) VALUES (?,?,?,?,?,?,?,?)",
                     (
                         vol.id,
                         gid,
@@ -547,6 +610,7 @@ class Catalog:
                         fields.get("cow_start"),
                         fields.get("cow_size"),
                         time.time(),
+                        fields.get("uuid") or _new_uuid(),
                     ),
                 )
             return gid
@@ -725,6 +789,82 @@ class Catalog:
         with self.tx() as db:
             db.execute("DELETE FROM exports WHERE id=?", (export_id,))
 
+    # -- replication: receives and holds ----------------------------------------------
+
+    def add_receive(self, pool_id: int, volume: str, fields: dict[str, Any]) -> Receive:
+        now = time.time()
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO receives (pool_id, volume, volume_uuid, base_uuid, target_uuid,"
+                " target_name, size, dev_id, cursor, created, updated)"
+                " VALUES (?,?,?,?,?,?,?,?,0,?,?)",
+                (
+                    pool_id,
+                    volume,
+                    fields["volume_uuid"],
+                    fields.get("base_uuid"),
+                    fields["target_uuid"],
+                    fields["target_name"],
+                    fields["size"],
+                    fields["dev_id"],
+                    now,
+                    now,
+                ),
+            )
+        r = self.receive(pool_id, volume)
+        assert r is not None
+        return r
+
+    def receive(self, pool_id: int, volume: str) -> Receive | None:
+        row = self.db.execute(
+            "SELECT * FROM receives WHERE pool_id=? AND volume=?", (pool_id, volume)
+        ).fetchone()
+        return None if row is None else _from_row(Receive, row)
+
+    def receives(self, pool_id: int) -> list[Receive]:
+        rows = self.db.execute("SELECT * FROM receives WHERE pool_id=? ORDER BY id", (pool_id,))
+        return [_from_row(Receive, r) for r in rows]
+
+    def set_receive_cursor(self, receive_id: int, cursor: int) -> None:
+        with self.tx() as db:
+            db.execute(
+                "UPDATE receives SET cursor=?, updated=? WHERE id=?",
+                (cursor, time.time(), receive_id),
+            )
+
+    def remove_receive(self, receive_id: int) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM receives WHERE id=?", (receive_id,))
+
+    def holds(self, snapshot_id: int) -> list[str]:
+        """The targets holding a snapshot (each received it last)."""
+        rows = self.db.execute(
+            "SELECT target FROM holds WHERE snapshot_id=? ORDER BY target", (snapshot_id,)
+        )
+        return [r[0] for r in rows]
+
+    def set_hold(self, volume_id: int, snapshot_id: int, target: str) -> None:
+        """``target`` now holds this snapshot and no other of the volume."""
+        with self.tx() as db:
+            db.execute(
+                "DELETE FROM holds WHERE target=? AND snapshot_id IN"
+                " (SELECT id FROM snapshots WHERE volume_id=?)",
+                (target, volume_id),
+            )
+            db.execute(
+                "INSERT INTO holds (snapshot_id, target, created) VALUES (?,?,?)",
+                (snapshot_id, target, time.time()),
+            )
+
+    def remove_hold(self, volume_id: int, target: str) -> int:
+        with self.tx() as db:
+            cur = db.execute(
+                "DELETE FROM holds WHERE target=? AND snapshot_id IN"
+                " (SELECT id FROM snapshots WHERE volume_id=?)",
+                (target, volume_id),
+            )
+            return cur.rowcount
+
     # -- pending operations ----------------------------------------------------------
 
     def begin_pending(self, pool_id: int | None, kind: str, payload: dict[str, Any]) -> int:
@@ -756,6 +896,10 @@ class Catalog:
                 "pending",
             )
         }
+
+
+def _new_uuid() -> str:
+    return uuidlib.uuid4().hex
 
 
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:

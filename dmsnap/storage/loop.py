@@ -181,6 +181,13 @@ def make_sparse(path: str, size: int) -> None:
         os.close(fd)
 
 
+def discard_fd(fd: int, offset: int, length: int, what: str) -> None:
+    """BLKDISCARD ``[offset, offset+length)`` of an open block device (on a
+    thin device: whole pool blocks become unmapped and read zeros)."""
+    rng = ffi.new("uint64_t[2]", [offset, length])
+    _ioctl(fd, lib.BLKDISCARD, rng, f"discard {length} bytes at {offset} of {what}")
+
+
 def zero_range(path: str, offset: int, length: int) -> None:
     """Make ``[offset, offset+length)`` of block device ``path`` read zeros
     (BLKZEROOUT: the device's WRITE ZEROES where it has one, a loop device's

@@ -51,6 +51,7 @@ from dmsnap.storage.journals import PoolJournals, dm_path
 from dmsnap.storage.layers import ensure
 from dmsnap.storage.pending import PendingOps
 from dmsnap.storage.policy import PoolPolicy
+from dmsnap.storage.replica import Replicas
 from dmsnap.storage.snapshots import SnapshotCuts, WaitFor
 from dmsnap.storage.stack import PoolStack
 from dmsnap.storage.views import Views, link
@@ -128,6 +129,11 @@ class Manager:
             self._interrupted,
         )
         self.exports = Exports(self)
+        # replication's view of the core (dmsnap.replication uses it; the
+        # core never imports replication)
+        self.replicas = Replicas(
+            self.dm, self.catalog, self.stack, self.pending, self.journals, self.lock
+        )
 
     def interrupt_waits(self) -> None:
         """Make every request waiting for a snapshot answer now (daemon stop).
@@ -349,7 +355,7 @@ class Manager:
         with self.journals.detached(p, v):
             self.stack.check_not_open(names.dm_volume(pool, vol), f"volume {pool}/{vol}")
             for s in snaps:
-                self.snapshot_delete(pool, vol, s.name)
+                self.snapshot_delete(pool, vol, s.name, force=True)
             self.pending.delete_volume(p, backend, v)
         pj = self.journals.by_pool.get(p.id)
         if pj is not None:
@@ -450,8 +456,10 @@ class Manager:
         self.catalog.set_snapshot_active(s.id, False)
 
     @locked_user_errors
-    def snapshot_delete(self, pool: str, vol: str, name: str) -> None:
+    def snapshot_delete(self, pool: str, vol: str, name: str, *, force: bool = False) -> None:
+        """``force``: also a snapshot a replication target holds."""
         s = self._snap(pool, vol, name)
+        self.replicas.check_deletable(s, force)
         self.exports.check_not_exported(pool, vol, name)
         p, backend = self.stack.pool(pool)
         dm_name = names.dm_snapshot(pool, vol, name)

@@ -20,6 +20,7 @@ from dmsnap.storage import names
 from dmsnap.storage.backend import Backend, planned_dev_ids
 from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
 from dmsnap.storage.catalog import Exists as CatExists
+from dmsnap.storage.catalog import NotFound as CatNotFound
 from dmsnap.storage.layers import ensure
 from dmsnap.storage.stack import PoolStack
 
@@ -79,6 +80,14 @@ class PendingOps:
                 self.catalog.remove_snapshot(payload["snapshot_id"])
             elif kind == "volume.delete":
                 self.catalog.remove_volume(payload["volume_id"])
+            elif kind == "receive.stage":
+                result = self.catalog.receive(pool.id, payload["volume"])
+                if result is None:
+                    result = self.catalog.add_receive(pool.id, payload["volume"], payload)
+            elif kind == "receive.finish":
+                self._receive_finish(pool, payload)
+            elif kind == "receive.abort":
+                self.catalog.remove_receive(payload["receive_id"])
             elif kind == "volume.restore":
                 backend.record_restore_switch(payload)
                 backend.record_restore_done(payload)
@@ -87,6 +96,32 @@ class PendingOps:
             self._advance(pool, payload)
             self.catalog.end_pending(pending_id)
         return result
+
+    def _receive_finish(self, pool: Pool, payload: Json) -> None:
+        """A received stream's staging device becomes its snapshot, and a
+        clone of it (``dev_id``) the volume's device; a first sync's volume
+        is created here (docs/replication.md)."""
+        if payload["volume_id"] is None:
+            try:
+                vol = self.catalog.volume(pool.name, payload["name"])
+            except CatNotFound:
+                vol = self.catalog.add_volume(
+                    pool,
+                    payload["name"],
+                    payload["size"],
+                    dev_id=payload["dev_id"],
+                    uuid=payload["volume_uuid"],
+                )
+        else:
+            self.catalog.set_volume_dev(payload["volume_id"], payload["dev_id"])
+            vol = next(v for v in self.catalog.volumes(pool.name) if v.id == payload["volume_id"])
+        with contextlib.suppress(CatExists):
+            self.catalog.add_group(
+                pool,
+                payload["target_name"],
+                [(vol, {"dev_id": payload["stage_dev_id"], "uuid": payload["target_uuid"]})],
+            )
+        self.catalog.remove_receive(payload["receive_id"])
 
     def roll_back(self, pool: Pool, payload: Json, pending_id: int) -> None:
         """End a rolled-back operation's record. Its planned device ids may

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from dmsnap.dm import DmError
@@ -23,6 +25,8 @@ from dmsnap.storage.backend import Backend, planned_dev_ids
 from dmsnap.storage.catalog import Snapshot, Volume
 from dmsnap.storage.layers import Layer, ensure
 from dmsnap.units import Bytes, Sectors
+
+log = logging.getLogger("dmsnap.storage")
 
 MiB = 1 << 20
 BLOCK_SECTORS = 128  # 64 KiB thin blocks: small snapshot COW cost, modest metadata
@@ -65,6 +69,8 @@ def check_metadata_size(size: int) -> None:
 class ThinBackend(Backend):
     kind = "thin"
     thin_provisioned = True
+    incremental_send = True
+    receives_streams = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -299,6 +305,16 @@ class ThinBackend(Backend):
     def delete_volume(self, vol: Volume) -> None:
         self._delete_ids([vol.dev_id] if vol.dev_id is not None else [])
 
+    def delete_devices(self, dev_ids: list[int]) -> None:
+        """No transaction id: like a restore's old device, a device that
+        no catalog row names any more (recovery treats deletes as forward)."""
+        for dev_id in dev_ids:
+            try:
+                self._msg(f"delete {dev_id}")
+            except DmError as e:
+                if e.errno not in (errno.ENODATA, errno.EINVAL):
+                    raise
+
     def _delete_ids(self, ids: list[int]) -> None:
         for dev_id in ids:
             try:
@@ -359,6 +375,54 @@ class ThinBackend(Backend):
         except DmError as e:
             if e.errno not in (errno.ENODATA, errno.EINVAL):
                 raise
+
+    # -- replication ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def metadata_snapshot(self) -> Iterator[str]:
+        """dm-thin rewrites its metadata under any reader: thin_delta reads
+        the frozen copy ``reserve_metadata_snap`` makes, which is released
+        whatever happens (and at start, if a crash left one: after_assembly)."""
+        self._msg("reserve_metadata_snap")
+        try:
+            yield f"/dev/mapper/{self.internal('tmeta')[0]}"
+        finally:
+            self._msg("release_metadata_snap")
+
+    def release_stale_metadata_snapshot(self) -> bool:
+        """A metadata snapshot held with no send running (a crash during
+        one) pins old metadata blocks: release it. True if one was held."""
+        s = self.pool_status()
+        if not isinstance(s, st.ThinPoolStatus) or s.held_root is None:
+            return False
+        self._msg("release_metadata_snap")
+        return True
+
+    def after_assembly(self, volumes: list[Volume]) -> None:
+        with contextlib.suppress(DmError):
+            if self.release_stale_metadata_snapshot():
+                log.warning(
+                    "pool %s: released a metadata snapshot left reserved (a send cut short)",
+                    self.pool.name,
+                )
+
+    def plan_stage(self) -> dict[str, Any]:
+        return {"dev_id": self.next_ids(1)[0]}
+
+    def create_stage(self, plan: dict[str, Any], base: Snapshot | None) -> None:
+        if base is None:
+            self._msg(f"create_thin {plan['dev_id']}")
+        else:  # create_snap wants its origin suspended when it is active
+            with self.suspended([n for n in [self.snap_name(base)] if self.dm.exists(n)]):
+                self._msg(f"create_snap {plan['dev_id']} {base.dev_id}")
+        self._commit_txid()
+
+    def clone_device(self, plan: dict[str, Any], dev_id: int) -> None:
+        self._msg(f"create_snap {plan['dev_id']} {dev_id}")
+        self._commit_txid()
+
+    def stage_layer(self, name: str, uuid: str, dev_id: int, size: int) -> Layer:
+        return Layer(name, uuid, Table.single(Sectors.of(size), t.Thin(self.pool_devno(), dev_id)))
 
     def usage(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": "thin", "health": []}
@@ -472,7 +536,7 @@ class ThinBackend(Backend):
         """Creates and restores roll forward only if the kernel committed the
         transaction id; deletes always roll forward (they are idempotent and
         what the user asked for)."""
-        if kind in ("volume.delete", "snapshot.delete"):
+        if kind in ("volume.delete", "snapshot.delete", "receive.abort"):
             return "forward"
         txid = self.kernel_txid()
         if txid == payload["new_txid"]:

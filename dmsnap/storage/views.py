@@ -178,6 +178,7 @@ class Views:
             "path": None if journaled else link(vol.pool, vol.name),
             "journaled": journaled,
             "dm_name": dm_name,
+            "uuid": vol.uuid,
             "snapshots": len(self.catalog.snapshots(vol.pool, vol.name)),
             "created": vol.created,
             "active": False,
@@ -205,6 +206,8 @@ class Views:
             "active": s.active,
             "path": link(s.pool, s.volume, s.name) if s.active else None,
             "labels": s.labels,
+            "uuid": s.uuid,
+            "holds": self.catalog.holds(s.id),
         }
 
     def group(self, gid: int | None) -> Json:

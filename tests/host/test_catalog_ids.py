@@ -86,7 +86,7 @@ def test_an_old_catalog_is_upgraded_and_stops_reusing(tmp_path):
     for table in C._NEVER_REUSED:
         sql = cat.db.execute("SELECT sql FROM sqlite_master WHERE name=?", (table,)).fetchone()[0]
         assert "AUTOINCREMENT" in sql.upper(), table
-    assert cat.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "6"
+    assert cat.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "7"
     assert cat.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     # the cascade still works after the rebuild
     cat.remove_volume(2)

@@ -245,8 +245,8 @@ class FakeManager:
         self._record("snapshot_list", pool, vol)
         return []
 
-    def snapshot_delete(self, pool, vol, name):
-        self._record("snapshot_delete", pool, vol, name)
+    def snapshot_delete(self, pool, vol, name, *, force=False):
+        self._record("snapshot_delete", pool, vol, name, force=force)
 
     def snapshot_activate(self, pool, vol, name):
         self._record("snapshot_activate", pool, vol, name)
@@ -413,6 +413,11 @@ ROUND_TRIPS = [
         for op in ("delete", "activate", "deactivate", "restore")
     ],
     (
+        "snapshot.delete",
+        {"pool": "p", "vol": "v", "name": "s", "force": True},
+        ("snapshot_delete", ("p", "v", "s"), {"force": True}),
+    ),
+    (
         "pool.create",
         {"name": "p3", "journal": "/dev/nvme1n1", "journal_mode": "nv"},
         ("pool_create", ("p3",), {"journal": "/dev/nvme1n1", "journal_mode": "nv"}),
@@ -569,7 +574,7 @@ def test_schedule_ops_reach_the_schedules_service(daemon: Daemon, op, args, expe
 def test_every_op_is_covered_by_a_round_trip() -> None:
     tested = {r[0] for r in ROUND_TRIPS} | {"pool.list", "daemon.ping", "daemon.stop"}
     tested |= {r[0] for r in SCHEDULE_ROUND_TRIPS}
-    assert tested == set(proto.OPS)
+    assert tested == set(proto.OPS) - {o for o in proto.OPS if o.startswith("replication.")}
 
 
 def test_many_requests_on_one_connection(daemon: Daemon) -> None:
@@ -1116,3 +1121,115 @@ def test_worker_nice_option_validates_and_reads_the_environment(monkeypatch, cap
     with pytest.raises(SystemExit):
         parse_args([])
     assert "from 0 to 19" in capsys.readouterr().err
+
+
+class FakeReplication:
+    """The replication service (dmsnap.replication.service.Replication) as
+    the server sees it: send writes to the passed descriptor, receive reads
+    from it, so a test sees the bytes cross the way the CLI's do."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, method: str) -> Any:
+        def call(*a: Any, **kw: Any) -> dict[str, Any]:
+            fd = kw.pop("fd", None)
+            self.calls.append((method, a, kw))
+            out: dict[str, Any] = {"method": method}
+            if method == "send":
+                os.write(fd, b"stream of " + "/".join(a).encode())
+            elif method == "receive":
+                out["got"] = os.read(fd, 100).decode()
+            return out
+
+        return call
+
+
+REPLICATION_ROUND_TRIPS = [
+    (
+        "replication.send",
+        {"pool": "p", "vol": "v", "snap": "s", "base": "b"},
+        ("send", ("p", "v", "s"), {"base": "b"}),
+    ),
+    (
+        "replication.receive",
+        {"pool": "p", "vol": "v", "force": True},
+        ("receive", ("p", "v"), {"force": True}),
+    ),
+    ("replication.state", {"pool": "p", "vol": "v"}, ("state", ("p", "v"), {})),
+    ("replication.abort", {"pool": "p", "vol": "v"}, ("abort", ("p", "v"), {})),
+    (
+        "replication.hold",
+        {"pool": "p", "vol": "v", "snap": "s", "target": "t"},
+        ("hold", ("p", "v", "s", "t"), {}),
+    ),
+    (
+        "replication.release",
+        {"pool": "p", "vol": "v", "target": "t"},
+        ("release", ("p", "v", "t"), {}),
+    ),
+    ("replication.holds", {"pool": "p", "vol": "v"}, ("holds", ("p", "v"), {})),
+]
+
+
+def test_every_replication_op_is_covered() -> None:
+    tested = {r[0] for r in ROUND_TRIPS} | {"pool.list", "daemon.ping", "daemon.stop"}
+    tested |= {r[0] for r in SCHEDULE_ROUND_TRIPS} | {r[0] for r in REPLICATION_ROUND_TRIPS}
+    assert tested == set(proto.OPS)
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "expected"),
+    REPLICATION_ROUND_TRIPS,
+    ids=[r[0] for r in REPLICATION_ROUND_TRIPS],
+)
+def test_replication_ops_reach_the_service_with_their_stream(
+    daemon: Daemon, op, args, expected
+) -> None:
+    fake = daemon.server.services["replication"] = FakeReplication()
+    r, w = os.pipe()
+    try:
+        if op == "replication.receive":
+            os.write(w, b"a stream")
+            os.close(w)
+            w = -1
+        fds = [w if op == "replication.send" else r] if proto.OPS[op].fd else None
+        with daemon.client() as c:
+            result = c.call(op, fds=fds, **args)
+        assert fake.calls == [expected] and daemon.fake.calls == []
+        if op == "replication.send":
+            os.close(w)
+            w = -1
+            assert os.read(r, 100) == b"stream of p/v/s"
+        if op == "replication.receive":
+            assert result["got"] == "a stream"
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_a_stream_op_without_its_descriptor_is_refused(daemon: Daemon) -> None:
+    fake = daemon.server.services["replication"] = FakeReplication()
+    with daemon.client() as c, pytest.raises(UserError, match="file descriptor"):
+        c.call("replication.receive", pool="p", vol="v")
+    with daemon.client() as c, pytest.raises(UserError, match="fd"):
+        c.call("replication.send", pool="p", vol="v", snap="s", fd=1)
+    assert fake.calls == []
+
+
+def test_descriptors_passed_with_another_op_are_closed(daemon: Daemon) -> None:
+    """A client cannot make dmsnapd keep descriptors: those that came with
+    a request are closed once it is answered (the pipe's write end then has
+    no holder left, so its reader sees the end)."""
+    r, w = os.pipe()
+    try:
+        with daemon.client() as c:
+            c.call("status", fds=[w, w])
+        os.close(w)
+        w = -1
+        assert os.read(r, 10) == b""
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)

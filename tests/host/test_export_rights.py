@@ -168,7 +168,7 @@ def test_catalog_before_rights_migrates_to_every_initiator(tmp_path: Path) -> No
     c.add_export(p.id, v.id, None, "local", "ser2", {}, snapshot_allow=[])
     assert [e.snapshot_allow for e in c.exports()] == [None, ()]
     schema = c.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
-    assert int(schema) == SCHEMA_VERSION == 6
+    assert int(schema) == SCHEMA_VERSION == 7
     c.close()
     Catalog(path).close()  # opening it again changes nothing
 

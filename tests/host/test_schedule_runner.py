@@ -398,3 +398,21 @@ def test_the_thread_sleeps_until_the_next_slot_and_looks_up_a_pending_run_slowly
     assert sched._sleep_for() == 2.0
     sched.pause("s")
     assert sched._sleep_for() == 30.0
+
+
+def test_a_snapshot_a_replication_target_holds_is_not_pruned(env) -> None:
+    """The last snapshot a target received is the base of its next
+    incremental: retention keeps it (docs/replication.md, "Holds")."""
+    sched, storage, clock, _ = env
+    sched.create("s", [["p", "a"]], every=60, keep=1)
+    clock.t += 60
+    sched.tick()
+    storage.snaps[0]["holds"] = ["backup"]
+    for _ in range(3):
+        clock.t += 60
+        sched.tick()
+    assert sorted(storage.groups("s")) == [1, 4]
+    storage.snaps[0]["holds"] = []
+    clock.t += 60
+    sched.tick()
+    assert sorted(storage.groups("s")) == [5]

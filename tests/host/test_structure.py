@@ -105,7 +105,7 @@ LAYERS = {
     "scsi": {"errors", "rules"},
     "storage": {"dm", "journal", "scsi", "rules", "units", "errors"},
     "schedule": {"storage", "rules", "errors"},
-    "replication": {"journal", "rules", "units", "errors"},
+    "replication": {"storage", "journal", "rules", "units", "errors"},
     # the storage core only through a duck-typed read-only view the daemon hands in
     "metrics": {"errors"},
 }
@@ -163,6 +163,7 @@ STORAGE_PARTS: dict[str, set[str]] = {
     "assembly": {"stack", "pending", "journals"},
     "policy": {"stack", "journals"},
     "snapshots": {"stack", "journals", "pending", "views"},
+    "replica": {"stack", "pending", "journals"},  # replication's side of the core
 }
 
 
@@ -180,3 +181,25 @@ def test_the_storage_parts_never_reach_back_into_the_manager() -> None:
         f"{m} -> {d}" for m, ok in allowed.items() for d in storage[m] - ok - STORAGE_GROUND
     )
     assert wrong == []
+
+
+def test_replication_reaches_the_storage_core_only_through_its_interface() -> None:
+    """dmsnap.replication uses storage.replica (Manager.replicas), nothing
+    else of the core: the Manager stays small and the core never learns
+    about streams."""
+    graph = _imports()
+    wrong = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if m.startswith("dmsnap.replication")
+        for d in deps
+        if d.startswith("dmsnap.storage") and d != "dmsnap.storage.replica"
+    )
+    assert wrong == []
+    assert not {
+        d
+        for m, deps in graph.items()
+        if m.startswith("dmsnap.storage")
+        for d in deps
+        if d.startswith("dmsnap.replication")
+    }
