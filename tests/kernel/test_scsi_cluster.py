@@ -308,14 +308,16 @@ def _info_field(out: str) -> int | None:
 
 
 def _caw_scenario(disk: str, tmp: Path) -> list[tuple[int, int | None, bytes]]:
-    old, new = os.urandom(1024), os.urandom(1024)
+    # one block: iblock's MAXIMUM COMPARE AND WRITE LENGTH
+    old, new = os.urandom(512), os.urandom(512)
     pwrite_direct(disk, 10 * 512, old)
     r1 = _caw(disk, 10, old, new, tmp)
-    after1 = pread_direct(disk, 10 * 512, 1024)
-    stale = bytearray(old)
-    stale[:700] = new[:700]  # the first difference from what is there: byte 700
-    r2 = _caw(disk, 10, bytes(stale), os.urandom(1024), tmp)
-    after2 = pread_direct(disk, 10 * 512, 1024)
+    after1 = pread_direct(disk, 10 * 512, 512)
+    stale = bytearray(new)
+    stale[300] ^= 0xFF  # the first difference from what is there: byte 300
+    stale[400] ^= 0x01
+    r2 = _caw(disk, 10, bytes(stale), os.urandom(512), tmp)
+    after2 = pread_direct(disk, 10 * 512, 512)
     assert r1.returncode == 0 and after1 == new, r1
     assert r2.returncode == 14, r2  # sg3_utils: MISCOMPARE
     assert after2 == new, "a miscompare wrote"
@@ -336,7 +338,7 @@ def test_compare_and_write_as_on_iblock(cluster, tmp_path):
                 m = re.search(r"Maximum compare and write length: (\d+)", vpd)
                 assert m and int(m.group(1)) >= 1, vpd
     assert results[D_IQN] == results[I_IQN]
-    assert results[D_IQN][1][1] == 700, results  # the offset into the Data-Out buffer
+    assert results[D_IQN][1][1] == 300, results  # the offset into the Data-Out buffer
 
 
 def test_compare_and_write_counter_from_two_initiators(cluster, tmp_path):
