@@ -75,10 +75,11 @@ class FakeLun:
         self._check(offset, len(data))
         if self.read_only:
             raise OutOfRange("write to a read-only LUN reached the LUN")
-        self.calls.append(("compare_and_write", offset, len(data), fua))
         have = bytes(self.buf[offset : offset + len(data)])
         if have != compare:
+            self.calls.append(("compare", offset, len(data)))
             return next(i for i in range(len(have)) if have[i] != compare[i])
+        self.calls.append(("write", offset, len(data), fua))
         self.buf[offset : offset + len(data)] = data
         return None
 

@@ -165,6 +165,16 @@ class Nexus:
     def raw(self, what: str, *cdb: str) -> subprocess.CompletedProcess[str]:
         return self._run(what, "sg_raw", self.disk, *cdb)
 
+    def settle(self) -> None:
+        """TEST UNIT READY until no UNIT ATTENTION is pending: SPC has LIO
+        tell other registrants of a release, preemption or clear that way
+        (RESERVATIONS RELEASED, REGISTRATIONS PREEMPTED...), each once; sd
+        would retry past it, sg_raw does not. The transcript keeps them."""
+        for _ in range(4):
+            r = self.raw("TEST UNIT READY", "00", "00", "00", "00", "00", "00")
+            if "unit attention" not in (r.stdout + r.stderr).lower():
+                return
+
 
 def _conflict(r: subprocess.CompletedProcess[str]) -> bool:
     return "reservation conflict" in (r.stdout + r.stderr).lower()
@@ -173,6 +183,8 @@ def _conflict(r: subprocess.CompletedProcess[str]) -> bool:
 def _pr_scenario(a: Nexus, b: Nexus) -> None:
     """Every PR service action and type, as cluster software uses them; the
     assertions are SPC-4's (the transcript is compared to iblock's after)."""
+    a.settle()
+    b.settle()
     assert a.prin("keys").returncode == 0
     assert a.prin("caps").returncode == 0
     assert a.prout("register", f"--param-sark={KEY_A}").returncode == 0
@@ -191,11 +203,13 @@ def _pr_scenario(a: Nexus, b: Nexus) -> None:
         rd = b.read(2)
         assert _conflict(rd) == (t == 3), (name, rd)  # EA: not even read
         assert a.prout("release", f"--param-rk={KEY_A}", f"--prout-type={t}").returncode == 0
+        b.settle()  # registrants-only / all-registrants: RESERVATIONS RELEASED
         assert b.write(2).returncode == 0, name
     # a reservation held by A; B takes it over and removes A's key
     assert a.prout("reserve", f"--param-rk={KEY_A}", "--prout-type=1").returncode == 0
     assert b.prout("preempt", f"--param-rk={KEY_B}", f"--param-sark={KEY_A}",
                    "--prout-type=1").returncode == 0  # fmt: skip
+    a.settle()  # REGISTRATIONS PREEMPTED
     keys = b.prin("keys")
     assert "0xbbbb" in keys.stdout and "0xaaaa" not in keys.stdout, keys
     assert _conflict(a.write(3)), "A lost its key and B holds Write Exclusive"
@@ -204,6 +218,7 @@ def _pr_scenario(a: Nexus, b: Nexus) -> None:
     assert _conflict(a.prout("reserve", f"--param-rk={KEY_A}", "--prout-type=1"))
     # CLEAR: every key and the reservation go
     assert b.prout("clear", f"--param-rk={KEY_B}").returncode == 0
+    a.settle()
     keys = a.prin("keys")
     assert "0xbbbb" not in keys.stdout, keys
     assert a.write(3).returncode == 0 and b.write(3).returncode == 0
@@ -260,7 +275,12 @@ def _aptpl_state(a: Nexus, b: Nexus) -> None:
 
 
 def _clear(a: Nexus, b: Nexus) -> None:
+    """Whatever this nexus holds: registered anew (REGISTER AND IGNORE
+    EXISTING KEY: a new login may be a new I_T nexus), then CLEAR."""
+    assert a.prout("register-ignore", f"--param-sark={KEY_A}").returncode == 0
     assert a.prout("clear", f"--param-rk={KEY_A}").returncode == 0
+    b.settle()
+    assert "0xbbbb" not in b.prin("keys").stdout
 
 
 def test_aptpl_reservation_survives_restart_and_lio_loss(cluster):
@@ -270,23 +290,56 @@ def test_aptpl_reservation_survives_restart_and_lio_loss(cluster):
     a reboot) and dmsnapd builds it again."""
     d, serial, _ = cluster
     with open_iscsi():
-        _with_sessions(D_IQN, serial, _aptpl_reserve)
-        aptpl = Path(_dbroot()) / "pr" / f"aptpl_{serial}"
-        assert aptpl.is_file() and "PR_REG_START" in aptpl.read_text(), aptpl
-        d.stop()
-        d.start()
-        _with_sessions(D_IQN, serial, _aptpl_state)
-        d.stop()
-        bs = lio.find_backstore(f"dmsnap-{serial}")
-        assert bs is not None
-        lio.unexport_iscsi(D_IQN)
-        lio.delete_backstore(bs)
-        assert lio.find_backstore(f"dmsnap-{serial}") is None
-        d.start()
-        (ex,) = [e for e in d.json("export", "list") if e["serial"] == serial]
-        assert ex["running"], ex
-        _with_sessions(D_IQN, serial, _aptpl_state)
-        _with_sessions(D_IQN, serial, _clear)
+        try:
+            _aptpl_restart_and_loss(d, serial)
+        finally:
+            if d.proc is None or d.proc.poll() is not None:
+                d.start()
+            _with_sessions(D_IQN, serial, _clear)  # the other tests want none
+
+
+def _aptpl_restart_and_loss(d, serial: str) -> None:
+    _with_sessions(D_IQN, serial, _aptpl_reserve)
+    aptpl = Path(_dbroot()) / "pr" / f"aptpl_{serial}"
+    assert aptpl.is_file() and "PR_REG_START" in aptpl.read_text(), aptpl
+    d.stop()
+    d.start()
+    _with_sessions(D_IQN, serial, _aptpl_state)
+    d.stop()
+    bs = lio.find_backstore(f"dmsnap-{serial}")
+    assert bs is not None
+    lio.unexport_iscsi(D_IQN)
+    lio.delete_backstore(bs)
+    assert lio.find_backstore(f"dmsnap-{serial}") is None
+    d.start()
+    (ex,) = [e for e in d.json("export", "list") if e["serial"] == serial]
+    assert ex["running"], ex
+    _with_sessions(D_IQN, serial, _aptpl_state)
+
+
+def test_persistent_reservation_through_a_local_export(cluster):
+    """A --local export (tcm_loop: one nexus, this host): register, reserve,
+    read back, release and clear through /dev/sdX, as LIO's core keeps them
+    for every fabric."""
+    d = cluster[0]
+    d.cli("volume", "create", "p/l", "--size", "8M")
+    try:
+        d.cli("export", "p/l", "--local")
+        disk = os.path.realpath("/dev/dmsnap/p/l")
+        assert disk.startswith("/dev/sd"), disk
+        log: list[str] = []
+        a = Nexus("L", disk, log, {"L": disk})
+        assert a.prout("register", f"--param-sark={KEY_A}").returncode == 0
+        assert a.prout("reserve", f"--param-rk={KEY_A}", "--prout-type=3").returncode == 0
+        res = a.prin("res")
+        assert "0xaaaa" in res.stdout and "Exclusive Access" in res.stdout, res
+        assert a.write(7).returncode == 0  # the holder
+        assert a.prout("release", f"--param-rk={KEY_A}", "--prout-type=3").returncode == 0
+        assert a.prout("clear", f"--param-rk={KEY_A}").returncode == 0
+        assert "0xaaaa" not in a.prin("keys").stdout
+    finally:
+        d.cli("unexport", "p/l", check=False)
+        d.cli("volume", "delete", "p/l", check=False)
 
 
 # -- COMPARE AND WRITE ----------------------------------------------------------------
@@ -302,12 +355,23 @@ def _caw(
                f"--xferlen={2 * len(cmp)}", disk, check=False)  # fmt: skip
 
 
+def _caw_raw(disk: str, lba: int, cmp: bytes, new: bytes, tmp: Path) -> tuple[int, str]:
+    """COMPARE AND WRITE through sg_raw, for the decoded sense it prints."""
+    f = tmp / "caw-raw.bin"
+    f.write_bytes(cmp + new)
+    be = f"{lba:016x}"
+    cdb = ["89", "00", *(be[i : i + 2] for i in range(0, 16, 2)), "00", "00", "00",
+           f"{len(cmp) // 512:02x}", "00", "00"]  # fmt: skip
+    r = run("sg_raw", "-s", str(2 * len(cmp)), "-i", str(f), disk, *cdb, check=False)
+    return r.returncode, r.stdout + r.stderr
+
+
 def _info_field(out: str) -> int | None:
     m = re.search(r"Info fld=0x([0-9a-f]+)", out, re.I)
     return int(m.group(1), 16) if m else None
 
 
-def _caw_scenario(disk: str, tmp: Path) -> list[tuple[int, int | None, bytes]]:
+def _caw_scenario(disk: str, tmp: Path) -> list[tuple[int, int | None]]:
     # one block: iblock's MAXIMUM COMPARE AND WRITE LENGTH
     old, new = os.urandom(512), os.urandom(512)
     pwrite_direct(disk, 10 * 512, old)
@@ -318,10 +382,13 @@ def _caw_scenario(disk: str, tmp: Path) -> list[tuple[int, int | None, bytes]]:
     stale[400] ^= 0x01
     r2 = _caw(disk, 10, bytes(stale), os.urandom(512), tmp)
     after2 = pread_direct(disk, 10 * 512, 512)
+    rc3, out3 = _caw_raw(disk, 10, bytes(stale), os.urandom(512), tmp)
+    after3 = pread_direct(disk, 10 * 512, 512)
+    assert "miscompare" in out3.lower() and after3 == new, out3
     assert r1.returncode == 0 and after1 == new, r1
     assert r2.returncode == 14, r2  # sg3_utils: MISCOMPARE
     assert after2 == new, "a miscompare wrote"
-    return [(r1.returncode, None, b""), (r2.returncode, _info_field(r2.stderr + r2.stdout), b"")]
+    return [(r1.returncode, None), (r2.returncode, None), (rc3, _info_field(out3))]
 
 
 def test_compare_and_write_as_on_iblock(cluster, tmp_path):
@@ -333,12 +400,13 @@ def test_compare_and_write_as_on_iblock(cluster, tmp_path):
     with open_iscsi():
         for iqn, serial in ((I_IQN, i_serial), (D_IQN, d_serial)):
             with iscsi_sessions_as(iqn, PORTAL, serial, [A]) as disks:
+                Nexus("A", disks[A], [], {}).settle()
                 results[iqn] = _caw_scenario(disks[A], tmp_path)
                 vpd = run("sg_vpd", "--page=bl", disks[A]).stdout
                 m = re.search(r"Maximum compare and write length: (\d+)", vpd)
                 assert m and int(m.group(1)) >= 1, vpd
     assert results[D_IQN] == results[I_IQN]
-    assert results[D_IQN][1][1] == 300, results  # the offset into the Data-Out buffer
+    assert results[D_IQN][2][1] == 300, results  # the offset into the Data-Out buffer
 
 
 def test_compare_and_write_counter_from_two_initiators(cluster, tmp_path):
@@ -350,6 +418,8 @@ def test_compare_and_write_counter_from_two_initiators(cluster, tmp_path):
     rounds = 40
     with open_iscsi(), iscsi_sessions_as(D_IQN, PORTAL, serial, [A, B]) as disks:
         lba = 100
+        for n in (A, B):
+            Nexus(n, disks[n], [], {}).settle()
         pwrite_direct(disks[A], lba * 512, bytes(512))
         errors: list[str] = []
 
@@ -375,3 +445,30 @@ def test_compare_and_write_counter_from_two_initiators(cluster, tmp_path):
         assert not errors, errors
         got = int.from_bytes(pread_direct(disks[B], lba * 512, 512)[:8], "big")
         assert got == 2 * rounds
+
+
+# -- one export per iSCSI target ------------------------------------------------------
+
+
+def test_a_reused_iqn_is_refused_and_the_target_keeps_its_lun(cluster):
+    """A second export naming the first's --iqn: refused with one line,
+    nothing made (before: accepted, listed as running with no LUN, and its
+    unexport deleted the first's target)."""
+    d, serial, _ = cluster
+    d.cli("volume", "create", "p/w", "--size", "8M")
+    try:
+        r = d.cli("export", "p/w", "--iscsi", "--iqn", D_IQN, "--portal", PORTAL,
+                  "--allow", A, check=False)  # fmt: skip
+        refused = r.returncode != 0
+        if not refused:  # the old behaviour: see what it did, then undo it
+            listed = d.json("export", "list")
+            d.cli("unexport", "p/w", check=False)
+            assert lio.iscsi_exists(D_IQN), "unexporting p/w deleted p/v's target"
+            raise AssertionError(f"a second export of {D_IQN} was accepted: {listed}")
+        assert f"iSCSI target {D_IQN} already serves p/v" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        exports = d.json("export", "list")
+        assert [e["serial"] for e in exports] == [serial] and exports[0]["running"], exports
+        assert lio.iscsi_exists(D_IQN)
+    finally:
+        d.cli("volume", "delete", "p/w", check=False)
