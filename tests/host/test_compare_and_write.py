@@ -37,6 +37,24 @@ def test_match_writes_an_ordinary_record(nv: Journal, vol1: Path) -> None:
     assert vol1.read_bytes()[8 * KiB : 12 * KiB] == pattern(2, 4 * KiB)
 
 
+def test_ordered_with_snapshot_markers(nv: Journal, vol1: Path) -> None:
+    """A snapshot marker after a compare-and-write contains it; one before
+    it does not (the flusher stands at the marker with every earlier record,
+    and only those, on the dm device)."""
+    a, b, c = pattern(1, 4 * KiB), pattern(2, 4 * KiB), pattern(3, 4 * KiB)
+    nv.write(1, 0, a)
+    nv.compare_and_write(1, 0, a, c)
+    nv.marker(7, b"snap")
+    m = nv.next_marker(5)
+    assert m is not None and m.id == 7
+    nv.compare_and_write(1, 0, c, b)  # after the marker
+    assert vol1.read_bytes()[: 4 * KiB] == c  # what the snapshot gets
+    assert nv.read(1, 0, 4 * KiB) == b
+    nv.marker_done(7)
+    nv.sync()
+    assert vol1.read_bytes()[: 4 * KiB] == b
+
+
 def test_mismatch_writes_nothing_and_says_where(nv: Journal) -> None:
     hold_marker(nv)  # the data stays in the overlay: compared from there
     nv.write(1, 0, pattern(1, 2 * KiB))

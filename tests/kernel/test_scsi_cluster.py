@@ -447,6 +447,49 @@ def test_compare_and_write_counter_from_two_initiators(cluster, tmp_path):
         assert got == 2 * rounds
 
 
+# -- identity -------------------------------------------------------------------------
+
+
+def _identity(disk: str) -> tuple[bytes, bytes, str]:
+    """What multipath and cluster software key on: VPD 0x80, VPD 0x83 and
+    the kernel's wwid of the disk."""
+    dev = f"/sys/block/{os.path.basename(disk)}/device"
+    with (
+        open(f"{dev}/vpd_pg80", "rb") as a,
+        open(f"{dev}/vpd_pg83", "rb") as b,
+        open(f"{dev}/wwid") as c,
+    ):
+        return a.read(), b.read(), c.read().strip()
+
+
+def test_identity_is_kept_across_restart_reexport_and_portal(cluster):
+    """The unit serial, the NAA and T10 designators (and so the wwid) of the
+    volume's LUN are the same after a daemon restart, after unexport and
+    export again, and when the export moves to another portal."""
+    d, serial, _ = cluster
+    with open_iscsi():
+        with iscsi_sessions_as(D_IQN, PORTAL, serial, [A]) as disks:
+            first = _identity(disks[A])
+        assert first[2].startswith("naa."), first
+        d.stop()
+        d.start()
+        with iscsi_sessions_as(D_IQN, PORTAL, serial, [A]) as disks:
+            assert _identity(disks[A]) == first
+        other = "127.0.0.2:3260"
+        d.cli("unexport", "p/v")
+        try:
+            d.cli("export", "p/v", "--iscsi", "--iqn", D_IQN, "--portal", other,
+                  "--allow", A, "--allow", B)  # fmt: skip
+            with iscsi_sessions_as(D_IQN, other, serial, [A]) as disks:
+                assert _identity(disks[A]) == first
+        finally:
+            d.cli("unexport", "p/v", check=False)
+            d.cli("export", "p/v", "--iscsi", "--iqn", D_IQN, "--portal", PORTAL,
+                  "--allow", A, "--allow", B)  # fmt: skip
+        with iscsi_sessions_as(D_IQN, PORTAL, serial, [A]) as disks:
+            assert _identity(disks[A]) == first
+
+
 # -- one export per iSCSI target ------------------------------------------------------
 
 
