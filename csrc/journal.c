@@ -273,7 +273,16 @@ struct jr {
     pthread_cond_t cv_commit;   /* committer: records to commit, stop */
     pthread_cond_t cv_flush;    /* flusher: work, marker done, attach, stop */
     pthread_cond_t cv_marker;   /* controller: marker ready, stop */
-    pthread_cond_t cv_progress; /* flushed/synced/checkpoint/space/busy moved */
+    pthread_cond_t cv_progress; /* flushed/synced/checkpoint/space/busy moved, caw done */
+    /* A COMPARE AND WRITE between its read and its append
+     * (jr_compare_and_write): other writes and discards overlapping the
+     * range wait on cv_progress, so nothing lands between the compare and
+     * the write. One at a time per journal. */
+    int caw_active;
+    int caw_waiters; /* writes waiting for one: they go before the next */
+    uint32_t caw_vol;
+    uint64_t caw_off, caw_len;
+    pthread_t caw_thread;
     pthread_t committer[JR_COMMIT_DEPTH], flusher;
     int started, committers_on, flusher_on;
     int draining, drain_req, stopping, stopped;
@@ -2500,6 +2509,16 @@ static int append_ok(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64_
     return 0;
 }
 
+/* Whether a compare-and-write of another thread holds [off, off+len) of vol
+ * (locked). */
+static int caw_blocks(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64_t len)
+{
+    if (!j->caw_active || (type != REC_WRITE && type != REC_DISCARD) || j->caw_vol != vol ||
+        pthread_equal(j->caw_thread, pthread_self()))
+        return 0;
+    return off < j->caw_off + j->caw_len && j->caw_off < off + len;
+}
+
 /* Reserve space and append one record (locked). Returns its seq or -errno. */
 static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64_t marker_id,
                       const struct iovec *src, int nsrc, uint32_t len, uint32_t data_crc,
@@ -2518,6 +2537,18 @@ static int64_t append(jr_t *j, uint32_t type, uint32_t vol, uint64_t off, uint64
         rc = append_ok(j, type, vol, off, ext, &v);
         if (rc)
             return rc;
+        if (caw_blocks(j, type, vol, off, ext)) {
+            /* after the compare-and-write's record, never between its read
+             * and its append */
+            j->caw_waiters++;
+            rc = wait_until(&j->cv_progress, &j->mu, dl);
+            j->caw_waiters--;
+            if (!j->caw_waiters)
+                pthread_cond_broadcast(&j->cv_progress); /* the next one may go */
+            if (rc == ETIMEDOUT && caw_blocks(j, type, vol, off, ext))
+                return -ETIMEDOUT;
+            continue;
+        }
         /* the window, not only the ring, bounds what is live: the memory */
         uint64_t used = j->head_lpos - j->tail_lpos + reserve;
         uint64_t avail = used < j->window ? j->window - used : 0;
@@ -2726,6 +2757,79 @@ int64_t jr_discard(jr_t *j, uint32_t vol, uint64_t offset, uint64_t length, uint
     else if (seq >= 0 && (flags & JR_FUA))
         rc = wait_synced(j, (uint64_t)seq + 1, &dl);
     leave(j);
+    return rc < 0 ? rc : seq;
+}
+
+/* Drop the compare-and-write's hold on its range (locked). */
+static void caw_release(jr_t *j)
+{
+    j->caw_active = 0;
+    pthread_cond_broadcast(&j->cv_progress);
+}
+
+int64_t jr_compare_and_write(jr_t *j, uint32_t vol, uint64_t offset, const void *cmp,
+                             const void *data, uint32_t len, uint32_t flags, uint32_t timeout_ms,
+                             uint32_t *miscompare)
+{
+    if (!vol || !cmp || !data || !len || len % 512 || offset % 512 || len > JR_MAX_IO)
+        return -EINVAL;
+    unsigned char *cur = NULL;
+    if (posix_memalign((void **)&cur, 4096, len))
+        return -ENOMEM;
+    uint32_t crc = jr_crc32c(data, len);
+    struct timespec dl;
+    deadline_in(&dl, timeout_ms);
+    int rc = enter(j);
+    if (rc < 0) {
+        free(cur);
+        return rc;
+    }
+    /* one at a time, and the writes the last one held up go first (a
+     * stream of them must not starve the writes) */
+    while ((j->caw_active || j->caw_waiters) && !rc) {
+        if (wait_until(&j->cv_progress, &j->mu, &dl) == ETIMEDOUT &&
+            (j->caw_active || j->caw_waiters))
+            rc = -ETIMEDOUT;
+        else if (j->stopping)
+            rc = -ESHUTDOWN;
+    }
+    if (rc) {
+        leave(j);
+        free(cur);
+        return rc;
+    }
+    j->caw_active = 1;
+    j->caw_vol = vol;
+    j->caw_off = offset;
+    j->caw_len = len;
+    j->caw_thread = pthread_self();
+    pthread_mutex_unlock(&j->mu);
+    /* every write appended before the hold is in what we read, and no
+     * overlapping one can be appended until we drop it */
+    int64_t seq = jr_read(j, vol, offset, cur, len);
+    pthread_mutex_lock(&j->mu);
+    if (seq == 0) {
+        const unsigned char *want = cmp;
+        uint32_t i = 0;
+        while (i < len && cur[i] == want[i])
+            i++;
+        if (i < len) {
+            if (miscompare)
+                *miscompare = i;
+            seq = -EILSEQ;
+        } else {
+            struct iovec one = {.iov_base = (void *)data, .iov_len = len};
+            seq = append(j, REC_WRITE, vol, offset, 0, &one, 1, len, crc, &dl);
+        }
+    }
+    /* ordered now: later writes go after the record */
+    caw_release(j);
+    if (seq >= 0 && j->mode == JR_NV)
+        rc = wait_durable(j, seq, &dl);
+    else if (seq >= 0 && (flags & JR_FUA))
+        rc = wait_synced(j, (uint64_t)seq + 1, &dl);
+    leave(j);
+    free(cur);
     return rc < 0 ? rc : seq;
 }
 

@@ -245,6 +245,19 @@ int64_t jr_writev(jr_t *j, uint32_t vol, uint64_t offset, const struct iovec *io
 int64_t jr_discard(jr_t *j, uint32_t vol, uint64_t offset, uint64_t length, uint32_t flags,
                    uint32_t timeout_ms);
 
+/* SBC's COMPARE AND WRITE: if [offset, offset + len) reads (as jr_read)
+ * equal to cmp, append a write of data there, as jr_write would (ordered in
+ * the journal like any write; returns its seq, NV: once durable). Atomic
+ * with respect to every other write and discard of the journal: one that
+ * overlaps the range waits from the read until the record is appended, so
+ * none lands between the compare and the write. Otherwise nothing is
+ * written, -EILSEQ is returned and *miscompare (if not NULL) is the offset
+ * of the first differing byte. Compare-and-writes of one journal run one
+ * at a time. */
+int64_t jr_compare_and_write(jr_t *j, uint32_t vol, uint64_t offset, const void *cmp,
+                             const void *data, uint32_t len, uint32_t flags, uint32_t timeout_ms,
+                             uint32_t *miscompare);
+
 /* Read through the overlay: the newest data, unflushed records over the
  * dm device, partial overlaps at 512-byte granularity. */
 int jr_read(jr_t *j, uint32_t vol, uint64_t offset, void *buf, uint32_t len);

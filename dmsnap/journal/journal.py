@@ -49,6 +49,15 @@ class JournalError(OSError):
         return f"{self.strerror} [{_errno.errorcode.get(self.errno, self.errno)}]"
 
 
+class Miscompare(JournalError):
+    """A compare-and-write found other data: nothing was written. ``offset``:
+    the first differing byte, from the start of the range."""
+
+    def __init__(self, offset: int, message: str) -> None:
+        super().__init__(_errno.EILSEQ, message)
+        self.offset = offset
+
+
 _REASONS = {
     _errno.ETIMEDOUT: "timed out",
     _errno.ESHUTDOWN: "journal is closing",
@@ -419,6 +428,45 @@ class Journal:
                 _errno.ETIMEDOUT: f"journal full or not durable within {timeout:g} s",
                 _errno.EINVAL: "offset and length must be multiples of 512, "
                 f"length 1..{self.MAX_IO}, within the volume and the journal",
+                _errno.ENXIO: f"volume {vol} not attached",
+            }.get(-rc)
+            _check(rc, what, reason)
+        return rc
+
+    def compare_and_write(
+        self,
+        vol: int,
+        offset: int,
+        compare: bytes | bytearray | memoryview,
+        data: bytes | bytearray | memoryview,
+        *,
+        fua: bool = False,
+        timeout: float = 30.0,
+    ) -> int:
+        """SBC's COMPARE AND WRITE: if the range reads equal to ``compare``,
+        append ``data`` there as a write (returns its seq, as :meth:`write`);
+        atomic with respect to every other write and discard of the journal.
+        Otherwise raise :class:`Miscompare` with the first differing byte."""
+        cmp, buf = ffi.from_buffer(compare), ffi.from_buffer(data)
+        n = len(buf)
+        if len(cmp) != n:
+            raise JournalError(_errno.EINVAL, "compare and write buffers differ in length")
+        at = ffi.new("uint32_t *")
+        j = self._enter()
+        try:
+            rc = lib.jr_compare_and_write(
+                j, vol, offset, cmp, buf, n, lib.JR_FUA if fua else 0, _ms(timeout), at
+            )
+        finally:
+            self._leave()
+        what = f"compare and write volume {vol} offset {offset} length {n}"
+        if rc == -_errno.EILSEQ:
+            raise Miscompare(int(at[0]), f"{what}: miscompare at byte {int(at[0])}")
+        if rc < 0:
+            reason = {
+                _errno.ETIMEDOUT: f"journal full or not durable within {timeout:g} s",
+                _errno.EINVAL: "offset and length must be multiples of 512, "
+                f"length 1..{self.MAX_IO}, within the volume",
                 _errno.ENXIO: f"volume {vol} not attached",
             }.get(-rc)
             _check(rc, what, reason)

@@ -465,6 +465,20 @@ class PoolJournal:
         with self._entry():
             return self.journal.write(vol, offset, data, fua=fua)
 
+    def compare_and_write(
+        self,
+        vol: int,
+        offset: int,
+        compare: bytes | bytearray | memoryview,
+        data: bytes | bytearray | memoryview,
+        *,
+        fua: bool = False,
+    ) -> int:
+        """Journal.compare_and_write; refused like a write while the pool is full."""
+        self._refuse_if_pool_full()
+        with self._entry():
+            return self.journal.compare_and_write(vol, offset, compare, data, fua=fua)
+
     def _refuse_if_pool_full(self) -> None:
         """While the flusher's writes fail with ENOSPC (a full thin pool), or
         the pool cannot take new blocks (out of thin metadata: check_space),

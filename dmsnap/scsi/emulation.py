@@ -31,7 +31,7 @@ control 0A, all 3F), MODE SELECT 6/10 (control page D_SENSE is changeable,
 everything else must equal the current value), START STOP UNIT, READ
 CAPACITY 10/16, READ/WRITE 6/10/12/16, VERIFY and WRITE AND VERIFY 10/12/16,
 SYNCHRONIZE CACHE 10/16, WRITE SAME 10/16, UNMAP, REPORT SUPPORTED OPERATION
-CODES, and the dmsnap vendor command 0xC0 (``dmsnap.scsi.snapcmd``; only when
+CODES, COMPARE AND WRITE, and the dmsnap vendor command 0xC0 (``dmsnap.scsi.snapcmd``; only when
 a SnapshotService is given). Everything else: ILLEGAL REQUEST, INVALID COMMAND
 OPERATION CODE.
 
@@ -39,7 +39,10 @@ Contract of :class:`Lun`: offsets/lengths are bytes, multiples of
 ``block_size``, always inside ``size`` (checked here first); ``write`` with
 ``fua`` returns once the data is on stable storage; ``flush`` makes every
 completed write stable; after ``unmap`` the range reads as zeros (the LUN
-advertises LBPRZ=1). Errors raised by the Lun become MEDIUM ERROR (OSError)
+advertises LBPRZ=1); ``compare_and_write`` writes only if the range holds
+``compare`` now, atomically with respect to every other write of the volume
+(on every path), and returns None, or the offset of the first differing byte
+(nothing written). Errors raised by the Lun become MEDIUM ERROR (OSError)
 or HARDWARE ERROR (anything else).
 """
 
@@ -52,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from dmsnap.scsi import cdb as C
 from dmsnap.scsi import sense as S
@@ -60,6 +63,7 @@ from dmsnap.scsi import snapcmd as SC
 from dmsnap.scsi.sense import FieldPointer, Key, Sense, SenseError
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 GOOD = S.GOOD
 CHECK_CONDITION = S.CHECK_CONDITION
@@ -100,6 +104,10 @@ class Lun(Protocol):
     def flush(self) -> None: ...
 
     def unmap(self, offset: int, length: int) -> None: ...
+
+    def compare_and_write(
+        self, offset: int, compare: bytes, data: bytes, *, fua: bool
+    ) -> int | None: ...
 
 
 class SnapshotService(Protocol):
@@ -142,6 +150,10 @@ class Limits:
     # below 65536 blocks: libiscsi then expects a 65536-block WRITE SAME to be refused instead
     # of writing 32 MiB with one WRITE(16) beyond MAXIMUM TRANSFER LENGTH
     max_write_same: int = 16 * MiB
+    # COMPARE AND WRITE: the blocks compared and written by one command (the
+    # Data-Out is twice this). ESXi's ATS uses one block; LIO's iblock
+    # offers one. 255 blocks is what the field can say.
+    max_compare_and_write: int = 255 * 512
 
 
 def naa_from_serial(serial: str, company_id: int = 0x001405) -> bytes:
@@ -242,6 +254,13 @@ _OPS: tuple[_Op, ...] = (
         "_mode_sense",
     ),
     _Op(0x88, None, "READ(16)", _u(0x88, 0xF8, *_FF8, *_FF4, 0, CTL), "_read"),
+    _Op(
+        0x89,
+        None,
+        "COMPARE AND WRITE",
+        _u(0x89, 0xFA, *_FF8, 0, 0, 0, 0xFF, 0x1F, CTL),
+        "_compare_and_write",
+    ),
     _Op(0x8A, None, "WRITE(16)", _u(0x8A, 0xF8, *_FF8, *_FF4, 0, CTL), "_write"),
     _Op(0x8E, None, "WRITE AND VERIFY(16)", _u(0x8E, 0xF6, *_FF8, *_FF4, 0, CTL), "_write_verify"),
     _Op(0x8F, None, "VERIFY(16)", _u(0x8F, 0xF6, *_FF8, *_FF4, 0, CTL), "_verify"),
@@ -307,11 +326,13 @@ _SNAP_OPS: tuple[_Op, ...] = (
     ),
 )
 
+COMPARE_AND_WRITE = 0x89
+
 WRITE_OPS = frozenset(
     (
         C.WRITE_6, C.WRITE_10, C.WRITE_12, C.WRITE_16,
         C.WRITE_AND_VERIFY_10, C.WRITE_AND_VERIFY_12, C.WRITE_AND_VERIFY_16,
-        C.WRITE_SAME_10, C.WRITE_SAME_16, C.UNMAP,
+        C.WRITE_SAME_10, C.WRITE_SAME_16, C.UNMAP, COMPARE_AND_WRITE,
     )
 )  # fmt: skip
 
@@ -540,7 +561,7 @@ class Emulator:
             raise S.bad_cdb(len_byte, 7)
         return c.data_out[:plen]
 
-    def _io(self, fn: Callable[[], bytes | None], *, write: bool) -> bytes | None:
+    def _io(self, fn: Callable[[], _T], *, write: bool) -> _T:
         try:
             return fn()
         except SenseError:
@@ -652,7 +673,7 @@ class Emulator:
         lim = self.limits
         d = bytearray(0x3C)  # page length 3Ch; offsets below are page offset - 4
         d[0] = 0x01  # WSNZ: WRITE SAME with 0 blocks is refused
-        d[1] = 0  # MAXIMUM COMPARE AND WRITE LENGTH: not supported
+        d[1] = min(255, self._blocks_of(lim.max_compare_and_write))  # MAXIMUM COMPARE AND WRITE
         d[2:4] = min(0xFFFF, self._blocks_of(lim.optimal_granularity)).to_bytes(2, "big")
         d[4:8] = min(0xFFFFFFFF, self._blocks_of(lim.max_transfer)).to_bytes(4, "big")
         d[8:12] = min(0xFFFFFFFF, self._blocks_of(lim.optimal_transfer)).to_bytes(4, "big")
@@ -914,6 +935,37 @@ class Emulator:
             blk = have[i * bs : (i + 1) * bs]
             if blk != one:
                 raise self._miscompare(i * bs + _first_diff(blk, one))
+        return Response(GOOD)
+
+    def _compare_and_write(self, c: _Cmd) -> Response:
+        """SBC-3 COMPARE AND WRITE: the first half of the Data-Out is compared
+        with the blocks, the second written over them if equal, atomically
+        with respect to every other write (the Lun's journal does both under
+        one hold). A mismatch writes nothing: MISCOMPARE, MISCOMPARE DURING
+        VERIFY OPERATION, INFORMATION = offset of the first differing byte."""
+        cdb = c.cdb
+        if cdb[1] & 0xE0:
+            raise S.bad_cdb(1, 7)  # WRPROTECT: no protection information
+        if cdb[1] & 0x05:  # reserved (FUA_NV, bit 1, is obsolete: ignored as LIO does)
+            raise S.bad_cdb(1, (cdb[1] & 0x05).bit_length() - 1)
+        if C.be(cdb, 10, 3):
+            raise S.bad_cdb(10, 7)
+        if cdb[14] & 0xE0:
+            raise S.bad_cdb(14, 7)
+        lba, blocks, fua = C.be(cdb, 2, 8), cdb[13], bool(cdb[1] & 0x08)
+        self._writable()
+        if blocks == 0:
+            return Response(GOOD)  # SBC: no compare, no write, not an error
+        if blocks > self._blocks_of(self.limits.max_compare_and_write):
+            raise S.bad_cdb(13, 7)  # beyond MAXIMUM COMPARE AND WRITE LENGTH
+        self._range(lba, blocks)
+        n = blocks * self._bs
+        data = self._exact(c, 2 * n)
+        off = lba * self._bs
+        fn = lambda: self.lun.compare_and_write(off, data[:n], data[n:], fua=fua)  # noqa: E731
+        at = self._io(fn, write=True)
+        if at is not None:
+            raise self._miscompare(int(at))
         return Response(GOOD)
 
     def _sync_cache(self, c: _Cmd) -> Response:

@@ -44,6 +44,11 @@ MAX_SECTORS = 2048
 # so it comes back to be retried instead of being aborted.
 CMD_TIME_OUT = 120
 QFULL_TIME_OUT = 20
+# LIO's dbroot: where the kernel writes persistent-reservation state
+# (pr/aptpl_<unit serial>) and ALUA state (alua/). rtslib-fb and targetcli
+# move it here while no device exists; the kernel's own default is
+# /var/target.
+DBROOT = "/etc/target"
 
 
 class LioError(Exception):
@@ -67,6 +72,43 @@ def available() -> str | None:
     return None
 
 
+def ensure_dbroot() -> str:
+    """LIO's dbroot exists with its ``pr/`` and ``alua/`` directories; returns it.
+
+    Without ``pr/`` every PERSISTENT RESERVE OUT fails (NOT READY, LOGICAL
+    UNIT COMMUNICATION FAILURE): the kernel rewrites ``pr/aptpl_SERIAL`` at
+    each one, APTPL or not. The dbroot can only change while LIO has no
+    device, so: make ``/etc/target`` (rtslib-fb insists on it and moves the
+    dbroot there while it still can), point an unused LIO at it, then make
+    the directories in whatever dbroot the kernel holds (a dbroot an
+    administrator chose is kept). A failure is logged, not raised: exports
+    work without it, only PROUT does not."""
+    path = f"{CONFIGFS}/dbroot"
+    try:
+        with open(path) as f:
+            cur = f.read().strip()
+    except OSError:
+        return ""  # no LIO: available() says so
+    try:
+        os.makedirs(DBROOT, mode=0o755, exist_ok=True)
+        if cur != DBROOT and not glob.glob(f"{CONFIGFS}/core/*_*/*/"):
+            with contextlib.suppress(OSError), open(path, "w") as f:
+                f.write(DBROOT)  # the kernel refuses once a device exists
+            with open(path) as f:
+                cur = f.read().strip()
+        for sub in ("", "pr", "alua"):
+            os.makedirs(os.path.join(cur, sub), mode=0o755, exist_ok=True)
+    except OSError as e:
+        log.error(
+            "LIO dbroot %s: %s; persistent reservations will fail (LOGICAL UNIT "
+            "COMMUNICATION FAILURE) until %s/pr exists",
+            cur,
+            e,
+            cur,
+        )
+    return cur
+
+
 @dataclass(frozen=True)
 class Backstore:
     name: str
@@ -78,6 +120,9 @@ def create_backstore(name: str, config: str, size: int, wwn: str) -> Backstore:
     """A user backstore for ``config`` (``pool/vol``); returns it with its
     HBA number (the UIO device's name carries it)."""
     rts = _rtslib()
+    # before rtslib-fb reads the dbroot: it gives a backstore made again (LIO
+    # lost it: a reboot) its APTPL reservations back from dbroot/pr
+    ensure_dbroot()
     so = rts.UserBackedStorageObject(
         name,
         config=f"{SUBTYPE}/{config}",
@@ -118,6 +163,7 @@ def create_iblock(name: str, dev: str, wwn: str, *, thin: bool = False) -> Block
     """``thin``: LIO advertises logical block provisioning (UNMAP, WRITE
     SAME with UNMAP) for a device that discards, as a dmsnap export does."""
     rts = _rtslib()
+    ensure_dbroot()
     # LIO opens the device O_EXCL; a journal's plain opens of it still work
     so = rts.BlockStorageObject(name, dev=dev, wwn=wwn)
     if thin:

@@ -50,6 +50,12 @@ class VolumeLun:
     def write(self, offset: int, data: bytes, *, fua: bool) -> None:
         self.io.write(offset, data, fua=fua)
 
+    def compare_and_write(
+        self, offset: int, compare: bytes, data: bytes, *, fua: bool
+    ) -> int | None:
+        # atomic in the journal, with every path's writes (fast path included)
+        return self.io.compare_and_write(offset, compare, data, fua=fua)
+
     def flush(self) -> None:
         self.io.flush()
 
@@ -78,6 +84,11 @@ class SnapshotDeviceLun:
             os.close(fd)
 
     def write(self, offset: int, data: bytes, *, fua: bool) -> None:
+        raise OSError(errno.EROFS, "read-only snapshot")
+
+    def compare_and_write(
+        self, offset: int, compare: bytes, data: bytes, *, fua: bool
+    ) -> int | None:
         raise OSError(errno.EROFS, "read-only snapshot")
 
     def flush(self) -> None:
@@ -183,6 +194,7 @@ def start_device(
                 dev.set_descriptor_sense(emu.descriptor_sense)
         return Reply(r.status, r.data, r.sense)
 
+    lio.ensure_dbroot()  # also for a backstore that outlived a restart
     uio, size = uio_for(bs.hba, bs.name)
     # A process that died with commands in flight (kill -9) left them in the
     # ring, but the entries between cmd_tail and cmd_head are not those

@@ -269,6 +269,24 @@ class Exports:
                 return ex
         return None
 
+    def _check_iqn_free(self, iqn: str) -> None:
+        """An iSCSI target serves one export (one LUN): refuse an IQN that an
+        export has, or that LIO has for a target dmsnap did not make.
+        (Accepted before, the second export was listed as running with no
+        LUN, and unexporting the first deleted the target under it.)"""
+        from dmsnap.scsi import lio
+
+        for ex in self.catalog.exports():
+            if ex.kind == "iscsi" and ex.config.get("iqn") == iqn:
+                raise E.AlreadyExists(
+                    f"iSCSI target {iqn} already serves {ex.ref}: a target has one "
+                    "LUN; choose another --iqn"
+                )
+        if lio.available() is None and lio.iscsi_exists(iqn):
+            raise E.AlreadyExists(
+                f"iSCSI target {iqn} exists in LIO and is not a dmsnap export; choose another --iqn"
+            )
+
     @locked_user_errors
     def create(
         self,
@@ -315,6 +333,8 @@ class Exports:
                     "INITIATOR_IQN (repeat); --allow-any opens it to every initiator "
                     "(demo mode: read-write, no ACL)"
                 )
+        if kind == "iscsi" and iqn:
+            self._check_iqn_free(_check_iqn(iqn))
         p = self.catalog.pool(pool)
         v = self.catalog.volume(pool, vol)
         s = self.catalog.snapshot(pool, vol, snap) if snap is not None else None
@@ -333,6 +353,7 @@ class Exports:
         config: Json = {}
         if kind == "iscsi":
             config["iqn"] = _check_iqn(iqn or default_iqn(pool, vol, snap))
+            self._check_iqn_free(config["iqn"])  # also a default one
             config["portal"] = _check_portal(portal or "0.0.0.0:3260")
             config["allow"] = [_check_iqn(a) for a in (allow or [])]
             if len(set(config["allow"])) != len(config["allow"]):

@@ -8,7 +8,7 @@ must never wait for a control operation.
 from __future__ import annotations
 
 from dmsnap import errors as E
-from dmsnap.journal.journal import JournalError
+from dmsnap.journal.journal import JournalError, Miscompare
 from dmsnap.journal.service import PoolJournal
 from dmsnap.rules import SECTOR
 from dmsnap.storage._common import journal_error
@@ -45,6 +45,21 @@ class VolumeIO:
                 f"{self.ref}: offset {offset} is not inside the volume ({self.size} bytes)"
             )
         return self.size - offset
+
+    def compare_and_write(
+        self, offset: int, compare: bytes, data: bytes, *, fua: bool = False
+    ) -> int | None:
+        """Write ``data`` if the range holds ``compare`` now, atomically with
+        respect to every other write (SCSI COMPARE AND WRITE): None when
+        written, else the offset of the first differing byte (nothing written)."""
+        self._check(offset, len(data))
+        try:
+            self._pj.compare_and_write(self.vol_id, offset, compare, data, fua=fua)
+        except Miscompare as e:
+            return e.offset
+        except JournalError as e:
+            raise journal_error(e) from None
+        return None
 
     def discard(self, offset: int, length: int) -> int:
         """The range reads zeros from now on; its space goes back to the pool

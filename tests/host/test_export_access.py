@@ -64,3 +64,24 @@ def test_an_open_export_of_an_older_catalog_is_restored_as_allow_any(
     rows = {r["serial"]: r for r in manager.export_list()}
     assert rows["ser"]["allow_any"] is True and not rows["ser2"].get("allow_any")
     assert any("every initiator" in r.getMessage() for r in caplog.records)
+
+
+def test_a_second_export_reusing_an_iqn_is_refused_and_changes_nothing(manager: Manager) -> None:
+    """An iSCSI target serves one export's LUN: a second export naming the
+    same --iqn used to be accepted and listed as running with no LUN, and
+    unexporting the first then deleted the target under it. Refused now,
+    with one line naming the export that has it, before LIO is asked."""
+    p = manager.catalog.pool("p")
+    v = manager.catalog.volume("p", "v")
+    w = manager.catalog.add_volume(p, "w", 1 << 20, dev_id=2)
+    assert w is not None
+    iqn = "iqn.2026-11.org.example:shared"
+    manager.catalog.add_export(
+        p.id, v.id, None, "iscsi", "ser", {"iqn": iqn, "portal": "0.0.0.0:3260", "allow": [A]}
+    )
+    before = manager.catalog.exports()
+    with pytest.raises(E.AlreadyExists) as ei:
+        manager.export_create("p", "w", kind="iscsi", iqn=iqn, allow=[A])
+    msg = ei.value.message
+    assert iqn in msg and "p/v" in msg and "\n" not in msg, msg
+    assert manager.catalog.exports() == before

@@ -62,6 +62,7 @@ SUPPORTED = sorted(
         0x55,
         0x5A,
         0x88,
+        0x89,
         0x8A,
         0x8E,
         0x8F,
@@ -181,6 +182,11 @@ def plausible(draw) -> tuple[bytes, bytes | None]:
     elif kind in (0x2E, 0x8E, 0xAE):
         cdb = build(wv, lba, n, 0x02 if draw(st.booleans()) else 0)
         data = fill * (n * BS)
+    elif kind == 0x89:  # COMPARE AND WRITE: zeros compare equal on a fresh LUN
+        nb = n & 0xFF
+        cdb = bytes((0x89, flags & 0x18)) + lba.to_bytes(8, "big") + bytes((0, 0, 0, nb, 0, 0))
+        cmp = bytes(nb * BS) if draw(st.booleans()) else fill * (nb * BS)
+        data = cmp + fill * (nb * BS)
     elif kind in (0x35, 0x91):
         cdb = bytes((0x35, 0)) + lba.to_bytes(4, "big") + bytes((0, 0, n, 0))
         if kind == 0x91:

@@ -69,6 +69,20 @@ class FakeLun:
         self.calls.append(("write", offset, len(data), fua))
         self.buf[offset : offset + len(data)] = data
 
+    def compare_and_write(
+        self, offset: int, compare: bytes, data: bytes, *, fua: bool
+    ) -> int | None:
+        self._check(offset, len(data))
+        if self.read_only:
+            raise OutOfRange("write to a read-only LUN reached the LUN")
+        have = bytes(self.buf[offset : offset + len(data)])
+        if have != compare:
+            self.calls.append(("compare", offset, len(data)))
+            return next(i for i in range(len(have)) if have[i] != compare[i])
+        self.calls.append(("write", offset, len(data), fua))
+        self.buf[offset : offset + len(data)] = data
+        return None
+
     def flush(self) -> None:
         if self.fail is not None:
             raise self.fail

@@ -71,6 +71,7 @@ CORE = {
     "SCSI.Unmap",
     "SCSI.WriteSame10",
     "SCSI.Mandatory",
+    "SCSI.CompareAndWrite",
     "iSCSI.iSCSIResiduals",
 }
 
@@ -89,16 +90,11 @@ _WRITE_RESIDUAL = (
     "and writes nothing (LIO's own SBC emulation rejects these WRITEs the same way), and "
     "TCMU could not report the overflow residual anyway"
 )
-_NO_CAW = (
-    "COMPARE AND WRITE is not implemented (issue 23); libiscsi skips the test on "
-    "INVALID COMMAND OPERATION CODE"
-)
 _NO_XCOPY = (
     "EXTENDED COPY / RECEIVE COPY RESULTS are not implemented (issue 23); libiscsi "
     "skips the test on INVALID COMMAND OPERATION CODE"
 )
 KNOWN: dict[tuple[str, str], str] = {
-    ("CompareAndWrite", "Unwritten"): _NO_CAW,
     **{("ExtendedCopy", t): _NO_XCOPY for t in CATALOGUE.get("SCSI.ExtendedCopy", [])},
     ("ReceiveCopyResults", "OpParams"): _NO_XCOPY,
     ("iSCSIResiduals", "Read10Invalid"): _READ_OVERFLOW,
@@ -111,12 +107,6 @@ KNOWN: dict[tuple[str, str], str] = {
     ("iSCSIResiduals", "WriteVerify10Residuals"): _WRITE_RESIDUAL,
     ("iSCSIResiduals", "WriteVerify12Residuals"): _WRITE_RESIDUAL,
     ("iSCSIResiduals", "WriteVerify16Residuals"): _WRITE_RESIDUAL,
-    ("MultipathIO", "CompareAndWriteAsync"): (
-        "COMPARE AND WRITE is not implemented (issue 23): dmsnap answers it ILLEGAL "
-        "REQUEST, INVALID COMMAND OPERATION CODE and does not list it in REPORT SUPPORTED "
-        "OPERATION CODES, but this test, unlike the CompareAndWrite family, sends it "
-        "without asking and expects MISCOMPARE"
-    ),
 }
 
 
