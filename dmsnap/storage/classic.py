@@ -24,6 +24,7 @@ import os
 import time
 from typing import Any
 
+from dmsnap import progress
 from dmsnap.dm import DmError
 from dmsnap.dm import status as st
 from dmsnap.dm import targets as t
@@ -315,8 +316,16 @@ class ClassicBackend(Backend):
             self.dm.resume(top)
         remove(self.dm, self._snapdev(snap)[0])
         deadline = time.monotonic() + MERGE_TIMEOUT
+        # The kernel frees merged chunks: what is left to merge is the COW's
+        # data (allocated beyond its metadata), which shrinks to nothing.
+        task: progress.Task | None = None
         while True:
             s = self.dm.status(top)[0].status
+            if isinstance(s, st.SnapshotMergeStatus):
+                left = Bytes.of(s.allocated_sectors - s.metadata_sectors)
+                if task is None:
+                    task = progress.task("merging the snapshot", total=left)
+                task.update(max(0, (task.total or 0) - left))
             if isinstance(s, st.SnapshotMergeStatus) and s.allocated_sectors == s.metadata_sectors:
                 break
             if not isinstance(s, st.SnapshotMergeStatus):
