@@ -34,6 +34,7 @@ import killlib as kl  # noqa: E402
 from faultdev import FaultDevice  # noqa: E402
 from jmodel import SECTOR, pattern  # noqa: E402
 
+from dmsnap.cli_progress import Trials  # noqa: E402
 from dmsnap.daemon import protocol as proto  # noqa: E402
 from dmsnap.dm import DeviceMapper  # noqa: E402
 from dmsnap.errors import InvalidArgument, Unavailable, UserError  # noqa: E402
@@ -346,6 +347,7 @@ def main(argv: list[str]) -> int:
     t_start = time.monotonic()
     bad: list[tuple[int, str, str]] = []
     counts: collections.Counter[str] = collections.Counter()
+    trials = Trials("faults", a.trials, a.budget)
     with DeviceMapper() as dm:
         ctx = Ctx(a, dm)
         try:
@@ -370,6 +372,7 @@ def main(argv: list[str]) -> int:
                 counts[what] += 1
                 print(f"  trial {i} seed {seed} {what}: {outcome} [{time.monotonic() - ts:.1f}s]",
                       flush=True)  # fmt: skip
+                trials.step(i + 1)
                 if outcome.startswith("VIOLATION"):
                     bad.append((seed, what, outcome))
                     print("  dmsnapd log tail:\n" + ctx.d.tail(2000), flush=True)

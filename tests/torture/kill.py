@@ -36,6 +36,7 @@ sys.path[:0] = [HERE, os.path.join(REPO, "tests", "kernel"), REPO]
 import killlib as kl  # noqa: E402
 from jmodel import SECTOR, pattern, read_direct  # noqa: E402
 
+from dmsnap.cli_progress import Trials  # noqa: E402
 from dmsnap.dm import DeviceMapper  # noqa: E402
 from dmsnap.errors import UserError  # noqa: E402
 from dmsnap.scsi import initiator  # noqa: E402
@@ -508,6 +509,7 @@ def main(argv: list[str]) -> int:
     bad: list[tuple[int, str, str]] = []
     counts: collections.Counter[str] = collections.Counter()
     inside: collections.Counter[str] = collections.Counter()
+    trials = Trials("kill", a.trials, a.budget)
     with DeviceMapper() as dm:
         ctx = Ctx(a, dm)
         try:
@@ -535,6 +537,7 @@ def main(argv: list[str]) -> int:
                 counts[kind] += 1
                 print(f"  trial {i} seed {seed} {kind}: {outcome} [{time.monotonic() - ts:.1f}s]",
                       flush=True)  # fmt: skip
+                trials.step(i + 1)
                 if outcome.startswith("VIOLATION"):
                     bad.append((seed, kind, outcome))
                     print("  dmsnapd log tail:\n" + ctx.d.tail(2000), flush=True)
