@@ -7,7 +7,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 ARGS  ?=
 
-.PHONY: all setup test test-host test-kernel demo lint bench bench-journal bench-scsi clean
+.PHONY: all setup test test-host test-kernel test-service install demo lint bench bench-journal bench-scsi clean
 
 all: test
 
@@ -23,6 +23,14 @@ test-host:
 test-kernel:
 	tools/run-tests --kernel-only --no-lint -- $(ARGS)
 
+# dmsnap on this host as a service (docs/install.md), and that install
+# proven under a real systemd in a Debian root booted in QEMU.
+install: setup
+	tools/install $(ARGS)
+
+test-service: setup
+	tools/service-test $(ARGS)
+
 demo: setup
 	tools/vm -- $(PY) -m dmsnap.demo
 
@@ -30,7 +38,7 @@ lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	@if command -v shellcheck >/dev/null; then \
-		shellcheck tools/setup tools/vm tools/vm-guest-init tools/run-tests tools/torture tools/libiscsi-conformance .ci/run vagrant/provision.sh bench/read_engines.sh bench/run; \
+		shellcheck tools/setup tools/vm tools/vm-guest-init tools/run-tests tools/torture tools/libiscsi-conformance tools/install tools/service-test tools/service-check .ci/run vagrant/provision.sh bench/read_engines.sh bench/run; \
 	else echo "shellcheck not installed; skipped"; fi
 
 # Benchmarks need the kernel too, so they run through tools/vm: all three

@@ -225,6 +225,9 @@ struct vol {
     int is_blk;     /* a block device (else a regular file: discard punches a hole) */
     uint64_t dgran; /* discard granularity in bytes; 0: no discard (write zeros) */
     uint64_t rec_last; /* recovery: seq of its last WRITE/DISCARD in the log (0: none) */
+    /* detached at this head seq: its records before it are never written
+     * again by a no-space rewind (the volume was deleted or replaced) */
+    uint64_t rewind_floor;
 };
 
 /* An unflushed DISCARD (see IN MEMORY above). */
@@ -302,6 +305,19 @@ struct jr {
      * sync failed (v->redo); the others are on their devices already. */
     uint64_t redo_end;
     uint64_t rewinds;
+    /* Confirmation (jr_set_confirm): the device below may acknowledge what
+     * it then loses (a thin pool that went read-only answers a discard with
+     * success and unmaps nothing, and a failed commit rolls its metadata
+     * back), so a synced record is durable only once the controller has
+     * seen the pool healthy after the sync (jr_confirm_mark, jr_confirm).
+     * The checkpoint (NV) and the tail (RAM) never pass conf; a no-space
+     * transition (jr_set_no_space) rewinds the flusher to it. Without
+     * confirm_on conf follows synced. */
+    int confirm_on;
+    uint64_t conf_seq, conf_lpos;
+    uint64_t mark_seq, mark_lpos, mark_epoch, epoch;
+    int rewind_req;
+    uint64_t conf_rewinds;
     int sync_now; /* jr_detach: sync what is flushed, wherever the flusher stands */
     uint64_t ckpt_seq, ckpt_lpos;
     uint64_t sync_req;
@@ -1402,6 +1418,7 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t mem_limit
         j->cap = cap;
         j->generation = 1;
         j->head_seq = j->durable_seq = j->flush_seq = j->synced_seq = j->ckpt_seq = 1;
+        j->conf_seq = j->mark_seq = 1;
         j->window = cap; /* ram_size is the memory it was given */
         if (ring_alloc(j) < 0) {
             jr_free_all(j);
@@ -1466,6 +1483,8 @@ int jr_open_ex(const char *path, int mode, uint64_t ram_size, uint64_t mem_limit
     j->min_gen = sb->min_gen;
     j->ckpt_seq = j->synced_seq = j->flush_seq = sb->ckpt_seq;
     j->ckpt_lpos = j->tail_lpos = j->flush_lpos = j->synced_lpos = sb->ckpt_pos;
+    j->conf_seq = j->mark_seq = sb->ckpt_seq; /* before the checkpoint: durable below */
+    j->conf_lpos = j->mark_lpos = sb->ckpt_pos;
     j->window = window_for(j->cap, j->align, mem_limit);
     j->is_reg = !is_blk;
     rc = ring_alloc(j);
@@ -1681,8 +1700,10 @@ int jr_detach(jr_t *j, uint32_t vol, uint32_t timeout_ms)
     }
     if (!rc && j->stopping)
         rc = -ESHUTDOWN;
-    if (!rc)
+    if (!rc) {
         v->redo = 0; /* its records are on the device and synced */
+        v->rewind_floor = j->head_seq;
+    }
     if (rc) {
         v->detaching = 0; /* still attached; the caller may retry */
     } else {
@@ -1799,11 +1820,45 @@ static void backoff(jr_t *j)
         ;
 }
 
+/* Records synced become confirmed (conf follows synced) unless the
+ * controller confirms them (confirm_on). Locked. */
+static void set_synced(jr_t *j, uint64_t seq, uint64_t lpos)
+{
+    j->synced_seq = seq;
+    j->synced_lpos = lpos;
+    if (!j->confirm_on) {
+        j->conf_seq = seq;
+        j->conf_lpos = lpos;
+    }
+}
+
+/* Move the checkpoint (NV) / the tail (RAM) up to conf. Flusher (NV: it
+ * writes the superblock, dropping the lock). */
+static int ckpt_to_conf(jr_t *j)
+{
+    uint64_t seq = j->conf_seq, lpos = j->conf_lpos;
+    if (j->mode == JR_RAM) {
+        if (lpos > j->tail_lpos)
+            set_tail(j, lpos);
+        return 0;
+    }
+    if (lpos == j->ckpt_lpos || seq <= j->ckpt_seq || j->journal_error)
+        return 0;
+    int rc = sb_write(j, seq, lpos, 1);
+    if (rc < 0)
+        return rc;
+    j->ckpt_seq = seq;
+    j->ckpt_lpos = lpos;
+    set_tail(j, lpos);
+    pthread_cond_broadcast(&j->cv_progress);
+    return 0;
+}
+
 static int has_unsynced(const jr_t *j)
 {
     if (j->flush_seq > j->synced_seq)
         return 1;
-    if (j->mode == JR_NV && j->flush_lpos != j->ckpt_lpos)
+    if (j->mode == JR_NV && !j->confirm_on && j->flush_lpos != j->ckpt_lpos)
         return 1;
     for (int i = 0; i < j->nvols; i++)
         if (j->vols[i]->dirty && j->vols[i]->attached)
@@ -1823,9 +1878,9 @@ static int want_sync(const jr_t *j)
         return 1;
     /* space is reclaimed only behind synced records (both modes: a failed
      * sync rewrites them from the ring) */
-    if (j->full_waiters && j->flush_lpos != j->tail_lpos)
+    if (j->full_waiters && j->flush_lpos != j->synced_lpos)
         return 1;
-    if (j->flush_lpos - j->tail_lpos >= j->window / 8)
+    if (j->flush_lpos - j->synced_lpos >= j->window / 8)
         return 1;
     return 0;
 }
@@ -1875,6 +1930,14 @@ static int dl_reinsert(jr_t *j, uint32_t vol, uint64_t off, uint64_t len, uint64
     return 0;
 }
 
+/* Records of v that a rewind writes again from the ring: v is known, the
+ * record is not forgotten and not before v's last detach (a deleted or
+ * restored volume's old records are not its content any more). */
+static int rewind_keeps(const struct vol *v, uint64_t seq)
+{
+    return v && seq >= v->forget_seq && seq >= v->rewind_floor;
+}
+
 /* An fdatasync failed (the volumes marked redo_new). Linux reports a
  * writeback error once and leaves the pages clean, so a second fdatasync
  * would succeed over data that never reached the device: instead the
@@ -1893,7 +1956,7 @@ static void rewind_flush(jr_t *j)
         struct vol *v = h->type == REC_WRITE || h->type == REC_DISCARD ? vol_find(j, h->vol) : NULL;
         /* a volume that failed before has its records after flush_seq
          * still in the overlay; one failing now has none there */
-        if (v && h->seq >= v->forget_seq && (v->redo_new || (v->redo && seq < j->flush_seq))) {
+        if (rewind_keeps(v, h->seq) && (v->redo_new || (v->redo && seq < j->flush_seq))) {
             int rc = h->type == REC_WRITE
                          ? ix_reinsert(j, h->vol, h->offset, h->len, h->seq, lpos + JR_HDR)
                          : dl_reinsert(j, h->vol, h->offset, h->marker_id, h->seq);
@@ -1926,8 +1989,60 @@ static void rewind_flush(jr_t *j)
     pthread_cond_broadcast(&j->cv_progress);
 }
 
+/* The pool below turned out unable to keep what it acknowledged (a thin
+ * pool out of metadata space: read-only, discards answered without
+ * unmapping, uncommitted metadata rolled back): every record after the last
+ * confirmation may be lost there. Like rewind_flush for a failed sync, but
+ * for every volume and from conf: the records go back into the overlay (the
+ * readers see them again) and the flusher writes them again in order, once
+ * the pool can take them (the discards wait while no_space is set). Markers
+ * among them were served already and are passed. Flusher thread, locked. */
+static void rewind_to_conf(jr_t *j)
+{
+    j->rewind_req = 0;
+    uint64_t end = j->redo_end > j->flush_seq ? j->redo_end : j->flush_seq;
+    if (j->conf_seq >= end)
+        return; /* nothing applied since the last confirmation */
+    uint64_t lpos = j->conf_lpos;
+    for (uint64_t seq = j->conf_seq; seq < end; seq++) {
+        const struct rec_disk *h = hdr_at(j, lpos);
+        uint64_t size = hdr_size(j, h);
+        struct vol *v = h->type == REC_WRITE || h->type == REC_DISCARD ? vol_find(j, h->vol) : NULL;
+        /* records in [flush, redo_end) of a volume being rewritten after a
+         * failed sync are still in the overlay; every other one left it */
+        if (rewind_keeps(v, h->seq) && !(seq >= j->flush_seq && v->redo)) {
+            int rc = h->type == REC_WRITE
+                         ? ix_reinsert(j, h->vol, h->offset, h->len, h->seq, lpos + JR_HDR)
+                         : dl_reinsert(j, h->vol, h->offset, h->marker_id, h->seq);
+            if (rc < 0) { /* never serve a half-indexed volume: stop the journal */
+                ix_drop_vol(j, h->vol);
+                j->journal_error = rc;
+                wake_durable_all(j);
+                break;
+            }
+            v->unflushed++;
+            j->unflushed_records++;
+            if (h->type == REC_WRITE) {
+                v->unflushed_bytes += h->len;
+                j->unflushed_bytes += h->len;
+            }
+        }
+        lpos += size;
+    }
+    for (int i = 0; i < j->nvols; i++) {
+        j->vols[i]->redo = 1;
+        j->vols[i]->redo_new = 0;
+    }
+    j->redo_end = end;
+    j->conf_rewinds++;
+    j->synced_seq = j->flush_seq = j->conf_seq;
+    j->synced_lpos = j->flush_lpos = j->conf_lpos;
+    pthread_cond_broadcast(&j->cv_progress);
+}
+
 /* Every record before flush_seq has completed on dm: fdatasync the dm
- * devices written since their last sync, then (NV) checkpoint there. */
+ * devices written since their last sync, then (NV) checkpoint there (up to
+ * what is confirmed). */
 static int sync_ckpt(jr_t *j)
 {
     uint64_t tseq = j->flush_seq, tlpos = j->flush_lpos;
@@ -1987,12 +2102,8 @@ static int sync_ckpt(jr_t *j)
         rewind_flush(j);
         return rc;
     }
-    if (tseq > j->synced_seq) {
-        j->synced_seq = tseq;
-        j->synced_lpos = tlpos;
-        if (j->mode == JR_RAM)
-            set_tail(j, tlpos);
-    }
+    if (tseq > j->synced_seq)
+        set_synced(j, tseq, tlpos);
     if (j->redo_end && tseq >= j->redo_end) { /* every rewritten record is synced */
         for (int i = 0; i < j->nvols; i++)
             j->vols[i]->redo = 0;
@@ -2000,14 +2111,9 @@ static int sync_ckpt(jr_t *j)
         j->flush_error = 0;
         j->flush_error_volume = 0;
     }
-    if (j->mode == JR_NV && tlpos != j->ckpt_lpos) {
-        rc = sb_write(j, tseq, tlpos, 1);
-        if (rc < 0)
-            return rc;
-        j->ckpt_seq = tseq;
-        j->ckpt_lpos = tlpos;
-        set_tail(j, tlpos);
-    }
+    rc = ckpt_to_conf(j);
+    if (rc < 0)
+        return rc;
     pthread_cond_broadcast(&j->cv_progress);
     return 0;
 }
@@ -2015,7 +2121,7 @@ static int sync_ckpt(jr_t *j)
 static void flush_marker(jr_t *j, const struct rec_disk *h)
 {
     uint64_t seq = h->seq, lpos = j->flush_lpos, size = rec_size(j, h->len);
-    if (j->synced_seq < seq || (j->mode == JR_NV && j->ckpt_lpos != lpos)) {
+    if (j->synced_seq < seq || (j->mode == JR_NV && !j->confirm_on && j->ckpt_lpos != lpos)) {
         if (sync_ckpt(j) < 0) {
             backoff(j);
             return;
@@ -2033,15 +2139,9 @@ static void flush_marker(jr_t *j, const struct rec_disk *h)
         return; /* stopping: the marker stays in the journal */
     j->markers_pending--;
     flush_advance(j, seq + 1, lpos + size);
-    j->synced_seq = seq + 1; /* no dm write since the sync above */
-    j->synced_lpos = lpos + size;
-    if (j->mode == JR_RAM)
-        set_tail(j, lpos + size);
-    if (j->mode == JR_NV && !j->journal_error && sb_write(j, seq + 1, lpos + size, 1) == 0) {
-        j->ckpt_seq = seq + 1;
-        j->ckpt_lpos = lpos + size;
-        set_tail(j, lpos + size);
-    }
+    if (j->synced_seq == seq) /* no dm write since the sync above (nor a rewind) */
+        set_synced(j, seq + 1, lpos + size);
+    ckpt_to_conf(j);
     pthread_cond_broadcast(&j->cv_progress);
 }
 
@@ -2194,6 +2294,15 @@ static void *flusher_main(void *arg)
     pthread_setname_np(pthread_self(), "jr-flush");
     pthread_mutex_lock(&j->mu);
     while (!j->stopping) {
+        if (j->rewind_req) {
+            rewind_to_conf(j);
+            continue;
+        }
+        if (j->mode == JR_NV && j->conf_seq > j->ckpt_seq && !j->journal_error) {
+            if (ckpt_to_conf(j) < 0)
+                backoff(j);
+            continue;
+        }
         if (want_sync(j)) {
             if (sync_ckpt(j) < 0)
                 backoff(j);
@@ -2212,6 +2321,11 @@ static void *flusher_main(void *arg)
                 pthread_cond_broadcast(&j->cv_progress);
             } else if (rc == 0 && sync_ckpt(j) < 0) { /* room comes behind the checkpoint */
                 backoff(j);
+            } else if (rc == 0 && j->confirm_on && j->conf_seq < j->synced_seq) {
+                /* ...once the controller confirms what is synced */
+                struct timespec dl;
+                deadline_in(&dl, RETRY_MS);
+                wait_until(&j->cv_flush, &j->mu, &dl);
             }
             continue;
         }
@@ -2225,12 +2339,18 @@ static void *flusher_main(void *arg)
                 flush_advance(j, j->flush_seq + 1, j->flush_lpos + rec_size(j, 0));
                 continue;
             }
+            if (h->type == REC_MARKER && h->seq < j->redo_end) {
+                /* served before a rewind (rewind_to_conf): its snapshot exists */
+                flush_advance(j, j->flush_seq + 1, j->flush_lpos + rec_size(j, h->len));
+                continue;
+            }
             if (h->type == REC_MARKER) {
                 flush_marker(j, h);
                 continue;
             }
             struct vol *v = vol_find(j, h->vol);
-            if ((v && h->seq < v->forget_seq) || (h->seq < j->redo_end && (!v || !v->redo))) {
+            if ((v && h->seq < v->forget_seq) ||
+                (h->seq < j->redo_end && (!v || !v->redo || !rewind_keeps(v, h->seq)))) {
                 /* deleted; or (rewriting after a failed sync) on its device already */
                 flush_advance(j, j->flush_seq + 1, j->flush_lpos + rec_size(j, h->len));
                 continue;
@@ -2825,7 +2945,7 @@ void jr_get_stats(jr_t *j, struct jr_stats *st)
     st->head_seq = j->head_seq;
     st->durable_seq = j->durable_seq;
     st->flushed_seq = j->flush_seq;
-    st->checkpoint_seq = j->mode == JR_NV ? j->ckpt_seq : j->synced_seq;
+    st->checkpoint_seq = j->mode == JR_NV ? j->ckpt_seq : j->conf_seq;
     st->synced_seq = j->synced_seq;
     st->unflushed_records = j->unflushed_records;
     st->unflushed_bytes = j->unflushed_bytes;
@@ -2850,14 +2970,64 @@ void jr_get_stats(jr_t *j, struct jr_stats *st)
     st->mem_limit = j->window;
     st->backlog_bytes = j->rec_end_lpos - j->load_lpos;
     st->no_space = j->no_space;
+    st->confirmed_seq = j->conf_seq;
+    st->confirm_rewinds = j->conf_rewinds;
     pthread_mutex_unlock(&j->mu);
 }
 
 void jr_set_no_space(jr_t *j, int err)
 {
     pthread_mutex_lock(&j->mu);
+    if (err && !j->no_space && j->confirm_on) {
+        /* what was applied since the last confirmation may be lost below */
+        j->rewind_req = 1;
+        j->epoch++; /* a look begun before this one confirms nothing */
+        pthread_cond_signal(&j->cv_flush);
+    }
     j->no_space = err;
     pthread_mutex_unlock(&j->mu);
+}
+
+void jr_set_confirm(jr_t *j, int on)
+{
+    pthread_mutex_lock(&j->mu);
+    j->confirm_on = on != 0;
+    if (!j->confirm_on) {
+        j->conf_seq = j->synced_seq;
+        j->conf_lpos = j->synced_lpos;
+        pthread_cond_signal(&j->cv_flush);
+    }
+    pthread_mutex_unlock(&j->mu);
+}
+
+uint64_t jr_confirm_mark(jr_t *j)
+{
+    pthread_mutex_lock(&j->mu);
+    j->mark_seq = j->synced_seq;
+    j->mark_lpos = j->synced_lpos;
+    j->mark_epoch = j->epoch;
+    uint64_t token = j->mark_seq;
+    pthread_mutex_unlock(&j->mu);
+    return token;
+}
+
+int jr_confirm(jr_t *j, uint64_t token)
+{
+    int rc = 0;
+    pthread_mutex_lock(&j->mu);
+    if (j->no_space || j->rewind_req || j->mark_epoch != j->epoch || token != j->mark_seq ||
+        token > j->synced_seq) {
+        rc = -ESTALE; /* a rewind since the mark, or not the latest mark */
+    } else if (token > j->conf_seq) {
+        j->conf_seq = token;
+        j->conf_lpos = j->mark_lpos;
+        if (j->mode == JR_RAM)
+            set_tail(j, j->conf_lpos);
+        pthread_cond_signal(&j->cv_flush); /* NV: the checkpoint may move */
+        pthread_cond_broadcast(&j->cv_progress);
+    }
+    pthread_mutex_unlock(&j->mu);
+    return rc;
 }
 
 int jr_set_mem_limit(jr_t *j, uint64_t mem_limit)
@@ -2894,7 +3064,7 @@ int jr_stop(jr_t *j, int drain, uint32_t timeout_ms)
         j->drain_req = 1;
         pthread_cond_signal(&j->cv_flush);
         for (;;) {
-            uint64_t done = j->mode == JR_NV ? j->ckpt_seq : j->synced_seq;
+            uint64_t done = j->mode == JR_NV ? j->ckpt_seq : j->conf_seq;
             if (done >= j->head_seq)
                 break;
             if (!j->started || j->journal_error) {
@@ -2902,7 +3072,7 @@ int jr_stop(jr_t *j, int drain, uint32_t timeout_ms)
                 break;
             }
             if (wait_until(&j->cv_progress, &j->mu, &dl) == ETIMEDOUT) {
-                done = j->mode == JR_NV ? j->ckpt_seq : j->synced_seq;
+                done = j->mode == JR_NV ? j->ckpt_seq : j->conf_seq;
                 if (done < j->head_seq)
                     rc = -ETIMEDOUT;
                 break;

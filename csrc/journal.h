@@ -108,7 +108,8 @@ struct jr_stats {
     uint64_t head_seq;          /* next sequence number to be appended */
     uint64_t durable_seq;       /* records < this are durable in the journal */
     uint64_t flushed_seq;       /* records < this have completed on their dm device */
-    uint64_t checkpoint_seq;    /* records < this are durable on the dm devices */
+    uint64_t checkpoint_seq;    /* records < this are durable on the dm devices (and,
+                                   with jr_set_confirm, confirmed; RAM: confirmed_seq) */
     uint64_t unflushed_records; /* write records appended, not yet completed on dm */
     uint64_t unflushed_bytes;   /* their data bytes */
     uint64_t markers_pending;   /* markers appended, not yet passed by the flusher */
@@ -134,6 +135,8 @@ struct jr_stats {
     uint64_t mem_limit;         /* NV: bytes the live window may take in RAM (<= capacity) */
     uint64_t backlog_bytes;     /* NV: recovered log not yet brought into RAM (0: all in) */
     int32_t no_space;           /* -errno set by jr_set_no_space, or 0 */
+    uint64_t confirmed_seq;     /* records < this are synced and confirmed (jr_confirm) */
+    uint64_t confirm_rewinds;   /* no-space transitions that rewound to it */
 };
 
 /* What recovery found after the end of the log (jr_open_ex). */
@@ -278,6 +281,29 @@ void jr_get_stats(jr_t *j, struct jr_stats *st);
  * Writers (the SCSI fast path, the Python writer) read it in jr_stats and
  * refuse new writes. */
 void jr_set_no_space(jr_t *j, int err);
+
+/* Confirmation, for devices below that may acknowledge what they then lose:
+ * a thin pool that goes read-only (out of metadata space) answers a discard
+ * with success and unmaps nothing, and a commit that fails rolls its
+ * metadata back to the last one. With jr_set_confirm(j, 1) a record synced
+ * on the dm device is not yet taken as durable: the checkpoint (NV) and the
+ * space behind it (RAM: the ring's tail) stop at the confirmed position, and
+ * jr_stats.checkpoint_seq says where that is. The controller confirms by
+ * looking at the devices below: jr_confirm_mark() first (it returns a token:
+ * what is synced now), then its look (a thin pool's status), and if that
+ * shows the pool healthy (writable, its metadata committing), jr_confirm(j,
+ * token): the records synced before the mark are durable. A no-space
+ * transition (jr_set_no_space(j, -errno) after 0) rewinds the flusher to the
+ * confirmed position: those records go back into the overlay and are
+ * written again in order once the pool can take them (discards wait while
+ * no_space is set), as after a failed fdatasync; markers among them were
+ * served and are passed. A look begun before that transition confirms
+ * nothing (-ESTALE), nor does one while no_space is set. A record of a volume
+ * detached since (deleted, restored) is not written again. Off by default:
+ * conf follows the sync. */
+void jr_set_confirm(jr_t *j, int on);
+uint64_t jr_confirm_mark(jr_t *j);
+int jr_confirm(jr_t *j, uint64_t token);
 
 /* The first part of jr_close without freeing: refuse new appends (-ESHUTDOWN),
  * drain as below, stop the threads and wake every waiter (they return

@@ -292,7 +292,8 @@ static int pool_full(tc_dev_t *d)
     return __atomic_load_n(&d->pool_full, __ATOMIC_RELAXED);
 }
 
-static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
+/* Serve one fast-path command; 1 if it completed GOOD. */
+static int serve_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
 {
     int w, fua;
     uint64_t lba;
@@ -302,7 +303,7 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
     if (d->cfg.null_io) { /* the ring's own cost, measured by bench/scsi_bench.py --null */
         __atomic_add_fetch(w ? &d->st.fast_writes : &d->st.fast_reads, 1, __ATOMIC_RELAXED);
         finish(d, c, ST_GOOD, NULL, 0, -1);
-        return;
+        return 1;
     }
     uint64_t off = lba * d->cfg.block_size;
     uint32_t len = n * d->cfg.block_size;
@@ -346,7 +347,7 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
     }
     if (rc >= 0) {
         finish(d, c, ST_GOOD, NULL, 0, -1);
-        return;
+        return 1;
     }
     if (w && rc == -ETIMEDOUT && pool_full(d))
         rc = -ENOSPC; /* waited for journal space that a full pool never frees */
@@ -354,7 +355,7 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
         /* journal full, stopping, volume detached for a moment: retry later */
         __atomic_add_fetch(&d->st.busy, 1, __ATOMIC_RELAXED);
         finish(d, c, ST_BUSY, NULL, 0, -1);
-        return;
+        return 0;
     }
     __atomic_add_fetch(&d->st.errors, 1, __ATOMIC_RELAXED);
     uint32_t sl;
@@ -365,6 +366,32 @@ static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
     else /* UNRECOVERED READ ERROR */
         sl = make_sense(d->desc_sense, 0x03, 0x11, 0x00, sense);
     finish(d, c, ST_CHECK, sense, sl, -1);
+    return 0;
+}
+
+/* The monitoring counters of one completed fast-path command: relaxed
+ * atomic adds only (no lock), so the hot path pays a few cycles. */
+static void count_io(tc_dev_t *d, int w, uint64_t good_bytes, uint64_t ns)
+{
+    uint64_t us = ns / 1000;
+    int i = 0;
+    while (i < TC_LAT_BUCKETS - 1 && us > ((uint64_t)TC_LAT_FIRST_US << i))
+        i++;
+    __atomic_add_fetch(w ? &d->st.write_bytes : &d->st.read_bytes, good_bytes, __ATOMIC_RELAXED);
+    __atomic_add_fetch(w ? &d->st.write_ns : &d->st.read_ns, ns, __ATOMIC_RELAXED);
+    __atomic_add_fetch(w ? &d->st.write_lat[i] : &d->st.read_lat[i], 1, __ATOMIC_RELAXED);
+}
+
+static void run_fast(tc_dev_t *d, struct tc_cmd *c, uint8_t *bounce)
+{
+    int w, fua;
+    uint64_t lba;
+    uint32_t n;
+    fast_rw(d, c, &w, &lba, &n, &fua);
+    uint64_t len = (uint64_t)n * d->cfg.block_size;
+    uint64_t t0 = now_ns();
+    int good = serve_fast(d, c, bounce); /* frees c */
+    count_io(d, w, good ? len : 0, now_ns() - t0);
 }
 
 /* -- fetching ----------------------------------------------------------------- */
@@ -646,6 +673,14 @@ void tc_get_stats(tc_dev_t *d, struct tc_stats *st)
     st->fast_writes = __atomic_load_n(&d->st.fast_writes, __ATOMIC_RELAXED);
     st->flags = d->mb->flags;
     st->kicks = __atomic_load_n(&d->st.kicks, __ATOMIC_RELAXED);
+    st->read_bytes = __atomic_load_n(&d->st.read_bytes, __ATOMIC_RELAXED);
+    st->write_bytes = __atomic_load_n(&d->st.write_bytes, __ATOMIC_RELAXED);
+    st->read_ns = __atomic_load_n(&d->st.read_ns, __ATOMIC_RELAXED);
+    st->write_ns = __atomic_load_n(&d->st.write_ns, __ATOMIC_RELAXED);
+    for (int i = 0; i < TC_LAT_BUCKETS; i++) {
+        st->read_lat[i] = __atomic_load_n(&d->st.read_lat[i], __ATOMIC_RELAXED);
+        st->write_lat[i] = __atomic_load_n(&d->st.write_lat[i], __ATOMIC_RELAXED);
+    }
     pthread_mutex_unlock(&d->mu);
 }
 

@@ -52,6 +52,13 @@ struct tc_slow {
     uint32_t data_len;
 };
 
+/* Fast-path latency histogram (time from a worker taking a READ/WRITE to
+ * its completion, in the target): bucket i counts commands that took at
+ * most TC_LAT_FIRST_US << i microseconds and more than the bucket before;
+ * the last bucket counts the rest (+Inf). Not cumulative. */
+#define TC_LAT_BUCKETS 20
+#define TC_LAT_FIRST_US 16
+
 struct tc_stats {
     uint64_t fetched;    /* commands taken from the ring */
     uint64_t fast_reads;
@@ -62,6 +69,13 @@ struct tc_stats {
     uint32_t inflight;
     uint32_t flags;      /* mailbox flags as the kernel set them */
     uint64_t kicks;      /* completion system calls (concurrent completions share one) */
+    /* per-I/O counters for monitoring: relaxed atomics, no lock */
+    uint64_t read_bytes;  /* fast-path READs completed GOOD: their bytes */
+    uint64_t write_bytes; /* fast-path WRITEs completed GOOD: their bytes */
+    uint64_t read_ns;     /* sum of the fast-path READs' latencies */
+    uint64_t write_ns;    /* sum of the fast-path WRITEs' latencies */
+    uint64_t read_lat[TC_LAT_BUCKETS];
+    uint64_t write_lat[TC_LAT_BUCKETS];
 };
 
 /* Map the UIO device (map_size from /sys/class/uio/uioN/maps/map0/size),

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from dmsnap import __version__, cli_progress, rules
 from dmsnap.client import Client, default_socket
@@ -59,6 +60,47 @@ initiator_app = typer.Typer(
 app.add_typer(initiator_app, name="initiator")
 
 
+class _ServeContext(typer.Context):
+    """The default command's context: its path is its group's (``dmsnap
+    export [OPTIONS] POOL/VOL[@SNAP]`` in its help and its errors)."""
+
+    @property
+    def command_path(self) -> str:
+        return self.parent.command_path if self.parent else super().command_path
+
+
+class _ServeCommand(TyperCommand):
+    context_class = _ServeContext
+
+
+class _DefaultGroup(TyperGroup):
+    """A group with a default command (``DEFAULT``): a first word that names
+    none of its commands is the default command's (``dmsnap export
+    POOL/VOL`` is ``dmsnap export serve POOL/VOL``, a reference always has a
+    '/'), and so is ``--help``; ``dmsnap export list`` is a command of its
+    own."""
+
+    DEFAULT = "serve"
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if (args or not ctx.resilient_parsing) and (not args or args[0] not in self.commands):
+            args = [self.DEFAULT, *args]  # (completing the first word: shell_complete)
+        return super().parse_args(ctx, args)
+
+    def shell_complete(self, ctx: typer.Context, incomplete: str) -> list[Any]:
+        """The first word: a command's name, or the default command's own."""
+        default = self.commands[self.DEFAULT]
+        sub = default.make_context(self.DEFAULT, [], parent=ctx, resilient_parsing=True)
+        first = next(p for p in default.params if p.param_type_name == "argument")
+        return [*super().shell_complete(ctx, incomplete), *first.shell_complete(sub, incomplete)]
+
+
+export_app = typer.Typer(
+    cls=_DefaultGroup, help="Serve a volume or snapshot over SCSI; list the exports."
+)
+app.add_typer(export_app, name="export")
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -68,6 +110,19 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _done(json_out: bool, result: dict[str, Any], line: str) -> None:
+    """What a mutating command without a result of its own says: ``line``,
+    or with --json ``result`` (what it did, naming what it did it to)."""
+    if json_out:
+        print_json(result)
+    else:
+        typer.echo(line)
+
+
+def _snap_json(what: str, pool: str, vol: str, snap: str) -> dict[str, Any]:
+    return {what: "snapshot", "pool": pool, "volume": vol, "snapshot": snap}
 
 
 def print_json(obj: Any) -> None:
@@ -786,13 +841,14 @@ def pool_destroy(
         bool, typer.Option("--force", help="Also delete its volumes and snapshots.")
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Destroy a pool (refused while it has volumes, unless --force)."""
     _name("pool", name)
     what = " and every volume and snapshot in it" if force else ""
     _confirm(f"Destroy pool {name}{what}?", yes, f"not destroying pool {name}")
-    _call_long("pool.destroy", f"pool destroy {name}", name=name, force=force or None)
-    typer.echo(f"destroyed pool {name}")
+    _call_long("pool.destroy", f"pool destroy {name}", json_out, name=name, force=force or None)
+    _done(json_out, {"destroyed": "pool", "pool": name}, f"destroyed pool {name}")
 
 
 # ------------------------------------------------------------------ volume
@@ -862,11 +918,16 @@ def volume_show(ref: VolumeArg, json_out: JsonOpt = False) -> None:
 def volume_delete(
     ref: VolumeArg,
     force: Annotated[bool, typer.Option("--force", help="Also delete its snapshots.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Delete a volume (refused while it has snapshots, unless --force)."""
     pool, vol, _ = _ref(ref, snapshot=False)
     _call("volume.delete", pool=pool, vol=vol, force=force or None)
-    typer.echo(f"deleted volume {pool}/{vol}")
+    _done(
+        json_out,
+        {"deleted": "volume", "pool": pool, "volume": vol},
+        f"deleted volume {pool}/{vol}",
+    )
 
 
 IO_CHUNK = 256 << 10  # the protocol's MAX_IO
@@ -884,6 +945,7 @@ def volume_write(
     sync: Annotated[
         bool, typer.Option("--sync", help="FLUSH at the end (a RAM journal: onto the volume).")
     ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Write into a journaled volume through dmsnapd (the local writer's path;
     a whole number of 512-byte sectors)."""
@@ -910,6 +972,9 @@ def volume_write(
             total += len(chunk)
         if sync:
             c.call("volume.flush", pool=pool, vol=vol)
+    if json_out:
+        print_json({"pool": pool, "volume": vol, "offset": at, "written": total, "synced": sync})
+        return
     typer.echo(f"wrote {total} bytes to {pool}/{vol} at {at}", err=True)
 
 
@@ -950,6 +1015,7 @@ def volume_discard(
         typer.Option("--length", metavar="SIZE", help="How much (default: to the end)."),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Discard (zero) a range of a journaled volume through dmsnapd: it reads
     zeros from now on, ordered with the writes and snapshots around it, and
@@ -960,6 +1026,9 @@ def volume_discard(
     what = f"{n} bytes" if n is not None else "everything"
     _confirm(f"Discard {what} of {pool}/{vol} from {at}?", yes, f"not discarding {pool}/{vol}")
     r = _call("volume.discard", pool=pool, vol=vol, offset=at, size=n)
+    if json_out:
+        print_json({"pool": pool, "volume": vol, "offset": at, **r})
+        return
     typer.echo(f"discarded {r['discarded']} bytes of {pool}/{vol} at {at}")
 
 
@@ -1059,11 +1128,11 @@ def _snap(ref: str) -> tuple[str, str, str]:
 
 
 @snapshot_app.command("delete")
-def snapshot_delete(ref: SnapshotArg) -> None:
+def snapshot_delete(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
     """Delete a snapshot."""
     pool, vol, snap = _snap(ref)
     _call("snapshot.delete", pool=pool, vol=vol, name=snap)
-    typer.echo(f"deleted snapshot {ref}")
+    _done(json_out, _snap_json("deleted", pool, vol, snap), f"deleted snapshot {ref}")
 
 
 @snapshot_app.command("activate")
@@ -1079,19 +1148,23 @@ def snapshot_activate(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
 
 
 @snapshot_app.command("deactivate")
-def snapshot_deactivate(ref: SnapshotArg) -> None:
+def snapshot_deactivate(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
     """Remove a snapshot's read-only device (the snapshot stays)."""
     pool, vol, snap = _snap(ref)
     _call("snapshot.deactivate", pool=pool, vol=vol, name=snap)
-    typer.echo(f"deactivated snapshot {ref}")
+    _done(json_out, _snap_json("deactivated", pool, vol, snap), f"deactivated snapshot {ref}")
 
 
 @snapshot_app.command("restore")
-def snapshot_restore(ref: SnapshotArg) -> None:
+def snapshot_restore(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
     """Roll the volume back to the snapshot (its newer data is lost)."""
     pool, vol, snap = _snap(ref)
-    _call_long("snapshot.restore", f"restore {ref}", pool=pool, vol=vol, name=snap)
-    typer.echo(f"restored {pool}/{vol} to snapshot {snap}")
+    _call_long("snapshot.restore", f"restore {ref}", json_out, pool=pool, vol=vol, name=snap)
+    _done(
+        json_out,
+        _snap_json("restored", pool, vol, snap),
+        f"restored {pool}/{vol} to snapshot {snap}",
+    )
 
 
 # ---------------------------------------------------------------- exports
@@ -1156,13 +1229,20 @@ def _export_list(json_out: bool) -> None:
         )
 
 
-@app.command("export")
+@export_app.command("list")
+def export_list(json_out: JsonOpt = False) -> None:
+    """The exports: what each serves, its target, who may log in and who
+    may snapshot, whether it runs."""
+    _export_list(json_out)
+
+
+@export_app.command(_DefaultGroup.DEFAULT, cls=_ServeCommand, hidden=True)
 def export(
     ref: Annotated[
         str,
         typer.Argument(
-            metavar="POOL/VOL[@SNAP] | list",
-            help="What to serve (a snapshot: read-only); 'list' lists the exports.",
+            metavar="POOL/VOL[@SNAP]",
+            help="What to serve (a snapshot: read-only).",
             autocompletion=complete_volume,
         ),
     ],
@@ -1227,12 +1307,10 @@ def export(
     in-band; --snapshot-allow IQN (iSCSI with --allow) names the ones that
     may, --no-snapshot lets none. --update changes a running export's
     --allow list and snapshot rights without dropping other sessions."""
-    if ref == "list":  # `dmsnap export list`: the one word that is not POOL/VOL[@SNAP]
-        given = (local, iscsi, iqn, portal, allow, allow_any, chap_file, chap, snapshot_allow)
-        if any(given) or no_snapshot or update:
-            raise InvalidArgument("export list takes no other option than --json")
-        _export_list(json_out)
-        return
+    if "/" not in ref:  # a mistyped command, most likely
+        raise InvalidArgument(
+            f"export: {ref!r} is not POOL/VOL[@SNAP] ('dmsnap export list' lists the exports)"
+        )
     if chap is not None:
         # argv is in ps, /proc and shell history: no secret there
         raise InvalidArgument(
@@ -1289,11 +1367,16 @@ def export(
 @app.command("unexport")
 def unexport(
     ref: Annotated[str, typer.Argument(metavar="POOL/VOL[@SNAP]", autocompletion=complete_volume)],
+    json_out: JsonOpt = False,
 ) -> None:
     """Stop serving a volume or snapshot over SCSI."""
     pool, vol, snap = _ref(ref, snapshot=None)
     _call("export.delete", pool=pool, vol=vol, snap=snap)
-    typer.echo(f"unexported {ref}")
+    _done(
+        json_out,
+        {"unexported": ref, "pool": pool, "volume": vol, "snapshot": snap},
+        f"unexported {ref}",
+    )
 
 
 # ---------------------------------------------------------------- initiator
@@ -1402,6 +1485,7 @@ def initiator_delete(
         str | None,
         typer.Option("--token", metavar="HEX", help="The request token that made it (exact)."),
     ] = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Delete a snapshot of the LUN's volume in-band (by NAME or --token)."""
     from dmsnap.scsi import initiator, snapcmd
@@ -1414,14 +1498,22 @@ def initiator_delete(
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         initiator.delete(device, tok)
-        typer.echo(f"deleted the snapshot of request {tok.hex()}")
+        _done(
+            json_out,
+            {"deleted": "snapshot", "device": device, "token": tok.hex()},
+            f"deleted the snapshot of request {tok.hex()}",
+        )
         return
     assert name is not None
     why = snapcmd.check_name(name)
     if why:
         raise InvalidArgument(why)
     e = initiator.delete_named(device, name)
-    typer.echo(f"deleted snapshot {name} (token {e.token.hex()})")
+    _done(
+        json_out,
+        {"deleted": "snapshot", "device": device, "name": name, "token": e.token.hex()},
+        f"deleted snapshot {name} (token {e.token.hex()})",
+    )
 
 
 @initiator_app.command(
@@ -1508,12 +1600,17 @@ def initiator_schedule(
 
 @app.command()
 def status(json_out: JsonOpt = False) -> None:
-    """Summarise pools (space, writecache, health), volumes and snapshots."""
+    """Summarise health (what is degraded and why), pools (space, journal,
+    writecache), volumes, snapshots, exports and schedules."""
     st = _call("status")
-    if json_out:
-        print_json(st)
-        return
     st = st if isinstance(st, dict) else {}
+    problems = _status_problems(st)
+    if json_out:
+        # the daemon's status, with every problem found (exports, schedules too)
+        print_json({**st, "degraded": bool(problems), "problems": problems})
+        return
+    n = len(problems)
+    typer.echo(f"health: DEGRADED, {n} problem{'s' if n != 1 else ''}" if n else "health: ok")
     pools = [p for p in st.get("pools") or [] if isinstance(p, dict)]
     if pools:
         _print_pools(pools)
@@ -1532,12 +1629,36 @@ def status(json_out: JsonOpt = False) -> None:
     pending = st.get("pending")
     if isinstance(pending, int) and pending:
         typer.echo(f"{pending} operation(s) pending recovery")
-    # The daemon's own summary if it gives one, else each pool's.
+    for line in problems:
+        typer.echo(f"warning: {line}")
+
+
+def _status_problems(st: dict[str, Any]) -> list[str]:
+    """Every problem an operator must see: the pools' (the daemon's health
+    lines, else each pool's), exports not serving, schedules whose last
+    attempt failed. A daemon that cannot list exports or schedules (an
+    older one) leaves them out."""
+    pools = [p for p in st.get("pools") or [] if isinstance(p, dict)]
     problems = st.get("health")
     if not isinstance(problems, list):
         problems = [f"{p.get('name')}: {h}" for p in pools for h in (p.get("health") or [])]
-    for line in problems:
-        typer.echo(f"warning: {line}")
+    problems = [str(x) for x in problems]
+    try:
+        exports = _call("export.list")
+    except UserError:
+        exports = []
+    for ex in exports if isinstance(exports, list) else []:
+        if isinstance(ex, dict) and (ex.get("error") or not ex.get("running", True)):
+            why = ex.get("error") or "not running"
+            problems.append(f"export {ex.get('ref')}: not serving: {why}")
+    try:
+        schedules = _call("schedule.list")
+    except UserError:
+        schedules = []
+    for sch in schedules if isinstance(schedules, list) else []:
+        if isinstance(sch, dict) and sch.get("last_error"):
+            problems.append(f"schedule {sch.get('name')}: {sch.get('last_error')}")
+    return problems
 
 
 @daemon_app.command("ping")
@@ -1560,9 +1681,13 @@ def daemon_stop(
         bool,
         typer.Option("--teardown", help="Also deactivate every pool, volume and snapshot."),
     ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Stop dmsnapd (devices stay up unless --teardown)."""
     _call("daemon.stop", teardown=teardown)
+    if json_out:
+        print_json({"stopping": True, "teardown": teardown})
+        return
     typer.echo(
         "dmsnapd is stopping"
         + (" and tearing down every device" if teardown else " (devices stay up)")

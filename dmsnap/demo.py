@@ -28,9 +28,9 @@ from dmsnap.dm import DeviceMapper, Role, make_uuid
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
 from dmsnap.storage import loop
+from dmsnap.units import Bytes, Sectors
 
 MiB = 1024 * 1024
-SECTOR = 512
 POOL = "demo"
 
 
@@ -73,16 +73,16 @@ def run(keep: bool = False, workdir: str | None = None) -> int:
         def create(name: str, role: Role, table: Table, read_only: bool = False) -> str:
             info = dm.create(name, make_uuid(role, name), table, read_only=read_only)
             made.append(name)
-            _say(f"created {info.path} ({table.size * SECTOR // MiB} MiB, {role.value})")
+            _say(f"created {info.path} ({Bytes.of(table.size) // MiB} MiB, {role.value})")
             return info.devno
 
         wc = create(
             f"dmsnap-{POOL}-wc",
             Role.INTERNAL,
-            Table.single(data.size // SECTOR, t.Writecache("s", data.devno, cache.devno, 4096)),
+            Table.single(Sectors.of(data.size), t.Writecache("s", data.devno, cache.devno, 4096)),
         )
-        meta_sectors = 16 * MiB // SECTOR
-        data_sectors = data.size // SECTOR - meta_sectors
+        meta_sectors = Sectors.of(16 * MiB)
+        data_sectors = Sectors.of(data.size) - meta_sectors
         tmeta = create(
             f"dmsnap-{POOL}-tmeta", Role.INTERNAL, Table.single(meta_sectors, t.Linear(wc, 0))
         )
@@ -100,7 +100,7 @@ def run(keep: bool = False, workdir: str | None = None) -> int:
                 t.ThinPool(tmeta, tdata, 128, 1024, error_if_no_space=True),
             ),
         )
-        vol_sectors = 256 * MiB // SECTOR
+        vol_sectors = Sectors.of(256 * MiB)
         dm.message(pool_name, "create_thin 0")
         vol = f"dmsnap-{POOL}-vol"
         create(vol, Role.VOLUME, Table.single(vol_sectors, t.Thin(tpool, 0)))

@@ -34,6 +34,7 @@ from dmsnap.scsi import DEFAULT_WORKER_NICE
 log = logging.getLogger("dmsnapd")
 
 DEFAULT_STATE_DIR = "/var/lib/dmsnap"
+DEFAULT_METRICS = "127.0.0.1:9723"  # loopback only: exposing it is the operator's choice
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # syslog priorities for journald's "<N>" line prefix.
@@ -91,6 +92,98 @@ def _real_manager(state_dir: str, worker_nice: int = DEFAULT_WORKER_NICE) -> Any
     return Manager(state_dir, worker_nice=worker_nice)
 
 
+class _ErrorCount(logging.Handler):
+    """Counts the errors dmsnapd logs (dmsnap_daemon_errors_total)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+def _count_start(state_dir: str) -> int:
+    """How often dmsnapd has started on this state directory, this start
+    included (dmsnap_daemon_starts_total: restarts show as its increase).
+    Kept in a small file beside the catalog, under the state lock."""
+    path = os.path.join(state_dir, "daemon.starts")
+    try:
+        with open(path) as f:
+            n = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        n = 0
+    n += 1
+    try:
+        with open(path + ".new", "w") as f:
+            f.write(f"{n}\n")
+        os.replace(path + ".new", path)
+    except OSError as e:
+        log.warning("cannot record the start count in %s: %s", path, e.strerror)
+    return n
+
+
+class _Metrics:
+    """The metrics endpoint (dmsnap.metrics), bound before the Manager
+    exists (a port conflict is found before any device is touched) and
+    given the storage core once it is assembled."""
+
+    def __init__(self, address: str, state_dir: str) -> None:
+        from dmsnap.metrics.collector import Collector, DaemonInfo, LagClock
+        from dmsnap.metrics.core import ManagerView
+        from dmsnap.metrics.server import MetricsServer
+        from dmsnap.scsi.tcmu import LATENCY_BOUNDS
+
+        self._view_type, self._lag_type = ManagerView, LagClock
+        self.errors = _ErrorCount()
+        logging.getLogger().addHandler(self.errors)
+        self.info = DaemonInfo(
+            version=__version__, starts=_count_start(state_dir), errors=lambda: self.errors.count
+        )
+        self.collector = Collector(_NoCore(), self.info, LATENCY_BOUNDS)
+        self.server = MetricsServer(self.collector, address)
+        self.lag: Any = None
+
+    def start(self) -> None:
+        self.server.start()
+
+    def attach(self, manager: Any, schedules: Any) -> None:
+        view = self._view_type(manager)
+        self.lag = self._lag_type(view.journal_stats)
+        self.lag.start()
+        self.collector.lag = self.lag
+        self.collector.core = view
+        if schedules is not None:
+            self.info.schedules = schedules.list
+        from dmsnap.storage.inband import request_counts
+        from dmsnap.storage.snapshots import MARKER_BOUNDS, marker_latencies
+
+        self.info.inband = request_counts
+        self.info.markers, self.info.marker_bounds = marker_latencies, MARKER_BOUNDS
+
+    def stop(self) -> None:
+        if self.lag is not None:
+            self.lag.stop()
+        self.server.stop()
+        logging.getLogger().removeHandler(self.errors)
+
+
+class _NoCore:
+    """The storage core before assembly: nothing to report yet."""
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def snapshot_list(self) -> list[Any]:
+        return []
+
+    def export_list(self) -> list[Any]:
+        return []
+
+    def journal_stats(self) -> dict[str, Any]:
+        return {}
+
+
 def run_daemon(
     state_dir: str,
     socket_path: str,
@@ -100,12 +193,14 @@ def run_daemon(
     policy: PeerPolicy | None = None,
     install_signals: bool = True,
     on_serving: Callable[[Server], None] | None = None,
+    metrics: str | None = None,
     on_event: str | None = None,
 ) -> int:
     """Run the daemon to completion; return its exit code.
 
     ``manager_factory`` (default: the real Manager) and ``notifier`` are
     parameters so the daemon's own logic can be exercised without a kernel.
+    ``metrics``: the metrics endpoint's ADDR:PORT (None: none).
     """
     state_dir = os.path.abspath(state_dir)
     try:
@@ -119,27 +214,66 @@ def run_daemon(
         log.error("%s", e.message)
         return 1
     with lock:
-        notifier = notifier if notifier is not None else Notifier()
-        server = Server(socket_path, policy=policy, notifier=notifier)
-        if install_signals and threading.current_thread() is threading.main_thread():
-
-            def on_signal(signum: int, _frame: object) -> None:
-                server.request_stop()
-
-            signal.signal(signal.SIGTERM, on_signal)
-            signal.signal(signal.SIGINT, on_signal)
-            # Socket peers that vanish must not kill us.
-            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        exporter = None
+        if metrics is not None:
+            try:
+                exporter = _Metrics(metrics, state_dir)
+            except UserError as e:  # a malformed --metrics: the administrator's to fix
+                log.error("%s", e.message)
+                return 1
+            try:
+                exporter.start()
+            except UserError as e:
+                # A port someone else took must not keep the storage down
+                # (initiators' commands time out in the ring meanwhile);
+                # Prometheus sees the target down and alerts.
+                log.error("%s; serving storage without metrics", e.message)
+                exporter.stop()
+                exporter = None
         try:
-            server.bind()
-        except UserError as e:
-            log.error("%s", e.message)
-            server.close()
-            return 1
-        try:
-            return _run_manager(state_dir, server, notifier, manager_factory, on_serving, hook)
+            return _run_locked(
+                state_dir, socket_path, manager_factory, notifier, policy, install_signals,
+                on_serving, exporter, hook,
+            )  # fmt: skip
         finally:
-            server.close()
+            if exporter is not None:
+                exporter.stop()
+
+
+def _run_locked(
+    state_dir: str,
+    socket_path: str,
+    manager_factory: Callable[[str], Any] | None,
+    notifier: Notifier | None,
+    policy: PeerPolicy | None,
+    install_signals: bool,
+    on_serving: Callable[[Server], None] | None,
+    exporter: _Metrics | None,
+    hook: EventHook | None,
+) -> int:
+    notifier = notifier if notifier is not None else Notifier()
+    server = Server(socket_path, policy=policy, notifier=notifier)
+    if install_signals and threading.current_thread() is threading.main_thread():
+
+        def on_signal(signum: int, _frame: object) -> None:
+            server.request_stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        # Socket peers that vanish must not kill us.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        server.bind()
+    except UserError as e:
+        log.error("%s", e.message)
+        server.close()
+        return 1
+    try:
+        return _run_manager(
+            state_dir, server, notifier, manager_factory, on_serving, exporter, hook
+        )
+    finally:
+        server.close()
 
 
 def _run_manager(
@@ -148,6 +282,7 @@ def _run_manager(
     notifier: Notifier,
     manager_factory: Callable[[str], Any] | None,
     on_serving: Callable[[Server], None] | None,
+    exporter: _Metrics | None = None,
     on_event: EventHook | None = None,
 ) -> int:
     notifier.status("assembling")
@@ -181,6 +316,8 @@ def _run_manager(
         schedules = _start_schedules(manager, state_dir)
         if schedules is not None:
             server.services["schedules"] = schedules
+        if exporter is not None and callable(getattr(manager, "status", None)):
+            exporter.attach(manager, schedules)
         watcher = devwatch = None
         if callable(getattr(manager, "health", None)):
             tick = getattr(manager, "autoextend", None)
@@ -257,6 +394,10 @@ def _worker_nice(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dmsnapd",
         description="dmsnap daemon: owns the storage stack and serves the dmsnap CLI.",
@@ -300,8 +441,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "full or failing, a snapshot invalidated; environment DMSNAP_EVENT "
         "(problem|recovered), DMSNAP_POOL, DMSNAP_MESSAGE (env DMSNAP_ON_EVENT)",
     )
+    p.add_argument(
+        "--metrics",
+        default=os.environ.get("DMSNAP_METRICS") or DEFAULT_METRICS,
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (docs/metrics.md); "
+        "loopback only by default, ':PORT' listens on every address "
+        "(env DMSNAP_METRICS; default %(default)s)",
+    )
+    p.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
     p.add_argument("--version", action="version", version=f"dmsnapd {__version__}")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -312,12 +462,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(var, None)
     factory = functools.partial(_real_manager, worker_nice=args.worker_nice)
+    metrics = None if args.no_metrics else args.metrics
     sys.exit(
         run_daemon(
             args.state_dir,
             args.socket,
             notifier=notifier,
             manager_factory=factory,
+            metrics=metrics,
             on_event=args.on_event,
         )
     )

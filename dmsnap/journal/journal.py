@@ -106,6 +106,8 @@ class JournalStats:
     mem_limit: int
     backlog_bytes: int
     no_space: int
+    confirmed_seq: int
+    confirm_rewinds: int
 
     @property
     def fill(self) -> float:
@@ -528,6 +530,38 @@ class Journal:
             lib.jr_set_no_space(j, err)
         finally:
             self._leave()
+
+    def set_confirm(self, on: bool) -> None:
+        """Whether synced records wait for :meth:`confirm` before the
+        checkpoint passes them: see jr_set_confirm."""
+        j = self._enter()
+        try:
+            lib.jr_set_confirm(j, 1 if on else 0)
+        finally:
+            self._leave()
+
+    def confirm_mark(self) -> int:
+        """Before a look at the devices below: a token for :meth:`confirm`
+        (what is synced now)."""
+        j = self._enter()
+        try:
+            return int(lib.jr_confirm_mark(j))
+        finally:
+            self._leave()
+
+    def confirm(self, token: int) -> bool:
+        """The look begun with ``token`` found the devices below healthy:
+        what was synced before it is durable. False if a no-space transition
+        came in between (the look confirms nothing)."""
+        j = self._enter()
+        try:
+            rc = lib.jr_confirm(j, token)
+        finally:
+            self._leave()
+        if rc == -_errno.ESTALE:
+            return False
+        _check(rc, "confirm")
+        return True
 
     def marker_done(self, marker_id: int) -> None:
         j = self._enter()

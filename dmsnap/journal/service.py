@@ -31,9 +31,17 @@ log = logging.getLogger("dmsnap.journal")
 Json = dict[str, Any]
 # materialize(marker_id, request) -> result (JSON-able); raises on failure.
 Materialize = Callable[[int, Json], Json]
-# space_probe() -> why the pool below cannot take new blocks (a thin pool out
-# of metadata space), or None when it can; called without the Manager's lock.
-SpaceProbe = Callable[[], str | None]
+# space_probe() -> (why the pool below cannot take new blocks (a thin pool out
+# of metadata space) or None when it can, whether it was seen healthy: what
+# was synced onto it before the look is durable); called without the
+# Manager's lock.
+SpaceProbe = Callable[[], tuple[str | None, bool]]
+
+# TEST ONLY: while the file this names exists, the journal does not look at
+# the pool below (no no-space transition, no confirmation), so a test can
+# hold open the window between dm-thin's switch to read-only and that look
+# (tests/kernel/test_thin_metadata_full.py). Never set it in production.
+HOLD_PROBE_ENV = "DMSNAP_TEST_HOLD_SPACE_PROBE"
 
 
 class Holds(Protocol):
@@ -58,6 +66,7 @@ class PoolJournal:
         lock: threading.RLock,
         holds: Holds,
         space_probe: SpaceProbe | None = None,
+        confirm: bool = False,
     ) -> None:
         self.pool = pool
         self.journal = journal
@@ -81,6 +90,9 @@ class PoolJournal:
         self._full_checked = 0.0
         self._pool_full = False
         self._space_probe = space_probe
+        self._probe_lock = threading.Lock()  # the marker thread and waiters under the lock
+        # the checkpoint passes only what a look at the pool confirmed
+        self._confirm = confirm and space_probe is not None
         self.no_space_reason: str | None = None
         self._replayed: tuple[int, Callable[[], None]] | None = None
 
@@ -106,6 +118,8 @@ class PoolJournal:
             self.forget(vid)
         for vid, (path, size) in volumes.items():
             self.attach(vid, path, size)
+        if self._confirm:
+            self.journal.set_confirm(True)
         self.check_space()  # before the first write is taken
         self.journal.start()
         self._thread = threading.Thread(
@@ -144,6 +158,7 @@ class PoolJournal:
                     f"pool {self.pool}: journal replay: {_errname(st.journal_error)}",
                 )
             self.serve_markers(0.05)
+            self.check_space()  # confirms what was replayed: room behind the checkpoint
             st = self.journal.stats()
             if st.flushed_seq != last:
                 last, since = st.flushed_seq, time.monotonic()
@@ -282,6 +297,10 @@ class PoolJournal:
                         left = max(0, target - self.journal.stats().checkpoint_seq)
                         task.update((task.total or 0) - left)
                     raise
+            if self.journal.stats().checkpoint_seq < target:
+                # synced, not confirmed yet (or the flusher was rewound):
+                # _until looks at the pool and tries again
+                raise JournalError(errno.ETIMEDOUT, "records synced, not yet confirmed")
             if task is not None:
                 task.update(task.total or 0)
 
@@ -299,6 +318,7 @@ class PoolJournal:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"pool {self.pool}: journal: {e}") from None
             self.serve_markers()
+            self.check_space()  # the confirmation a wait for the checkpoint needs
 
     # -- markers ----------------------------------------------------------------------
 
@@ -412,25 +432,42 @@ class PoolJournal:
         journal (the SCSI fast path refuses writes while it cannot; the
         flusher keeps discards). A thin pool out of metadata space fails the
         flusher's writes with EIO, which alone says nothing about space;
-        the marker thread asks about every 0.25 s, and so does start()."""
+        the marker thread asks about every 0.25 s, and so does start(),
+        and so does whoever waits for the flusher (_until).
+
+        The same look confirms (with ``confirm``) what the flusher had
+        synced before it: a thin pool seen writable then kept it. Going
+        read-only rewinds the journal to the last confirmed record: what
+        was applied since is written again once the pool has room."""
         if self._space_probe is None:
             return
-        try:
-            reason = self._space_probe()
-        except Exception as e:  # never let monitoring kill the marker thread
-            log.error("pool %s: space check failed: %s", self.pool, e)
-            return
-        if reason == self.no_space_reason:
-            return
-        try:
-            self.journal.set_no_space(-errno.ENOSPC if reason else 0)
-        except JournalError:
-            return  # closing
-        if reason:
-            log.warning("pool %s: new writes refused: %s", self.pool, reason)
-        else:
-            log.info("pool %s: writable again; new writes accepted", self.pool)
-        self.no_space_reason = reason
+        hold = os.environ.get(HOLD_PROBE_ENV)
+        if hold and os.path.exists(hold):
+            return  # test only: the window held open
+        with self._probe_lock:
+            try:
+                token = self.journal.confirm_mark() if self._confirm else 0
+                reason, healthy = self._space_probe()
+            except JournalError:
+                return  # closing
+            except Exception as e:  # never let monitoring kill the marker thread
+                log.error("pool %s: space check failed: %s", self.pool, e)
+                return
+            if reason != self.no_space_reason:
+                try:
+                    self.journal.set_no_space(-errno.ENOSPC if reason else 0)
+                except JournalError:
+                    return  # closing
+                if reason:
+                    log.warning("pool %s: new writes refused: %s", self.pool, reason)
+                else:
+                    log.info("pool %s: writable again; new writes accepted", self.pool)
+                self.no_space_reason = reason
+            if self._confirm and healthy and not reason:
+                try:
+                    self.journal.confirm(token)
+                except JournalError:
+                    return  # closing
 
     # -- data path (no Manager lock) ------------------------------------------------
 
@@ -507,6 +544,10 @@ def status_json(pj: PoolJournal) -> Json:
         "no_space": pj.no_space_reason,
         # failed fdatasyncs whose records were written again from the journal
         "sync_rewinds": st.sync_rewinds,
+        # thin: records synced but not yet confirmed by a look at the pool
+        # (the checkpoint waits for it), and no-space rewinds to that point
+        "unconfirmed_records": st.synced_seq - st.confirmed_seq,
+        "confirm_rewinds": st.confirm_rewinds,
         "flusher_waiting_volume": st.waiting_volume or None,
         "last_marker_error": pj.last_error,
         # cumulative since the journal opened: appends/commits is the group

@@ -113,11 +113,16 @@ class Running:
     def backstore(self) -> lio.Backstore:
         return self.paths[0].backstore
 
-    def stats(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+    def stats(self) -> dict[str, Any]:
+        """The paths' counters added up (histograms bucket by bucket)."""
+        total: dict[str, Any] = {}
         for p in self.paths:
             for k, v in p.device.stats().items():
-                total[k] = total.get(k, 0) + v
+                if isinstance(v, list):
+                    prev = total.get(k) or [0] * len(v)
+                    total[k] = [a + b for a, b in zip(prev, v, strict=True)]
+                else:
+                    total[k] = total.get(k, 0) + v
         return total
 
     def stop(self) -> None:

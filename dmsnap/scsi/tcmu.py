@@ -24,6 +24,12 @@ GOOD = 0x00
 CHECK_CONDITION = 0x02
 BUSY = 0x08
 
+# Upper bounds (seconds) of the fast path's latency buckets (csrc/tcmu.h,
+# TC_LAT_*); a last bucket, +Inf, follows.
+LATENCY_BOUNDS: tuple[float, ...] = tuple(
+    (lib.TC_LAT_FIRST_US << i) / 1e6 for i in range(lib.TC_LAT_BUCKETS - 1)
+)
+
 
 @dataclass(frozen=True)
 class Command:
@@ -146,16 +152,22 @@ class TcmuDevice:
     def set_descriptor_sense(self, on: bool) -> None:
         lib.tc_set_desc_sense(self._d, 1 if on else 0)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        """The ring's counters; ``read_latency``/``write_latency``: the
+        fast path's latency histogram, one count per bucket of
+        :data:`LATENCY_BOUNDS` (not cumulative; the last bucket is +Inf)."""
         st = ffi.new("struct tc_stats *")
         lib.tc_get_stats(self._d, st)
-        return {
+        out: dict[str, Any] = {
             k: int(getattr(st, k))
             for k in (
                 *("fetched", "fast_reads", "fast_writes", "slow", "errors", "busy", "inflight"),
-                "kicks",
+                *("kicks", "read_bytes", "write_bytes", "read_ns", "write_ns"),
             )
         }
+        out["read_latency"] = [int(x) for x in st.read_lat]
+        out["write_latency"] = [int(x) for x in st.write_lat]
+        return out
 
     def close(self) -> None:
         """Stop; commands not complete are answered BUSY (initiators retry)."""

@@ -245,6 +245,15 @@ class Backend(ABC):
         blocks now, or None."""
         return None
 
+    # Whether what the journal synced onto this backend's devices may still
+    # be lost below (so it waits for space_state() to confirm it).
+    confirms_durability = False
+
+    def space_state(self) -> tuple[str | None, bool]:
+        """For the journal (no control lock): (no_space_reason(), whether
+        the pool was seen healthy, so what was synced before is durable)."""
+        return self.no_space_reason(), True
+
     def unmap_granularity(self) -> int | None:
         """Bytes in which a discard gives space back (None: any)."""
         return None

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from dmsnap.units import Bytes
+
 SCHEMA_VERSION = 6  # 2: markers, 3: exports, 4: exports.snapshot_allow, 5: AUTOINCREMENT,
 # 6: schedules, schedule_snapshots
 
@@ -611,7 +613,8 @@ class Catalog:
                 (snap_id, start, sectors),
             )
             db.execute(
-                "UPDATE snapshots SET cow_size = cow_size + ? WHERE id=?", (sectors * 512, snap_id)
+                "UPDATE snapshots SET cow_size = cow_size + ? WHERE id=?",
+                (Bytes.of(sectors), snap_id),
             )
 
     def group_by_token(self, pool_id: int, token: str) -> int | None:

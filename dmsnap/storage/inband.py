@@ -11,6 +11,8 @@ or catalog itself.
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -45,6 +47,25 @@ class SnapshotCore(Protocol):
     def request_view(self, pool: str, vol: str, *, token: str | None = None) -> RequestView: ...
 
 
+# In-band CREATE requests since the daemon started, by (pool, result):
+# "accepted" (made, or durable and pending), "repeated" (a retry of one
+# made already), or the refusal's kind (snapcmd.ErrorKind values). Read by
+# the metrics (dmsnap_inband_requests_total); counted on the control path
+# only, never per I/O.
+_requests: Counter[tuple[str, str]] = Counter()
+_requests_lock = threading.Lock()
+
+
+def request_counts() -> dict[tuple[str, str], int]:
+    with _requests_lock:
+        return dict(_requests)
+
+
+def _count(pool: str, result: str) -> None:
+    with _requests_lock:
+        _requests[(pool, result)] += 1
+
+
 _KIND = {
     E.InvalidArgument: SC.ErrorKind.INVALID_NAME,
     E.AlreadyExists: SC.ErrorKind.INVALID_NAME,
@@ -64,6 +85,14 @@ class InbandSnapshots:
         self.m, self.pool, self.vol, self.wait_timeout = core, pool, vol, wait_timeout
 
     def create(self, lun: Lun, request: SC.CreateRequest) -> None:
+        try:
+            result = self._create(request)
+        except SC.SnapshotError as e:
+            _count(self.pool, e.kind.value)
+            raise
+        _count(self.pool, result)
+
+    def _create(self, request: SC.CreateRequest) -> str:
         view = self.m.request_view(self.pool, self.vol, token=request.token.hex())
         earlier = view.markers[-1] if view.markers else None
         if earlier is not None and earlier.state == MarkerState.FAILED:
@@ -71,7 +100,7 @@ class InbandSnapshots:
             why = earlier.error or "failed"
             raise SC.SnapshotError(SC.ErrorKind.FAILED, why, marker=earlier.id)
         if earlier is not None and earlier.state == MarkerState.DONE:
-            return  # made already (and maybe deleted since): a retry makes nothing new
+            return "repeated"  # made already (and maybe deleted since): a retry makes nothing new
         if request.group:
             refs = [[self.pool, n] for n in sorted(view.visible.values())]
         else:
@@ -92,6 +121,7 @@ class InbandSnapshots:
             raise SC.SnapshotError(kind, e.message) from None
         if r.get("state") == MarkerState.FAILED:
             raise SC.SnapshotError(SC.ErrorKind.FAILED, r.get("error") or "snapshot failed")
+        return "accepted"
 
     def _entry(self, mk: Marker, view: RequestView) -> SC.SnapEntry:
         state = {MarkerState.PENDING: SC.State.PENDING, MarkerState.DONE: SC.State.DONE}.get(

@@ -78,9 +78,11 @@ class PoolJournals:
             raise E.Unavailable(f"pool {pool.name}: journal {where}: {e}") from None
         pid = pool.id
 
-        def space_probe() -> str | None:
+        def space_probe() -> tuple[str | None, bool]:
             b = self._backends.get(pid)
-            return b.no_space_reason() if b is not None else None
+            return b.space_state() if b is not None else (None, False)
+
+        b = self._backends.get(pid)
 
         pj = PoolJournal(
             pool.name,
@@ -90,6 +92,7 @@ class PoolJournals:
             self._lock,
             devices.Holds(),  # the volumes' dm devices, held while attached
             space_probe=space_probe,
+            confirm=b is not None and b.confirms_durability,
         )
         vols = {v.id: (dm_path(pool.name, v.name), v.size) for v in self.catalog.volumes(pool.name)}
         try:
@@ -135,6 +138,31 @@ class PoolJournals:
             log.error("pool %s: journal did not drain: %s%s", pj.pool, e, kept)
         finally:
             self._holds.release(("journal", pool_id))
+
+    def stop_all(self, *, drain: bool = True, stall: float | None = None) -> None:
+        for pid in list(self.by_pool):
+            self.stop(pid, drain=drain, stall=stall)
+
+    def repair(self, pool: Pool, discard_after: int) -> int:
+        """Drop record ``discard_after`` and every later one from the pool's
+        NV journal, which is not running (its opening was refused, naming
+        the record: ``Journal.repair``). Returns how many were dropped."""
+        if journal_mode(pool) != "nv":
+            raise E.InvalidArgument(f"pool {pool.name} has no NV journal: nothing to repair")
+        if pool.id in self.by_pool:
+            raise E.Busy(f"pool {pool.name}: its journal opened and is running: nothing to repair")
+        try:
+            rep = Journal.repair(pool.config["journal"]["path"], discard_after)
+        except JournalError as e:
+            raise E.InvalidArgument(f"pool {pool.name}: {e}") from None
+        log.warning(
+            "pool %s: journal repaired: %d record(s) from %d on dropped (up to %d)",
+            pool.name,
+            rep.dropped,
+            discard_after,
+            rep.last_seq,
+        )
+        return rep.dropped
 
     def abandon(self, pool: Pool) -> None:
         """Stop a pool's journal that is being destroyed with the pool: the

@@ -37,6 +37,8 @@ import uuid as uuidlib
 import zlib
 from dataclasses import dataclass
 
+from dmsnap.units import Sectors
+
 MAGIC = b"DMSNAPLB"
 VERSION = 1
 SIZE = 4096
@@ -44,7 +46,7 @@ ROLES = {"data": 1, "cache": 2, "journal": 3}
 _ROLE_NAMES = {v: k for k, v in ROLES.items()}
 _FMT = struct.Struct("<8sII16sQQQI")  # up to the crc
 assert _FMT.size == 60
-CACHE_START_SECTORS = SIZE // 512  # dm-writecache's start_sector on a labelled cache
+CACHE_START_SECTORS = Sectors.of(SIZE)  # dm-writecache's start_sector on a labelled cache
 
 
 @dataclass(frozen=True)

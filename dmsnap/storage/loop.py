@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from dmsnap import progress
 from dmsnap.storage._loopffi import ffi, lib
+from dmsnap.units import Bytes
 
 LOOP_CONTROL = "/dev/loop-control"
 ZERO_PIECE = 64 << 20  # zero_range's step: one progress report each
@@ -39,7 +40,7 @@ class LoopDevice:
     @property
     def size(self) -> int:
         with open(f"/sys/block/loop{self.number}/size") as f:
-            return int(f.read()) * 512
+            return Bytes.of(int(f.read()))  # sysfs counts 512-byte sectors
 
 
 def _ioctl(fd: int, req: int, arg: object, what: str) -> int:

@@ -10,10 +10,13 @@ This class is the table of contents: each public operation checks its
 arguments, takes the control lock and composes the parts beside it, which
 never call back into it:
 
-* :mod:`dmsnap.storage.stack`: a pool's disks, files and dm layers;
+* :mod:`dmsnap.storage.stack`: a pool's disks, files and dm layers, built
+  and torn down;
 * :mod:`dmsnap.storage.pending`: every kernel change bracketed by a pending
   record in the catalog, rolled forward or back after a crash;
-* :mod:`dmsnap.storage.journals`: the pools' running journals;
+* :mod:`dmsnap.storage.assembly`: every pool brought up at a start;
+* :mod:`dmsnap.storage.journals`: the pools' running journals, repaired;
+* :mod:`dmsnap.storage.policy`: a pool's policy (``pool set``, autoextend);
 * :mod:`dmsnap.storage.snapshots`: a snapshot request, the cut, the wait;
 * :mod:`dmsnap.storage.views`: the JSON answers;
 * :mod:`dmsnap.storage.volume_io`: a journaled volume's data path;
@@ -27,20 +30,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import threading
 from typing import Any
 
 from dmsnap import errors as E
 from dmsnap import rules
-from dmsnap.dm import DeviceMapper, DmError, DmUnavailable
-from dmsnap.journal.journal import Journal, JournalError
+from dmsnap.dm import DeviceMapper, DmUnavailable
 from dmsnap.journal.service import PoolJournal
 from dmsnap.rules import MiB
 from dmsnap.scsi import DEFAULT_WORKER_NICE
 from dmsnap.storage import devices, names
 from dmsnap.storage._common import Json, locked, locked_user_errors, user_errors
-from dmsnap.storage.backend import journal_mode
+from dmsnap.storage.assembly import Assembly
 from dmsnap.storage.catalog import Catalog, Pool, Snapshot
 from dmsnap.storage.catalog import NotFound as CatNotFound
 from dmsnap.storage.exports import Exports
@@ -49,8 +50,9 @@ from dmsnap.storage.inband import RequestView
 from dmsnap.storage.journals import PoolJournals, dm_path
 from dmsnap.storage.layers import ensure
 from dmsnap.storage.pending import PendingOps
+from dmsnap.storage.policy import PoolPolicy
 from dmsnap.storage.snapshots import SnapshotCuts, WaitFor
-from dmsnap.storage.stack import BACKENDS, PoolStack, check_journal_memory, zero
+from dmsnap.storage.stack import PoolStack
 from dmsnap.storage.views import Views, link
 from dmsnap.storage.volume_io import VolumeIO
 
@@ -83,7 +85,6 @@ class Manager:
         except DmUnavailable as e:
             raise E.Unavailable(str(e)) from None
         self.pool_errors: dict[str, str] = {}  # pool name -> why it is not assembled
-        self._cannot_grow: set[str] = set()  # COW areas logged as not growable
         # The one control lock (docs/design.md, "Locks"): every public
         # operation takes it itself, for as long as it reads or changes the
         # catalog, the dm control fd or LIO, and every marker's snapshot is
@@ -110,6 +111,10 @@ class Manager:
             self.pool_errors,
             self.stack.backends,
         )
+        self.assembly = Assembly(
+            self.dm, self.catalog, self.stack, self.pending, self.journals, self.pool_errors
+        )
+        self.policy = PoolPolicy(self.catalog, self.stack, self.journals, self.pool_errors)
         self.views = Views(self.dm, self.catalog, self.stack, self.journals, self.pool_errors)
         # Set when the daemon stops: requests waiting for a snapshot answer.
         self._interrupted = threading.Event()
@@ -135,10 +140,9 @@ class Manager:
         self.interrupt_waits()
         with self.lock:
             self.exports.stop_all(keep=True)
-            for pid in list(self.journals.by_pool):
-                # A stalled NV pool must not hold the stop: its records are
-                # durable in the journal and replayed at the next start.
-                self.journals.stop(pid, drain=drain, stall=NV_STOP_STALL_S)
+            # A stalled NV pool must not hold the stop: its records are
+            # durable in the journal and replayed at the next start.
+            self.journals.stop_all(drain=drain, stall=NV_STOP_STALL_S)
             self._holds.release_all()
             self.catalog.close()
             self.dm.close()
@@ -147,83 +151,12 @@ class Manager:
 
     @locked
     def assemble(self) -> Json:
-        """Bring every pool, volume and active snapshot up as the catalog says.
-        Idempotent: existing devices are checked and kept."""
-        report: Json = {"pools": {}, "recovered": []}
-        self.stack.backends.clear()
-        for pool in self.catalog.pools():
-            try:
-                self._assemble_pool(pool)
-                report["pools"][pool.name] = "ok"
-                self.pool_errors.pop(pool.name, None)
-            except (E.UserError, DmError, OSError) as e:
-                msg = getattr(e, "message", None) or str(e)
-                log.error("pool %s not assembled: %s", pool.name, msg)
-                report["pools"][pool.name] = msg
-                self.pool_errors[pool.name] = msg
-        report["recovered"] = self.pending.recover()
-        if any(r["result"] == "forward" for r in report["recovered"]):
-            # Recovery recorded what the kernel had done before the crash (a
-            # volume, a classic snapshot): bring it up too, before the
-            # journals start. A journal attaches every volume of its pool
-            # (a missing one refused the pool), and an origin copies old
-            # data only into the snapshots loaded under it (one left out
-            # would later show the data written after it).
-            for pool in self.catalog.pools():
-                if pool.name in self.pool_errors:
-                    continue
-                try:
-                    self._assemble_pool(pool)
-                except (E.UserError, DmError, OSError) as e:
-                    msg = getattr(e, "message", None) or str(e)
-                    log.error("pool %s not assembled after recovery: %s", pool.name, msg)
-                    report["pools"][pool.name] = msg
-                    self.pool_errors[pool.name] = msg
-        # Journals start after recovery: a replayed marker then sees the
-        # catalog as it is, and its snapshot is made exactly once.
-        for pool in self.catalog.pools():
-            if pool.name in self.pool_errors:
-                continue
-            try:
-                self.journals.start(pool)
-            except (E.UserError, DmError, OSError) as e:
-                msg = getattr(e, "message", None) or str(e)
-                log.error("pool %s: journal not started: %s", pool.name, msg)
-                report["pools"][pool.name] = msg
-                self.pool_errors[pool.name] = msg
+        """Bring every pool, volume and active snapshot up as the catalog says,
+        settle what a crash interrupted, start the journals, then the
+        exports. Idempotent: existing devices are checked and kept."""
+        report = self.assembly.run()
         self.exports.start_all(skip=set(self.pool_errors))
         return report
-
-    def _assemble_pool(self, pool: Pool) -> None:
-        backend = self.stack.backend(pool)
-        pending = self.catalog.pending()
-        restoring = {p.payload.get("volume_id") for p in pending if p.kind == "volume.restore"}
-        # A deletion the kernel may have done before a crash (the catalog
-        # commit lost): recovery finishes it; loading the deleted device
-        # first would fail (a deleted thin device: ENODATA, the pool refused).
-        deleting = {p.payload.get("volume_id") for p in pending if p.kind == "volume.delete"}
-        deleting_snaps = {
-            p.payload.get("snapshot_id") for p in pending if p.kind == "snapshot.delete"
-        }
-        for vol in self.catalog.volumes(pool.name):
-            if vol.id in restoring and backend.restores_in_place:
-                continue  # recovery resumes the merge on this volume
-            if vol.id in deleting:
-                continue
-            for layer in backend.volume_layers(vol):
-                ensure(self.dm, layer)
-        for snap in self.catalog.snapshots(pool.name):
-            if snap.id in deleting_snaps or snap.volume_id in deleting:
-                continue
-            for layer in backend.snapshot_layers(snap, active=snap.active):
-                ensure(self.dm, layer)
-        backend.after_assembly(
-            [
-                v
-                for v in self.catalog.volumes(pool.name)
-                if v.id not in restoring and v.id not in deleting
-            ]
-        )
 
     # -- pools ------------------------------------------------------------------------------
 
@@ -265,31 +198,8 @@ class Manager:
             sparse=sparse,
             metadata_size=metadata_size,
         )
-        pending_id = self.catalog.begin_pending(None, "pool.create", {"name": name})
-        try:
-            self.stack.create_files(new)
-            with self.catalog.tx():
-                pool = self.catalog.add_pool(
-                    name,
-                    new.backend,
-                    data_dev=new.data,
-                    cache_dev=new.cache,
-                    size=new.data_bytes,
-                    cache_size=new.cache_bytes,
-                    config=new.layout,
-                )
-                # The pool row commits only together with the kernel work
-                # (same transaction); a crash leaves the pending record.
-                b = self.stack.build(pool, new)
-                self.catalog.end_pending(pending_id)
-            self.stack.backends[pool.id] = b
+        with self.stack.creating(new) as pool:
             self.journals.start(pool)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.stack.undo_create(name)
-            with contextlib.suppress(Exception):
-                self.catalog.end_pending(pending_id)
-            raise
         log.info("pool %s created (%s, %d MiB)", name, new.backend, new.data_bytes // MiB)
         return self.pool_show(name)
 
@@ -305,37 +215,12 @@ class Manager:
         """Change a pool's policy: COW autoextend (threshold 100: off), for
         a backend whose snapshots have COW areas of their own; the RAM its
         NV journal's unflushed records may take, at once."""
-        p = self.catalog.pool(names.check_name("pool", name))
-        changes = {
-            k: v
-            for k, v in (
-                ("cow_autoextend_threshold", cow_autoextend_threshold),
-                ("cow_autoextend_percent", cow_autoextend_percent),
-            )
-            if v is not None
-        }
-        if not changes and journal_memory is None:
-            raise E.InvalidArgument("nothing to set")
-        if journal_memory is not None:
-            check_journal_memory(journal_memory, journal_mode(p))
-        if changes and not BACKENDS[p.backend].snapshot_areas:
-            raise E.InvalidArgument(
-                f"pool {name} is {p.backend}: COW autoextend is for classic pools"
-            )
-        t = changes.get("cow_autoextend_threshold")
-        if t is not None and not 50 <= t <= 100:
-            raise E.InvalidArgument("--cow-autoextend-threshold is a percentage, 50 to 100 (off)")
-        pc = changes.get("cow_autoextend_percent")
-        if pc is not None and not 1 <= pc <= 1000:
-            raise E.InvalidArgument("--cow-autoextend-percent is 1 to 1000")
-        config = {**p.config, **changes}
-        if journal_memory is not None:
-            pj = self.journals.by_pool.get(p.id)
-            if pj is not None:  # a lower limit makes writers wait for the flusher
-                pj.journal.set_mem_limit(journal_memory)
-            config["journal"] = {**p.config["journal"], "memory": journal_memory}
-            changes["journal_memory"] = journal_memory
-        self.catalog.update_pool(p.id, config=config)
+        changes = self.policy.set(
+            self.catalog.pool(names.check_name("pool", name)),
+            cow_autoextend_threshold=cow_autoextend_threshold,
+            cow_autoextend_percent=cow_autoextend_percent,
+            journal_memory=journal_memory,
+        )
         log.info("pool %s: %s", name, ", ".join(f"{k}={v}" for k, v in sorted(changes.items())))
         return self.pool_show(name)
 
@@ -350,9 +235,14 @@ class Manager:
         extension cannot go there). A pool whose metadata needs check is
         refused: dm-thin will not grow it before thin_check/thin_repair."""
         p, backend = self.stack.pool(names.check_name("pool", name))
+        pj = self.journals.by_pool.get(p.id)
+        if pj is not None:
+            # A pool that went read-only since the journal's last look must be
+            # seen so before the resume makes it writable: that look rewinds
+            # the journal to what was confirmed, which the pool may have lost.
+            pj.check_space()
         path = self.stack.extend_metadata(p, backend, size)
         log.info("pool %s: thin metadata extended by %d MiB (%s)", name, size // MiB, path)
-        pj = self.journals.by_pool.get(p.id)
         if pj is not None:
             pj.check_space()  # take writes again now, not at the marker thread's next look
         return self.pool_show(name)
@@ -362,22 +252,7 @@ class Manager:
         """Grow COW areas that passed their pool's threshold (the daemon
         calls this every second). Logs each growth, and once per snapshot
         that it cannot grow."""
-        for p in self.catalog.pools():
-            if not BACKENDS[p.backend].snapshot_areas or p.name in self.pool_errors:
-                continue
-            try:
-                lines = self.stack.backend(p).autoextend()
-            except (E.UserError, DmError, OSError) as e:
-                log.error("pool %s: COW autoextend failed: %s", p.name, getattr(e, "message", e))
-                continue
-            for line in lines:
-                key = line.split(":", 1)[0]
-                if "grown by" in line:
-                    self._cannot_grow.discard(key)
-                    log.info("pool %s: %s", p.name, line)
-                elif key not in self._cannot_grow:
-                    self._cannot_grow.add(key)
-                    log.warning("pool %s: %s", p.name, line)
+        self.policy.autoextend()
 
     @locked_user_errors
     def pool_list(self) -> list[Json]:
@@ -399,33 +274,12 @@ class Manager:
         (its assembly was refused, naming the record): drop record
         ``discard_after`` and every later one (``Journal.repair``), then
         start the pool's journal and exports."""
-        names.check_name("pool", name)
-        pool = self.catalog.pool(name)
-        if journal_mode(pool) != "nv":
-            raise E.InvalidArgument(f"pool {name} has no NV journal: nothing to repair")
-        if pool.id in self.journals.by_pool:
-            raise E.Busy(f"pool {name}: its journal opened and is running: nothing to repair")
-        try:
-            rep = Journal.repair(pool.config["journal"]["path"], discard_after)
-        except JournalError as e:
-            raise E.InvalidArgument(f"pool {name}: {e}") from None
-        log.warning(
-            "pool %s: journal repaired: %d record(s) from %d on dropped (up to %d)",
-            name,
-            rep.dropped,
-            discard_after,
-            rep.last_seq,
-        )
-        self.pool_errors.pop(name, None)
-        state = "ok"
-        try:  # as assemble() does for this pool
-            self._assemble_pool(pool)
-            self.journals.start(pool)
-        except (E.UserError, DmError, OSError) as e:
-            state = self.pool_errors[name] = getattr(e, "message", None) or str(e)
+        pool = self.catalog.pool(names.check_name("pool", name))
+        dropped = self.journals.repair(pool, discard_after)
+        state = self.assembly.restart(pool)
         if state == "ok":
             self.exports.start_all(name)
-        return {"pool": name, "dropped": rep.dropped, "state": state}
+        return {"pool": name, "dropped": dropped, "state": state}
 
     @locked_user_errors
     def pool_destroy(self, name: str, *, force: bool = False) -> None:
@@ -435,27 +289,11 @@ class Manager:
         if vols and not force:
             raise E.Busy(f"pool {name} still has {len(vols)} volume(s); delete them or use --force")
         self.exports.remove_pool(name, force=force)
-        devs = self.stack.pool_devices(pool.name, pool.uuid[:8])
-        journaled = (
-            {names.dm_volume(name, v.name) for v in vols} if self.journal_of(pool) else set()
-        )
-        for d in devs:
-            if d.startswith(names.dm_internal(name, "")) or d in journaled:
-                continue  # the journal holds its volumes open; it stops below
-            if self.stack.open_count(d):
-                raise E.Busy(f"/dev/mapper/{d} is in use; unmount or stop using it first")
+        # the journal holds its volumes open; it stops (abandoned) below
+        held = {names.dm_volume(name, v.name) for v in vols} if self.journal_of(pool) else set()
+        devs = self.stack.check_unused(pool, held)
         self.journals.abandon(pool)
-        self.stack.teardown_devices(devs)
-        jcfg = pool.config.get("journal", {})
-        if "labels" in pool.config:
-            self._disks.wipe(self.catalog.pool_by_id(pool.id))
-        elif jcfg.get("mode") == "nv" and not jcfg.get("embedded"):
-            with contextlib.suppress(OSError):  # never mistaken for a live journal later
-                zero(jcfg["path"], 2 * 4096)
-        self.stack.backends.pop(pool.id, None)
-        self.stack.detach_loops(name)
-        self.catalog.remove_pool(pool.id)
-        shutil.rmtree(self.stack.pool_dir(name), ignore_errors=True)
+        self.stack.destroy(pool, devs)
         self.pool_errors.pop(name, None)
         log.info("pool %s destroyed", name)
 
@@ -472,15 +310,7 @@ class Manager:
             self.catalog.volume(pool, vol)
             raise E.AlreadyExists(f"volume {pool}/{vol} already exists")
         backend.check_volume_room(f"volume {pool}/{vol}", size)
-        plan = backend.plan_volume(size)
-        payload = {"name": vol, "size": size, **plan, **backend.txn()}
-        self.pending.run(
-            p, backend, "volume.create", payload, lambda: backend.create_volume(plan, size)
-        )
-        v = self.catalog.volume(pool, vol)
-        backend.refresh()
-        for layer in backend.volume_layers(v):
-            ensure(self.dm, layer)
+        v = self.pending.create_volume(p, backend, vol, size)
         pj = self.journal_of(p)
         if pj is not None:
             pj.attach(v.id, dm_path(pool, vol), v.size)
@@ -520,14 +350,7 @@ class Manager:
             self.stack.check_not_open(names.dm_volume(pool, vol), f"volume {pool}/{vol}")
             for s in snaps:
                 self.snapshot_delete(pool, vol, s.name)
-            payload = {"volume_id": v.id, "name": vol, **backend.txn()}
-
-            def kernel() -> None:
-                with contextlib.suppress(DmError):
-                    self.dm.remove(names.dm_volume(pool, vol))
-                backend.delete_volume(v)
-
-            self.pending.run(p, backend, "volume.delete", payload, kernel)
+            self.pending.delete_volume(p, backend, v)
         pj = self.journals.by_pool.get(p.id)
         if pj is not None:
             pj.forget(v.id)
@@ -543,14 +366,7 @@ class Manager:
 
     def check_snapshot_valid(self, s: Snapshot) -> None:
         """Refuse to show an invalid snapshot's content as if it were one."""
-        state = self.snapshot_state(s)
-        if state == "invalid":
-            raise E.Unavailable(
-                f"snapshot {s.pool}/{s.volume}@{s.name} is invalid: its COW area overflowed "
-                "and its contents are lost; delete it"
-            )
-        if state != "valid":
-            raise E.Unavailable(f"snapshot {s.pool}/{s.volume}@{s.name} is {state}")
+        self.views.check_valid(s)
 
     @user_errors
     def snapshot_create(
@@ -590,37 +406,15 @@ class Manager:
         self, pool: str, *, marker: int | None = None, token: str | None = None
     ) -> Json:
         """Where a journaled snapshot request stands (by marker id or token)."""
-        names.check_name("pool", pool)
-        p = self.catalog.pool(pool)
-        if (marker is None) == (token is None):
-            raise E.InvalidArgument("name either a marker id or a request token")
-        mk = self.catalog.marker(marker) if marker is not None else None
-        if token is not None:
-            mk = self.catalog.marker_by_token(p.id, token)
-            if mk is None:
-                gid = self.catalog.group_by_token(p.id, token)
-                if gid is not None:  # made by a direct (unjournaled) request
-                    return {**self.views.group(gid), "token": token}
-        if mk is None or mk.pool_id != p.id:
-            raise E.NotFound(f"no snapshot request {marker or token!r} in pool {pool}")
-        return self.views.marker(mk)
+        p = self.catalog.pool(names.check_name("pool", pool))
+        return self.views.request(p, marker=marker, token=token)
 
     @locked_user_errors
     def request_view(self, pool: str, vol: str, *, token: str | None = None) -> RequestView:
         """The pool's snapshot requests as the in-band command sees them from
         POOL/VOL's export, in one consistent read (:mod:`dmsnap.storage.inband`);
         with ``token``, only the latest request carrying it."""
-        p = self.catalog.pool(pool)
-        if token is not None:
-            mk = self.catalog.marker_by_token(p.id, token)
-            markers = [] if mk is None else [mk]
-        else:
-            markers = self.catalog.markers(p.id)
-        groups: dict[int | None, list[Snapshot]] = {}
-        for s in self.catalog.snapshots(pool):
-            groups.setdefault(s.group_id, []).append(s)
-        visible = self.exports.visible(pool, vol)
-        return RequestView(self.catalog.volume(pool, vol).id, markers, groups, visible)
+        return self.views.request_view(pool, vol, token, self.exports.visible(pool, vol))
 
     @locked_user_errors
     def snapshot_list(self, pool: str | None = None, vol: str | None = None) -> list[Json]:
@@ -652,9 +446,7 @@ class Manager:
         self.exports.check_not_exported(pool, vol, name)
         dm_name = names.dm_snapshot(pool, vol, name)
         self.stack.check_not_open(dm_name, f"snapshot {pool}/{vol}@{name}")
-        with contextlib.suppress(DmError):
-            if self.dm.exists(dm_name):
-                self.dm.remove(dm_name)
+        self.stack.remove(dm_name)
         self.catalog.set_snapshot_active(s.id, False)
 
     @locked_user_errors
@@ -664,15 +456,7 @@ class Manager:
         p, backend = self.stack.pool(pool)
         dm_name = names.dm_snapshot(pool, vol, name)
         self.stack.check_not_open(dm_name, f"snapshot {pool}/{vol}@{name}")
-        payload = {"snapshot_id": s.id, "name": name, "volume": vol, **backend.txn()}
-
-        def kernel() -> None:
-            with contextlib.suppress(DmError):
-                if self.dm.exists(dm_name):
-                    self.dm.remove(dm_name)
-            backend.delete_snapshot(s)
-
-        self.pending.run(p, backend, "snapshot.delete", payload, kernel)
+        self.pending.delete_snapshot(p, backend, s)
         log.info("snapshot %s/%s@%s deleted", pool, vol, name)
 
     @locked_user_errors
@@ -725,12 +509,7 @@ class Manager:
         on, in order with the writes and snapshots around it; thin space
         goes back once the flusher gets there (docs/journal.md)."""
         io = self.open_volume(pool, vol)
-        if size is None:
-            if offset >= io.size:
-                raise E.InvalidArgument(
-                    f"{io.ref}: offset {offset} is not inside the volume ({io.size} bytes)"
-                )
-            size = io.size - offset
+        size = io.to_end(offset) if size is None else size
         seq = io.discard(offset, size)
         return {"discarded": size, "offset": offset, "seq": seq}
 
@@ -769,32 +548,21 @@ class Manager:
 
     @locked_user_errors
     def status(self) -> Json:
-        pools = [self.views.pool(p) for p in self.catalog.pools()]
-        snaps = self.catalog.snapshots()
-        return {
-            "pools": pools,
-            "volumes": [self.views.volume(v) for v in self.catalog.volumes()],
-            "snapshots": len(snaps),
-            "active_snapshots": sum(1 for s in snaps if s.active),
-            "pending": len(self.catalog.pending()),
-            "health": [f"pool {p['name']}: {h}" for p in pools for h in p["health"]],
-        }
+        return self.views.status()
 
     @locked
     def health(self) -> list[str]:
         """One line per problem, naming its pool (what the daemon logs on dm
         events; the same lines as ``status()["health"]``, without the cost
         of querying every volume)."""
-        pools = [self.views.pool(p) for p in self.catalog.pools()]
-        return [f"pool {p['name']}: {h}" for p in pools for h in p["health"]]
+        return self.views.health([self.views.pool(p) for p in self.catalog.pools()])
 
     @locked
     def teardown(self) -> None:
         """Deactivate every device of every pool (not done on a plain stop);
         exports are taken down, journals drained onto their volumes first."""
         self.exports.stop_all(keep=False)
-        for pid in list(self.journals.by_pool):
-            self.journals.stop(pid, drain=True)
+        self.journals.stop_all(drain=True)
         for pool in self.catalog.pools():
             self.stack.teardown(pool)
         self.stack.backends.clear()

@@ -16,9 +16,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from dmsnap.storage import names
 from dmsnap.storage.backend import Backend, planned_dev_ids
 from dmsnap.storage.catalog import Catalog, Pool, Snapshot, Volume
 from dmsnap.storage.catalog import Exists as CatExists
+from dmsnap.storage.layers import ensure
 from dmsnap.storage.stack import PoolStack
 
 log = logging.getLogger("dmsnap.storage")
@@ -122,6 +124,37 @@ class PendingOps:
             self.roll_back(pool, payload, pending_id)
             raise
         return self.roll_forward(pool, backend, kind, payload, pending_id)
+
+    def create_volume(self, p: Pool, backend: Backend, name: str, size: int) -> Volume:
+        """A new volume of ``size`` bytes, its dm device up."""
+        plan = backend.plan_volume(size)
+        payload = {"name": name, "size": size, **plan, **backend.txn()}
+        self.run(p, backend, "volume.create", payload, lambda: backend.create_volume(plan, size))
+        v = self.catalog.volume(p.name, name)
+        backend.refresh()
+        for layer in backend.volume_layers(v):
+            ensure(self.stack.dm, layer)
+        return v
+
+    def delete_volume(self, p: Pool, backend: Backend, v: Volume) -> None:
+        """The volume's dm device and its backend storage gone (it has no
+        snapshots left)."""
+        payload = {"volume_id": v.id, "name": v.name, **backend.txn()}
+
+        def kernel() -> None:
+            self.stack.remove(names.dm_volume(p.name, v.name))
+            backend.delete_volume(v)
+
+        self.run(p, backend, "volume.delete", payload, kernel)
+
+    def delete_snapshot(self, p: Pool, backend: Backend, s: Snapshot) -> None:
+        payload = {"snapshot_id": s.id, "name": s.name, "volume": s.volume, **backend.txn()}
+
+        def kernel() -> None:
+            self.stack.remove(names.dm_snapshot(p.name, s.volume, s.name))
+            backend.delete_snapshot(s)
+
+        self.run(p, backend, "snapshot.delete", payload, kernel)
 
     def restore(self, p: Pool, backend: Backend, v: Volume, s: Snapshot) -> None:
         """A volume back to a snapshot's content: past the backend's point of

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from dmsnap import errors as E
@@ -31,6 +32,29 @@ from dmsnap.storage.stack import PoolStack
 from dmsnap.storage.views import Views
 
 log = logging.getLogger("dmsnap.storage")
+
+# How long a journaled pool's snapshot request took from its marker being
+# recorded to its snapshot made (the flusher reaching the marker, then the
+# cut), per pool: bucket counts (upper bounds in seconds, then +Inf) and
+# the sum. Read by the metrics (dmsnap_snapshot_marker_latency_seconds); one
+# update per snapshot, on the control path.
+MARKER_BOUNDS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_marker_lat: dict[str, tuple[list[int], float]] = {}
+_marker_mu = threading.Lock()
+
+
+def marker_latencies() -> dict[str, tuple[list[int], float]]:
+    """Pool -> (count per bucket of MARKER_BOUNDS then +Inf, sum of seconds)."""
+    with _marker_mu:
+        return {pool: (list(c), s) for pool, (c, s) in _marker_lat.items()}
+
+
+def _observe_marker(pool: str, seconds: float) -> None:
+    i = next((k for k, b in enumerate(MARKER_BOUNDS) if seconds <= b), len(MARKER_BOUNDS))
+    with _marker_mu:
+        counts, total = _marker_lat.get(pool) or ([0] * (len(MARKER_BOUNDS) + 1), 0.0)
+        counts[i] += 1
+        _marker_lat[pool] = (counts, total + seconds)
 
 
 @dataclass(frozen=True)
@@ -232,4 +256,5 @@ class SnapshotCuts:
         except Exception as e:
             self.catalog.finish_marker(marker_id, error=getattr(e, "message", None) or str(e))
             raise
+        _observe_marker(pool.name, max(0.0, time.time() - mk.created))
         return self.views.group(gid)

@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ from dmsnap.storage.classic import ClassicBackend
 from dmsnap.storage.identity import PoolDisks
 from dmsnap.storage.layers import Layer, ensure
 from dmsnap.storage.thin import ThinBackend
-from dmsnap.units import Sectors
+from dmsnap.units import Bytes, Sectors
 
 log = logging.getLogger("dmsnap.storage")
 
@@ -358,6 +359,12 @@ class PoolStack:
                 return count
             time.sleep(0.05)
 
+    def remove(self, dm_name: str) -> None:
+        """The device gone, whether it was there or not."""
+        with contextlib.suppress(DmError):
+            if self.dm.exists(dm_name):
+                self.dm.remove(dm_name)
+
     def check_not_open(self, dm_name: str, what: str) -> None:
         count = self.open_count(dm_name)
         if count:
@@ -421,7 +428,7 @@ class PoolStack:
         unallocated = 0
         for f in files:
             s = os.stat(f)
-            unallocated += max(0, s.st_size - s.st_blocks * 512)
+            unallocated += max(0, s.st_size - Bytes.of(s.st_blocks))  # st_blocks: 512 B units
         return {"path": self.pool_dir(pool.name), "free": du.free, "unallocated": unallocated}
 
     # -- a new pool ----------------------------------------------------------------------
@@ -597,6 +604,37 @@ class PoolStack:
             raise
         return path
 
+    @contextlib.contextmanager
+    def creating(self, new: NewPool) -> Iterator[Pool]:
+        """Make the pool ``new`` plans: its files, then its catalog row with
+        its labels and layers in one transaction (a crash leaves the pending
+        record, and the row commits only with the kernel work). What the
+        body does with the new pool (start its journal) is part of the
+        creation: if anything fails, everything is undone."""
+        pending_id = self.catalog.begin_pending(None, "pool.create", {"name": new.name})
+        try:
+            self.create_files(new)
+            with self.catalog.tx():
+                pool = self.catalog.add_pool(
+                    new.name,
+                    new.backend,
+                    data_dev=new.data,
+                    cache_dev=new.cache,
+                    size=new.data_bytes,
+                    cache_size=new.cache_bytes,
+                    config=new.layout,
+                )
+                b = self.build(pool, new)
+                self.catalog.end_pending(pending_id)
+            self.backends[pool.id] = b
+            yield pool
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.undo_create(new.name)
+            with contextlib.suppress(Exception):
+                self.catalog.end_pending(pending_id)
+            raise
+
     def undo_create(self, name: str) -> None:
         """Remove what a pool creation that never committed left behind."""
         if self._recorded(name):
@@ -604,3 +642,30 @@ class PoolStack:
         self.teardown_devices(self.pool_devices(name))
         self.detach_loops(name)
         shutil.rmtree(self.pool_dir(name), ignore_errors=True)
+
+    def check_unused(self, pool: Pool, held: set[str]) -> list[str]:
+        """The pool's dm devices, refused if anything but the pool itself
+        (its internal layers, ``held``: what the journal holds) has one open."""
+        devs = self.pool_devices(pool.name, pool.uuid[:8])
+        for d in devs:
+            if d.startswith(names.dm_internal(pool.name, "")) or d in held:
+                continue
+            if self.open_count(d):
+                raise E.Busy(f"/dev/mapper/{d} is in use; unmount or stop using it first")
+        return devs
+
+    def destroy(self, pool: Pool, devs: list[str]) -> None:
+        """The pool gone: its devices (``check_unused``'s), its disks' labels
+        (or an NV journal's superblock: never mistaken for a live journal
+        later), its loop files, its catalog rows, its directory."""
+        self.teardown_devices(devs)
+        jcfg = pool.config.get("journal", {})
+        if "labels" in pool.config:
+            self.disks.wipe(self.catalog.pool_by_id(pool.id))
+        elif jcfg.get("mode") == "nv" and not jcfg.get("embedded"):
+            with contextlib.suppress(OSError):
+                zero(jcfg["path"], 2 * 4096)
+        self.backends.pop(pool.id, None)
+        self.detach_loops(pool.name)
+        self.catalog.remove_pool(pool.id)
+        shutil.rmtree(self.pool_dir(pool.name), ignore_errors=True)

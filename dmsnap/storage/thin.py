@@ -223,13 +223,28 @@ class ThinBackend(Backend):
     def no_space_reason(self) -> str | None:
         """For the journal (no Manager lock): why the pool cannot take new
         blocks now, or None. Data space is the flusher's ENOSPC's business."""
+        return self.space_state()[0]
+
+    # dm-thin acknowledges what a read-only pool then does not keep (a
+    # discard), and rolls uncommitted metadata back when a commit fails:
+    # the journal keeps what it synced until a look here confirms it.
+    confirms_durability = True
+
+    def space_state(self) -> tuple[str | None, bool]:
+        """(no_space_reason, healthy) from one status: healthy when the pool
+        is writable (``rw``, or ``out_of_data_space``, which still unmaps on
+        discard and commits) and needs no check, so what the journal synced
+        before this look is in committed metadata."""
         try:
             s = self.pool_status()
         except DmError:
-            return None  # gone or going (destroy, teardown): nothing to say
+            return None, False  # gone or going (destroy, teardown): nothing to say
         if not isinstance(s, st.ThinPoolStatus):
-            return f"pool {self.pool.name}'s thin pool has failed (needs thin_check/thin_repair)"
-        return self._read_only_why(s)
+            why = f"pool {self.pool.name}'s thin pool has failed (needs thin_check/thin_repair)"
+            return why, False
+        why = self._read_only_why(s)
+        healthy = why is None and s.mode in ("rw", "out_of_data_space") and not s.needs_check
+        return why, healthy
 
     def check_room(self, what: str, size: int = 0) -> None:
         s = self.pool_status()

@@ -20,6 +20,7 @@ from dmsnap.rules import MiB
 from dmsnap.storage import names
 from dmsnap.storage.backend import Backend, journal_mode
 from dmsnap.storage.catalog import Catalog, Marker, MarkerState, Pool, Snapshot, Volume
+from dmsnap.storage.inband import RequestView
 from dmsnap.storage.journals import PoolJournals
 from dmsnap.storage.stack import PoolStack
 from dmsnap.units import Bytes
@@ -57,6 +58,35 @@ class Views:
             return backend.snapshot_state(s)
         except (E.UserError, DmError, OSError):
             return "inactive"
+
+    def check_valid(self, s: Snapshot) -> None:
+        """Refuse to show an invalid snapshot's content as if it were one."""
+        state = self.snapshot_state(s)
+        if state == "invalid":
+            raise E.Unavailable(
+                f"snapshot {s.pool}/{s.volume}@{s.name} is invalid: its COW area overflowed "
+                "and its contents are lost; delete it"
+            )
+        if state != "valid":
+            raise E.Unavailable(f"snapshot {s.pool}/{s.volume}@{s.name} is {state}")
+
+    @staticmethod
+    def health(pools: list[Json]) -> list[str]:
+        """One line per problem of the pools' views, naming its pool."""
+        return [f"pool {p['name']}: {h}" for p in pools for h in p["health"]]
+
+    def status(self) -> Json:
+        """Every pool and volume, the snapshots counted, the health lines."""
+        pools = [self.pool(p) for p in self.catalog.pools()]
+        snaps = self.catalog.snapshots()
+        return {
+            "pools": pools,
+            "volumes": [self.volume(v) for v in self.catalog.volumes()],
+            "snapshots": len(snaps),
+            "active_snapshots": sum(1 for s in snaps if s.active),
+            "pending": len(self.catalog.pending()),
+            "health": self.health(pools),
+        }
 
     def pool(self, pool: Pool, detail: bool = False) -> Json:
         embedded = self.stack.embedded_files(pool.name)
@@ -199,3 +229,36 @@ class Views:
         if mk.error:
             out["error"] = mk.error
         return out
+
+    def request(self, p: Pool, *, marker: int | None, token: str | None) -> Json:
+        """Where a journaled snapshot request stands (by marker id or token;
+        a token of a direct request finds its group)."""
+        if (marker is None) == (token is None):
+            raise E.InvalidArgument("name either a marker id or a request token")
+        mk = self.catalog.marker(marker) if marker is not None else None
+        if token is not None:
+            mk = self.catalog.marker_by_token(p.id, token)
+            if mk is None:
+                gid = self.catalog.group_by_token(p.id, token)
+                if gid is not None:  # made by a direct (unjournaled) request
+                    return {**self.group(gid), "token": token}
+        if mk is None or mk.pool_id != p.id:
+            raise E.NotFound(f"no snapshot request {marker or token!r} in pool {p.name}")
+        return self.marker(mk)
+
+    def request_view(
+        self, pool: str, vol: str, token: str | None, visible: dict[int, str]
+    ) -> RequestView:
+        """The pool's snapshot requests (with ``token``, only the latest
+        carrying it) and its snapshots by group, from POOL/VOL's export,
+        whose senders may snapshot the ``visible`` volumes."""
+        p = self.catalog.pool(pool)
+        if token is not None:
+            mk = self.catalog.marker_by_token(p.id, token)
+            markers = [] if mk is None else [mk]
+        else:
+            markers = self.catalog.markers(p.id)
+        groups: dict[int | None, list[Snapshot]] = {}
+        for s in self.catalog.snapshots(pool):
+            groups.setdefault(s.group_id, []).append(s)
+        return RequestView(self.catalog.volume(pool, vol).id, markers, groups, visible)

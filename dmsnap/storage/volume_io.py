@@ -38,6 +38,14 @@ class VolumeIO:
         except JournalError as e:
             raise journal_error(e) from None
 
+    def to_end(self, offset: int) -> int:
+        """The length from ``offset`` to the volume's end."""
+        if offset >= self.size:
+            raise E.InvalidArgument(
+                f"{self.ref}: offset {offset} is not inside the volume ({self.size} bytes)"
+            )
+        return self.size - offset
+
     def discard(self, offset: int, length: int) -> int:
         """The range reads zeros from now on; its space goes back to the pool
         (thin: whole thin blocks) once the journal's flusher reaches it, in

@@ -384,6 +384,29 @@ def test_export_snapshot_rights(capsys, daemon) -> None:
     assert rows[1][5] == f"{a},{b}" and rows[2][5] == "all" and rows[3][5] == "none"
 
 
+def test_export_list_is_a_command_of_its_own(capsys, daemon) -> None:
+    """`export list` is a command (its own help and options), not a word in
+    export's POOL/VOL place (issue 19); misuse is one line, exit 2."""
+    fake = daemon[1]
+    rc, out, _ = run(capsys, "export", "list", "--help")
+    assert rc == 0 and "dmsnap export list [OPTIONS]" in out
+    assert "--json" in out and "--local" not in out and "POOL/VOL" not in out
+    rc, out, _ = run(capsys, "export", "--help")
+    assert rc == 0 and "dmsnap export [OPTIONS] {POOL/VOL[@SNAP]}" in out and "| list" not in out
+    rc, _, err = run(capsys, "export", "list", "--local")
+    assert rc == 2 and err.splitlines() == [
+        "dmsnap: No such option: --local (see 'dmsnap export list --help')"
+    ]
+    rc, _, err = run(capsys, "export", "lsit", "--local")
+    assert rc == 2 and err.splitlines() == [
+        "dmsnap: export: 'lsit' is not POOL/VOL[@SNAP] ('dmsnap export list' lists the exports)"
+    ]
+    n = len(fake.calls)
+    rc, out, err = run(capsys, "export", "list", "--json")
+    assert rc == 0, err
+    assert [c[0] for c in fake.calls[n:]] == ["export_list"]
+
+
 def test_export_allow_any_is_explicit_and_warned(capsys, daemon) -> None:
     _, fake = daemon
     rc, _, err = run(capsys, "export", "fast/db", "--iscsi", "--allow-any")
@@ -527,6 +550,13 @@ def test_completion_queries_daemon(capsys, monkeypatch, daemon) -> None:
     ]
     assert _complete(capsys, monkeypatch, "dmsnap snapshot delete fast/db@n") == ["fast/db@nightly"]
     assert "pool" in _complete(capsys, monkeypatch, "dmsnap p")
+    # export's REF, beside its list command
+    assert _complete(capsys, monkeypatch, "dmsnap export fast/l") == ["fast/logs"]
+    assert _complete(capsys, monkeypatch, "dmsnap export fast/db --iscsi --a") == [
+        "--allow",
+        "--allow-any",
+    ]
+    assert "list" in _complete(capsys, monkeypatch, "dmsnap export l")
 
 
 def test_completion_without_daemon_is_silent(capsys, monkeypatch, nosock) -> None:
@@ -548,3 +578,38 @@ def test_help_and_no_args(capsys) -> None:
     assert rc == 0 and "snapshot" in out
     rc, out, err = run(capsys, "pool")
     assert rc == 2 and "create" in out + err  # the group's help, as click does
+
+
+def test_status_says_first_whether_degraded_and_why(capsys, daemon) -> None:
+    rc, out, err = run(capsys, "status")
+    assert rc == 0, err
+    lines = out.splitlines()
+    # the pool's problem and the export that does not serve: two, each with its why
+    assert lines[0] == "health: DEGRADED, 2 problems"
+    assert "warning: embedded-default: snapshot v@s1 is invalid (COW full)" in lines
+    assert "warning: export fast/db@nightly: not serving: not running" in lines
+    rc, out, err = run(capsys, "status", "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["degraded"] is True and len(doc["problems"]) == 2
+    assert doc["volumes"] == 3  # the daemon's own answer is all there
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["snapshot", "delete", "fast/db@nightly"], {"deleted": "snapshot", "snapshot": "nightly"}),
+        (["snapshot", "restore", "fast/db@nightly"], {"restored": "snapshot", "volume": "db"}),
+        (["snapshot", "deactivate", "fast/db@nightly"], {"deactivated": "snapshot"}),
+        (["volume", "delete", "fast/logs"], {"deleted": "volume", "volume": "logs"}),
+        (["pool", "destroy", "fast", "--force", "--yes"], {"destroyed": "pool", "pool": "fast"}),
+        (["unexport", "fast/db"], {"unexported": "fast/db", "snapshot": None}),
+        (["volume", "discard", "fast/db", "--yes"], {"discarded": 1 << 20, "offset": 0}),
+        (["daemon", "stop"], {"stopping": True, "teardown": False}),
+    ],
+)
+def test_mutating_commands_answer_json(capsys, daemon, argv, want) -> None:
+    rc, out, err = run(capsys, *argv, "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert want.items() <= doc.items(), doc

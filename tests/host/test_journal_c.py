@@ -5,7 +5,8 @@ full-ring waits, forget/detach, close without drain + recovery, RAM mode, and
 an NV journal whose memory limit is smaller than its ring (the driver lowers
 JR_MEM_MIN), reopened with a still smaller one: the mirror gives pages back
 behind the tail, and recovery replays the log in pieces (a held marker, a
-forgotten volume and a discard in it)."""
+forgotten volume and a discard in it); and confirmation (jr_set_confirm)
+under a prober that confirms and now and then rewinds (no space)."""
 
 from __future__ import annotations
 
@@ -207,6 +208,66 @@ static void run(int mode, uint64_t mem)
     }
 }
 
+/* Confirmation (jr_set_confirm) under a prober that confirms, and now and
+ * then says the pool has no space (a rewind to the confirmed position) while
+ * the writers go on: reads through the overlay stay right, every record is
+ * written again, counted once, and checkpointed once confirmed. */
+static _Atomic int prb_stop;
+
+static void *prober(void *arg)
+{
+    (void)arg;
+    for (int i = 0; !prb_stop; i++) {
+        uint64_t tok = jr_confirm_mark(J);
+        usleep(2000);
+        if (i % 25 == 24) {
+            jr_set_no_space(J, -ENOSPC);
+            usleep(5000);
+            jr_set_no_space(J, 0);
+        } else {
+            int rc = jr_confirm(J, tok);
+            CHECK(rc == 0 || rc == -ESTALE);
+        }
+    }
+    return NULL;
+}
+
+static void run_confirm(void)
+{
+    pthread_t ctl, prb, w[NTHR];
+    CHECK(jr_format(jpath, 8192 + 384 * 1024, 0, 0) == 0);
+    CHECK(jr_open_ex(jpath, JR_NV, 0, 0, 0, NULL, &J) == 0);
+    attach_all();
+    jr_set_confirm(J, 1);
+    CHECK(jr_start(J) == 0);
+    ctl_stop = 0;
+    prb_stop = 0;
+    pthread_create(&ctl, NULL, controller, NULL);
+    pthread_create(&prb, NULL, prober, NULL);
+    for (int t = 0; t < NTHR; t++)
+        pthread_create(&w[t], NULL, writer, (void *)(intptr_t)t);
+    for (int t = 0; t < NTHR; t++)
+        pthread_join(w[t], NULL);
+    prb_stop = 1;
+    pthread_join(prb, NULL);
+    CHECK(jr_sync(J, 30000) == 0);
+    struct jr_stats st;
+    for (int i = 0; i < 500; i++) { /* the last looks confirm it all */
+        int rc = jr_confirm(J, jr_confirm_mark(J));
+        CHECK(rc == 0 || rc == -ESTALE);
+        jr_get_stats(J, &st);
+        if (st.checkpoint_seq >= st.head_seq)
+            break;
+        usleep(10000);
+    }
+    CHECK(st.checkpoint_seq >= st.head_seq && st.unflushed_records == 0);
+    CHECK(st.confirm_rewinds > 0 && st.journal_error == 0);
+    verify();
+    ctl_stop = 1;
+    pthread_join(ctl, NULL);
+    CHECK(jr_close(J, 1, 10000) == 0);
+}
+
 int main(int argc, char **argv)
 {
     CHECK(argc == 2);
@@ -224,6 +285,10 @@ int main(int argc, char **argv)
             CHECK(truncate(vpath[v], 0) == 0 && truncate(vpath[v], VOLSZ) == 0);
         run(r == 1 ? JR_RAM : JR_NV, mems[r]);
     }
+    memset(model, 0, sizeof model);
+    for (int v = 0; v < 2; v++)
+        CHECK(truncate(vpath[v], 0) == 0 && truncate(vpath[v], VOLSZ) == 0);
+    run_confirm();
     CHECK(jr_crc32c("123456789", 9) == 0xe3069283u);
     puts("OK");
     return 0;

@@ -118,11 +118,11 @@ def cut_power(dm, devices: list[FaultDevice]) -> None:
         assert tbl == d.down, f"{d.name} is not dropping writes: {tbl}"
 
 
-def remove_pool_stack(dm, pool: str) -> list[str]:
-    """Remove every dm device of ``pool`` (names ``dmsnap-POOL-*``), top-down:
-    repeatedly the ones nothing holds open. Returns the names removed."""
-    prefix = f"dmsnap-{pool}-"
-    left = {e.name for e in dm.list_devices() if e.name.startswith(prefix)}
+def remove_unheld(dm, prefixes: tuple[str, ...]) -> list[str]:
+    """Remove every dm device whose name starts with one of ``prefixes``,
+    top-down: repeatedly the ones nothing holds open. Returns the names
+    removed; raises if some stay held."""
+    left = {e.name for e in dm.list_devices() if e.name.startswith(prefixes)}
     removed = []
     while left:
         progress = False
@@ -137,5 +137,11 @@ def remove_pool_stack(dm, pool: str) -> list[str]:
             left.discard(name)
             removed.append(name)
             progress = True
-        assert progress, f"devices still held open: {sorted(left)}"
+        if not progress:
+            raise RuntimeError(f"devices still held open: {sorted(left)}")
     return removed
+
+
+def remove_pool_stack(dm, pool: str) -> list[str]:
+    """Remove every dm device of ``pool`` (names ``dmsnap-POOL-*``)."""
+    return remove_unheld(dm, (f"dmsnap-{pool}-",))

@@ -1,7 +1,8 @@
 """Helpers for the SCSI kernel tests that drive real initiators: libiscsi's
 ``iscsi-test-cu`` (its CUnit output parsed per test), open-iscsi (``iscsid``
 started for the test if none runs, login/logout on a portal), ``fio --verify``
-(its JSON report checked), and small O_DIRECT helpers."""
+(its JSON report checked), small O_DIRECT helpers, and the storage core
+an export test starts from (``manager``)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,35 @@ import subprocess
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from dmsnap.scsi import lio
+from dmsnap.storage.manager import Manager
 
 MiB = 1 << 20
+
+
+def needs_lio() -> None:
+    """Fail, not skip, where LIO cannot serve: these tests ask for it."""
+    if (why := lio.available()) is not None:
+        pytest.fail(why)
+
+
+@contextlib.contextmanager
+def manager(state: Path) -> Iterator[Manager]:
+    """A storage core on ``state``; at the end every pool it has is
+    destroyed (its exports with it) and the core closed."""
+    m = Manager(str(state))
+    try:
+        yield m
+    finally:
+        try:
+            for p in m.catalog.pools():
+                m.pool_destroy(p.name, force=True)
+        finally:
+            m.close()
 
 
 def run(
@@ -212,8 +236,6 @@ def iscsi_session(iqn: str, portal: str, serial: str) -> Iterator[str]:
 
 def _disks_with_serial(serial: str) -> dict[str, str]:
     """Initiator IQN -> /dev/sdX of every iSCSI disk whose unit serial is ``serial``."""
-    from dmsnap.scsi import lio
-
     out = {}
     for dev, disk in lio.scsi_disks_with_serial(serial):
         m = re.search(r"/(session\d+)/", os.path.realpath(dev))

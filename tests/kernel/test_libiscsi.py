@@ -19,7 +19,6 @@ and prints the per-family table (docs/reliability.md, "Conformance").
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -27,10 +26,9 @@ import time
 from pathlib import Path
 
 import pytest
-from scsi_util import CuTest, MiB, compare_to_reference, parse_cunit, run
+from scsi_util import CuTest, MiB, compare_to_reference, manager, needs_lio, parse_cunit, run
 
 from dmsnap.scsi import lio
-from dmsnap.storage.manager import Manager
 
 PORTAL = ("127.0.0.1", 3260)
 DMSNAP_IQN = "iqn.2026-12.org.dmsnap.test:conf-dmsnap"
@@ -136,28 +134,14 @@ def _selected(family: str) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _manager(state: Path):
-    m = Manager(str(state))
-    try:
-        yield m
-    finally:
-        try:
-            for p in m.catalog.pools():
-                m.pool_destroy(p.name, force=True)
-        finally:
-            m.close()
-
-
 @pytest.fixture(scope="module")
 def targets(module_tmp):
     """name -> iscsi:// URL: "dmsnap", a journaled volume exported by dmsnap;
     "iblock", LIO's iblock backstore on a thin volume of a journal-less pool
     of the same size. Both admit libiscsi's two initiator names only."""
-    if (why := lio.available()) is not None:
-        pytest.fail(why)
+    needs_lio()
     allow = [INITIATOR, INITIATOR_2]
-    with _manager(module_tmp / "state") as m:
+    with manager(module_tmp / "state") as m:
         m.pool_create("cfd", size=256 * MiB, journal_size=16 * MiB)
         m.volume_create("cfd", "v", VOL_SIZE)
         m.export_create("cfd", "v", kind="iscsi", iqn=DMSNAP_IQN,

@@ -33,6 +33,8 @@ from scsi_util import (
     fio_verify_args,
     iscsi_sessions_as,
     kernel_log,
+    manager,
+    needs_lio,
     open_iscsi,
     pread_direct,
     pwrite_direct,
@@ -49,30 +51,12 @@ OPEN_ISCSI = "iqn.2026-11.org.dmsnap.test:open-iscsi"
 ISCSI_VOL = 32 * MiB
 
 
-def _needs_lio() -> None:
-    if (why := lio.available()) is not None:
-        pytest.fail(why)
-
-
-@contextlib.contextmanager
-def _manager(state: Path):
-    m = Manager(str(state))
-    try:
-        yield m
-    finally:
-        try:
-            for p in m.catalog.pools():
-                m.pool_destroy(p.name, force=True)
-        finally:
-            m.close()
-
-
 @pytest.fixture(scope="module")
 def iscsi_export(module_tmp):
     """A journaled volume exported over iSCSI on 127.0.0.1 to open-iscsi's
     initiator name (an ACL: an export is closed by default)."""
-    _needs_lio()
-    with _manager(module_tmp / "state") as m:
+    needs_lio()
+    with manager(module_tmp / "state") as m:
         # its own pool name: the module's pool lives beside the tests' own
         m.pool_create("isc", size=256 * MiB, journal_size=16 * MiB)
         m.volume_create("isc", "v", ISCSI_VOL)
@@ -86,8 +70,8 @@ def iscsi_export(module_tmp):
 def local_export(tmp_path):
     """Factory: a journaled volume of ``size`` exported through tcm_loop;
     returns (manager, /dev/sdX)."""
-    _needs_lio()
-    with _manager(tmp_path / "state") as m:
+    needs_lio()
+    with manager(tmp_path / "state") as m:
 
         def make(size: int) -> tuple[Manager, str]:
             m.pool_create("s", size=256 * MiB, journal_size=16 * MiB)
@@ -283,7 +267,7 @@ def test_filesystem_under_load_snapshotted_inband(local_export, tmp_path):
 def daemon_export(tmp_path):
     """A real dmsnapd; pool p, volume p/v (64 MiB) exported --local through
     the CLI; yields (daemon, /dev/sdX)."""
-    _needs_lio()
+    needs_lio()
     from test_cli_e2e import Daemon
 
     d = Daemon(tmp_path)
@@ -444,7 +428,7 @@ def test_daemon_killed_under_iscsi_io_reassembles_50_volumes(tmp_path):
     before it serves the ring again. It must be back within TCMU's
     cmd_time_out (what the initiator's commands wait in the ring meanwhile);
     fio sees no error and every block verifies."""
-    _needs_lio()
+    needs_lio()
     from test_cli_e2e import Daemon
 
     d = Daemon(tmp_path)
@@ -518,7 +502,7 @@ def test_snapshot_rights_per_initiator(tmp_path):
     is refused with a clear message and makes nothing; the snapshot made
     through the first holds the writes completed through both; the rights
     survive a daemon restart; a bad IQN is refused and changes nothing."""
-    _needs_lio()
+    needs_lio()
     from test_cli_e2e import Daemon
 
     d = Daemon(tmp_path)
@@ -603,7 +587,7 @@ def test_export_update_live(tmp_path):
     change that would move the logged-in initiator to the other backstore is
     refused and changes nothing. A local export's right is switched off and
     on, as the initiator sees it; the rights survive a daemon restart."""
-    _needs_lio()
+    needs_lio()
     from test_cli_e2e import Daemon
 
     d = Daemon(tmp_path)
@@ -726,7 +710,7 @@ def test_chap_logins(tmp_path):
     target's secret and is refused by the initiator when that is wrong.
     The secrets are in a 0600 file, not in the catalog or the daemon's log,
     and serve again when LIO lost the target (a reboot)."""
-    _needs_lio()
+    needs_lio()
     from scsi_util import iscsi_login_as
     from test_cli_e2e import Daemon
 

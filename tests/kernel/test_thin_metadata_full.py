@@ -23,12 +23,16 @@ What a storage administrator is promised then, each pinned below:
 * health warns from 80 % metadata use and, once full, says so and how to
   get out (`dmsnap pool extend-metadata`);
 * `pool extend-metadata` gives the pool room: dm-thin switches back to
-  write mode, the journal drains, every acknowledged write reads back.
+  write mode, the journal drains, every acknowledged write reads back;
+* what the flusher applied between dm-thin's switch and the journal's look
+  (a discard dm-thin answered without unmapping) is applied again, never
+  checkpointed past (the last test, on a pool of its own).
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import struct
 import time
@@ -39,11 +43,15 @@ import pytest
 from scsi_util import pread_direct
 
 from dmsnap import errors as E
+from dmsnap.dm import DmError, Role, make_uuid
 from dmsnap.dm import status as st
-from dmsnap.journal.service import PoolJournal
+from dmsnap.dm import targets as t
+from dmsnap.dm.targets import Table
+from dmsnap.journal.service import HOLD_PROBE_ENV, PoolJournal
 from dmsnap.scsi import initiator, lio, sgio
 from dmsnap.scsi import sense as S
 from dmsnap.storage.manager import Manager
+from dmsnap.storage.thin import ThinBackend
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -225,6 +233,11 @@ def test_daemon_restart_keeps_the_records_and_the_refusal(full: Full) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not pj.stats().no_space:
         time.sleep(0.1)
+    # Recovery replays from the last confirmed record: those the pool still
+    # takes land again (overwrites), the rest wait as before the restart.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and pj.stats().unflushed_records != lag:
+        time.sleep(0.1)
     assert pj.stats().unflushed_records == lag, (pj.stats(), lag)
     with pytest.raises(E.NoSpace):
         full.write(20 * KiB, 97)
@@ -258,3 +271,151 @@ def test_extend_metadata_lands_every_acknowledged_write(full: Full) -> None:
     assert full.status().total_metadata_blocks == 10 * MiB // 4096
     for off, data in full.expect.items():
         assert full.m.volume_read("m", "v", off, len(data)) == data, f"write at {off} lost"
+
+
+# -- the window between dm-thin's switch to read-only and the journal's look ------
+
+
+def _direct_write(path: str, off: int, data: bytes) -> None:
+    buf = mmap.mmap(-1, len(data))  # page-aligned, as O_DIRECT wants
+    buf[:] = data
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        os.pwritev(fd, [buf], off)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def _fill_metadata_from_outside(b: ThinBackend, name: str) -> list[int]:
+    """Fill the pool's metadata through a thin device of its own (not a
+    dmsnap volume, so the journal's flusher stays idle and nothing of it is
+    stuck behind a failing write): map a 256 MiB thin block by block, then
+    rounds of a snapshot and a 4 KiB write per MiB (every btree leaf copied)
+    until dm-thin switches the pool to read-only. Returns the thin ids made."""
+    dm, tpool = b.dm, b.tpool[0]
+    ids = [t.THIN_MAX_DEV_ID]
+    dm.message(tpool, f"create_thin {ids[0]}")
+    size = 256 * MiB
+    dm.create(
+        name, make_uuid(Role.TEST, name), Table.single(size // 512, t.Thin(b.pool_devno(), ids[0]))
+    )
+    path = f"/dev/mapper/{name}"
+    for off in range(0, size, BLOCK):
+        _direct_write(path, off, pattern(off, 0))
+    for gen in range(1, 200):
+        s = b.pool_status()
+        assert isinstance(s, st.ThinPoolStatus), s
+        if s.mode == "ro":
+            assert not s.needs_check, f"a failed metadata operation, not out of space: {s}"
+            return ids
+        snap = t.THIN_MAX_DEV_ID - gen
+        with contextlib.suppress(DmError):  # it may be the snapshot that fills it
+            dm.suspend(name)
+            try:
+                dm.message(tpool, f"create_snap {snap} {ids[0]}")
+                ids.append(snap)
+            finally:
+                dm.resume(name)
+        try:
+            for off in range((gen * 5 % 16) * BLOCK, size, MiB):
+                _direct_write(path, off, pattern(off, gen))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # a commit: dm-thin looks at its free metadata there
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the write or commit that found no room: the pool is read-only now
+    raise AssertionError(f"metadata never filled: {b.pool_status()}")
+
+
+@pytest.mark.allow_leftovers("the extension's loop device is removed with the pool")
+def test_discard_and_writes_acked_as_metadata_fills_survive_extend_and_restart(
+    tmp_path, monkeypatch
+) -> None:
+    """dm-thin switches a pool to read-only (out of metadata space) on its
+    own; the journal learns it at its next look (~0.25 s). A DISCARD the
+    flusher applies meanwhile is answered success by dm-thin, which unmaps
+    nothing. Before the fix the checkpoint then passed it, the record left
+    the journal, and the range read its old data again, for good.
+
+    The window is held open on purpose (the test-only DMSNAP_TEST_HOLD_SPACE_PROBE
+    file: no look while it exists) rather than hoped for, and the metadata
+    is filled from outside the journal, so that its flusher is idle when the
+    pool switches. Acknowledged in the window: a discard of 1 MiB of data, an
+    overwrite of a mapped block (dm-thin still takes it) and a write that
+    needs a new block (refused below; it waits in the journal)."""
+    hold = tmp_path / "hold-probe"
+    monkeypatch.setenv(HOLD_PROBE_ENV, str(hold))
+    state = str(tmp_path / "state")
+    m = Manager(state)
+    foreign = "dmsnap-test-foreign-thin"
+    ids: list[int] = []
+    try:
+        m.pool_create(
+            "w", size=1024 * MiB, journal_size=16 * MiB, metadata_size=2 * MiB, sparse=True
+        )
+        m.volume_create("w", "v", 64 * MiB)
+        expect: dict[int, bytes] = {}
+        for off in range(0, 4 * MiB, BLOCK):  # mapped, never snapshotted: unshared
+            m.volume_write("w", "v", off, pattern(off, 1))
+            expect[off] = pattern(off, 1)
+        pj = m.journals.by_pool[m.catalog.pool("w").id]
+        pj.sync(60.0)  # on the volume, and confirmed where the fix confirms
+        b = m.stack.backend(m.catalog.pool("w"))
+        assert isinstance(b, ThinBackend)
+
+        hold.touch()  # from here the journal does not look at the pool
+        ids = _fill_metadata_from_outside(b, foreign)
+        assert pj.no_space_reason is None  # the window: dm-thin read-only, the journal unaware
+
+        m.volume_discard("w", "v", 0, MiB)  # 16 whole thin blocks
+        for off in range(0, MiB, BLOCK):
+            expect[off] = bytes(4 * KiB)
+        w_ok = m.volume_write("w", "v", 2 * MiB, pattern(2 * MiB, 2))["seq"]
+        expect[2 * MiB] = pattern(2 * MiB, 2)
+        deadline = time.monotonic() + 20
+        while pj.stats().synced_seq <= w_ok and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pj.stats().synced_seq > w_ok, pj.stats()  # applied and fdatasynced below
+        m.volume_write("w", "v", 40 * MiB, pattern(40 * MiB, 2))  # needs a new block
+        expect[40 * MiB] = pattern(40 * MiB, 2)
+
+        hold.unlink()  # the journal's next look finds the pool read-only
+        deadline = time.monotonic() + 5
+        while pj.no_space_reason is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pj.no_space_reason and "metadata" in pj.no_space_reason
+
+        m.pool_extend_metadata("w", 8 * MiB)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            s = pj.stats()
+            if s.unflushed_records == 0 and s.checkpoint_seq >= s.head_seq:
+                break
+            time.sleep(0.2)
+        assert pj.stats().unflushed_records == 0, pj.stats()
+
+        def check(when: str) -> None:
+            for off, data in sorted(expect.items()):
+                got = m.volume_read("w", "v", off, len(data))
+                what = "discarded" if data == bytes(len(data)) else "written"
+                assert got == data, f"{when}: acknowledged {what} block at {off} reads old data"
+
+        check("after extend-metadata")
+        m.close()
+        m = Manager(state)
+        m.assemble()
+        check("after a daemon restart")
+    finally:
+        hold.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            b = m.stack.backend(m.catalog.pool("w"))
+            if b.dm.exists(foreign):
+                b.dm.remove(foreign)
+            for i in ids:
+                b.dm.message(b.tpool[0], f"delete {i}")
+        for p in m.catalog.pools():
+            m.pool_destroy(p.name, force=True)
+        m.close()

@@ -44,6 +44,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from faultdev import remove_unheld
 from jmodel import (
     LOG_DISCARD,
     LOG_FLUSH,
@@ -57,7 +58,7 @@ from jmodel import (
     read_direct,
 )
 
-from dmsnap.dm import DeviceMapper, DmError, Role, make_uuid
+from dmsnap.dm import DeviceMapper, Role, make_uuid
 from dmsnap.dm import targets as t
 from dmsnap.dm.targets import Table
 from dmsnap.dm.udev import UdevSync
@@ -136,21 +137,7 @@ def cleanup_devices(dm: DeviceMapper, mnt: str) -> None:
     the mount, our loop devices."""
     if os.path.ismount(mnt):
         umount_state(mnt)
-    left = {e.name for e in dm.list_devices() if e.name.startswith(("dmsnap-", "tcrash-"))}
-    while left:
-        progress = False
-        for name in sorted(left):
-            try:
-                if dm.info(name).open_count:
-                    continue
-                dm.remove(name)
-            except DmError as e:
-                if not e.not_found:
-                    raise
-            left.discard(name)
-            progress = True
-        if not progress:
-            raise RuntimeError(f"devices still held open: {sorted(left)}")
+    remove_unheld(dm, ("dmsnap-", "tcrash-"))
 
 
 # -- recording -----------------------------------------------------------------------

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import collections
 import contextlib
 import os
 import random
 import sys
 import threading
 import time
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -34,7 +32,6 @@ import killlib as kl  # noqa: E402
 from faultdev import FaultDevice  # noqa: E402
 from jmodel import SECTOR, pattern  # noqa: E402
 
-from dmsnap.cli_progress import Trials  # noqa: E402
 from dmsnap.daemon import protocol as proto  # noqa: E402
 from dmsnap.dm import DeviceMapper  # noqa: E402
 from dmsnap.errors import InvalidArgument, Unavailable, UserError  # noqa: E402
@@ -344,49 +341,24 @@ def trial(ctx: Ctx, seed: int, fault: str, device: str) -> str:
 def main(argv: list[str]) -> int:
     a = parse(argv)
     print(f"faults: seed {a.seed}, {a.trials} trial(s), backend {a.backend}", flush=True)
-    t_start = time.monotonic()
-    bad: list[tuple[int, str, str]] = []
-    counts: collections.Counter[str] = collections.Counter()
-    trials = Trials("faults", a.trials, a.budget)
+
+    def pick(i: int, seed: int) -> str:
+        if a.quick or len(a.faults) == 1:
+            fault, device = a.faults[i % len(a.faults)]
+        else:
+            fault, device = random.Random(seed * 31).choice(a.faults)
+        return f"{fault}:{device}"
+
     with DeviceMapper() as dm:
         ctx = Ctx(a, dm)
-        try:
-            ctx.setup()
-            for i in range(a.trials):
-                if a.budget and time.monotonic() - t_start > a.budget:
-                    print(f"faults: budget spent after {i} trial(s)", flush=True)
-                    break
-                seed = a.seed + i
-                if a.quick or len(a.faults) == 1:
-                    fault, device = a.faults[i % len(a.faults)]
-                else:
-                    fault, device = random.Random(seed * 31).choice(a.faults)
-                what = f"{fault}:{device}"
-                ts = time.monotonic()
-                try:
-                    outcome = trial(ctx, seed, fault, device)
-                except kl.Violation as e:
-                    outcome = f"VIOLATION: {e}"
-                except Exception:
-                    outcome = "VIOLATION: checker error\n" + traceback.format_exc()
-                counts[what] += 1
-                print(f"  trial {i} seed {seed} {what}: {outcome} [{time.monotonic() - ts:.1f}s]",
-                      flush=True)  # fmt: skip
-                trials.step(i + 1)
-                if outcome.startswith("VIOLATION"):
-                    bad.append((seed, what, outcome))
-                    print("  dmsnapd log tail:\n" + ctx.d.tail(2000), flush=True)
-        finally:
-            ctx.close()
-    el = time.monotonic() - t_start
-    n = sum(counts.values())
-    print(f"faults: {n} trials in {el:.0f}s ({dict(counts)}); {len(bad)} violation(s); "
-          f"seed {a.seed}")  # fmt: skip
-    for seed, what, msg in bad:
-        print(f"VIOLATION seed {seed} ({what}): {msg.splitlines()[0]}")
-        print(f"  replay: tools/torture faults --seed {seed} --trials 1 --fault {what} "
-              f"--backend {a.backend}")  # fmt: skip
-    return 1 if bad else 0
+        return kl.run_campaign(
+            "faults",
+            a,
+            ctx,
+            pick,
+            lambda seed, what: trial(ctx, seed, *what.split(":", 1)),
+            replay="--fault",
+        )
 
 
 if __name__ == "__main__":

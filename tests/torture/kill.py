@@ -27,7 +27,6 @@ import random
 import sys
 import threading
 import time
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -36,7 +35,6 @@ sys.path[:0] = [HERE, os.path.join(REPO, "tests", "kernel"), REPO]
 import killlib as kl  # noqa: E402
 from jmodel import SECTOR, pattern, read_direct  # noqa: E402
 
-from dmsnap.cli_progress import Trials  # noqa: E402
 from dmsnap.dm import DeviceMapper  # noqa: E402
 from dmsnap.errors import UserError  # noqa: E402
 from dmsnap.scsi import initiator  # noqa: E402
@@ -505,59 +503,36 @@ def main(argv: list[str]) -> int:
     a = parse(argv)
     kinds = a.kind or list(KINDS)
     print(f"kill: seed {a.seed}, {a.trials} trial(s), backend {a.backend}", flush=True)
-    t_start = time.monotonic()
-    bad: list[tuple[int, str, str]] = []
-    counts: collections.Counter[str] = collections.Counter()
     inside: collections.Counter[str] = collections.Counter()
-    trials = Trials("kill", a.trials, a.budget)
+
+    def pick(i: int, seed: int) -> str:
+        if a.quick and len(kinds) == len(KINDS):
+            return list(KINDS)[i % len(KINDS)]  # every kind once or more
+        return random.Random(seed * 31).choices(kinds, weights=[KINDS[k] for k in kinds])[0]
+
+    def run(seed: int, kind: str) -> str:
+        outcome = trial(ctx, seed, kind)
+        if outcome.startswith("killed inside"):
+            inside[kind] += 1
+        return outcome
+
+    def restarts() -> str:
+        starts = sorted(ctx.starts)
+        return f"; restart median {starts[len(starts) // 2] if starts else 0.0:.1f}s"
+
     with DeviceMapper() as dm:
         ctx = Ctx(a, dm)
-        try:
-            ctx.setup()
-            for i in range(a.trials):
-                if a.budget and time.monotonic() - t_start > a.budget:
-                    print(f"kill: budget spent after {i} trial(s)", flush=True)
-                    break
-                seed = a.seed + i
-                if a.quick and len(kinds) == len(KINDS):
-                    kind = list(KINDS)[i % len(KINDS)]  # every kind once or more
-                else:
-                    kind = random.Random(seed * 31).choices(
-                        kinds, weights=[KINDS[k] for k in kinds]
-                    )[0]
-                ts = time.monotonic()
-                try:
-                    outcome = trial(ctx, seed, kind)
-                    if outcome.startswith("killed inside"):
-                        inside[kind] += 1
-                except kl.Violation as e:
-                    outcome = f"VIOLATION: {e}"
-                except Exception:
-                    outcome = "VIOLATION: checker error\n" + traceback.format_exc()
-                counts[kind] += 1
-                print(f"  trial {i} seed {seed} {kind}: {outcome} [{time.monotonic() - ts:.1f}s]",
-                      flush=True)  # fmt: skip
-                trials.step(i + 1)
-                if outcome.startswith("VIOLATION"):
-                    bad.append((seed, kind, outcome))
-                    print("  dmsnapd log tail:\n" + ctx.d.tail(2000), flush=True)
-                    if not ctx.d.alive():
-                        break
-        finally:
-            ctx.close()
-    el = time.monotonic() - t_start
-    starts = sorted(ctx.starts)
-    med = starts[len(starts) // 2] if starts else 0.0
-    n = sum(counts.values())
-    print(
-        f"kill: {n} trials in {el:.0f}s ({dict(counts)}; killed inside the operation: "
-        f"{dict(inside)}); restart median {med:.1f}s; {len(bad)} violation(s); seed {a.seed}"
-    )
-    for seed, kind, msg in bad:
-        print(f"VIOLATION seed {seed} ({kind}): {msg.splitlines()[0]}")
-        print(f"  replay: tools/torture kill --seed {seed} --trials 1 --kind {kind} "
-              f"--backend {a.backend}")  # fmt: skip
-    return 1 if bad else 0
+        return kl.run_campaign(
+            "kill",
+            a,
+            ctx,
+            pick,
+            run,
+            replay="--kind",
+            stop_if_dead=True,
+            counted=lambda: f"; killed inside the operation: {dict(inside)}",
+            after=restarts,
+        )
 
 
 if __name__ == "__main__":

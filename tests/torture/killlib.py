@@ -15,7 +15,9 @@ known again.
 
 from __future__ import annotations
 
+import argparse
 import base64
+import collections
 import contextlib
 import os
 import signal
@@ -24,10 +26,14 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from jmodel import SECTOR, first_difference, pattern
 
+from dmsnap.cli_progress import Trials
 from dmsnap.client import Client
 from dmsnap.dm import DeviceMapper
 from dmsnap.dm import targets as t
@@ -341,3 +347,75 @@ def wait_settled(d: Daemon, timeout: float = 120) -> dict:
             raise Violation(f"{s['pending']} operation(s) still pending {timeout:.0f}s after start")
         time.sleep(0.2)
     return s
+
+
+class Campaign(Protocol):
+    """What a campaign's context gives the driver."""
+
+    d: Daemon
+
+    def setup(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def run_campaign(
+    name: str,
+    a: argparse.Namespace,
+    ctx: Campaign,
+    pick: Callable[[int, int], str],
+    trial: Callable[[int, str], str],
+    *,
+    replay: str,
+    stop_if_dead: bool = False,
+    counted: Callable[[], str] = lambda: "",
+    after: Callable[[], str] = lambda: "",
+) -> int:
+    """Trials one after another until ``a.trials`` or ``a.budget``:
+    ``pick(i, seed)`` names what trial ``i`` does, ``trial(seed, what)``
+    does it and says how it went (a ``Violation``, or any other exception:
+    the checker's, counts as one and the campaign goes on, unless
+    ``stop_if_dead`` and the daemon died). Prints a line a trial, the
+    daemon's log tail after a violation, a summary (``counted``: more in
+    the parenthesis after the counts, ``after``: more behind it) and the
+    command replaying each violation (``replay`` names the option that
+    picks what). Returns the exit code: 1 if anything was violated."""
+    t_start = time.monotonic()
+    bad: list[tuple[int, str, str]] = []
+    counts: collections.Counter[str] = collections.Counter()
+    progress = Trials(name, a.trials, a.budget)  # a line a trial, on a terminal
+    try:
+        ctx.setup()
+        for i in range(a.trials):
+            if a.budget and time.monotonic() - t_start > a.budget:
+                print(f"{name}: budget spent after {i} trial(s)", flush=True)
+                break
+            seed = a.seed + i
+            what = pick(i, seed)
+            ts = time.monotonic()
+            try:
+                outcome = trial(seed, what)
+            except Violation as e:
+                outcome = f"VIOLATION: {e}"
+            except Exception:
+                outcome = "VIOLATION: checker error\n" + traceback.format_exc()
+            counts[what] += 1
+            print(f"  trial {i} seed {seed} {what}: {outcome} [{time.monotonic() - ts:.1f}s]",
+                  flush=True)  # fmt: skip
+            progress.step(i + 1)
+            if outcome.startswith("VIOLATION"):
+                bad.append((seed, what, outcome))
+                print("  dmsnapd log tail:\n" + ctx.d.tail(2000), flush=True)
+                if stop_if_dead and not ctx.d.alive():
+                    break
+    finally:
+        ctx.close()
+    el = time.monotonic() - t_start
+    n = sum(counts.values())
+    print(f"{name}: {n} trials in {el:.0f}s ({dict(counts)}{counted()}){after()}; "
+          f"{len(bad)} violation(s); seed {a.seed}")  # fmt: skip
+    for seed, what, msg in bad:
+        print(f"VIOLATION seed {seed} ({what}): {msg.splitlines()[0]}")
+        print(f"  replay: tools/torture {name} --seed {seed} --trials 1 {replay} {what} "
+              f"--backend {a.backend}")  # fmt: skip
+    return 1 if bad else 0
