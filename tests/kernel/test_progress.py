@@ -41,7 +41,9 @@ def test_classic_restore_reports_the_merge_while_it_runs(daemon) -> None:  # noq
 
     vol = "/dev/dmsnap/p/v"
     write(vol, 0, block(0xA1))
-    d.cli("snapshot", "create", "p/v", "s")
+    # a COW that holds it all (the default, 32M, grows by autoextend once a
+    # second: fast writes can overflow it first and invalidate the snapshot)
+    d.cli("snapshot", "create", "p/v", "s", "--cow-size", "128M")
     for off in range(0, DIRTY, 8 * MiB):  # every chunk copied once into the COW
         write(vol, off, block(0xB2, 8 * MiB))
 
