@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from dmsnap import __version__, rules
+from dmsnap import __version__, cli_progress, rules
 from dmsnap.client import Client, default_socket
 from dmsnap.daemon.protocol import DEFAULT_SOCKET, to_jsonable
 from dmsnap.errors import InvalidArgument, UserError
@@ -167,6 +167,7 @@ class _Session:
     """What the global options chose, for the commands of this invocation."""
 
     socket_path: str = DEFAULT_SOCKET
+    progress: bool | None = None  # --progress/--no-progress; None: on a terminal
 
 
 _session = _Session()
@@ -183,8 +184,18 @@ def _global_options(
             help="dmsnapd's control socket.",
         ),
     ] = DEFAULT_SOCKET,
+    show_progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Show the progress of long work on stderr (default: when stderr is a "
+            "terminal and not --json; env DMSNAP_PROGRESS=1/0).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     _session.socket_path = socket_path
+    _session.progress = show_progress
 
 
 def _call(op: str, **args: Any) -> Any:
@@ -198,6 +209,16 @@ def _call_fds(op: str, fds: list[int], **args: Any) -> Any:
     or stdout: replication.send/receive)."""
     with Client(_session.socket_path) as c:
         return c.call(op, fds=fds, **args)
+
+
+def _call_long(op: str, what: str, json_out: bool = False, **args: Any) -> Any:
+    """A request whose work may take long: its progress shown on stderr
+    where :func:`dmsnap.cli_progress.choose` says so."""
+    with cli_progress.choose(what, _session.progress, json_out) as view:
+        if type(view) is cli_progress.View:  # shows nothing: no second connection
+            return _call(op, **args)
+        with Client(_session.socket_path) as c:
+            return c.call_watched(op, view.update, **args)
 
 
 def _confirm(question: str, yes: bool, refusal: str) -> None:
@@ -633,7 +654,7 @@ def pool_create(
         if metadata_size
         else None,
     }
-    pool = _call("pool.create", **args)
+    pool = _call_long("pool.create", f"pool create {name}", json_out, **args)
     if json_out:
         print_json(pool)
         return
@@ -834,7 +855,7 @@ def pool_destroy(
     _name("pool", name)
     what = " and every volume and snapshot in it" if force else ""
     _confirm(f"Destroy pool {name}{what}?", yes, f"not destroying pool {name}")
-    _call("pool.destroy", name=name, force=force or None)
+    _call_long("pool.destroy", f"pool destroy {name}", json_out, name=name, force=force or None)
     _done(json_out, {"destroyed": "pool", "pool": name}, f"destroyed pool {name}")
 
 
@@ -850,7 +871,9 @@ def volume_create(
     """Create a volume: a block device at /dev/dmsnap/POOL/VOL."""
     pool, vol, _ = _ref(ref, snapshot=False)
     nbytes = parse_size(size, what="--size")
-    v = _call("volume.create", pool=pool, vol=vol, size=nbytes)
+    v = _call_long(
+        "volume.create", f"volume create {pool}/{vol}", json_out, pool=pool, vol=vol, size=nbytes
+    )
     if json_out:
         print_json(v)
         return
@@ -1154,7 +1177,7 @@ def snapshot_deactivate(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
 def snapshot_restore(ref: SnapshotArg, json_out: JsonOpt = False) -> None:
     """Roll the volume back to the snapshot (its newer data is lost)."""
     pool, vol, snap = _snap(ref)
-    _call("snapshot.restore", pool=pool, vol=vol, name=snap)
+    _call_long("snapshot.restore", f"restore {ref}", json_out, pool=pool, vol=vol, name=snap)
     _done(
         json_out,
         _snap_json("restored", pool, vol, snap),

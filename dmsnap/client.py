@@ -11,14 +11,18 @@ raised (same code, same message), so the CLI prints them unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
+import secrets
 import socket
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from dmsnap.daemon import protocol as proto
-from dmsnap.errors import BY_CODE, PermissionDenied, Unavailable, UserError
+from dmsnap.errors import BY_CODE, NotFound, PermissionDenied, Unavailable, UserError
 
 DEFAULT_SOCKET = proto.DEFAULT_SOCKET
 
@@ -100,11 +104,68 @@ class Client:
         """Send one request and return its result, or raise its error.
         ``fds``: file descriptors passed with it (SCM_RIGHTS), for the ops
         that read or write a stream there (replication.send/receive)."""
+        return self._call(op, args, fds=fds)
+
+    def call_watched(
+        self,
+        op: str,
+        watch: Callable[[dict[str, Any]], None],
+        *,
+        interval: float = 0.25,
+        **args: Any,
+    ) -> Any:
+        """:meth:`call`, and meanwhile every ``interval`` s ``watch(progress)``
+        with what ``op.progress`` says of it (read on a second connection, in
+        a thread; see :mod:`dmsnap.daemon.progress` for the fields), and once
+        more when it has succeeded. A progress read that fails only stops the
+        watching: the request itself is not affected."""
+        token = secrets.token_hex(16)
+        stop = threading.Event()
+        guard = threading.Lock()  # no report after the last one
+
+        def read(c: Client) -> bool:
+            try:
+                p = c.call("op.progress", token=token)
+            except NotFound:  # not begun yet
+                return True
+            except UserError:
+                return False
+            with guard:
+                if not stop.is_set():
+                    watch(p)
+            return True
+
+        def poll() -> None:
+            with Client(self.socket_path, timeout=10.0) as c:
+                while not stop.wait(interval) and read(c):
+                    pass
+
+        poller = threading.Thread(target=poll, name="progress", daemon=True)
+        poller.start()
+        try:
+            result = self._call(op, args, progress=token)
+        finally:
+            with guard:
+                stop.set()
+        poller.join(timeout=1.0)
+        # the end as the daemon saw it (a failure to read it changes nothing)
+        with Client(self.socket_path, timeout=10.0) as c, contextlib.suppress(UserError):
+            watch(c.call("op.progress", token=token))
+        return result
+
+    def _call(
+        self,
+        op: str,
+        args: dict[str, Any],
+        *,
+        progress: str | None = None,
+        fds: list[int] | None = None,
+    ) -> Any:
         req_id = next(self._ids)
         args = {k: v for k, v in args.items() if v is not None}
         sock = self._connect()
         try:
-            data = proto.request(req_id, op, args)
+            data = proto.request(req_id, op, args, progress=progress)
             if fds:
                 # the descriptors ride with the first byte; the rest follows
                 n = socket.send_fds(sock, [data], fds)

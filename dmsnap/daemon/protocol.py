@@ -8,7 +8,10 @@ socket; a connection may carry any number of requests, answered in order::
     ← {"v": 1, "id": 7, "ok": false, "error": {"code": "not_found", "message": "..."}}
 
 Ops map 1:1 onto :class:`dmsnap.storage.manager.Manager` methods (see
-:data:`OPS`); ``daemon.*`` ops are answered by the server itself. Every
+:data:`OPS`); ``daemon.*`` and ``op.progress`` are answered by the server
+itself. Any request may carry ``"progress": TOKEN`` beside ``args``: while
+it runs, ``op.progress`` with that token (on another connection) says how
+far its work is (:mod:`dmsnap.daemon.progress`). Every
 argument is checked here, before the Manager sees it, so a client that skips
 the CLI's checks gets the same one-line errors. Nothing in this module does
 I/O: the server and the client both use it, and the tests drive it directly.
@@ -373,6 +376,7 @@ OPS: dict[str, Op] = {
     ),
     "replication.release": _op("release", "pool vol target", req="pool vol target", service=_REPL),
     "replication.holds": _op("holds", "pool vol", req="pool vol", ro=True, service=_REPL),
+    "op.progress": _op(None, "token", req="token", ro=True),
     "daemon.ping": _op(None, ro=True),
     "daemon.stop": _op(None, kw="teardown"),
 }
@@ -493,6 +497,7 @@ class Request:
     id: Any
     op: str
     args: dict[str, Any]
+    progress: str | None = None  # the token op.progress reads this request's progress by
 
 
 def to_jsonable(obj: Any, *, tagged: bool = False) -> Any:
@@ -526,8 +531,11 @@ def encode(obj: Json) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
 
 
-def request(req_id: int, op: str, args: Mapping[str, Any]) -> bytes:
-    return encode({"v": VERSION, "id": req_id, "op": op, "args": to_jsonable(dict(args))})
+def request(req_id: int, op: str, args: Mapping[str, Any], *, progress: str | None = None) -> bytes:
+    msg = {"v": VERSION, "id": req_id, "op": op, "args": to_jsonable(dict(args))}
+    if progress is not None:
+        msg["progress"] = progress
+    return encode(msg)
 
 
 def ok(req_id: Any, result: Any) -> bytes:
@@ -571,8 +579,11 @@ def parse_request(line: bytes) -> Request:
         args = {}
     if not isinstance(args, dict):
         raise ProtocolError(E_BAD_REQUEST, "args must be a JSON object", req_id)
+    token = msg.get("progress")
     try:
-        return Request(req_id, op, check_args(op, args))
+        if token is not None:
+            token = _token("progress", token)
+        return Request(req_id, op, check_args(op, args), token)
     except InvalidArgument as e:
         raise ProtocolError(e.code, e.message, req_id) from None
 

@@ -33,6 +33,7 @@ from typing import Any
 from dmsnap import __version__
 from dmsnap.daemon import protocol as proto
 from dmsnap.daemon.notify import Heartbeat, Notifier
+from dmsnap.daemon.progress import Registry
 from dmsnap.errors import Busy, InvalidArgument, PermissionDenied, Unavailable, UserError
 from dmsnap.storage.names import BadName
 
@@ -166,6 +167,8 @@ class Server:
         self.manager: Any = None
         # capabilities of their own packages that answer ops (protocol Op.service)
         self.services: dict[str, Any] = {}
+        # long requests' progress, read by op.progress without any other lock
+        self.progress = Registry()
         self.started = time.monotonic()
         self._listener: socket.socket | None = None
         # Self-pipe: the only thing a signal handler does is set a flag and
@@ -511,7 +514,11 @@ class Server:
         try:
             req = proto.parse_request(line)
             req_id, op = req.id, req.op
-            result = self._dispatch(req, fds or [])
+            if req.progress is not None and op != "op.progress":
+                with self.progress.track(req.progress, op):
+                    result = self._dispatch(req, fds or [])
+            else:
+                result = self._dispatch(req, fds or [])
             out = proto.ok(req_id, result)
         except proto.ProtocolError as e:
             req_id = e.req_id
@@ -549,6 +556,8 @@ class Server:
                 "pid": os.getpid(),
                 "uptime": round(time.monotonic() - self.started, 3),
             }
+        if req.op == "op.progress":
+            return self.progress.get(req.args["token"])
         if req.op == "daemon.stop":
             teardown = bool(req.args.get("teardown", False))
             # The answer goes out before the stop begins: serve() waits for

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from dmsnap import progress
 from dmsnap.journal.journal import Journal, JournalError, JournalStats, Marker, crc32c_impl
 
 log = logging.getLogger("dmsnap.journal")
@@ -278,18 +279,30 @@ class PoolJournal:
         """Every record so far on the dm devices and synced, every marker so
         far made (lock held). Converges under load: a later short sync that
         times out still counts once the checkpoint passes our target."""
-        target = self.journal.stats().head_seq
+        st = self.journal.stats()
+        target = st.head_seq
+        # what may take long (a restore, a delete): the backlog written back
+        task = (
+            progress.task("journal write-back", total=target - st.checkpoint_seq, unit="records")
+            if progress.listening() and target > st.checkpoint_seq
+            else None
+        )
 
         def step(t: float) -> None:
             try:
                 self.journal.sync(t)
             except JournalError as e:
                 if e.errno != errno.ETIMEDOUT or self.journal.stats().checkpoint_seq < target:
+                    if task is not None and e.errno == errno.ETIMEDOUT:
+                        left = max(0, target - self.journal.stats().checkpoint_seq)
+                        task.update((task.total or 0) - left)
                     raise
             if self.journal.stats().checkpoint_seq < target:
                 # synced, not confirmed yet (or the flusher was rewound):
                 # _until looks at the pool and tries again
                 raise JournalError(errno.ETIMEDOUT, "records synced, not yet confirmed")
+            if task is not None:
+                task.update(task.total or 0)
 
         self._until(step, timeout)
 

@@ -24,6 +24,7 @@ import os
 import time
 from typing import Any
 
+from dmsnap import progress
 from dmsnap.dm import DmError
 from dmsnap.dm import status as st
 from dmsnap.dm import targets as t
@@ -299,8 +300,24 @@ class ClassicBackend(Backend):
     def record_restore_done(self, payload: dict[str, Any]) -> None:
         self.catalog.remove_snapshot(payload["snapshot_id"])
 
+    def _cow_data(self, snap: Snapshot) -> int | None:
+        """Bytes of data in the snapshot's COW (what a merge copies back),
+        from its snapshot device's status; None if that is not loaded."""
+        name = self._snapdev(snap)[0]
+        try:
+            if self.dm.exists(name):
+                s = self.dm.status(name)[0].status
+                if isinstance(s, st.SnapshotStatus):
+                    return Bytes.of(s.allocated_sectors - s.metadata_sectors)
+        except DmError:
+            pass
+        return None
+
     def finish_restore(self, vol: Volume, snap: Snapshot, plan: dict[str, Any]) -> None:
         top = self.vol_name(vol)
+        # Measured before the merge starts (it runs from the resume on):
+        # the merge's progress is this much less what its status has left.
+        task = progress.task("merging the snapshot", total=self._cow_data(snap))
         remove(self.dm, self.snap_name(snap))
         real = ensure(self.dm, self._real_layer(vol))
         cow = ensure(self.dm, self._cow_layer(snap))
@@ -315,8 +332,14 @@ class ClassicBackend(Backend):
             self.dm.resume(top)
         remove(self.dm, self._snapdev(snap)[0])
         deadline = time.monotonic() + MERGE_TIMEOUT
+        # The kernel frees merged chunks: what is left to merge is the COW's
+        # data (allocated beyond its metadata), which shrinks to nothing.
         while True:
             s = self.dm.status(top)[0].status
+            if isinstance(s, st.SnapshotMergeStatus):
+                left = Bytes.of(s.allocated_sectors - s.metadata_sectors)
+                total = left if task.total is None else max(task.total, left)
+                task.update(total - left, total)
             if isinstance(s, st.SnapshotMergeStatus) and s.allocated_sectors == s.metadata_sectors:
                 break
             if not isinstance(s, st.SnapshotMergeStatus):

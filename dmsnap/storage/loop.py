@@ -11,10 +11,12 @@ import glob
 import os
 from dataclasses import dataclass
 
+from dmsnap import progress
 from dmsnap.storage._loopffi import ffi, lib
 from dmsnap.units import Bytes
 
 LOOP_CONTROL = "/dev/loop-control"
+ZERO_PIECE = 64 << 20  # zero_range's step: one progress report each
 
 
 class LoopError(OSError):
@@ -195,8 +197,16 @@ def zero_range(path: str, offset: int, length: int) -> None:
     zeroed this way before the volume exists: it may be a deleted volume's."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        rng = ffi.new("uint64_t[2]", [offset, length])
-        _ioctl(fd, lib.BLKZEROOUT, rng, f"zero {length} bytes at {offset} of {path}")
+        # In pieces, reporting each: written zeros on a large extent take
+        # minutes (docs/cli.md, "Progress").
+        task = progress.task("zeroing", total=length)
+        done = 0
+        while done < length:
+            n = min(ZERO_PIECE, length - done)
+            rng = ffi.new("uint64_t[2]", [offset + done, n])
+            _ioctl(fd, lib.BLKZEROOUT, rng, f"zero {n} bytes at {offset + done} of {path}")
+            done += n
+            task.update(done)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -12,6 +12,7 @@ of the operations above it (it never calls back into the Manager).
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import mmap
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dmsnap import errors as E
-from dmsnap import rules
+from dmsnap import progress, rules
 from dmsnap.dm import DeviceMapper, DmError
 from dmsnap.dm import status as st
 from dmsnap.dm import targets as t
@@ -77,10 +78,24 @@ def reserve(path: str, length: int) -> None:
         os.close(fd)
 
 
+ZERO_PIECE = 4 * MiB
+
+
 def zero(path: str, length: int, offset: int = 0) -> None:
+    """Write zeros (O_DIRECT: on the disk, not in the page cache), in
+    pieces, each reported (:mod:`dmsnap.progress`)."""
     fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
-        os.pwritev(fd, [mmap.mmap(-1, length)], offset)
+        buf = mmap.mmap(-1, min(length, ZERO_PIECE))
+        task = progress.task("zeroing", total=length)
+        done = 0
+        while done < length:
+            n = min(len(buf), length - done)
+            written = os.pwritev(fd, [memoryview(buf)[:n]], offset + done)
+            if written <= 0:
+                raise OSError(errno.EIO, f"short write zeroing {path}")
+            done += written
+            task.update(done)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -287,23 +302,26 @@ class PoolStack:
     def teardown_devices(self, devs: list[str]) -> None:
         """Remove devices top-down: repeatedly those nothing holds."""
         left = list(devs)
+        task = progress.task("removing devices", total=len(left), unit="steps")
         while left:
-            progress = False
+            task.update(len(devs) - len(left))
+            moved = False
             for name in list(left):
                 try:
                     info = self.dm.info(name)
                 except DmError as e:
                     if e.not_found:
                         left.remove(name)
-                        progress = True
+                        moved = True
                         continue
                     raise
                 if info.open_count == 0:
                     self.dm.remove(name)
                     left.remove(name)
-                    progress = True
-            if not progress:
+                    moved = True
+            if not moved:
                 raise E.Busy(f"devices still in use: {', '.join(sorted(left))}")
+        task.update(len(devs))
 
     def teardown(self, pool: Pool) -> None:
         """Every dm device of the pool gone, its loop files detached."""
@@ -537,16 +555,21 @@ class PoolStack:
         """Label the disks, format the layers and the journal of the pool the
         catalog just recorded (in the caller's transaction: the row commits
         only with this work)."""
+        jcfg = new.layout["journal"]
+        steps = progress.task("building the pool", total=4 + (jcfg["mode"] == "nv"), unit="steps")
         self.disks.write(pool, new.labelled)
+        steps.advance()
         _, cachedev = self.devices(pool)
         if cachedev is not None:
             # writecache formats only a zeroed superblock (after the label)
             zero(cachedev[1], MiB, label.SIZE if new.cache else 0)
+        steps.advance()
         b = BACKENDS[pool.backend](self.dm, self.catalog, pool, self.base(pool))
         b.format()
+        steps.advance()
         for layer in b.pool_layers():
             ensure(self.dm, layer)
-        jcfg = new.layout["journal"]
+        steps.advance()
         if jcfg["mode"] == "nv":
             try:
                 Journal.format(jcfg["path"], jcfg["size"])
@@ -554,6 +577,7 @@ class PoolStack:
                 raise E.Unavailable(f"journal {jcfg['path']}: {e}") from None
             if jcfg["embedded"]:
                 reserve(jcfg["path"], jcfg["size"])
+            steps.advance()
         return b
 
     def extend_metadata(self, pool: Pool, backend: Backend, size: int) -> str:

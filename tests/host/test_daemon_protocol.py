@@ -573,6 +573,7 @@ def test_schedule_ops_reach_the_schedules_service(daemon: Daemon, op, args, expe
 
 def test_every_op_is_covered_by_a_round_trip() -> None:
     tested = {r[0] for r in ROUND_TRIPS} | {"pool.list", "daemon.ping", "daemon.stop"}
+    tested |= {"op.progress"}  # tests/host/test_progress.py
     tested |= {r[0] for r in SCHEDULE_ROUND_TRIPS}
     assert tested == set(proto.OPS) - {o for o in proto.OPS if o.startswith("replication.")}
 

@@ -98,14 +98,17 @@ def test_the_scsi_side_takes_its_rules_from_the_rules_module() -> None:
 LAYERS = {
     "errors": set(),
     "rules": set(),
+    "progress": set(),  # the reporting interface every layer may use
     "sizes": {"errors"},
     "units": {"rules"},
     "dm": {"errors"},
-    "journal": {"errors"},
+    "journal": {"errors", "progress"},
     "scsi": {"errors", "rules"},
-    "storage": {"dm", "journal", "scsi", "rules", "units", "errors"},
+    "storage": {"dm", "journal", "scsi", "rules", "units", "errors", "progress"},
     "schedule": {"storage", "rules", "errors"},
-    "replication": {"storage", "journal", "rules", "units", "errors"},
+    "replication": {"storage", "journal", "rules", "units", "errors", "progress"},
+    # the CLI's view of it: no storage, no daemon (a client host has neither)
+    "cli_progress": {"sizes", "errors"},
     # the storage core only through a duck-typed read-only view the daemon hands in
     "metrics": {"errors"},
 }
@@ -123,6 +126,16 @@ def test_each_layer_imports_only_the_layers_below_it() -> None:
         if d != "dmsnap" and top(d) != top(m) and top(d) not in LAYERS[top(m)]
     )
     assert wrong == []
+
+
+def test_the_progress_interface_is_a_leaf_and_the_daemon_stays_out_of_storage() -> None:
+    """The storage core reports progress through dmsnap.progress only; the
+    registry behind it (dmsnap.daemon.progress) is the daemon's."""
+    graph = _imports()
+    assert graph["dmsnap.progress"] == set()
+    for mod, deps in graph.items():
+        if mod.startswith(("dmsnap.storage", "dmsnap.journal", "dmsnap.replication")):
+            assert not {d for d in deps if d.startswith("dmsnap.daemon")}, mod
 
 
 def test_the_catalog_checks_the_rules_lists() -> None:

@@ -25,6 +25,7 @@ sys.path[:0] = [HERE, os.path.join(REPO, "tests", "kernel"), REPO]
 
 import crashlib as cl  # noqa: E402
 
+from dmsnap.cli_progress import Trials  # noqa: E402
 from dmsnap.dm import DeviceMapper  # noqa: E402
 
 WORK = "/tmp/torture-crash"
@@ -288,6 +289,7 @@ def main(argv: list[str]) -> int:
         # The throwaway guest: no udev (crashlib.USE_UDEV says why).
         subprocess.run(["udevadm", "control", "--exit"], check=False)
         cl.USE_UDEV = False
+    progress = Trials("crash", trials * len(backends), a.budget)
     with cl.new_dm(timeout=5.0) as dm:
         cl.cleanup_devices(dm, os.path.join(WORK, "mnt"))
         for i in range(trials):
@@ -295,6 +297,7 @@ def main(argv: list[str]) -> int:
                 # each trial its own seed (and, mixed, its own variant)
                 n, v = trial(dm, a, b, a.seed + i * len(backends) + j, budget)
                 total, viol = total + n, viol + v
+                progress.step(i * len(backends) + j + 1)
     print(f"crash: {total} crash states checked, {viol} violation(s); seed {a.seed}")
     return 1 if viol else 0
 

@@ -33,6 +33,7 @@ from typing import Protocol
 
 from jmodel import SECTOR, first_difference, pattern
 
+from dmsnap.cli_progress import Trials
 from dmsnap.client import Client
 from dmsnap.dm import DeviceMapper
 from dmsnap.dm import targets as t
@@ -382,6 +383,7 @@ def run_campaign(
     t_start = time.monotonic()
     bad: list[tuple[int, str, str]] = []
     counts: collections.Counter[str] = collections.Counter()
+    progress = Trials(name, a.trials, a.budget)  # a line a trial, on a terminal
     try:
         ctx.setup()
         for i in range(a.trials):
@@ -400,6 +402,7 @@ def run_campaign(
             counts[what] += 1
             print(f"  trial {i} seed {seed} {what}: {outcome} [{time.monotonic() - ts:.1f}s]",
                   flush=True)  # fmt: skip
+            progress.step(i + 1)
             if outcome.startswith("VIOLATION"):
                 bad.append((seed, what, outcome))
                 print("  dmsnapd log tail:\n" + ctx.d.tail(2000), flush=True)
