@@ -1176,6 +1176,7 @@ REPLICATION_ROUND_TRIPS = [
 def test_every_replication_op_is_covered() -> None:
     tested = {r[0] for r in ROUND_TRIPS} | {"pool.list", "daemon.ping", "daemon.stop"}
     tested |= {r[0] for r in SCHEDULE_ROUND_TRIPS} | {r[0] for r in REPLICATION_ROUND_TRIPS}
+    tested |= {"op.progress"}  # tests/host/test_progress.py
     assert tested == set(proto.OPS)
 
 
